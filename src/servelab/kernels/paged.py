@@ -1,0 +1,462 @@
+"""Paged KV caches and CPU-paged attention.
+
+A sequence's KV lives in two paged caches: old blocks in host memory (pinned, so the device
+can read them at link speed) and the recent suffix in device memory. Attention for the
+queries (the last T tokens of the sequence, causal, aligned bottom-right) is:
+
+1. the device suffix, attended directly (causal);
+2. the host part, staged chunk by chunk into a reusable device scratch on a copy stream
+   while the previous chunk is attended on the compute stream (two scratch slots, events
+   between the streams), each chunk attended with its LSE and folded into a running float32
+   state with :func:`~servelab.kernels.merge.merge_states`;
+3. the two merged, cast once to the query dtype.
+
+Chunks are whole blocks. A chunk no query can see (sliding window) is never staged.
+Everything runs the same way on ``cpu`` (no streams), ``cuda`` and ``xpu``; only the
+``gpu_gather`` staging strategy is CUDA-only, and ``auto`` falls back from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from servelab.errors import KernelInputError
+from servelab.kernels.attention import attend_range, chunk_fully_masked
+from servelab.kernels.merge import merge_states
+from servelab.kernels.staging import (
+    GatherStrategy,
+    StagingScratch,
+    check_block_ids,
+    resolve_strategy,
+    stage_blocks,
+    validate_host_cache,
+)
+from servelab.kernels.validation import (
+    KV_DTYPES,
+    describe,
+    require_device,
+    require_dtype,
+    require_int,
+    require_ndim,
+    require_optional_positive,
+    require_shape,
+    same_device,
+)
+
+
+@dataclass(frozen=True)
+class PagedKVCache:
+    """One layer's paged KV: ``key``/``value`` ``[num_blocks, block_size, Hkv, D]``.
+
+    Blocks must be dense inside (row-major ``[block_size, Hkv, D]``); the block stride may be
+    larger, so ``key``/``value`` can be views of one ``[num_blocks, 2, ...]`` tensor.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pin_memory: bool = False,
+        interleaved: bool = False,
+    ) -> PagedKVCache:
+        """Uninitialised cache; ``pin_memory`` for a host cache that an accelerator reads;
+        ``interleaved`` stores block ``i``'s K and V next to each other
+        (``[num_blocks, 2, block_size, Hkv, D]``)."""
+        for name, v in (
+            ("num_blocks", num_blocks), ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads), ("head_size", head_size),
+        ):
+            require_int(name, v, minimum=1)
+        if dtype not in KV_DTYPES:
+            raise KernelInputError(f"cache dtype must be one of {KV_DTYPES}; got {dtype}")
+        dev = torch.device(device)
+        if pin_memory and dev.type != "cpu":
+            raise KernelInputError(f"pin_memory applies to host caches only; got device {dev}")
+        inner = (block_size, num_kv_heads, head_size)
+        if interleaved:
+            both = torch.empty((num_blocks, 2, *inner), dtype=dtype, device=dev,
+                               pin_memory=pin_memory)
+            return cls(key=both[:, 0], value=both[:, 1])
+        return cls(
+            key=torch.empty((num_blocks, *inner), dtype=dtype, device=dev, pin_memory=pin_memory),
+            value=torch.empty((num_blocks, *inner), dtype=dtype, device=dev,
+                              pin_memory=pin_memory),
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.key.shape[0])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.key.shape[1])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.key.shape[2])
+
+    @property
+    def head_size(self) -> int:
+        return int(self.key.shape[3])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.key.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.key.device
+
+    def validate(self, name: str) -> None:
+        validate_host_cache(f"{name}.key", self.key)
+        validate_host_cache(f"{name}.value", self.value)
+        if self.key.shape != self.value.shape or self.key.dtype != self.value.dtype:
+            raise KernelInputError(
+                f"{name}.key and {name}.value must match; got {describe(self.key)} and "
+                f"{describe(self.value)}"
+            )
+        if not same_device(self.key.device, self.value.device):
+            raise KernelInputError(f"{name}.key and {name}.value must be on one device")
+
+    def write(self, block_table: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store tokens ``key``/``value`` ``[S, Hkv, D]`` into the blocks of ``block_table``."""
+        num_tokens = int(key.shape[0])
+        needed = blocks_for(num_tokens, self.block_size)
+        check_block_ids("block_table", block_table, self.num_blocks, needed)
+        for tokens, cache in ((key, self.key), (value, self.value)):
+            require_shape("tokens", tokens, (num_tokens, self.num_kv_heads, self.head_size),
+                          "[S, Hkv, D]")
+            for i in range(needed):
+                t0, t1 = i * self.block_size, min(num_tokens, (i + 1) * self.block_size)
+                cache[int(block_table[i])][: t1 - t0].copy_(tokens[t0:t1])
+
+    def read(self, block_table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous copies ``[num_tokens, Hkv, D]`` of the first ``num_tokens`` tokens."""
+        needed = blocks_for(num_tokens, self.block_size)
+        ids = block_table[:needed].to(device=self.device, dtype=torch.int64)
+        shape = (needed * self.block_size, self.num_kv_heads, self.head_size)
+        k = self.key.index_select(0, ids).reshape(shape)[:num_tokens]
+        v = self.value.index_select(0, ids).reshape(shape)[:num_tokens]
+        return k, v
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Blocks ``[block_start, block_end)`` of the host part, tokens ``[token_start, token_end)``."""
+
+    block_start: int
+    block_end: int
+    token_start: int
+    token_end: int
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def plan_chunks(num_tokens: int, block_size: int, chunk_blocks: int) -> tuple[Chunk, ...]:
+    """Whole-block chunks covering tokens ``[0, num_tokens)`` in order.
+
+    >>> [(c.token_start, c.token_end) for c in plan_chunks(600, 256, 2)]
+    [(0, 512), (512, 600)]
+    """
+    n_blocks = blocks_for(num_tokens, block_size)
+    chunks = []
+    for b0 in range(0, n_blocks, chunk_blocks):
+        b1 = min(n_blocks, b0 + chunk_blocks)
+        chunks.append(Chunk(b0, b1, b0 * block_size, min(num_tokens, b1 * block_size)))
+    return tuple(chunks)
+
+
+def check_plan(chunks: tuple[Chunk, ...], num_tokens: int, block_size: int) -> None:
+    """Raise unless the chunks cover ``[0, num_tokens)`` exactly once, in order.
+
+    A chunk counted twice shifts the LSE by ln 2 (between equal-mass chunks) without
+    necessarily moving the output much; this catches it structurally.
+    """
+    pos = 0
+    for i, c in enumerate(chunks):
+        if c.token_start != pos:
+            what = "overlaps the previous one" if c.token_start < pos else "leaves a gap"
+            raise KernelInputError(
+                f"chunk {i} starts at token {c.token_start} but the previous chunk ended at "
+                f"{pos}: it {what}. Chunks must tile [0, {num_tokens}) once, in order"
+            )
+        if c.token_start != c.block_start * block_size or c.token_end <= c.token_start:
+            raise KernelInputError(f"chunk {i} ({c}) is not a non-empty whole-block range")
+        if c.token_end > min(num_tokens, c.block_end * block_size):
+            raise KernelInputError(f"chunk {i} ({c}) runs past its blocks or the host part")
+        pos = c.token_end
+    if pos != num_tokens:
+        raise KernelInputError(f"chunks cover [0, {pos}) but the host part holds {num_tokens}")
+
+
+class _Streams:
+    """Copy and compute streams for one call; no-ops on a CPU device."""
+
+    def __init__(self, device: torch.device, overlap: bool) -> None:
+        self._mod: Any = getattr(torch, device.type) if device.type in ("cuda", "xpu") else None
+        self.compute: Any = None
+        self.copy: Any = None
+        if self._mod is not None:
+            self.compute = self._mod.current_stream(device)
+            self.copy = self._mod.Stream(device) if overlap else self.compute
+
+    @contextlib.contextmanager
+    def on_copy(self) -> Iterator[None]:
+        if self._mod is None or self.copy is self.compute:
+            yield
+            return
+        with self._mod.stream(self.copy):
+            yield
+
+    def record(self, stream: Any) -> Any:
+        return None if stream is None else stream.record_event()
+
+    def wait(self, stream: Any, event: Any) -> None:
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def copy_waits_compute(self) -> None:
+        if self.copy is not None and self.copy is not self.compute:
+            self.copy.wait_stream(self.compute)
+
+
+def cpu_paged_attention(
+    query: torch.Tensor,
+    cpu_cache: PagedKVCache,
+    cpu_block_table: torch.Tensor,
+    cpu_len: int,
+    gpu_cache: PagedKVCache,
+    gpu_block_table: torch.Tensor,
+    gpu_len: int,
+    *,
+    scratch: StagingScratch,
+    chunk_tokens: int | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    strategy: str | GatherStrategy = "auto",
+    overlap: bool = True,
+    out: torch.Tensor | None = None,
+    out_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` ``[T, Hq, D]`` over ``cpu_len`` host tokens then ``gpu_len``
+    device tokens; returns ``(out [T, Hq, D] in the query dtype, lse [T, Hq] float32)``.
+
+    The queries are the last T positions of the sequence (``q_start = cpu_len + gpu_len -
+    T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
+    ``out``/``out_lse``, when given, are written in place. Every argument is checked before
+    anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
+    """
+    chunk_blocks = _validate(
+        query, cpu_cache, cpu_block_table, cpu_len, gpu_cache, gpu_block_table, gpu_len,
+        scratch=scratch, chunk_tokens=chunk_tokens, scale=scale, window=window,
+        softcap=softcap, out=out, out_lse=out_lse,
+    )
+    device = query.device
+    num_q, num_heads, head_size = query.shape
+    scale = 1.0 / math.sqrt(head_size) if scale is None else scale
+    q_start = cpu_len + gpu_len - num_q
+    resolved = resolve_strategy(strategy, cpu_cache.key, device)
+    bs = cpu_cache.block_size
+    chunks = tuple(
+        c for c in plan_chunks(cpu_len, bs, chunk_blocks)
+        if not chunk_fully_masked(
+            q_start=q_start, num_queries=num_q, k_start=c.token_start,
+            num_keys=c.token_end - c.token_start, causal=causal, window=window,
+        )
+    )
+    streams = _Streams(device, overlap)
+    attn = {"scale": scale, "causal": causal, "window": window, "softcap": softcap}
+
+    # The suffix first: it needs no staging and overlaps the first chunk's copy.
+    suffix: tuple[torch.Tensor, torch.Tensor] | None = None
+    if gpu_len > 0:
+        k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
+        suffix = attend_range(query, k_suf, v_suf, q_start=q_start, k_start=cpu_len, **attn)
+
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    if chunks:
+        needed = chunks[-1].block_end
+        ids_host = cpu_block_table[:needed].to(torch.int64)
+        ids_dev = ids_host.to(device) if resolved is GatherStrategy.GPU_GATHER else None
+        streams.copy_waits_compute()
+        pack = resolved is GatherStrategy.CPU_PACK and device.type != "cpu"
+        slot_free: list[Any] = [None] * scratch.buffers
+        pack_done: list[Any] = [None] * scratch.buffers
+        h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
+        for i, c in enumerate(chunks):
+            slot = i % scratch.buffers
+            nb = c.block_end - c.block_start
+            with streams.on_copy():
+                streams.wait(streams.copy, slot_free[slot])
+                if pack and pack_done[slot] is not None:
+                    pack_done[slot].synchronize()  # the host rewrites this pack slot next
+                stage_blocks(
+                    cpu_cache.key, cpu_cache.value, ids_host[c.block_start : c.block_end],
+                    scratch.key[slot], scratch.value[slot], strategy=resolved,
+                    device_ids=None if ids_dev is None else ids_dev[c.block_start : c.block_end],
+                    pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
+                    pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
+                )
+                staged = streams.record(streams.copy)
+            if pack:
+                pack_done[slot] = staged
+            streams.wait(streams.compute, staged)
+            ntok = c.token_end - c.token_start
+            k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
+            v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
+            part = attend_range(query, k, v, q_start=q_start, k_start=c.token_start, **attn)
+            prefix = part if prefix is None else merge_states(*prefix, *part)
+            slot_free[slot] = streams.record(streams.compute)
+        if pack:
+            # The next call may rewrite the pack buffers as soon as this one returns.
+            for ev in pack_done:
+                if ev is not None:
+                    ev.synchronize()
+
+    if prefix is not None and suffix is not None:
+        state = merge_states(*prefix, *suffix)
+    elif prefix is not None:
+        state = prefix
+    elif suffix is not None:
+        state = suffix
+    else:
+        state = (
+            torch.zeros(num_q, num_heads, head_size, dtype=torch.float32, device=device),
+            torch.full((num_q, num_heads), -math.inf, dtype=torch.float32, device=device),
+        )
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if out_lse is None:
+        out_lse = torch.empty(num_q, num_heads, dtype=torch.float32, device=device)
+    out.copy_(state[0])
+    out_lse.copy_(state[1])
+    return out, out_lse
+
+
+def _validate(
+    query: torch.Tensor,
+    cpu_cache: PagedKVCache,
+    cpu_block_table: torch.Tensor,
+    cpu_len: int,
+    gpu_cache: PagedKVCache,
+    gpu_block_table: torch.Tensor,
+    gpu_len: int,
+    *,
+    scratch: StagingScratch,
+    chunk_tokens: int | None,
+    scale: float | None,
+    window: int | None,
+    softcap: float | None,
+    out: torch.Tensor | None,
+    out_lse: torch.Tensor | None,
+) -> int:
+    """Check every argument on the host; return the chunk size in blocks."""
+    if not isinstance(query, torch.Tensor):
+        raise KernelInputError("query must be a torch.Tensor [T, Hq, D]")
+    require_ndim("query", query, 3, "[T, Hq, D]")
+    require_dtype("query", query, KV_DTYPES)
+    num_q, num_heads, head_size = query.shape
+    if num_q < 1:
+        raise KernelInputError(f"query must hold at least one token; got {describe(query)}")
+    device = query.device
+    for name, cache in (("cpu_cache", cpu_cache), ("gpu_cache", gpu_cache)):
+        if not isinstance(cache, PagedKVCache):
+            raise KernelInputError(f"{name} must be a PagedKVCache, got {type(cache).__name__}")
+        cache.validate(name)
+        if cache.dtype != query.dtype:
+            raise KernelInputError(
+                f"{name} dtype {cache.dtype} must equal the query dtype {query.dtype}"
+            )
+        if cache.head_size != head_size:
+            raise KernelInputError(
+                f"{name} head size {cache.head_size} must equal the query head size {head_size}"
+            )
+        if num_heads % cache.num_kv_heads != 0:
+            raise KernelInputError(
+                f"query heads ({num_heads}) must be a multiple of {name} KV heads "
+                f"({cache.num_kv_heads})"
+            )
+    if cpu_cache.device.type != "cpu":
+        raise KernelInputError(
+            f"cpu_cache must live in host memory (device cpu); got {cpu_cache.device}"
+        )
+    require_device("gpu_cache.key", gpu_cache.key, device, "the query's device")
+    if gpu_cache.num_kv_heads != cpu_cache.num_kv_heads:
+        raise KernelInputError(
+            f"gpu_cache KV heads ({gpu_cache.num_kv_heads}) must equal cpu_cache KV heads "
+            f"({cpu_cache.num_kv_heads})"
+        )
+    require_int("cpu_len", cpu_len)
+    require_int("gpu_len", gpu_len)
+    check_block_ids("cpu_block_table", cpu_block_table, cpu_cache.num_blocks,
+                    blocks_for(cpu_len, cpu_cache.block_size))
+    check_block_ids("gpu_block_table", gpu_block_table, gpu_cache.num_blocks,
+                    blocks_for(gpu_len, gpu_cache.block_size))
+    if not isinstance(scratch, StagingScratch):
+        raise KernelInputError(
+            f"scratch must be a StagingScratch (StagingScratch.allocate), got "
+            f"{type(scratch).__name__}"
+        )
+    scratch.validate()
+    require_device("scratch.key", scratch.key, device, "the query's device")
+    expected = (cpu_cache.block_size, cpu_cache.num_kv_heads, cpu_cache.head_size)
+    if tuple(scratch.key.shape[2:]) != expected or scratch.key.dtype != cpu_cache.dtype:
+        raise KernelInputError(
+            f"scratch blocks must be [block_size, Hkv, D] = {expected} of dtype "
+            f"{cpu_cache.dtype} like cpu_cache; got {describe(scratch.key)}"
+        )
+    chunk_blocks = scratch.chunk_blocks
+    if chunk_tokens is not None:
+        require_int("chunk_tokens", chunk_tokens, minimum=1)
+        wanted = chunk_tokens // cpu_cache.block_size
+        if wanted < 1:
+            raise KernelInputError(
+                f"chunk_tokens={chunk_tokens} is smaller than one block "
+                f"({cpu_cache.block_size} tokens); chunks are whole blocks"
+            )
+        if wanted > scratch.chunk_blocks:
+            raise KernelInputError(
+                f"scratch too small for one chunk: chunk_tokens={chunk_tokens} needs "
+                f"{wanted} blocks per slot but the scratch holds {scratch.chunk_blocks} "
+                f"({scratch.chunk_tokens} tokens); allocate a larger scratch or pass a "
+                "smaller chunk_tokens"
+            )
+        chunk_blocks = wanted
+    require_optional_positive("scale", scale)
+    require_optional_positive("softcap", softcap)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise KernelInputError(f"window must be None or an int >= 1, got {window!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise KernelInputError("out must be a torch.Tensor")
+        require_shape("out", out, tuple(query.shape), "(the query's shape [T, Hq, D])")
+        if out.dtype != query.dtype:
+            raise KernelInputError(f"out must have the query dtype {query.dtype}; got {out.dtype}")
+        require_device("out", out, device, "the query's device")
+    if out_lse is not None:
+        if not isinstance(out_lse, torch.Tensor):
+            raise KernelInputError("out_lse must be a torch.Tensor")
+        require_shape("out_lse", out_lse, (num_q, num_heads), "[T, Hq]")
+        require_dtype("out_lse", out_lse, (torch.float32,))
+        require_device("out_lse", out_lse, device, "the query's device")
+    return chunk_blocks

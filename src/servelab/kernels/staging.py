@@ -1,0 +1,306 @@
+"""Staging scattered KV blocks from host memory into a device scratch.
+
+Four gather strategies, chosen by measurement (docs/kernels-paged.md):
+
+``per_block``
+    One ``copy_`` per block. Each copy pays a fixed cost, so 16-token blocks (64 KiB of
+    K+V at 8 KV heads, head 128, bf16) run at a few GB/s on a 50 GB/s link.
+``coalesced``
+    One ``copy_`` per run of consecutive physical block ids (needs a dense cache, block
+    stride = block size). As fast as one big copy when the table is contiguous, as slow as
+    ``per_block`` when it is scattered.
+``cpu_pack``
+    ``index_select`` on the host into a pinned pack buffer, then one copy. CPU-bound.
+``gpu_gather``
+    A Triton kernel on the device reads the blocks straight out of pinned host memory
+    (mapped into the device's address space) and writes them densely into the scratch: one
+    launch per chunk whatever the block size or order. CUDA only.
+
+``auto`` picks ``gpu_gather`` where it can run (CUDA, Triton importable, pinned source),
+else ``cpu_pack`` on a CPU device (which packs straight into the scratch) and ``coalesced``
+elsewhere (XPU, pageable sources).
+
+Copies are enqueued on the caller's current stream; the pipeline in ``paged.py`` decides
+which stream that is. Block ids come in as a host ``int64`` tensor; ``gpu_gather`` also
+needs them on the device.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from servelab.errors import KernelInputError
+from servelab.kernels.validation import (
+    KV_DTYPES,
+    describe,
+    require_dtype,
+    require_inner_contiguous,
+    require_int,
+    require_ndim,
+    same_device,
+)
+
+
+class GatherStrategy(enum.Enum):
+    """How scattered host blocks reach the device scratch."""
+
+    AUTO = "auto"
+    PER_BLOCK = "per_block"
+    COALESCED = "coalesced"
+    CPU_PACK = "cpu_pack"
+    GPU_GATHER = "gpu_gather"
+
+
+def parse_strategy(value: str | GatherStrategy) -> GatherStrategy:
+    if isinstance(value, GatherStrategy):
+        return value
+    try:
+        return GatherStrategy(value)
+    except ValueError:
+        names = ", ".join(s.value for s in GatherStrategy)
+        raise KernelInputError(f"strategy must be one of [{names}]; got {value!r}") from None
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def is_pinned(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and bool(t.is_pinned())
+
+
+def gpu_gather_supported(src: torch.Tensor, device: torch.device) -> bool:
+    return device.type == "cuda" and triton_available() and is_pinned(src)
+
+
+def resolve_strategy(
+    strategy: str | GatherStrategy, src: torch.Tensor, device: torch.device
+) -> GatherStrategy:
+    """The concrete strategy for a host cache ``src`` staged to ``device``."""
+    chosen = parse_strategy(strategy)
+    if chosen is GatherStrategy.AUTO:
+        if gpu_gather_supported(src, device):
+            return GatherStrategy.GPU_GATHER
+        if device.type == "cpu":
+            return GatherStrategy.CPU_PACK
+        return GatherStrategy.COALESCED
+    if chosen is GatherStrategy.GPU_GATHER and not gpu_gather_supported(src, device):
+        raise KernelInputError(
+            "strategy 'gpu_gather' needs a CUDA device, Triton, and a pinned host cache; "
+            f"got device {device}, triton {'present' if triton_available() else 'missing'}, "
+            f"cache pinned={is_pinned(src)}. Use strategy='auto' or 'coalesced'"
+        )
+    return chosen
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """``(dst_start, src_start, length)`` for each run of consecutive block ids.
+
+    >>> block_runs([4, 5, 6, 9, 2, 3])
+    [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
+    """
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            d, s, n = runs[-1]
+            runs[-1] = (d, s, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
+
+
+def is_dense_blocks(t: torch.Tensor) -> bool:
+    """Block stride equals block size, so a run of blocks is one contiguous range."""
+    return t.is_contiguous()
+
+
+@dataclass(frozen=True)
+class StagingScratch:
+    """Reusable device scratch: ``buffers`` slots of ``chunk_blocks`` blocks for K and V.
+
+    ``key``/``value`` are ``[buffers, chunk_blocks, block_size, Hkv, D]`` on the device;
+    ``pack_key``/``pack_value`` the pinned host pack buffers of the ``cpu_pack`` strategy
+    (``None`` unless asked for, and never needed on a CPU device).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    pack_key: torch.Tensor | None = None
+    pack_value: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        chunk_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        buffers: int = 2,
+        with_pack: bool = False,
+    ) -> StagingScratch:
+        """Allocate a scratch; ``buffers=2`` double-buffers copy against compute."""
+        for name, v in (
+            ("chunk_blocks", chunk_blocks), ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads), ("head_size", head_size), ("buffers", buffers),
+        ):
+            require_int(name, v, minimum=1)
+        if dtype not in KV_DTYPES:
+            raise KernelInputError(f"scratch dtype must be one of {KV_DTYPES}; got {dtype}")
+        dev = torch.device(device)
+        shape = (buffers, chunk_blocks, block_size, num_kv_heads, head_size)
+        key = torch.empty(shape, dtype=dtype, device=dev)
+        value = torch.empty(shape, dtype=dtype, device=dev)
+        pack_key = pack_value = None
+        if with_pack and dev.type != "cpu":
+            pack_key = torch.empty(shape, dtype=dtype, pin_memory=True)
+            pack_value = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return cls(key=key, value=value, pack_key=pack_key, pack_value=pack_value)
+
+    @property
+    def buffers(self) -> int:
+        return int(self.key.shape[0])
+
+    @property
+    def chunk_blocks(self) -> int:
+        return int(self.key.shape[1])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.key.shape[2])
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_blocks * self.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.key.device
+
+    def validate(self) -> None:
+        for name, t in (("scratch.key", self.key), ("scratch.value", self.value)):
+            if not isinstance(t, torch.Tensor):
+                raise KernelInputError(f"{name} must be a torch.Tensor")
+            require_ndim(name, t, 5, "[buffers, chunk_blocks, block_size, Hkv, D]")
+            require_dtype(name, t, KV_DTYPES)
+            if not t.is_contiguous():
+                raise KernelInputError(
+                    f"{name} must be contiguous (allocate it with StagingScratch.allocate); "
+                    f"got strides {tuple(t.stride())}"
+                )
+        if self.key.shape != self.value.shape or self.key.dtype != self.value.dtype:
+            raise KernelInputError(
+                f"scratch.key and scratch.value must match; got {describe(self.key)} and "
+                f"{describe(self.value)}"
+            )
+        if not same_device(self.key.device, self.value.device):
+            raise KernelInputError("scratch.key and scratch.value must be on one device")
+        for name, p in (("scratch.pack_key", self.pack_key), ("scratch.pack_value", self.pack_value)):
+            if p is not None and (p.shape != self.key.shape or p.dtype != self.key.dtype):
+                raise KernelInputError(
+                    f"{name} must match scratch.key ({tuple(self.key.shape)}, {self.key.dtype});"
+                    f" got {describe(p)}"
+                )
+
+
+def check_block_ids(name: str, table: torch.Tensor, num_blocks: int, needed: int) -> None:
+    """A host integer table holding at least ``needed`` ids, each in ``[0, num_blocks)``."""
+    if not isinstance(table, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor of block ids")
+    require_ndim(name, table, 1, "[num_blocks_used] of physical block ids")
+    require_dtype(name, table, (torch.int32, torch.int64), "block ids")
+    if table.device.type != "cpu":
+        raise KernelInputError(
+            f"{name} must be a host (cpu) tensor: block ids are planned on the host; "
+            f"got {describe(table)}"
+        )
+    if table.numel() < needed:
+        raise KernelInputError(
+            f"{name} holds {table.numel()} block ids but the length needs {needed}"
+        )
+    if needed:
+        used = table[:needed]
+        lo, hi = int(used.min()), int(used.max())
+        if lo < 0 or hi >= num_blocks:
+            raise KernelInputError(
+                f"{name} has block ids in [{lo}, {hi}] but the cache holds blocks "
+                f"[0, {num_blocks - 1}]"
+            )
+
+
+def stage_blocks(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
+    block_ids: torch.Tensor,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
+    *,
+    strategy: GatherStrategy,
+    device_ids: torch.Tensor | None = None,
+    pack_key: torch.Tensor | None = None,
+    pack_value: torch.Tensor | None = None,
+) -> None:
+    """Enqueue on the current stream: ``dst[i] = src[block_ids[i]]`` for K and V.
+
+    ``strategy`` must already be resolved (not AUTO). Arguments are trusted: the public
+    entry points validate them. ``block_ids`` is a host int64 tensor; ``device_ids`` the
+    same ids on the device (``gpu_gather``); ``pack_*`` host pack buffers (``cpu_pack``
+    with an accelerator).
+    """
+    n = int(block_ids.numel())
+    if n == 0:
+        return
+    for src, dst, pack in ((src_key, dst_key, pack_key), (src_value, dst_value, pack_value)):
+        _stage_one(src, block_ids, dst[:n], strategy, device_ids, None if pack is None else pack[:n])
+
+
+def _stage_one(
+    src: torch.Tensor,
+    ids: torch.Tensor,
+    dst: torch.Tensor,
+    strategy: GatherStrategy,
+    device_ids: torch.Tensor | None,
+    pack: torch.Tensor | None,
+) -> None:
+    if strategy is GatherStrategy.GPU_GATHER:
+        from servelab.kernels.gather_triton import gather_blocks_from_host
+
+        if device_ids is None:
+            raise KernelInputError("gpu_gather needs the block ids on the device (device_ids)")
+        gather_blocks_from_host(src, device_ids, dst)
+        return
+    if strategy is GatherStrategy.CPU_PACK:
+        if dst.device.type == "cpu":
+            torch.index_select(src, 0, ids, out=dst)
+            return
+        if pack is None:
+            raise KernelInputError(
+                "cpu_pack on an accelerator needs pinned pack buffers: allocate the scratch "
+                "with StagingScratch.allocate(..., with_pack=True)"
+            )
+        torch.index_select(src, 0, ids, out=pack)
+        dst.copy_(pack, non_blocking=True)
+        return
+    id_list: list[int] = ids.tolist()
+    if strategy is GatherStrategy.COALESCED and is_dense_blocks(src):
+        for d, s, length in block_runs(id_list):
+            dst[d : d + length].copy_(src[s : s + length], non_blocking=True)
+        return
+    for i, b in enumerate(id_list):
+        dst[i].copy_(src[b], non_blocking=True)
+
+
+def validate_host_cache(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor")
+    require_ndim(name, t, 4, "[num_blocks, block_size, Hkv, D]")
+    require_dtype(name, t, KV_DTYPES)
+    require_inner_contiguous(name, t, 3, "each block dense: [block_size, Hkv, D] row-major")
+    return t

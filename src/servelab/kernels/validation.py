@@ -1,0 +1,95 @@
+"""Argument checks shared by the kernels: every failure is a KernelInputError raised before launch.
+
+Messages name the argument, what it was, and the form that is expected, so a caller can fix
+the call without reading the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from servelab.errors import KernelInputError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def describe(t: torch.Tensor) -> str:
+    """Short label of a tensor for error messages: shape, dtype, device."""
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_ndim(name: str, t: torch.Tensor, ndim: int, form: str) -> None:
+    if t.dim() != ndim:
+        raise KernelInputError(f"{name} must be {ndim}-D {form}; got {describe(t)}")
+
+
+def require_dtype(
+    name: str, t: torch.Tensor, allowed: Sequence[torch.dtype], form: str = ""
+) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        extra = f" ({form})" if form else ""
+        raise KernelInputError(f"{name} must have dtype in [{names}]{extra}; got {describe(t)}")
+
+
+def require_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise KernelInputError(
+            f"{name} must have the dtype of {ref_name} ({ref.dtype}); got {describe(t)}"
+        )
+
+
+def require_device(name: str, t: torch.Tensor, device: torch.device, why: str = "") -> None:
+    if not same_device(t.device, device):
+        extra = f" ({why})" if why else ""
+        raise KernelInputError(f"{name} must be on device {device}{extra}; got {describe(t)}")
+
+
+def require_shape(name: str, t: torch.Tensor, shape: Sequence[int], form: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise KernelInputError(f"{name} must have shape {tuple(shape)} {form}; got {describe(t)}")
+
+
+def require_inner_contiguous(name: str, t: torch.Tensor, inner_dims: int, form: str) -> None:
+    """The last ``inner_dims`` dimensions must be laid out densely (row-major), any outer stride."""
+    expected = 1
+    for dim in range(t.dim() - 1, t.dim() - 1 - inner_dims, -1):
+        if t.shape[dim] != 1 and t.stride(dim) != expected:
+            raise KernelInputError(
+                f"{name} must be contiguous in its last {inner_dims} dimensions ({form}); "
+                f"got strides {tuple(t.stride())} for {describe(t)}. "
+                "Pass a tensor whose blocks are dense (e.g. .contiguous())"
+            )
+        expected *= t.shape[dim]
+
+
+def require_int(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KernelInputError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise KernelInputError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality that treats ``cuda`` and ``cuda:<current>`` as the same device."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        return True
+    return a.index == b.index
+
+
+def require_optional_positive(name: str, value: float | int | None) -> None:
+    if value is not None and not value > 0:
+        raise KernelInputError(f"{name} must be None or > 0, got {value!r}")
