@@ -1,0 +1,46 @@
+"""One exception hierarchy for servelab.
+
+Every message says what was wrong, where (file, field, profile, argument) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class ServelabError(Exception):
+    """Root of every error servelab raises on purpose."""
+
+
+class ConfigError(ServelabError):
+    """A command-line option or a configuration value is wrong."""
+
+
+class ProfileError(ConfigError):
+    """A profile file is missing, malformed or inconsistent."""
+
+
+class EngineNotInstalledError(ServelabError):
+    """The serving engine a profile needs is not importable here."""
+
+
+class ModelPrepareError(ServelabError):
+    """A model directory could not be prepared or verified."""
+
+
+class ServerError(ServelabError):
+    """The server under test failed to start, died, or could not be stopped cleanly."""
+
+
+class ClientError(ServelabError):
+    """The load generator itself could not run (not a failed request: those are data)."""
+
+
+class BaselineError(ServelabError):
+    """A stored baseline is corrupt, of an unknown schema, or not comparable."""
+
+
+class QualityGateError(ServelabError):
+    """A quality gate input (canary file, recall workload) is malformed."""
+
+
+class KernelInputError(ServelabError, ValueError):
+    """A kernel argument has the wrong shape, dtype, device or layout (raised before launch)."""

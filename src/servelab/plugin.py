@@ -1,0 +1,285 @@
+"""The servelab pytest plugin: options, markers, fixtures and the terminal summary only.
+
+The logic lives in plain modules (profiles, pool, server, figures) so the command line can
+reuse it without pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from servelab.errors import ServelabError
+from servelab.figures import Figure, Identity
+from servelab.profiles import Profile, available_profiles, default_profile_dirs, load_named
+from servelab.server import Endpoint
+
+EXTERNAL = "endpoint"
+DEFAULT_PROFILE = "cpu-smollm2"
+
+
+@dataclass(frozen=True)
+class Options:
+    profiles: tuple[Profile, ...]
+    endpoint: str | None
+    model: str | None
+    api_key: str | None
+    results_dir: Path
+    baselines_dir: Path
+    update_baselines: bool
+    runs: int | None
+    startup_timeout_s: float | None
+
+
+@dataclass
+class RunState:
+    """Everything one pytest session measured; filled by fixtures, read at session end."""
+
+    options: Options
+    started_at: float = field(default_factory=time.time)
+    figures: list[Figure] = field(default_factory=list)
+    startup: dict[str, float | None] = field(default_factory=dict)
+    invalid_reasons: list[str] = field(default_factory=list)
+
+
+OPTIONS_KEY = pytest.StashKey[Options]()
+STATE_KEY = pytest.StashKey[RunState]()
+POOL_KEY = pytest.StashKey[object]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("servelab", "servelab performance regression suite")
+    g.addoption("--profile", action="append", default=[], metavar="NAME",
+                help="profile to start and measure (repeatable); default: cpu-smollm2")
+    g.addoption("--profiles-dir", action="append", default=[], metavar="DIR",
+                help="extra folder of profile TOML files")
+    g.addoption("--endpoint", default=None, metavar="URL",
+                help="measure an already running OpenAI-compatible server (no lifecycle)")
+    g.addoption("--model", default=None, metavar="NAME",
+                help="served model name for --endpoint (default: the first in /v1/models)")
+    g.addoption("--api-key", default=None, metavar="KEY",
+                help="bearer token for --endpoint (or SERVELAB_API_KEY); never recorded")
+    g.addoption("--results-dir", default="results", metavar="DIR",
+                help="where records, logs and raw data go (default: results/)")
+    g.addoption("--baselines-dir", default="baselines", metavar="DIR",
+                help="stored baselines (default: baselines/)")
+    g.addoption("--update-baselines", action="store_true", default=False,
+                help="write this run's figures as the new baselines (update workflow)")
+    g.addoption("--runs", type=int, default=None, metavar="N",
+                help="override the number of measured runs per workload")
+    g.addoption("--startup-timeout", type=float, default=None, metavar="S",
+                help="override the profile's server startup timeout, in seconds")
+
+
+def _parse_options(config: pytest.Config) -> Options:
+    endpoint = config.getoption("--endpoint")
+    names = list(config.getoption("--profile"))
+    if endpoint and names:
+        raise pytest.UsageError("--endpoint and --profile exclude each other: pick one target")
+    if config.getoption("--model") and not endpoint:
+        raise pytest.UsageError("--model only applies to --endpoint")
+    runs = config.getoption("--runs")
+    if runs is not None and runs < 1:
+        raise pytest.UsageError(f"--runs must be at least 1 (got {runs})")
+    dirs = [Path(d) for d in config.getoption("--profiles-dir")]
+    dirs += default_profile_dirs(config.rootpath) + default_profile_dirs()
+    if not names and not endpoint and available_profiles(dirs).get(DEFAULT_PROFILE):
+        names = [DEFAULT_PROFILE]
+    try:
+        profiles = load_named(names, dirs)
+    except ServelabError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    root = config.rootpath
+    return Options(
+        profiles=tuple(profiles),
+        endpoint=endpoint,
+        model=config.getoption("--model"),
+        api_key=config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY"),
+        results_dir=(root / config.getoption("--results-dir")).resolve(),
+        baselines_dir=(root / config.getoption("--baselines-dir")).resolve(),
+        update_baselines=bool(config.getoption("--update-baselines")),
+        runs=runs,
+        startup_timeout_s=config.getoption("--startup-timeout"),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    options = _parse_options(config)
+    config.stash[OPTIONS_KEY] = options
+    config.stash[STATE_KEY] = RunState(options)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "servelab_target" not in metafunc.fixturenames:
+        return
+    options = metafunc.config.stash[OPTIONS_KEY]
+    targets = [EXTERNAL] if options.endpoint else [p.name for p in options.profiles]
+    metafunc.parametrize("servelab_target", targets, indirect=True, scope="session", ids=targets)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def servelab_options(pytestconfig: pytest.Config) -> Options:
+    return pytestconfig.stash[OPTIONS_KEY]
+
+
+@pytest.fixture(scope="session")
+def servelab_state(pytestconfig: pytest.Config) -> RunState:
+    return pytestconfig.stash[STATE_KEY]
+
+
+@pytest.fixture(scope="session")
+def servelab_pool(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    from servelab.pool import ServerPool
+
+    options = pytestconfig.stash[OPTIONS_KEY]
+    shared = None
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers of one xdist run share the parent of their basetemp.
+        shared = tmp_path_factory.getbasetemp().parent / "servelab-servers"
+    pool = ServerPool(
+        options.results_dir / "logs",
+        shared_dir=shared,
+        startup_timeout_s=options.startup_timeout_s,
+    )
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def servelab_target(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def servelab_profile(servelab_target: str, servelab_options: Options) -> Profile | None:
+    if servelab_target == EXTERNAL:
+        return None
+    return next(p for p in servelab_options.profiles if p.name == servelab_target)
+
+
+@pytest.fixture(scope="session")
+def servelab_session_endpoint(
+    servelab_profile: Profile | None,
+    servelab_options: Options,
+    servelab_state: RunState,
+    servelab_pool: object,
+) -> tuple[Endpoint, Identity]:
+    from servelab.engine import remote_engine, require_engine
+    from servelab.hardware import accelerator_available, host_key
+    from servelab.pool import ServerPool
+
+    assert isinstance(servelab_pool, ServerPool)
+    if servelab_profile is None:
+        return _external_endpoint(servelab_options, remote_engine, host_key)
+    hw = servelab_profile.hardware
+    ok, why = accelerator_available(hw.accelerator, hw.count)
+    if not ok:
+        pytest.skip(f"profile {servelab_profile.name!r} needs {hw.count}x {hw.accelerator}: {why}")
+    try:
+        engine = require_engine(servelab_profile)
+    except ServelabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        started = servelab_pool.get(servelab_profile)
+    except ServelabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    servelab_state.startup[servelab_profile.name] = started.startup_seconds
+    identity = Identity(
+        profile=servelab_profile.name,
+        engine=engine,
+        host=host_key(),
+        model=servelab_profile.model.served_name,
+    )
+    return started.endpoint, identity
+
+
+def _external_endpoint(options: Options, remote_engine: object, host_key: object) -> tuple[
+    Endpoint, Identity
+]:
+    import httpx
+
+    assert options.endpoint is not None
+    base = options.endpoint.rstrip("/")
+    base = base[: -len("/v1")] if base.endswith("/v1") else base
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    model = options.model
+    if model is None:
+        try:
+            r = httpx.get(base + "/v1/models", headers=headers, timeout=10.0)
+            r.raise_for_status()
+            model = str(r.json()["data"][0]["id"])
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+            pytest.fail(
+                f"--endpoint {options.endpoint}: could not list models ({exc}); "
+                "check the URL or pass --model",
+                pytrace=False,
+            )
+    assert callable(remote_engine)
+    engine = str(remote_engine(base, headers))
+    endpoint = Endpoint(base_url=base, model=model, headers=headers, managed=False)
+    return endpoint, Identity(profile=EXTERNAL, engine=engine, host="external", model=model)
+
+
+@pytest.fixture
+def servelab_endpoint(
+    servelab_session_endpoint: tuple[Endpoint, Identity],
+    servelab_profile: Profile | None,
+    servelab_pool: object,
+) -> Iterator[Endpoint]:
+    """The endpoint under test; fails the test with the log tail if the engine died."""
+    from servelab.pool import ServerPool
+
+    assert isinstance(servelab_pool, ServerPool)
+
+    def check() -> None:
+        if servelab_profile is not None:
+            try:
+                servelab_pool.ensure_alive(servelab_profile)
+            except ServelabError as exc:
+                pytest.fail(str(exc), pytrace=False)
+
+    check()
+    yield servelab_session_endpoint[0]
+    check()
+
+
+@pytest.fixture
+def servelab_identity(servelab_session_endpoint: tuple[Endpoint, Identity]) -> Identity:
+    return servelab_session_endpoint[1]
+
+
+@pytest.fixture
+def servelab_record(servelab_state: RunState) -> object:
+    """Call with a Figure to add it to the session's results (and print its label)."""
+
+    def record(figure: Figure) -> Figure:
+        servelab_state.figures.append(figure)
+        return figure
+
+    return record
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    state = terminalreporter.config.stash.get(STATE_KEY, None)
+    if state is None or not state.figures:
+        return
+    tr = terminalreporter
+    tr.section("servelab figures")
+    for name, seconds in state.startup.items():
+        if seconds is not None:
+            tr.write_line(f"server start [{name}]: {seconds:.1f} s (cold process start to ready)")
+    for fig in state.figures:
+        tr.write_line(fig.label())

@@ -1,0 +1,173 @@
+"""One managed server per profile per pytest session, shared by every perf test.
+
+Without pytest-xdist the pool simply keeps the servers it started. With xdist, workers share
+a folder: the first worker to need a profile starts it under a file lock and writes its state;
+the others attach to it; each worker holds a reference, and the last one out stops the whole
+process group by pgid. Nothing is started once per worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from servelab.errors import ServerError
+from servelab.models import PreparedModel, prepare_model
+from servelab.profiles import Profile
+from servelab.server import Endpoint, ManagedServer, group_members, log_tail, terminate_group
+
+
+@dataclass(frozen=True)
+class Started:
+    endpoint: Endpoint
+    model: PreparedModel
+    startup_seconds: float | None
+    pid: int
+    command: tuple[str, ...]
+
+
+class ServerPool:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        cache_dir: Path | None = None,
+        shared_dir: Path | None = None,
+        startup_timeout_s: float | None = None,
+    ) -> None:
+        self.log_dir = log_dir
+        self.cache_dir = cache_dir
+        self.shared_dir = shared_dir
+        self.startup_timeout_s = startup_timeout_s
+        self._owned: dict[str, ManagedServer] = {}
+        self._started: dict[str, Started] = {}
+
+    # -------------------------------------------------------------- public
+    def get(self, profile: Profile) -> Started:
+        if profile.name in self._started:
+            self.ensure_alive(profile)
+            return self._started[profile.name]
+        if self.shared_dir is None:
+            started = self._start(profile)
+        else:
+            started = self._get_shared(profile)
+        self._started[profile.name] = started
+        return started
+
+    def ensure_alive(self, profile: Profile) -> None:
+        started = self._started.get(profile.name)
+        if started is None:
+            return
+        server = self._owned.get(profile.name)
+        if server is not None:
+            server.ensure_alive()
+        elif not group_members(started.pid):
+            raise ServerError(
+                f"profile {profile.name!r}: the engine process group {started.pid} is gone. "
+                f"Log {started.endpoint.log_path}, last lines:\n"
+                f"{log_tail(started.endpoint.log_path)}"
+            )
+
+    def close(self) -> None:
+        errors: list[str] = []
+        for name in list(self._started):
+            try:
+                self._release(name)
+            except ServerError as exc:
+                errors.append(str(exc))
+        self._started.clear()
+        self._owned.clear()
+        if errors:
+            raise ServerError("teardown failed: " + "; ".join(errors))
+
+    # -------------------------------------------------------------- internals
+    def _start(self, profile: Profile) -> Started:
+        model = prepare_model(profile, self.cache_dir)  # before the startup clock
+        server = ManagedServer(
+            profile, model.path, self.log_dir, startup_timeout_s=self.startup_timeout_s
+        )
+        endpoint = server.start()
+        self._owned[profile.name] = server
+        assert server.pid is not None and server.port is not None
+        return Started(
+            endpoint, model, server.startup_seconds, server.pid, tuple(server.command(server.port))
+        )
+
+    def _state_path(self, name: str) -> Path:
+        assert self.shared_dir is not None
+        return self.shared_dir / f"server-{name}.json"
+
+    def _get_shared(self, profile: Profile) -> Started:
+        from filelock import FileLock
+
+        assert self.shared_dir is not None
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self._state_path(profile.name)
+        with FileLock(str(state_path) + ".lock"):
+            state = _read_state(state_path)
+            if state is not None and group_members(int(state["pid"])):
+                state["users"] = int(state["users"]) + 1
+                _write_state(state_path, state)
+                endpoint = Endpoint(
+                    base_url=str(state["base_url"]),
+                    model=profile.model.served_name,
+                    profile=profile,
+                    managed=True,
+                    log_path=Path(str(state["log_path"])),
+                )
+                model = prepare_model(profile, self.cache_dir)
+                return Started(endpoint, model, None, int(state["pid"]), tuple(state["command"]))
+            started = self._start(profile)
+            _write_state(
+                state_path,
+                {
+                    "pid": started.pid,
+                    "port": self._owned[profile.name].port,
+                    "base_url": started.endpoint.base_url,
+                    "log_path": str(started.endpoint.log_path),
+                    "command": list(started.command),
+                    "users": 1,
+                    "owner": os.getpid(),
+                },
+            )
+            return started
+
+    def _release(self, name: str) -> None:
+        started = self._started[name]
+        server = self._owned.get(name)
+        if self.shared_dir is None:
+            if server is not None:
+                server.stop()
+            return
+        from filelock import FileLock
+
+        state_path = self._state_path(name)
+        with FileLock(str(state_path) + ".lock"):
+            state = _read_state(state_path)
+            users = int(state["users"]) - 1 if state else 0
+            if state and users > 0:
+                state["users"] = users
+                _write_state(state_path, state)
+                return
+            state_path.unlink(missing_ok=True)
+            if server is not None:
+                server.stop()
+            else:
+                port = int(state["port"]) if state else None
+                terminate_group(started.pid, port=port, what=f"profile {name!r}")
+
+
+def _read_state(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_state(path: Path, state: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)

@@ -1,0 +1,384 @@
+"""Profiles: one TOML file per served configuration, validated on load.
+
+A profile says which engine to start with which arguments and environment, which model it
+serves, what hardware it needs, which patches the engine must carry, and the workload shapes
+that fit it. Validation happens here, at the file boundary; everything after works on frozen
+records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import string
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from servelab.errors import ProfileError
+
+SCHEMA_VERSION = 1
+
+#: Placeholders an argument template may use; anything else in braces is an error.
+PLACEHOLDERS = frozenset({"python", "model", "served_name", "host", "port", "context_len"})
+
+Accelerator = Literal["cpu", "xpu", "cuda"]
+ModelSource = Literal["smollm2-gguf", "path"]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    distribution: str
+    module: str
+    install_hint: str
+    command: tuple[str, ...]
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    served_name: str
+    source: ModelSource
+    context_len: int
+    quantization: str
+    path: str | None = None
+    hub_id: str | None = None
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    accelerator: Accelerator
+    count: int = 0
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ReadinessSpec:
+    timeout_s: float = 300.0
+    poll_interval_s: float = 0.5
+    health_path: str = "/health"
+    stop_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    files: tuple[str, ...] = ()
+    source_root: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    prompt_tokens: int
+    output_tokens: int
+    runs: int = 3
+    warmup_requests: int = 1
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    prompt_tokens: tuple[int, ...]
+    output_tokens: int = 1
+    requests_per_length: int = 1
+
+
+@dataclass(frozen=True)
+class ConcurrencyShape:
+    levels: tuple[int, ...]
+    prompt_tokens: int
+    output_tokens: int
+    requests_per_level: int = 0  # 0: two requests per concurrent slot
+
+
+@dataclass(frozen=True)
+class SessionCacheShape:
+    sessions: int
+    prefix_tokens: int
+    output_tokens: int
+    passes: int = 2
+
+
+@dataclass(frozen=True)
+class RecallShape:
+    lines: int
+    depths: tuple[str, ...] = ("early", "middle", "late")
+    max_tokens: int = 4
+
+
+@dataclass(frozen=True)
+class Workloads:
+    decode: DecodeShape | None = None
+    prefill: PrefillShape | None = None
+    concurrency: ConcurrencyShape | None = None
+    session_cache: SessionCacheShape | None = None
+    recall: RecallShape | None = None
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    canaries: str | None = None
+    repeats: int = 2
+    identity_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_error_rate: float = 0.0
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    engine: EngineSpec
+    model: ModelSpec
+    hardware: HardwareSpec
+    readiness: ReadinessSpec = field(default_factory=ReadinessSpec)
+    patches: PatchSpec = field(default_factory=PatchSpec)
+    workloads: Workloads = field(default_factory=Workloads)
+    quality: QualitySpec = field(default_factory=QualitySpec)
+    limits: Limits = field(default_factory=Limits)
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = field(default=None, compare=False)
+
+    def render_command(
+        self, *, model: str, port: int, host: str = "127.0.0.1", python: str | None = None
+    ) -> list[str]:
+        """The exact argv that starts this profile's server."""
+        values = {
+            "python": python or sys.executable,
+            "model": model,
+            "served_name": self.model.served_name,
+            "host": host,
+            "port": str(port),
+            "context_len": str(self.model.context_len),
+        }
+        return [part.format_map(values) for part in (*self.engine.command, *self.engine.args)]
+
+    def args_hash(self) -> str:
+        """Hash of what decides the server's behaviour (arguments, environment, model, patches).
+
+        Host, port and interpreter are left as placeholders so the hash is stable across runs.
+        """
+        payload = {
+            "engine": self.engine.name,
+            "args": list(self.engine.args),
+            "env": dict(sorted(self.engine.env.items())),
+            "served_name": self.model.served_name,
+            "context_len": self.model.context_len,
+            "patches": list(self.patches.files),
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_profile_dirs(root: Path | None = None) -> list[Path]:
+    """`fixtures/profiles` of the repository (or of `root`)."""
+    base = root if root is not None else Path(__file__).resolve().parents[2]
+    return [base / "fixtures" / "profiles"]
+
+
+def available_profiles(dirs: Sequence[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in dirs:
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                found.setdefault(p.stem, p)
+    return found
+
+
+def find_profile(name: str, dirs: Sequence[Path]) -> Path:
+    """Path of profile `name`, or a ProfileError listing the ones that exist."""
+    candidate = Path(name)
+    if candidate.suffix == ".toml" and candidate.is_file():
+        return candidate
+    found = available_profiles(dirs)
+    if name not in found:
+        listing = ", ".join(sorted(found)) or "(none)"
+        where = ", ".join(str(d) for d in dirs)
+        raise ProfileError(
+            f"unknown profile {name!r}; available profiles: {listing} (searched {where})"
+        )
+    return found[name]
+
+
+def load_profile(path: Path) -> Profile:
+    """Parse and validate one profile file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: profile file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{path}: field 'schema_version' must be {SCHEMA_VERSION} (got {version!r})"
+        )
+    profile = _build(Profile, raw, where=str(path), path_field=path)
+    if profile.name != path.stem:
+        raise ProfileError(
+            f"{path}: field 'name' is {profile.name!r} but must equal the file stem {path.stem!r}"
+        )
+    _check_semantics(profile, str(path))
+    return profile
+
+
+def load_named(names: Sequence[str], dirs: Sequence[Path]) -> list[Profile]:
+    return [load_profile(find_profile(n, dirs)) for n in names]
+
+
+def _check_semantics(p: Profile, where: str) -> None:
+    formatter = string.Formatter()
+    for i, part in enumerate((*p.engine.command, *p.engine.args)):
+        try:
+            names = {f for _, f, _, _ in formatter.parse(part) if f is not None}
+        except ValueError as exc:
+            raise ProfileError(f"{where}: engine argument {part!r}: {exc}") from None
+        unknown = names - PLACEHOLDERS
+        if unknown:
+            raise ProfileError(
+                f"{where}: engine argument #{i} {part!r} uses unknown placeholder(s) "
+                f"{sorted(unknown)}; allowed: {sorted(PLACEHOLDERS)}"
+            )
+    if p.model.source == "path" and not p.model.path:
+        raise ProfileError(f"{where}: field 'model.path' is required when model.source = 'path'")
+    if p.model.context_len <= 0:
+        raise ProfileError(f"{where}: field 'model.context_len' must be a positive integer")
+    if p.hardware.accelerator != "cpu" and p.hardware.count < 1:
+        raise ProfileError(
+            f"{where}: field 'hardware.count' must be >= 1 for accelerator "
+            f"{p.hardware.accelerator!r}"
+        )
+    if not 0.0 <= p.limits.max_error_rate <= 1.0:
+        raise ProfileError(f"{where}: field 'limits.max_error_rate' must be within [0, 1]")
+    if not 0.0 < p.quality.identity_fraction <= 1.0:
+        raise ProfileError(f"{where}: field 'quality.identity_fraction' must be within (0, 1]")
+    w = p.workloads
+    ctx = p.model.context_len
+    for label, need in _shape_needs(w):
+        if need > ctx:
+            raise ProfileError(
+                f"{where}: workload {label} needs {need} tokens but model.context_len is {ctx}"
+            )
+
+
+def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
+    needs: list[tuple[str, int]] = []
+    if w.decode:
+        needs.append(("decode", w.decode.prompt_tokens + w.decode.output_tokens))
+    if w.prefill:
+        needs.append(("prefill", max(w.prefill.prompt_tokens) + w.prefill.output_tokens))
+    if w.concurrency:
+        c = w.concurrency
+        needs.append(("concurrency", c.prompt_tokens + c.output_tokens))
+    if w.session_cache:
+        s = w.session_cache
+        needs.append(("session_cache", s.prefix_tokens + s.output_tokens))
+    return needs
+
+
+# --------------------------------------------------------------------------- typed reader
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin in (Mapping, dict):
+        return "table of strings"
+    if tp is type(None):
+        return "absent"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = get_origin(tp)
+    bad = ProfileError(
+        f"{where}: field {key!r} must be {_type_name(tp)} (got {type(value).__name__} {value!r})"
+    )
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        for member in members:
+            try:
+                return _convert(member, value, where, key)
+            except ProfileError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise bad
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise bad
+        inner = get_args(tp)[0]
+        return tuple(_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise bad
+        return types.MappingProxyType(dict(value))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(
+    cls: type[T],
+    table: Mapping[str, Any],
+    where: str,
+    prefix: str = "",
+    path_field: Path | None = None,
+) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ProfileError(
+            f"{where}: unknown field(s) {[prefix + u for u in unknown]}; "
+            f"allowed in this table: {sorted(prefix + k for k in fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in table:
+            kwargs[name] = _convert(hints[name], table[name], where, prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProfileError(
+                f"{where}: missing field {prefix + name!r} (expected {_type_name(hints[name])})"
+            )
+    if path_field is not None:
+        kwargs["path"] = path_field
+    return cls(**kwargs)

@@ -1,0 +1,303 @@
+"""Server lifecycle: start a profile's engine in its own process group, wait until it really
+serves, and tear the whole group down again, verifying that nothing survives.
+
+The constructor only stores configuration; `start()` is explicit. Any failure during start
+kills the group before the error is raised (vLLM's test server leaks it when the health wait
+fails). Processes are killed by process group id, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from servelab.errors import ServerError
+from servelab.profiles import Profile
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where measurements are sent: a managed server or an external one."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000 (no /v1)
+    model: str  # served model name
+    profile: Profile | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    managed: bool = False
+    log_path: Path | None = None
+
+    @property
+    def api_base(self) -> str:
+        return self.base_url.rstrip("/") + "/v1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:]) or "(log is empty)"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is `pgid` (from /proc; zombies excluded)."""
+    members: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        rest = stat[stat.rfind(")") + 2 :].split()
+        if len(rest) >= 3 and int(rest[2]) == pgid and rest[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+class ManagedServer:
+    """One engine process group serving one profile."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        model_path: Path,
+        log_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        python: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        startup_timeout_s: float | None = None,
+    ) -> None:
+        self.profile = profile
+        self.model_path = model_path
+        self.log_dir = log_dir
+        self.host = host
+        self.requested_port = port
+        self.python = python
+        self.extra_env = dict(extra_env or {})
+        self.startup_timeout_s = startup_timeout_s or profile.readiness.timeout_s
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.log_path: Path | None = None
+        self.startup_seconds: float | None = None
+        self._popen: object | None = None
+        self._log: IO[bytes] | None = None
+
+    # ------------------------------------------------------------------ start
+    def command(self, port: int) -> list[str]:
+        return self.profile.render_command(
+            model=str(self.model_path), port=port, host=self.host, python=self.python
+        )
+
+    def start(self) -> Endpoint:
+        import subprocess
+
+        port = self.requested_port or free_port(self.host)
+        if port_in_use(port, self.host):
+            raise ServerError(
+                f"profile {self.profile.name!r}: port {port} on {self.host} is already in use; "
+                "pick another port or stop whatever listens there"
+            )
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"server-{self.profile.name}.log"
+        env = {**os.environ, **self.profile.engine.env, **self.extra_env}
+        argv = self.command(port)
+        self._log = self.log_path.open("ab")
+        self._log.write(f"# servelab: starting {argv}\n".encode())
+        self._log.flush()
+        t0 = time.perf_counter_ns()
+        proc = subprocess.Popen(  # noqa: S603 - argv comes from a validated profile
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self._popen = proc
+        self.pid = proc.pid
+        self.port = port
+        endpoint = self.endpoint()
+        try:
+            self._wait_ready(endpoint, t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = (time.perf_counter_ns() - t0) / 1e9
+        return endpoint
+
+    def endpoint(self) -> Endpoint:
+        if self.port is None:
+            raise ServerError(f"profile {self.profile.name!r}: server was never started")
+        return Endpoint(
+            base_url=f"http://{self.host}:{self.port}",
+            model=self.profile.model.served_name,
+            profile=self.profile,
+            managed=True,
+            log_path=self.log_path,
+        )
+
+    def returncode(self) -> int | None:
+        import subprocess
+
+        proc = self._popen
+        if not isinstance(proc, subprocess.Popen):
+            return None
+        return proc.poll()
+
+    def ensure_alive(self) -> None:
+        """Raise ServerError with the log tail if the engine process has exited."""
+        code = self.returncode()
+        if code is not None:
+            raise ServerError(
+                f"profile {self.profile.name!r}: the engine process (pid {self.pid}) exited "
+                f"with code {code}. Log {self.log_path}, last lines:\n{log_tail(self.log_path)}"
+            )
+
+    def _wait_ready(self, endpoint: Endpoint, t0: int) -> None:
+        deadline = t0 + int(self.startup_timeout_s * 1e9)
+        poll = self.profile.readiness.poll_interval_s
+        stage = "health"
+        last_problem = ""
+        with httpx.Client(timeout=10.0) as http:
+            while True:
+                self.ensure_alive()
+                if time.perf_counter_ns() > deadline:
+                    raise ServerError(
+                        f"profile {self.profile.name!r}: not ready after "
+                        f"{self.startup_timeout_s:.0f} s (stuck at readiness stage {stage!r}: "
+                        f"{last_problem or 'no answer'}). Log {self.log_path}, last lines:\n"
+                        f"{log_tail(self.log_path)}"
+                    )
+                try:
+                    stage = "health"
+                    r = http.get(endpoint.base_url + self.profile.readiness.health_path)
+                    if r.status_code != 200:
+                        last_problem = f"HTTP {r.status_code}"
+                        time.sleep(poll)
+                        continue
+                    stage = "models"
+                    r = http.get(endpoint.api_base + "/models")
+                    names = [m.get("id") for m in r.json().get("data", [])]
+                    if endpoint.model not in names:
+                        last_problem = f"/v1/models lists {names}, not {endpoint.model!r}"
+                        time.sleep(poll)
+                        continue
+                    stage = "completion"
+                    r = http.post(
+                        endpoint.api_base + "/completions",
+                        json={"model": endpoint.model, "prompt": "Hello", "max_tokens": 1},
+                        timeout=max(10.0, self.startup_timeout_s / 4),
+                    )
+                    if r.status_code == 200 and r.json().get("choices"):
+                        return
+                    last_problem = f"1-token completion answered HTTP {r.status_code}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    last_problem = f"{type(exc).__name__}: {exc}"
+                time.sleep(poll)
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> None:
+        """TERM the whole group, KILL what is left, then verify nothing survives."""
+        import subprocess
+
+        proc = self._popen
+        try:
+            if self.pid is None or not isinstance(proc, subprocess.Popen):
+                return
+            terminate_group(
+                self.pid,
+                port=self.port,
+                host=self.host,
+                timeout_s=self.profile.readiness.stop_timeout_s,
+                reap=proc.wait,
+                what=f"profile {self.profile.name!r}",
+            )
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            self._popen = None
+
+
+def terminate_group(
+    pgid: int,
+    *,
+    port: int | None,
+    host: str = "127.0.0.1",
+    timeout_s: float = 30.0,
+    reap: Callable[[float], object] | None = None,
+    what: str = "server",
+) -> None:
+    """SIGTERM the process group, SIGKILL what is left, verify no member and no listener stays.
+
+    `reap` (the owner's Popen.wait) collects the leader so it does not linger as a zombie;
+    another process may stop a group it did not start (pytest-xdist workers share a server).
+    """
+    import subprocess
+
+    def _reap(t: float) -> None:
+        if reap is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reap(t)
+
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    _reap(timeout_s)
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_members(pgid):
+        # Seen: the API server ignored a first SIGTERM and kept serving.
+        _signal_group(pgid, signal.SIGKILL)
+        _reap(10.0)
+    deadline = time.monotonic() + 10
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = group_members(pgid)
+    if survivors:
+        raise ServerError(f"{what}: processes {survivors} of group {pgid} survived SIGKILL")
+    if port is not None and not _wait_port_free(port, host, 10.0):
+        raise ServerError(f"{what}: port {port} still in use after teardown")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_port_free(port: int, host: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not port_in_use(port, host):
+            return True
+        time.sleep(0.2)
+    return not port_in_use(port, host)
