@@ -66,8 +66,12 @@ def attend_range(
     num_k, num_kv_heads, _ = key.shape
     group = num_heads // num_kv_heads
     if chunk_fully_masked(
-        q_start=q_start, num_queries=num_q, k_start=k_start, num_keys=num_k,
-        causal=causal, window=window,
+        q_start=q_start,
+        num_queries=num_q,
+        k_start=k_start,
+        num_keys=num_k,
+        causal=causal,
+        window=window,
     ):
         return _empty_state(num_q, num_heads, head_size, query.device)
     # [Hkv, D, S] and [Hkv, S, D] in float32, one upcast per chunk.
@@ -79,8 +83,15 @@ def attend_range(
     for t0 in range(0, num_q, tile):
         t1 = min(num_q, t0 + tile)
         out, lse = _attend_tile(
-            query[t0:t1], k_t, v_t, scale=scale, group=group,
-            q_start=q_start + t0, k_start=k_start, causal=causal, window=window,
+            query[t0:t1],
+            k_t,
+            v_t,
+            scale=scale,
+            group=group,
+            q_start=q_start + t0,
+            k_start=k_start,
+            causal=causal,
+            window=window,
             softcap=softcap,
         )
         outs.append(out)
@@ -112,7 +123,12 @@ def _attend_tile(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     mask = visibility_mask(
-        num_q, num_k, q_start=q_start, k_start=k_start, causal=causal, window=window,
+        num_q,
+        num_k,
+        q_start=q_start,
+        k_start=k_start,
+        causal=causal,
+        window=window,
         device=query.device,
     )
     if mask is not None:

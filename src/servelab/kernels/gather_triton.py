@@ -20,8 +20,8 @@ import triton.language as tl
 _TILE_BYTES = 16384
 
 
-@triton.jit  # type: ignore[misc]
-def _gather_blocks_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _gather_blocks_kernel(  # type: ignore[no-untyped-def]
     src_ptr,
     dst_ptr,
     ids_ptr,
@@ -44,9 +44,7 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
-def gather_blocks_from_host(
-    src: torch.Tensor, device_ids: torch.Tensor, dst: torch.Tensor
-) -> None:
+def gather_blocks_from_host(src: torch.Tensor, device_ids: torch.Tensor, dst: torch.Tensor) -> None:
     """Enqueue on the current CUDA stream: ``dst[i] = src[device_ids[i]]`` byte for byte.
 
     ``src`` is a pinned host cache ``[N, block_size, Hkv, D]`` with dense blocks (any block

@@ -36,7 +36,7 @@ LN2 = math.log(2.0)
 def lse_from_base2(lse2: torch.Tensor) -> torch.Tensor:
     """Base-2 LSE (FlashInfer ``merge_state``, ``return_lse``) to natural log: ``lse2 * ln 2``.
 
-    >>> float(lse_from_base2(torch.tensor([1.0]))[0]) == math.log(2.0)
+    >>> lse_from_base2(torch.tensor([1.0], dtype=torch.float64)).item() == math.log(2.0)
     True
     """
     return lse2 * LN2
@@ -97,13 +97,11 @@ def merge_states(
     _check_state("state b", out_b, lse_b)
     if out_a.shape != out_b.shape:
         raise KernelInputError(
-            f"merge_states needs outputs of one shape; got a {describe(out_a)}, "
-            f"b {describe(out_b)}"
+            f"merge_states needs outputs of one shape; got a {describe(out_a)}, b {describe(out_b)}"
         )
     if not same_device(out_a.device, out_b.device):
         raise KernelInputError(
-            f"merge_states needs both states on one device; got {out_a.device} and "
-            f"{out_b.device}"
+            f"merge_states needs both states on one device; got {out_a.device} and {out_b.device}"
         )
     acc = torch.float64 if torch.float64 in (out_a.dtype, lse_a.dtype) else torch.float32
     la = empty_lse_to_neg_inf(lse_a.to(acc))

@@ -78,8 +78,10 @@ class PagedKVCache:
         ``interleaved`` stores block ``i``'s K and V next to each other
         (``[num_blocks, 2, block_size, Hkv, D]``)."""
         for name, v in (
-            ("num_blocks", num_blocks), ("block_size", block_size),
-            ("num_kv_heads", num_kv_heads), ("head_size", head_size),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_size", head_size),
         ):
             require_int(name, v, minimum=1)
         if dtype not in KV_DTYPES:
@@ -89,13 +91,13 @@ class PagedKVCache:
             raise KernelInputError(f"pin_memory applies to host caches only; got device {dev}")
         inner = (block_size, num_kv_heads, head_size)
         if interleaved:
-            both = torch.empty((num_blocks, 2, *inner), dtype=dtype, device=dev,
-                               pin_memory=pin_memory)
+            both = torch.empty(
+                (num_blocks, 2, *inner), dtype=dtype, device=dev, pin_memory=pin_memory
+            )
             return cls(key=both[:, 0], value=both[:, 1])
         return cls(
             key=torch.empty((num_blocks, *inner), dtype=dtype, device=dev, pin_memory=pin_memory),
-            value=torch.empty((num_blocks, *inner), dtype=dtype, device=dev,
-                              pin_memory=pin_memory),
+            value=torch.empty((num_blocks, *inner), dtype=dtype, device=dev, pin_memory=pin_memory),
         )
 
     @property
@@ -139,8 +141,9 @@ class PagedKVCache:
         needed = blocks_for(num_tokens, self.block_size)
         check_block_ids("block_table", block_table, self.num_blocks, needed)
         for tokens, cache in ((key, self.key), (value, self.value)):
-            require_shape("tokens", tokens, (num_tokens, self.num_kv_heads, self.head_size),
-                          "[S, Hkv, D]")
+            require_shape(
+                "tokens", tokens, (num_tokens, self.num_kv_heads, self.head_size), "[S, Hkv, D]"
+            )
             for i in range(needed):
                 t0, t1 = i * self.block_size, min(num_tokens, (i + 1) * self.block_size)
                 cache[int(block_table[i])][: t1 - t0].copy_(tokens[t0:t1])
@@ -266,31 +269,59 @@ def cpu_paged_attention(
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
     """
     chunk_blocks = _validate(
-        query, cpu_cache, cpu_block_table, cpu_len, gpu_cache, gpu_block_table, gpu_len,
-        scratch=scratch, chunk_tokens=chunk_tokens, scale=scale, window=window,
-        softcap=softcap, out=out, out_lse=out_lse,
+        query,
+        cpu_cache,
+        cpu_block_table,
+        cpu_len,
+        gpu_cache,
+        gpu_block_table,
+        gpu_len,
+        scratch=scratch,
+        chunk_tokens=chunk_tokens,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        out=out,
+        out_lse=out_lse,
     )
     device = query.device
     num_q, num_heads, head_size = query.shape
-    scale = 1.0 / math.sqrt(head_size) if scale is None else scale
+    sm_scale = 1.0 / math.sqrt(head_size) if scale is None else scale
     q_start = cpu_len + gpu_len - num_q
     resolved = resolve_strategy(strategy, cpu_cache.key, device)
     bs = cpu_cache.block_size
     chunks = tuple(
-        c for c in plan_chunks(cpu_len, bs, chunk_blocks)
+        c
+        for c in plan_chunks(cpu_len, bs, chunk_blocks)
         if not chunk_fully_masked(
-            q_start=q_start, num_queries=num_q, k_start=c.token_start,
-            num_keys=c.token_end - c.token_start, causal=causal, window=window,
+            q_start=q_start,
+            num_queries=num_q,
+            k_start=c.token_start,
+            num_keys=c.token_end - c.token_start,
+            causal=causal,
+            window=window,
         )
     )
     streams = _Streams(device, overlap)
-    attn = {"scale": scale, "causal": causal, "window": window, "softcap": softcap}
+
+    def attend(k: torch.Tensor, v: torch.Tensor, k_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return attend_range(
+            query,
+            k,
+            v,
+            scale=sm_scale,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+        )
 
     # The suffix first: it needs no staging and overlaps the first chunk's copy.
     suffix: tuple[torch.Tensor, torch.Tensor] | None = None
     if gpu_len > 0:
         k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
-        suffix = attend_range(query, k_suf, v_suf, q_start=q_start, k_start=cpu_len, **attn)
+        suffix = attend(k_suf, v_suf, cpu_len)
 
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
     if chunks:
@@ -310,8 +341,12 @@ def cpu_paged_attention(
                 if pack and pack_done[slot] is not None:
                     pack_done[slot].synchronize()  # the host rewrites this pack slot next
                 stage_blocks(
-                    cpu_cache.key, cpu_cache.value, ids_host[c.block_start : c.block_end],
-                    scratch.key[slot], scratch.value[slot], strategy=resolved,
+                    cpu_cache.key,
+                    cpu_cache.value,
+                    ids_host[c.block_start : c.block_end],
+                    scratch.key[slot],
+                    scratch.value[slot],
+                    strategy=resolved,
                     device_ids=None if ids_dev is None else ids_dev[c.block_start : c.block_end],
                     pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
                     pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
@@ -323,7 +358,7 @@ def cpu_paged_attention(
             ntok = c.token_end - c.token_start
             k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
             v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
-            part = attend_range(query, k, v, q_start=q_start, k_start=c.token_start, **attn)
+            part = attend(k, v, c.token_start)
             prefix = part if prefix is None else merge_states(*prefix, *part)
             slot_free[slot] = streams.record(streams.compute)
         if pack:
@@ -407,10 +442,18 @@ def _validate(
         )
     require_int("cpu_len", cpu_len)
     require_int("gpu_len", gpu_len)
-    check_block_ids("cpu_block_table", cpu_block_table, cpu_cache.num_blocks,
-                    blocks_for(cpu_len, cpu_cache.block_size))
-    check_block_ids("gpu_block_table", gpu_block_table, gpu_cache.num_blocks,
-                    blocks_for(gpu_len, gpu_cache.block_size))
+    check_block_ids(
+        "cpu_block_table",
+        cpu_block_table,
+        cpu_cache.num_blocks,
+        blocks_for(cpu_len, cpu_cache.block_size),
+    )
+    check_block_ids(
+        "gpu_block_table",
+        gpu_block_table,
+        gpu_cache.num_blocks,
+        blocks_for(gpu_len, gpu_cache.block_size),
+    )
     if not isinstance(scratch, StagingScratch):
         raise KernelInputError(
             f"scratch must be a StagingScratch (StagingScratch.allocate), got "
@@ -443,8 +486,9 @@ def _validate(
         chunk_blocks = wanted
     require_optional_positive("scale", scale)
     require_optional_positive("softcap", softcap)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
         raise KernelInputError(f"window must be None or an int >= 1, got {window!r}")
     if out is not None:
         if not isinstance(out, torch.Tensor):

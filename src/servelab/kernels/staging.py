@@ -148,8 +148,11 @@ class StagingScratch:
     ) -> StagingScratch:
         """Allocate a scratch; ``buffers=2`` double-buffers copy against compute."""
         for name, v in (
-            ("chunk_blocks", chunk_blocks), ("block_size", block_size),
-            ("num_kv_heads", num_kv_heads), ("head_size", head_size), ("buffers", buffers),
+            ("chunk_blocks", chunk_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_size", head_size),
+            ("buffers", buffers),
         ):
             require_int(name, v, minimum=1)
         if dtype not in KV_DTYPES:
@@ -202,7 +205,10 @@ class StagingScratch:
             )
         if not same_device(self.key.device, self.value.device):
             raise KernelInputError("scratch.key and scratch.value must be on one device")
-        for name, p in (("scratch.pack_key", self.pack_key), ("scratch.pack_value", self.pack_value)):
+        for name, p in (
+            ("scratch.pack_key", self.pack_key),
+            ("scratch.pack_value", self.pack_value),
+        ):
             if p is not None and (p.shape != self.key.shape or p.dtype != self.key.dtype):
                 raise KernelInputError(
                     f"{name} must match scratch.key ({tuple(self.key.shape)}, {self.key.dtype});"
@@ -258,7 +264,9 @@ def stage_blocks(
     if n == 0:
         return
     for src, dst, pack in ((src_key, dst_key, pack_key), (src_value, dst_value, pack_value)):
-        _stage_one(src, block_ids, dst[:n], strategy, device_ids, None if pack is None else pack[:n])
+        _stage_one(
+            src, block_ids, dst[:n], strategy, device_ids, None if pack is None else pack[:n]
+        )
 
 
 def _stage_one(
