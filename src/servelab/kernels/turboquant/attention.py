@@ -90,3 +90,33 @@ def unfused_decode_attention(
                         "unfused_decode_attention")
     k, v = codec.decode(cache, torch.float32)
     return reference_decode_attention(q, k, v, scale, seq_lens)
+
+
+def predict_key_drift(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_distortion: float,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """First-order RMS output error [B, Hq] that key quantization alone should cause.
+
+    A key error of relative energy D moves logit t by ε_t with std
+    σ_t = scale·‖q‖·‖k_t‖·√(D/d) (error direction isotropic after the rotation); then
+    δo ≈ Σ_t p_t·ε_t·(v_t − o), so E‖δo‖² ≈ Σ_t p_t²·σ_t²·‖v_t − o‖². Valid while σ_t ≪ 1.
+    """
+    b, hq, hkv, t, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]),
+                                           "predict_key_drift")
+    sm = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // hkv
+    qq = q.to(torch.float64).reshape(b, hkv, g, d)
+    kk, vv = k.to(torch.float64), v.to(torch.float64)
+    p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", qq, kk) * sm, dim=-1)
+    o = torch.einsum("bhgt,bhtd->bhgd", p, vv)
+    sigma = (sm * math.sqrt(key_distortion / d)
+             * torch.linalg.vector_norm(qq, dim=-1)[..., None]
+             * torch.linalg.vector_norm(kk, dim=-1)[:, :, None, :])
+    # ‖v_t − o‖² expanded, so no [.., T, d] intermediate is built
+    spread = ((vv * vv).sum(-1)[:, :, None, :] - 2 * torch.einsum("bhtd,bhgd->bhgt", vv, o)
+              + (o * o).sum(-1)[..., None])
+    return torch.sqrt((p * p * sigma * sigma * spread).sum(-1)).reshape(b, hq)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels.turboquant.codebook import Law
+from servelab.kernels.turboquant.codebook import Law, distortion, norm_corrected_distortion
 from servelab.kernels.turboquant.packing import pack_bits, unpack_bits
 from servelab.kernels.turboquant.presets import KVPreset, get_preset
 from servelab.kernels.turboquant.quantizer import MSECode, MSEQuantizer, check_finite_float
@@ -123,6 +123,11 @@ class KVCodec:
     ) -> KVCodec:
         """Defaults copy vLLM: Sylvester Hadamard without signs, Gaussian-limit codebook."""
         p = get_preset(preset) if isinstance(preset, str) else preset
+        if p.value_bits not in range(1, 9) or (p.key_format == "fp8" and p.key_bits != 8):
+            raise KernelInputError(
+                f"KVCodec: preset {p.name} asks for value bit width {p.value_bits} / key bit "
+                f"width {p.key_bits}; values take 1 to 8 bits, FP8 keys exactly 8"
+            )
         quantizer = None
         if p.key_format == "lloyd_max":
             quantizer = MSEQuantizer.build(
@@ -138,6 +143,19 @@ class KVCodec:
             raise KernelInputError(f"KVCodec: preset {self.preset.name} has no key codebook")
         cb = self.key_quantizer.codebook
         return torch.tensor(cb.scaled_centroids(), dtype=torch.float32, device=device)
+
+    def predicted_key_distortion(self) -> float | None:
+        """E‖u − ũ‖² of a unit key whose rotated coordinates follow the sphere law.
+
+        Holds for keys in general position (a Haar rotation makes it hold for every key; a
+        fixed Hadamard fails on adversarial keys). None for FP8 keys, which have no codebook.
+        """
+        if self.key_quantizer is None:
+            return None
+        cb = self.key_quantizer.codebook
+        if self.key_quantizer.norm_correction:
+            return norm_corrected_distortion(cb, "exact")
+        return distortion(cb, "exact")
 
     def _check_kv(self, x: torch.Tensor, name: str) -> None:
         check_finite_float(x, self.head_size, f"KVCodec.encode({name})")
@@ -197,7 +215,8 @@ class KVCodec:
         if self.key_quantizer is None:
             k = cache.key_codes.view(torch.float8_e4m3fn).to(dtype)
         else:
-            assert cache.key_scales is not None  # validate() guarantees it
+            if cache.key_scales is None:  # validate() has refused this already
+                raise KernelInputError("KVCodec.decode: Lloyd–Max keys need key_scales")
             idx = unpack_bits(cache.key_codes, self.preset.key_bits, d)
             k = self.key_quantizer.dequantize(MSECode(idx, cache.key_scales.float()), dtype)
         vidx = unpack_bits(cache.value_codes, self.preset.value_bits, d).to(dtype)

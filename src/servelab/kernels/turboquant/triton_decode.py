@@ -73,6 +73,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     KMODE: tl.constexpr, KBITS: tl.constexpr, KBYTES: tl.constexpr,
     VMODE: tl.constexpr, VBITS: tl.constexpr, VBYTES: tl.constexpr,
+    PRECISE_TABLE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one token range share metadata sectors
     pid_s = tl.program_id(1)
@@ -89,9 +90,13 @@ def _decode_split_kernel(
     q = tl.load(Q + pid_b * sqb + qh[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=mask_g[:, None], other=0.0).to(tl.float32) * qk_scale
     if KMODE == 0:
-        q = q.to(K.dtype.element_ty)
+        q_hi = q.to(K.dtype.element_ty)
+        q_lo = q_hi  # unused: the dense baseline rounds q to its K dtype, as SDPA does
     else:
-        q = q.to(tl.float16)
+        # Keys are exact in fp16 (centroids, fp8); split q into two fp16 terms so that its
+        # rounding (≈ 5e-4 relative, amplified by large logits) does not set the error.
+        q_hi = q.to(tl.float16)
+        q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -115,7 +120,14 @@ def _decode_split_kernel(
         else:
             kidx = _unpack_codes(k_base, offs_n64 * skt, mask_n, skd, KBITS, D, KBYTES)
             k = tl.load(CENT + kidx)
-        s = tl.dot(q, tl.trans(k))
+        if KMODE == 0:
+            s = tl.dot(q_hi, tl.trans(k))
+        else:
+            s = tl.dot(q_lo, tl.trans(k), acc=tl.dot(q_hi, tl.trans(k)))
+            if KMODE == 2 and PRECISE_TABLE:
+                # The table's fp16 rounding residue, a second table of 2^b entries.
+                k_lo = tl.load(CENT + (1 << KBITS) + kidx)
+                s = tl.dot(q_hi, tl.trans(k_lo), acc=s)
         if KMODE == 2:
             ks = tl.load(ks_base + offs_n64 * skst, mask=mask_n, other=0.0).to(tl.float32)
             s = s * ks[None, :]
@@ -133,7 +145,13 @@ def _decode_split_kernel(
             vidx = _unpack_codes(v_base, offs_n64 * svt, mask_n, svd, VBITS, D, VBYTES)
             vsc = tl.load(vsz_base + offs_n64 * szt, mask=mask_n, other=0.0).to(tl.float32)
             vzr = tl.load(vsz_base + offs_n64 * szt + szc, mask=mask_n, other=0.0).to(tl.float32)
-            acc += tl.dot((p * vsc[None, :]).to(tl.float16), vidx.to(tl.float16))
+            # Codes are exact in fp16; p·scale is split in two fp16 terms (peaked attention
+            # would otherwise carry fp16's 2.4e-4 relative rounding straight to the output).
+            pv = p * vsc[None, :]
+            pv_hi = pv.to(tl.float16)
+            pv_lo = (pv - pv_hi.to(tl.float32)).to(tl.float16)
+            vf = vidx.to(tl.float16)
+            acc = tl.dot(pv_lo, vf, acc=tl.dot(pv_hi, vf, acc=acc))
             acc += tl.sum(p * vzr[None, :], 1)[:, None]
         m_i = m_new
 
@@ -169,14 +187,17 @@ class DecodeConstants:
     """Per-(codec, device) tensors the fused path needs, built once, not per decode step."""
 
     rotation_t: torch.Tensor | None  # Πᵀ, float32 on the device
-    centroids: torch.Tensor | None  # √d·c_k, fp16 on the device
+    centroids: torch.Tensor | None  # √d·c_k as fp16, then its fp16 rounding residue
 
     @classmethod
     def build(cls, codec: KVCodec, device: torch.device) -> DecodeConstants:
         if codec.key_quantizer is None:
             return cls(None, None)
         rot = codec.key_quantizer.rotation.matrix.T.to(device=device, dtype=torch.float32)
-        return cls(rot.contiguous(), codec.centroid_table(device).to(torch.float16))
+        table = codec.centroid_table(device)
+        hi = table.to(torch.float16)
+        lo = (table - hi.float()).to(torch.float16)
+        return cls(rot.contiguous(), torch.cat((hi, lo)).contiguous())
 
 
 @dataclass(frozen=True)
@@ -185,6 +206,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int | None = None  # None: about four programs per multiprocessor
+    precise_table: bool = True  # add the fp16 residue of the centroid table (one more MMA)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -270,7 +292,7 @@ def _launch(q: torch.Tensor, kmode: int, kbits: int, kbytes: int, k: torch.Tenso
         qk_scale, split_len,
         NUM_SPLITS=splits, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_N=cfg.block_n, KMODE=kmode, KBITS=kbits, KBYTES=kbytes,
-        VMODE=vmode, VBITS=vbits, VBYTES=vbytes,
+        VMODE=vmode, VBITS=vbits, VBYTES=vbytes, PRECISE_TABLE=cfg.precise_table,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _merge_kernel[(b * hq,)](
