@@ -108,7 +108,15 @@ def _parse_options(config: pytest.Config) -> Options:
     )
 
 
+MARKERS = (
+    "perf: measures a real serving engine (starts one per selected profile)",
+    "kernels: attention/TurboQuant kernels against float64 references",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
     options = _parse_options(config)
     config.stash[OPTIONS_KEY] = options
     config.stash[STATE_KEY] = RunState(options)
@@ -187,12 +195,13 @@ def servelab_session_endpoint(
         pytest.skip(f"profile {servelab_profile.name!r} needs {hw.count}x {hw.accelerator}: {why}")
     try:
         engine = require_engine(servelab_profile)
-    except ServelabError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
         started = servelab_pool.get(servelab_profile)
     except ServelabError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        problem = str(exc)
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(problem, pytrace=False)
     servelab_state.startup[servelab_profile.name] = started.startup_seconds
     identity = Identity(
         profile=servelab_profile.name,
