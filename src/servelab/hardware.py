@@ -8,6 +8,7 @@ Every parser is a pure function of the tool's text output, tested on captured sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -101,7 +102,7 @@ def parse_xpu_smi_discovery(text: str) -> list[Accelerator]:
     text = text.strip()
     if text.startswith("{"):
         data = json.loads(text)
-        out = []
+        out: list[Accelerator] = []
         for dev in data.get("device_list", []):
             if str(dev.get("device_type", "GPU")).upper() != "GPU":
                 continue
@@ -239,10 +240,8 @@ def intel_gpus(runner: Runner = run_tool) -> list[Accelerator]:
             info = runner(["xpu-smi", "discovery", "-d", str(d.index), "-j"])
             mem, drv = d.memory_bytes, d.driver
             if info:
-                try:
+                with contextlib.suppress(ValueError):
                     mem, drv = parse_xpu_smi_device(info)
-                except ValueError:
-                    pass
             detailed.append(Accelerator("xpu", d.index, d.name, mem, drv, d.source))
         if detailed:
             return detailed
