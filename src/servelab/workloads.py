@@ -1,0 +1,294 @@
+"""Workloads: which requests to send, in which pattern, and what counts as one run.
+
+Every workload builds its prompts first (exact token length, unique salts), warms the server
+up with prompts of its own (never sharing a prefix with measured ones), then measures. The
+results are `client.RunResult`s: metrics come afterwards from `servelab.metrics`.
+
+Salts carry a per-call ``nonce`` (default: the wall clock in ns) so that rerunning a workload
+against the same long-lived server never meets its own earlier prompts in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from servelab import arrivals as arrivals_mod
+from servelab.client import (
+    DEFAULT_MAX_LOOP_LAG_MS,
+    DEFAULT_TIMEOUT_S,
+    RunResult,
+    completion_payload,
+    run_requests,
+)
+from servelab.errors import ClientError
+from servelab.metrics import output_rate_in, steady_state_window
+from servelab.prompts import TokenCounter, exact_text, server_token_counter
+from servelab.server import Endpoint
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How requests are sent, shared by every workload."""
+
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    first_token_timeout_s: float | None = None
+    token_ids: bool = True  # vLLM's return_token_ids: per-chunk token counts
+    ignore_eos: bool = True  # force the output length (checked per request)
+    workers: int = 1
+    progress: bool = True
+    max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS
+    nonce: str | None = None
+
+
+class Prompts:
+    """Exact-length, unique prompts for one endpoint, counted once per (length, salt)."""
+
+    def __init__(
+        self, endpoint: Endpoint, *, count: TokenCounter | None = None, nonce: str | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.count = count or server_token_counter(endpoint)
+        self.nonce = nonce if nonce is not None else str(time.time_ns())
+
+    def make(self, n_tokens: int, tag: str, k: int) -> list[str]:
+        """``k`` distinct prompts of ``n_tokens`` tokens, salts ``tag:nonce:i``."""
+        texts = [exact_text(self.count, n_tokens, f"{tag}:{self.nonce}:{i}") for i in range(k)]
+        if len(set(texts)) != len(texts):
+            raise ClientError(f"prompts {tag!r}: duplicate prompt texts; use more tokens")
+        return texts
+
+
+def _payloads(
+    endpoint: Endpoint, texts: Sequence[str], output_tokens: int, s: Settings
+) -> list[dict[str, Any]]:
+    return [
+        completion_payload(
+            endpoint.model, t, output_tokens, ignore_eos=s.ignore_eos, token_ids=s.token_ids
+        )
+        for t in texts
+    ]
+
+
+def _run(
+    endpoint: Endpoint,
+    texts: Sequence[str],
+    prompt_tokens: int,
+    output_tokens: int,
+    s: Settings,
+    *,
+    concurrency: int | None,
+    arrivals_s: Sequence[float] | None = None,
+    progress: bool | None = None,
+) -> RunResult:
+    return run_requests(
+        endpoint,
+        _payloads(endpoint, texts, output_tokens, s),
+        concurrency=concurrency,
+        arrivals_s=arrivals_s,
+        prompt_tokens=[prompt_tokens] * len(texts),
+        timeout_s=s.timeout_s,
+        first_token_timeout_s=s.first_token_timeout_s,
+        workers=s.workers,
+        progress=s.progress if progress is None else progress,
+        max_loop_lag_ms=s.max_loop_lag_ms,
+    )
+
+
+def warm_up(
+    endpoint: Endpoint,
+    prompts: Prompts,
+    *,
+    requests: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    concurrency: int = 1,
+    settings: Settings | None = None,
+) -> RunResult | None:
+    """Send warm-up requests (own salts, excluded from every measurement).
+
+    Raises ClientError when every warm-up request failed: measuring a server that cannot
+    answer one request would only produce a page of identical failures.
+    """
+    if requests <= 0:
+        return None
+    s = settings or Settings()
+    texts = prompts.make(prompt_tokens, "warmup", requests)
+    res = _run(
+        endpoint, texts, prompt_tokens, output_tokens, s, concurrency=concurrency, progress=False
+    )
+    if len(res.failed) == len(res.records):
+        raise ClientError(
+            f"warm-up against {endpoint.base_url}: all {requests} requests failed: "
+            + "; ".join(res.error_reasons(3))
+        )
+    return res
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def decode(
+    endpoint: Endpoint,
+    *,
+    prompt_tokens: int,
+    output_tokens: int,
+    runs: int,
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> list[RunResult]:
+    """Single-stream decode: ``runs`` runs of one request each at concurrency 1."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    texts = p.make(prompt_tokens, "decode", runs)
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        settings=s,
+    )
+    return [
+        _run(endpoint, [t], prompt_tokens, output_tokens, s, concurrency=1, progress=False)
+        for t in texts
+    ]
+
+
+def prefill_ladder(
+    endpoint: Endpoint,
+    *,
+    prompt_lengths: Sequence[int],
+    output_tokens: int = 1,
+    requests_per_length: int = 1,
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> dict[int, RunResult]:
+    """TTFT and prefill rate per prompt length, one request at a time (concurrency 1)."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    if not prompt_lengths:
+        raise ClientError("prefill ladder: no prompt lengths given")
+    plan = {n: p.make(n, f"prefill{n}", requests_per_length) for n in prompt_lengths}
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=min(prompt_lengths),
+        output_tokens=max(1, output_tokens),
+        settings=s,
+    )
+    return {
+        n: _run(endpoint, texts, n, output_tokens, s, concurrency=1) for n, texts in plan.items()
+    }
+
+
+def concurrency_sweep(
+    endpoint: Endpoint,
+    *,
+    levels: Sequence[int],
+    prompt_tokens: int,
+    output_tokens: int,
+    requests_per_level: int = 0,
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> dict[int, RunResult]:
+    """Closed loop: at each level c, send ``requests_per_level`` requests (0: 2c) with at
+    most c in flight, all due at once (vLLM's ``--request-rate inf --max-concurrency c``)."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    if not levels or min(levels) < 1:
+        raise ClientError(f"concurrency sweep: levels must be >= 1 (got {list(levels)})")
+    plan = {c: p.make(prompt_tokens, f"conc{c}", requests_per_level or 2 * c) for c in levels}
+    warm_up(
+        endpoint,
+        p,
+        requests=max(warmup_requests, 0),
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        concurrency=max(1, min(levels)),
+        settings=s,
+    )
+    return {
+        c: _run(endpoint, texts, prompt_tokens, output_tokens, s, concurrency=c)
+        for c, texts in plan.items()
+    }
+
+
+def open_loop(
+    endpoint: Endpoint,
+    *,
+    schedule: arrivals_mod.Schedule,
+    prompt_tokens: int,
+    output_tokens: int,
+    max_concurrency: int | None = None,
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> RunResult:
+    """Open loop: requests become due at the schedule's times (computed before the run),
+    optionally capped at ``max_concurrency`` in flight."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    texts = p.make(prompt_tokens, "open", len(schedule.offsets_s))
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        settings=s,
+    )
+    return _run(
+        endpoint,
+        texts,
+        prompt_tokens,
+        output_tokens,
+        s,
+        concurrency=max_concurrency,
+        arrivals_s=schedule.offsets_s,
+    )
+
+
+@dataclass(frozen=True)
+class Sustained:
+    """Sustained decode at a fixed concurrency, measured over its steady-state window."""
+
+    run: RunResult
+    window_ns: tuple[int, int] | None
+    steady_output_tok_s: float | None  # output tokens inside the window / window length
+    window_fraction: float  # in-flight >= this x peak defines the window
+
+
+def sustained_decode(
+    endpoint: Endpoint,
+    *,
+    concurrency: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    requests: int | None = None,
+    fraction: float = 0.95,
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> Sustained:
+    """Keep ``concurrency`` streams busy (``requests`` in all, default 2c) and report the
+    output rate inside the window where in-flight >= ``fraction`` x peak."""
+    res = concurrency_sweep(
+        endpoint,
+        levels=[concurrency],
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        requests_per_level=requests or 2 * concurrency,
+        warmup_requests=warmup_requests,
+        settings=settings,
+        prompts=prompts,
+    )[concurrency]
+    window = steady_state_window(res.records, fraction)
+    rate = output_rate_in(res.records, window) if window else None
+    return Sustained(res, window, rate, fraction)
