@@ -72,7 +72,7 @@ def test_invalid_toml_names_file(tmp_path: Path) -> None:
 
 
 def test_unknown_field_named(tmp_path: Path) -> None:
-    text = default_text().replace("[hardware]\n", "[hardware]\ncolour = \"blue\"\n")
+    text = default_text().replace("[hardware]\n", '[hardware]\ncolour = "blue"\n')
     p = write(tmp_path, "cpu-smollm2", text)
     with pytest.raises(ProfileError) as info:
         load_profile(p)
@@ -130,6 +130,7 @@ def test_workload_must_fit_context(tmp_path: Path) -> None:
 
 
 def test_accelerator_profile_needs_count(tmp_path: Path) -> None:
-    text = default_text().replace('accelerator = "cpu"\ncount = 0', 'accelerator = "xpu"\ncount = 0')
+    cpu, xpu = 'accelerator = "cpu"\ncount = 0', 'accelerator = "xpu"\ncount = 0'
+    text = default_text().replace(cpu, xpu)
     with pytest.raises(ProfileError, match=r"hardware\.count"):
         load_profile(write(tmp_path, "cpu-smollm2", text))

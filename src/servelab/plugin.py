@@ -54,26 +54,70 @@ POOL_KEY = pytest.StashKey[object]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("servelab", "servelab performance regression suite")
-    g.addoption("--profile", action="append", default=[], metavar="NAME",
-                help="profile to start and measure (repeatable); default: cpu-smollm2")
-    g.addoption("--profiles-dir", action="append", default=[], metavar="DIR",
-                help="extra folder of profile TOML files")
-    g.addoption("--endpoint", default=None, metavar="URL",
-                help="measure an already running OpenAI-compatible server (no lifecycle)")
-    g.addoption("--model", default=None, metavar="NAME",
-                help="served model name for --endpoint (default: the first in /v1/models)")
-    g.addoption("--api-key", default=None, metavar="KEY",
-                help="bearer token for --endpoint (or SERVELAB_API_KEY); never recorded")
-    g.addoption("--results-dir", default="results", metavar="DIR",
-                help="where records, logs and raw data go (default: results/)")
-    g.addoption("--baselines-dir", default="baselines", metavar="DIR",
-                help="stored baselines (default: baselines/)")
-    g.addoption("--update-baselines", action="store_true", default=False,
-                help="write this run's figures as the new baselines (update workflow)")
-    g.addoption("--runs", type=int, default=None, metavar="N",
-                help="override the number of measured runs per workload")
-    g.addoption("--startup-timeout", type=float, default=None, metavar="S",
-                help="override the profile's server startup timeout, in seconds")
+    g.addoption(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="profile to start and measure (repeatable); default: cpu-smollm2",
+    )
+    g.addoption(
+        "--profiles-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder of profile TOML files",
+    )
+    g.addoption(
+        "--endpoint",
+        default=None,
+        metavar="URL",
+        help="measure an already running OpenAI-compatible server (no lifecycle)",
+    )
+    g.addoption(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="served model name for --endpoint (default: the first in /v1/models)",
+    )
+    g.addoption(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="bearer token for --endpoint (or SERVELAB_API_KEY); never recorded",
+    )
+    g.addoption(
+        "--results-dir",
+        default="results",
+        metavar="DIR",
+        help="where records, logs and raw data go (default: results/)",
+    )
+    g.addoption(
+        "--baselines-dir",
+        default="baselines",
+        metavar="DIR",
+        help="stored baselines (default: baselines/)",
+    )
+    g.addoption(
+        "--update-baselines",
+        action="store_true",
+        default=False,
+        help="write this run's figures as the new baselines (update workflow)",
+    )
+    g.addoption(
+        "--runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="override the number of measured runs per workload",
+    )
+    g.addoption(
+        "--startup-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="override the profile's server startup timeout, in seconds",
+    )
 
 
 def _parse_options(config: pytest.Config) -> Options:
@@ -120,6 +164,45 @@ def pytest_configure(config: pytest.Config) -> None:
     options = _parse_options(config)
     config.stash[OPTIONS_KEY] = options
     config.stash[STATE_KEY] = RunState(options)
+    _start_xdist_controller(config)
+
+
+class _XdistController:
+    """Hands the controller's shared server folder to every xdist worker."""
+
+    def __init__(self, shared_dir: Path) -> None:
+        self.shared_dir = shared_dir
+
+    def pytest_configure_node(self, node: object) -> None:
+        node.workerinput["servelab_shared_dir"] = str(self.shared_dir)  # type: ignore[attr-defined]
+
+
+SHARED_KEY = pytest.StashKey[Path]()
+
+
+def _start_xdist_controller(config: pytest.Config) -> None:
+    import tempfile
+
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.getoption("dist", "no") == "no":
+        return
+    shared = Path(tempfile.mkdtemp(prefix="servelab-servers-"))
+    config.stash[SHARED_KEY] = shared
+    config.pluginmanager.register(_XdistController(shared), "servelab-xdist-controller")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    from servelab.pool import stop_shared
+
+    shared = config.stash.get(SHARED_KEY, None)
+    if shared is not None:
+        try:
+            stop_shared(shared)
+        finally:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -144,16 +227,12 @@ def servelab_state(pytestconfig: pytest.Config) -> RunState:
 
 
 @pytest.fixture(scope="session")
-def servelab_pool(
-    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[object]:
+def servelab_pool(pytestconfig: pytest.Config) -> Iterator[object]:
     from servelab.pool import ServerPool
 
     options = pytestconfig.stash[OPTIONS_KEY]
-    shared = None
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Workers of one xdist run share the parent of their basetemp.
-        shared = tmp_path_factory.getbasetemp().parent / "servelab-servers"
+    workerinput = getattr(pytestconfig, "workerinput", None)
+    shared = Path(workerinput["servelab_shared_dir"]) if workerinput else None
     pool = ServerPool(
         options.results_dir / "logs",
         shared_dir=shared,
@@ -212,9 +291,9 @@ def servelab_session_endpoint(
     return started.endpoint, identity
 
 
-def _external_endpoint(options: Options, remote_engine: object, host_key: object) -> tuple[
-    Endpoint, Identity
-]:
+def _external_endpoint(
+    options: Options, remote_engine: object, host_key: object
+) -> tuple[Endpoint, Identity]:
     import httpx
 
     assert options.endpoint is not None

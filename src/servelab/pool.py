@@ -1,9 +1,11 @@
 """One managed server per profile per pytest session, shared by every perf test.
 
-Without pytest-xdist the pool simply keeps the servers it started. With xdist, workers share
-a folder: the first worker to need a profile starts it under a file lock and writes its state;
-the others attach to it; each worker holds a reference, and the last one out stops the whole
-process group by pgid. Nothing is started once per worker.
+Without pytest-xdist the pool simply keeps the servers it started. With xdist, the controller
+makes a shared folder and hands it to the workers: the first worker to need a profile starts
+it under a file lock and writes its state there; the others attach to it. Workers never stop
+a shared server (one worker finishing early must not take it from the others); the
+controller stops every server in the folder, by process group, when the session ends.
+Nothing is started once per worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from servelab.errors import ServerError
 from servelab.models import PreparedModel, prepare_model
@@ -49,10 +52,7 @@ class ServerPool:
         if profile.name in self._started:
             self.ensure_alive(profile)
             return self._started[profile.name]
-        if self.shared_dir is None:
-            started = self._start(profile)
-        else:
-            started = self._get_shared(profile)
+        started = self._start(profile) if self.shared_dir is None else self._get_shared(profile)
         self._started[profile.name] = started
         return started
 
@@ -108,8 +108,6 @@ class ServerPool:
         with FileLock(str(state_path) + ".lock"):
             state = _read_state(state_path)
             if state is not None and group_members(int(state["pid"])):
-                state["users"] = int(state["users"]) + 1
-                _write_state(state_path, state)
                 endpoint = Endpoint(
                     base_url=str(state["base_url"]),
                     model=profile.model.served_name,
@@ -128,7 +126,6 @@ class ServerPool:
                     "base_url": started.endpoint.base_url,
                     "log_path": str(started.endpoint.log_path),
                     "command": list(started.command),
-                    "users": 1,
                     "owner": os.getpid(),
                 },
             )
@@ -141,25 +138,13 @@ class ServerPool:
             if server is not None:
                 server.stop()
             return
-        from filelock import FileLock
-
-        state_path = self._state_path(name)
-        with FileLock(str(state_path) + ".lock"):
-            state = _read_state(state_path)
-            users = int(state["users"]) - 1 if state else 0
-            if state and users > 0:
-                state["users"] = users
-                _write_state(state_path, state)
-                return
-            state_path.unlink(missing_ok=True)
-            if server is not None:
-                server.stop()
-            else:
-                port = int(state["port"]) if state else None
-                terminate_group(started.pid, port=port, what=f"profile {name!r}")
+        # Shared: the controller stops it (stop_shared); only close the owner's log handle.
+        del started
+        if server is not None:
+            server.detach()
 
 
-def _read_state(path: Path) -> dict[str, object] | None:
+def _read_state(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -167,7 +152,28 @@ def _read_state(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_state(path: Path, state: dict[str, object]) -> None:
+def _write_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
+
+
+def stop_shared(shared_dir: Path) -> None:
+    """Stop every server the workers of one xdist session started (run by the controller)."""
+    from filelock import FileLock
+
+    errors: list[str] = []
+    for state_path in sorted(shared_dir.glob("server-*.json")):
+        with FileLock(str(state_path) + ".lock"):
+            state = _read_state(state_path)
+            if state is None:
+                continue
+            name = state_path.stem.removeprefix("server-")
+            try:
+                pid, port = int(state["pid"]), int(state["port"])
+                terminate_group(pid, port=port, what=f"profile {name!r}")
+            except ServerError as exc:
+                errors.append(str(exc))
+            state_path.unlink(missing_ok=True)
+    if errors:
+        raise ServerError("teardown failed: " + "; ".join(errors))

@@ -13,13 +13,14 @@ import hashlib
 import json
 import string
 import sys
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomllib
 
 from servelab.errors import ProfileError
 
@@ -147,7 +148,7 @@ class Profile:
     quality: QualitySpec = field(default_factory=QualitySpec)
     limits: Limits = field(default_factory=Limits)
     schema_version: int = SCHEMA_VERSION
-    path: Path | None = field(default=None, compare=False)
+    path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     def render_command(
         self, *, model: str, port: int, host: str = "127.0.0.1", python: str | None = None
@@ -364,7 +365,11 @@ def _build(
     path_field: Path | None = None,
 ) -> T:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}  # type: ignore[arg-type]
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if not f.metadata.get("internal")
+    }
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise ProfileError(

@@ -135,7 +135,7 @@ class ManagedServer:
         self._log.write(f"# servelab: starting {argv}\n".encode())
         self._log.flush()
         t0 = time.perf_counter_ns()
-        proc = subprocess.Popen(  # noqa: S603 - argv comes from a validated profile
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -226,6 +226,12 @@ class ManagedServer:
                 time.sleep(poll)
 
     # ------------------------------------------------------------------ stop
+    def detach(self) -> None:
+        """Leave the server running for another process to stop (xdist controller)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def stop(self) -> None:
         """TERM the whole group, KILL what is left, then verify nothing survives."""
         import subprocess

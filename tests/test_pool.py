@@ -1,0 +1,75 @@
+"""One server per profile per session, also under pytest-xdist.
+
+The server here is tests/fakes/openai_stub.py, a stand-in: the point is the pool's sharing
+and teardown across worker processes, not the engine (the real engine's lifecycle is in
+tests/test_server.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+STUB = Path(__file__).resolve().parent / "fakes" / "openai_stub.py"
+
+PROFILE = """
+schema_version = 1
+name = "stub"
+description = "stand-in OpenAI server for pool tests"
+[engine]
+name = "stub"
+distribution = "pytest"
+module = "pytest"
+install_hint = "nothing to install"
+command = ["{{python}}", "{stub}"]
+args = ["--port", "{{port}}", "--model", "{{served_name}}", "--starts", "{starts}"]
+[model]
+served_name = "stub-model"
+source = "path"
+path = "/nonexistent"
+context_len = 128
+quantization = "none"
+[hardware]
+accelerator = "cpu"
+[readiness]
+timeout_s = 30
+poll_interval_s = 0.1
+"""
+
+TESTS = """
+import pytest
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_server(servelab_endpoint, i):
+    with open({urls!r}, "a") as f:
+        f.write(servelab_endpoint.base_url + "\\n")
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_one_server_per_session(pytester: pytest.Pytester, workers: str | None) -> None:
+    starts = pytester.path / "starts.txt"
+    d = pytester.mkdir("profiles")
+    (d / "stub.toml").write_text(PROFILE.format(stub=STUB, starts=starts))
+    pytester.makepyfile(TESTS.replace("{urls!r}", repr(str(pytester.path / "urls.txt"))))
+    args = ["-p", "no:cacheprovider", "--profiles-dir", str(d), "--profile", "stub"]
+    if workers:
+        args += ["-n", workers]
+    result = pytester.runpytest_subprocess(*args, "--basetemp", str(pytester.path / "bt"))
+    result.assert_outcomes(passed=6)
+    pids = [int(x) for x in starts.read_text().split()]
+    assert len(pids) == 1, f"started {len(pids)} servers: {pids}"
+    urls = set((pytester.path / "urls.txt").read_text().split())
+    assert len(urls) == 1
+    assert not alive(pids[0]), "the shared server outlived the session"
