@@ -21,7 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from servelab.profiles import Profile
 
 #: Runs argv and returns its stdout, or None when the tool is missing or fails.
 Runner = Callable[[Sequence[str]], str | None]
@@ -407,3 +410,46 @@ def patch_hashes(files: Sequence[str], root: Path | None = None) -> tuple[tuple[
         except OSError:
             out.append((f, "(missing)"))
     return tuple(out)
+
+
+def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True) -> StackIdentity:
+    """The serving stack a profile describes (engine build, patches, model, arguments).
+
+    `weights` computes the prepared model's weights hash (verifies the cached model's
+    checksums: about a second for the embedded model; only for the `smollm2-gguf` source).
+    """
+    if profile is None:
+        name = engine.split()[0] if engine else "unknown"
+        return StackIdentity(engine=engine, engine_name=name, engine_version=None,
+                             engine_commit=None)
+    weights_sha = None
+    if weights and profile.model.source == "smollm2-gguf":
+        from servelab.errors import ModelPrepareError
+        from servelab.models import prepare_model
+
+        try:
+            weights_sha = prepare_model(profile).weights_sha256 or None
+        except ModelPrepareError:
+            weights_sha = None
+    root = Path(profile.patches.source_root) if profile.patches.source_root else (
+        profile.path.parent if profile.path else None)
+    return StackIdentity(
+        engine=engine,
+        engine_name=profile.engine.name,
+        engine_version=distribution_version(profile.engine.distribution),
+        engine_commit=engine_commit(profile.engine.module),
+        patches=patch_hashes(profile.patches.files, root),
+        model=profile.model.served_name,
+        weights_sha256=weights_sha,
+        args_hash=profile.args_hash(),
+        quantization=profile.model.quantization,
+        env=dict(profile.engine.env),
+        command=(*profile.engine.command, *profile.engine.args),
+    )
+
+
+def patches_digest(stack: StackIdentity) -> str | None:
+    if not stack.patches:
+        return None
+    blob = json.dumps(sorted(stack.patches)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
