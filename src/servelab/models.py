@@ -141,10 +141,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             f"model preparation needs torch and transformers ({exc}); run `./dev setup`"
         ) from None
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    local = {"gguf_file": name, "local_files_only": True}  # never ask a hub
+    tokenizer = AutoTokenizer.from_pretrained(folder, **local)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **local)
     state = loaded.state_dict()
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, **local)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
