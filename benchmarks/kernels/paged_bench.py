@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from servelab.kernels.attention import attend_range
-from servelab.kernels.merge import merge_states
+from servelab.kernels.attention import accumulate, new_state
 from servelab.kernels.paged import PagedKVCache, cpu_paged_attention, plan_chunks
 from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
 
@@ -204,15 +203,13 @@ def bench_gather(
             }
             out.append(figure("gather", params, time_cuda(run, r), nbytes))
         if triton_sweep and table_kind == "random":
-            from servelab.kernels.gather_triton import gather_blocks_from_host
+            from servelab.kernels.gather_triton import gather_kv_blocks_from_host
 
             for tile, programs, warps in (
-                (16384, 64, 4),
+                (16384, 16, 4),
+                (16384, 32, 4),
                 (16384, 128, 4),
-                (16384, 256, 4),
-                (16384, 1024, 4),
                 (16384, 1 << 20, 4),
-                (4096, 256, 4),
                 (65536, 128, 8),
             ):
 
@@ -222,15 +219,16 @@ def bench_gather(
                     warps: int = warps,
                     ids_dev: torch.Tensor = ids_dev,
                 ) -> None:
-                    for src, dst in ((cache.key, scratch.key[0]), (cache.value, scratch.value[0])):
-                        gather_blocks_from_host(
-                            src,
-                            ids_dev,
-                            dst[:nb],
-                            tile_bytes=tile,
-                            programs=programs,
-                            num_warps=warps,
-                        )
+                    gather_kv_blocks_from_host(
+                        cache.key,
+                        cache.value,
+                        ids_dev,
+                        scratch.key[0, :nb],
+                        scratch.value[0, :nb],
+                        tile_bytes=tile,
+                        programs=programs,
+                        num_warps=warps,
+                    )
 
                 params = {
                     "block": block,
@@ -246,7 +244,14 @@ def bench_gather(
 
 
 def bench_decode(
-    host: HostKV, ctx: int, block: int, strategy: str, overlap: bool, chunk_tokens: int, reps: int
+    host: HostKV,
+    ctx: int,
+    block: int,
+    strategy: str,
+    overlap: bool,
+    chunk_tokens: int,
+    reps: int,
+    impl: str = "auto",
 ) -> Figure:
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -287,12 +292,14 @@ def bench_decode(
             overlap=overlap,
             out=out,
             out_lse=lse,
+            attention_impl=impl,
         )
 
     params = {
         "ctx": ctx,
         "block": block,
         "strategy": strategy,
+        "impl": impl,
         "overlap": overlap,
         "chunk_tokens": chunk_tokens,
         "q_heads": HKV * GQA,
@@ -333,15 +340,17 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
     k_dev = torch.randn(min(ctx, 8 * chunk_tokens), HKV, HEAD, generator=gen).to(DTYPE).to(dev)
     v_dev = torch.randn_like(k_dev)
 
-    def compute_only() -> None:
-        state = None
+    def compute_only(impl: str) -> None:
+        state = new_state(1, HKV * GQA, HEAD, dev)
         for c in chunks:
             n = c.token_end - c.token_start
             off = c.token_start % (k_dev.shape[0] - n + 1)
-            part = attend_range(
+            state = accumulate(
+                state,
                 query,
                 k_dev[off : off + n],
                 v_dev[off : off + n],
+                impl=impl,
                 scale=HEAD**-0.5,
                 q_start=ctx,
                 k_start=c.token_start,
@@ -349,12 +358,22 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
                 window=None,
                 softcap=None,
             )
-            state = part if state is None else merge_states(*state, *part)
 
     params = {"ctx": ctx, "block": block, "chunk_tokens": chunk_tokens}
     return [
         figure("stage_only", params, time_cuda(stage_only, reps), kv_bytes(ctx)),
-        figure("compute_only", params, time_cuda(compute_only, reps), 0),
+        figure(
+            "compute_only",
+            {**params, "impl": "triton"},
+            time_cuda(lambda: compute_only("triton"), reps),
+            0,
+        ),
+        figure(
+            "compute_only",
+            {**params, "impl": "torch"},
+            time_cuda(lambda: compute_only("torch"), reps),
+            0,
+        ),
     ]
 
 
@@ -436,12 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         for block in (256, 16):
             figs.append(bench_decode(host, ctx, block, "auto", True, 8192, r))
             figs.append(bench_decode(host, ctx, block, "auto", False, 8192, r))
+            figs.append(bench_decode(host, ctx, block, "auto", True, 8192, r, impl="torch"))
             if ctx <= 128 * 1024:
                 figs.append(bench_decode(host, ctx, block, "coalesced", True, 8192, max(3, r // 3)))
             if ctx == 32 * 1024:
                 figs.append(bench_decode(host, ctx, block, "cpu_pack", True, 8192, max(3, r // 3)))
-        figs.append(bench_decode(host, ctx, 256, "auto", True, 16384, r))
-        figs.append(bench_decode(host, ctx, 256, "auto", True, 32768, r))
+        for chunk in (4096, 16384, 32768):
+            figs.append(bench_decode(host, ctx, 256, "auto", True, chunk, r))
         figs += bench_split(host, ctx, 256, 8192, r)
         _progress(figs, t0)
     copy_rate = max(

@@ -6,16 +6,23 @@ run in float32 (re-rounding partials to bf16 costs ~8x error, reference/kernels.
 Grouped-query heads are handled by a view (query head ``h`` reads key/value head
 ``h // (Hq / Hkv)``), never by repeating keys.
 
+:func:`accumulate` folds one range into a running float32 state, either with these torch
+operations or, on CUDA, with the fused Triton kernel of
+:mod:`servelab.kernels.attention_triton` (one launch instead of ~40).
+
 float32 matrix products must not run in TF32: if a caller enabled
 ``torch.backends.cuda.matmul.allow_tf32`` the error grows to ~1e-3 relative.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
 
+from servelab.errors import KernelInputError
+from servelab.kernels.merge import merge_states
 from servelab.kernels.reference import visibility_mask
 
 # Cap on the float32 score tile (bytes) so long prefills over large chunks stay bounded.
@@ -152,3 +159,93 @@ def _empty_state(
     out = torch.zeros(num_q, num_heads, head_size, dtype=torch.float32, device=device)
     lse = torch.full((num_q, num_heads), -math.inf, dtype=torch.float32, device=device)
     return out, lse
+
+
+def resolve_impl(impl: str, query: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"`` for ``impl`` in (auto, torch, triton).
+
+    ``auto`` takes the fused Triton kernel where it runs (CUDA, Triton importable, a
+    power-of-two head size 16..256) and the torch-op path everywhere else.
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise KernelInputError(f"attention_impl must be 'auto', 'torch' or 'triton'; got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    ok = query.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if ok:
+        from servelab.kernels.attention_triton import supported
+
+        ok = supported(query, int(query.shape[-1]))
+    if impl == "triton" and not ok:
+        raise KernelInputError(
+            "attention_impl='triton' needs a CUDA device, Triton, a float16/bfloat16/float32 "
+            f"query and a power-of-two head size in [16, 256]; got {query.device}, "
+            f"{query.dtype}, head {query.shape[-1]}. Use 'auto' or 'torch'"
+        )
+    return "triton" if ok else "torch"
+
+
+def new_state(
+    num_q: int, num_heads: int, head_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty float32 running state: output 0, LSE -inf."""
+    return _empty_state(num_q, num_heads, head_size, device)
+
+
+def accumulate(
+    state: tuple[torch.Tensor, torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    impl: str,
+    scale: float,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold attention over one key range into ``state``; returns the new state.
+
+    ``impl`` is resolved (``"torch"`` or ``"triton"``). The Triton kernel updates ``state``
+    in place; the torch path returns fresh tensors.
+    """
+    if chunk_fully_masked(
+        q_start=q_start,
+        num_queries=int(query.shape[0]),
+        k_start=k_start,
+        num_keys=int(key.shape[0]),
+        causal=causal,
+        window=window,
+    ):
+        return state
+    if impl == "triton":
+        from servelab.kernels.attention_triton import attend_merge
+
+        attend_merge(
+            state[0],
+            state[1],
+            query if query.stride(-1) == 1 else query.contiguous(),
+            key,
+            value,
+            scale=scale,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+        )
+        return state
+    part = attend_range(
+        query,
+        key,
+        value,
+        scale=scale,
+        q_start=q_start,
+        k_start=k_start,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+    )
+    return merge_states(*state, *part)

@@ -3,9 +3,9 @@
 Pinned (page-locked) host memory is mapped into the device's address space under unified
 virtual addressing, so a kernel can load from it directly; Triton's launcher translates the
 host tensor's pointer with ``cuPointerGetAttribute`` and rejects pageable memory. Each
-program moves tiles of the chunk's blocks, so thousands of independent 16-byte loads are in
-flight over PCIe at once, and the block size and order stop mattering (a per-block
-``cudaMemcpyAsync`` pays a fixed cost per block instead).
+program moves tiles of the chunk's blocks (keys, then values, in one launch), so thousands
+of independent 16-byte loads are in flight over PCIe at once, and the block size and order
+stop mattering (a per-block ``cudaMemcpyAsync`` pays a fixed cost per block instead).
 
 The grid is persistent and capped (``programs``): an uncapped grid would fill every SM's
 thread slots for the whole transfer and hold back the attention kernels of the previous
@@ -27,12 +27,15 @@ PROGRAMS = 128
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def _gather_blocks_kernel(  # type: ignore[no-untyped-def]
-    src_ptr,
-    dst_ptr,
+def _gather_kv_blocks_kernel(  # type: ignore[no-untyped-def]
+    k_src,
+    v_src,
+    k_dst,
+    v_dst,
     ids_ptr,
-    src_block_stride,
-    dst_block_stride,
+    k_src_stride,
+    v_src_stride,
+    dst_stride,
     block_bytes,
     num_tiles,
     tiles_per_block,
@@ -41,45 +44,59 @@ def _gather_blocks_kernel(  # type: ignore[no-untyped-def]
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, TILE)
+    # Keys, then values: one launch per chunk keeps host overhead down.
     for t in tl.range(pid, num_tiles, nprog):
         blk = t // tiles_per_block
         offs = (t % tiles_per_block).to(tl.int64) * TILE + lane
         mask = offs < block_bytes
         src_block = tl.load(ids_ptr + blk).to(tl.int64)
-        data = tl.load(src_ptr + src_block * src_block_stride + offs, mask=mask)
-        tl.store(dst_ptr + blk.to(tl.int64) * dst_block_stride + offs, data, mask=mask)
+        data = tl.load(k_src + src_block * k_src_stride + offs, mask=mask)
+        tl.store(k_dst + blk.to(tl.int64) * dst_stride + offs, data, mask=mask)
+    for t in tl.range(pid, num_tiles, nprog):
+        blk = t // tiles_per_block
+        offs = (t % tiles_per_block).to(tl.int64) * TILE + lane
+        mask = offs < block_bytes
+        src_block = tl.load(ids_ptr + blk).to(tl.int64)
+        data = tl.load(v_src + src_block * v_src_stride + offs, mask=mask)
+        tl.store(v_dst + blk.to(tl.int64) * dst_stride + offs, data, mask=mask)
 
 
-def gather_blocks_from_host(
-    src: torch.Tensor,
+def gather_kv_blocks_from_host(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
     device_ids: torch.Tensor,
-    dst: torch.Tensor,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
     *,
     tile_bytes: int = TILE_BYTES,
     programs: int = PROGRAMS,
     num_warps: int = 4,
 ) -> None:
-    """Enqueue on the current CUDA stream: ``dst[i] = src[device_ids[i]]`` byte for byte.
+    """Enqueue on the current CUDA stream: ``dst[i] = src[device_ids[i]]`` for K and V,
+    byte for byte, in one launch.
 
-    ``src`` is a pinned host cache ``[N, block_size, Hkv, D]`` with dense blocks (any block
-    stride); ``dst`` a device buffer of ``len(device_ids)`` dense blocks; ``device_ids``
+    ``src_*`` are pinned host caches ``[N, block_size, Hkv, D]`` with dense blocks (any block
+    stride); ``dst_*`` contiguous device buffers of ``len(device_ids)`` blocks; ``device_ids``
     int32/int64 on the device. Trusted arguments (validated by the caller); ``tile_bytes``
     (a power of two), ``programs`` and ``num_warps`` are tuning knobs for benchmarks.
     """
     n = int(device_ids.numel())
     if n == 0:
         return
-    elem = src.element_size()
-    block_bytes = src[0].numel() * elem
+    elem = src_key.element_size()
+    block_bytes = src_key[0].numel() * elem
     tiles_per_block = triton.cdiv(block_bytes, tile_bytes)
     num_tiles = n * tiles_per_block
     grid = (min(num_tiles, programs),)
-    _gather_blocks_kernel[grid](
-        src.view(torch.uint8),
-        dst.view(torch.uint8),
+    _gather_kv_blocks_kernel[grid](
+        src_key.view(torch.uint8),
+        src_value.view(torch.uint8),
+        dst_key.view(torch.uint8),
+        dst_value.view(torch.uint8),
         device_ids,
-        src.stride(0) * elem,
-        dst.stride(0) * elem,
+        src_key.stride(0) * elem,
+        src_value.stride(0) * elem,
+        dst_key.stride(0) * elem,
         block_bytes,
         num_tiles,
         tiles_per_block,

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels.attention import attend_range, chunk_fully_masked
-from servelab.kernels.merge import merge_states
+from servelab.kernels.attention import accumulate, chunk_fully_masked, new_state, resolve_impl
 from servelab.kernels.staging import (
     GatherStrategy,
     StagingScratch,
@@ -259,13 +258,16 @@ def cpu_paged_attention(
     overlap: bool = True,
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
+    attention_impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[T, Hq, D]`` over ``cpu_len`` host tokens then ``gpu_len``
     device tokens; returns ``(out [T, Hq, D] in the query dtype, lse [T, Hq] float32)``.
 
     The queries are the last T positions of the sequence (``q_start = cpu_len + gpu_len -
     T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
-    ``out``/``out_lse``, when given, are written in place. Every argument is checked before
+    ``out``/``out_lse``, when given, are written in place. ``attention_impl`` picks the
+    per-chunk step: ``"triton"`` (fused, CUDA), ``"torch"`` (any device) or ``"auto"``.
+    Every argument is checked before
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
     """
     chunk_blocks = _validate(
@@ -302,13 +304,19 @@ def cpu_paged_attention(
             window=window,
         )
     )
+    impl = resolve_impl(attention_impl, query)
     streams = _Streams(device, overlap)
+    state = new_state(num_q, num_heads, head_size, device)
 
-    def attend(k: torch.Tensor, v: torch.Tensor, k_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return attend_range(
+    def fold(
+        acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return accumulate(
+            acc,
             query,
             k,
             v,
+            impl=impl,
             scale=sm_scale,
             q_start=q_start,
             k_start=k_start,
@@ -317,67 +325,68 @@ def cpu_paged_attention(
             softcap=softcap,
         )
 
-    # The suffix first: it needs no staging and overlaps the first chunk's copy.
-    suffix: tuple[torch.Tensor, torch.Tensor] | None = None
-    if gpu_len > 0:
-        k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
-        suffix = attend(k_suf, v_suf, cpu_len)
-
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
+    buffers = scratch.buffers
+    slot_free: list[Any] = [None] * buffers
+    pack_done: list[Any] = [None] * buffers
+    staged: list[Any] = [None] * len(chunks)
+    pack = resolved is GatherStrategy.CPU_PACK and device.type != "cpu"
+    ids_host = cpu_block_table[: chunks[-1].block_end].to(torch.int64) if chunks else None
+    ids_dev = None
+    if chunks and resolved is GatherStrategy.GPU_GATHER:
+        assert ids_host is not None  # narrowing for the type checker, set just above
+        ids_dev = ids_host.to(device)
     if chunks:
-        needed = chunks[-1].block_end
-        ids_host = cpu_block_table[:needed].to(torch.int64)
-        ids_dev = ids_host.to(device) if resolved is GatherStrategy.GPU_GATHER else None
         streams.copy_waits_compute()
-        pack = resolved is GatherStrategy.CPU_PACK and device.type != "cpu"
-        slot_free: list[Any] = [None] * scratch.buffers
-        pack_done: list[Any] = [None] * scratch.buffers
-        h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
-        for i, c in enumerate(chunks):
-            slot = i % scratch.buffers
-            nb = c.block_end - c.block_start
-            with streams.on_copy():
-                streams.wait(streams.copy, slot_free[slot])
-                if pack and pack_done[slot] is not None:
-                    pack_done[slot].synchronize()  # the host rewrites this pack slot next
-                stage_blocks(
-                    cpu_cache.key,
-                    cpu_cache.value,
-                    ids_host[c.block_start : c.block_end],
-                    scratch.key[slot],
-                    scratch.value[slot],
-                    strategy=resolved,
-                    device_ids=None if ids_dev is None else ids_dev[c.block_start : c.block_end],
-                    pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
-                    pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
-                )
-                staged = streams.record(streams.copy)
-            if pack:
-                pack_done[slot] = staged
-            streams.wait(streams.compute, staged)
-            ntok = c.token_end - c.token_start
-            k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
-            v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
-            part = attend(k, v, c.token_start)
-            prefix = part if prefix is None else merge_states(*prefix, *part)
-            slot_free[slot] = streams.record(streams.compute)
-        if pack:
-            # The next call may rewrite the pack buffers as soon as this one returns.
-            for ev in pack_done:
-                if ev is not None:
-                    ev.synchronize()
 
-    if prefix is not None and suffix is not None:
-        state = merge_states(*prefix, *suffix)
-    elif prefix is not None:
-        state = prefix
-    elif suffix is not None:
-        state = suffix
-    else:
-        state = (
-            torch.zeros(num_q, num_heads, head_size, dtype=torch.float32, device=device),
-            torch.full((num_q, num_heads), -math.inf, dtype=torch.float32, device=device),
-        )
+    def stage(j: int) -> None:
+        c, slot = chunks[j], j % buffers
+        assert ids_host is not None  # narrowing: only called when there are chunks
+        with streams.on_copy():
+            streams.wait(streams.copy, slot_free[slot])
+            if pack and pack_done[slot] is not None:
+                pack_done[slot].synchronize()  # the host rewrites this pack slot next
+            stage_blocks(
+                cpu_cache.key,
+                cpu_cache.value,
+                ids_host[c.block_start : c.block_end],
+                scratch.key[slot],
+                scratch.value[slot],
+                strategy=resolved,
+                device_ids=None if ids_dev is None else ids_dev[c.block_start : c.block_end],
+                pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
+                pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
+            )
+            staged[j] = streams.record(streams.copy)
+        if pack:
+            pack_done[slot] = staged[j]
+
+    # Copies run ahead of the attention by up to buffers - 1 chunks, so the copy stream
+    # already holds the next chunk while the host issues this chunk's attention.
+    issued = 0
+    while issued < min(len(chunks), max(1, buffers - 1)):
+        stage(issued)
+        issued += 1
+    if gpu_len > 0:  # the suffix needs no staging and overlaps the first copy
+        k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
+        state = fold(state, k_suf, v_suf, cpu_len)
+    for i, c in enumerate(chunks):
+        while issued < min(len(chunks), i + buffers):
+            stage(issued)
+            issued += 1
+        slot = i % buffers
+        nb, ntok = c.block_end - c.block_start, c.token_end - c.token_start
+        streams.wait(streams.compute, staged[i])
+        k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
+        v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
+        state = fold(state, k, v, c.token_start)
+        slot_free[slot] = streams.record(streams.compute)
+    if pack:
+        # The next call may rewrite the pack buffers as soon as this one returns.
+        for ev in pack_done:
+            if ev is not None:
+                ev.synchronize()
+
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if out_lse is None:

@@ -263,10 +263,15 @@ def stage_blocks(
     n = int(block_ids.numel())
     if n == 0:
         return
+    if strategy is GatherStrategy.GPU_GATHER:
+        from servelab.kernels.gather_triton import gather_kv_blocks_from_host
+
+        if device_ids is None:
+            raise KernelInputError("gpu_gather needs the block ids on the device (device_ids)")
+        gather_kv_blocks_from_host(src_key, src_value, device_ids, dst_key[:n], dst_value[:n])
+        return
     for src, dst, pack in ((src_key, dst_key, pack_key), (src_value, dst_value, pack_value)):
-        _stage_one(
-            src, block_ids, dst[:n], strategy, device_ids, None if pack is None else pack[:n]
-        )
+        _stage_one(src, block_ids, dst[:n], strategy, None if pack is None else pack[:n])
 
 
 def _stage_one(
@@ -274,16 +279,8 @@ def _stage_one(
     ids: torch.Tensor,
     dst: torch.Tensor,
     strategy: GatherStrategy,
-    device_ids: torch.Tensor | None,
     pack: torch.Tensor | None,
 ) -> None:
-    if strategy is GatherStrategy.GPU_GATHER:
-        from servelab.kernels.gather_triton import gather_blocks_from_host
-
-        if device_ids is None:
-            raise KernelInputError("gpu_gather needs the block ids on the device (device_ids)")
-        gather_blocks_from_host(src, device_ids, dst)
-        return
     if strategy is GatherStrategy.CPU_PACK:
         if dst.device.type == "cpu":
             torch.index_select(src, 0, ids, out=dst)
