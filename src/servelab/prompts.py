@@ -48,6 +48,7 @@ _WORD_TEXT = """
 """
 WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
 MAX_ADJUST_ROUNDS = 12
+MAX_CANDIDATES = 40
 
 
 def salt_rng(salt: str | int) -> np.random.Generator:
@@ -173,6 +174,19 @@ def exact_text(
             if nk < 1 or nk > len(pool) or nk in seen:
                 break
         k = nk
+    # Prefix lengths jump over n_tokens (multi-token words at the cut): from the longest
+    # prefix below it, append single candidate words greedily until the count is exact.
+    below = [j for j, c in seen.items() if c < n_tokens]
+    if below:
+        base = pool[: max(below)]
+        order = [WORDS[i] for i in rng.permutation(len(WORDS))[:MAX_CANDIDATES]]
+        for w in order:
+            text = " ".join([*base, w])
+            got = count(text) if wrap is None else count(wrap(text))
+            if got == n_tokens:
+                return text
+            if got < n_tokens:
+                base.append(w)
     raise ClientError(
         f"exact prompt: could not build a prompt of exactly {n_tokens} tokens "
         f"(word counts tried: {dict(sorted(seen.items()))}); the minimum here may be larger "

@@ -1,0 +1,232 @@
+"""Arrival schedules (pure) and workloads driven against a local stand-in server.
+
+The stand-in streams well-formed OpenAI chunks with a fixed pause per token; the point is
+the workloads' own logic (warm-up excluded, distinct prompts, levels, schedules, windows),
+not any engine's speed, so no figure is taken from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from servelab import arrivals, metrics, workloads
+from servelab.errors import ClientError, ConfigError
+from servelab.server import Endpoint
+
+# --------------------------------------------------------------------------- arrivals
+
+
+def test_poisson_schedule_is_seeded_and_normalized() -> None:
+    a = arrivals.schedule(200, 10.0, seed=1)
+    b = arrivals.schedule(200, 10.0, rng=np.random.default_rng(1))
+    assert a.offsets_s == b.offsets_s
+    assert a.offsets_s != arrivals.schedule(200, 10.0, seed=2).offsets_s
+    assert a.span_s == pytest.approx(200 / 10.0)  # vLLM's rescaling: last arrival at N/rate
+    assert all(x < y for x, y in zip(a.offsets_s, a.offsets_s[1:], strict=False))
+
+
+def test_gamma_burstiness_changes_spread_not_mean() -> None:
+    def cv(k: float) -> float:
+        gaps = np.diff((0.0, *arrivals.schedule(4000, 5.0, burstiness=k, seed=3).offsets_s))
+        assert gaps.mean() == pytest.approx(1 / 5.0, rel=1e-9)
+        return float(gaps.std() / gaps.mean())
+
+    # Gamma(k) gaps have coefficient of variation 1/sqrt(k).
+    assert cv(1.0) == pytest.approx(1.0, rel=0.1)
+    assert cv(0.25) == pytest.approx(2.0, rel=0.1)
+    assert cv(4.0) == pytest.approx(0.5, rel=0.1)
+    assert arrivals.schedule(3, 2.0, burstiness=math.inf).offsets_s == (0.5, 1.0, 1.5)
+
+
+def test_infinite_rate_sends_everything_at_once() -> None:
+    assert arrivals.schedule(4, math.inf).offsets_s == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_ramp_up_rates() -> None:
+    lin = arrivals.schedule(5, 0, ramp="linear", start_rps=1, end_rps=5, burstiness=math.inf)
+    assert lin.rates_rps == (1, 2, 3, 4, 5)
+    assert lin.offsets_s == pytest.approx(np.cumsum([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5]))
+    exp = arrivals.schedule(3, 0, ramp="exponential", start_rps=1, end_rps=4, seed=0)
+    assert exp.rates_rps == pytest.approx((1, 2, 4))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"n": 0, "rate_rps": 1.0}, "n must be"),
+        ({"n": 3, "rate_rps": 0.0}, "rate must be"),
+        ({"n": 3, "rate_rps": 1.0, "burstiness": 0.0}, "burstiness"),
+        ({"n": 3, "rate_rps": 1.0, "ramp": "linear"}, "needs positive"),
+    ],
+)
+def test_schedule_rejects_bad_input(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        arrivals.schedule(**kw)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+class StandIn:
+    """HTTP/1.1 server on localhost: /v1/completions streams ``max_tokens`` chunks,
+    ``token_pause_s`` apart; it remembers every prompt it was sent."""
+
+    def __init__(self, token_pause_s: float = 0.002) -> None:
+        self.pause = token_pause_s
+        self.prompts: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.port = 0
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def __enter__(self) -> StandIn:
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        srv = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = srv.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+        srv.close()
+        self.loop.run_until_complete(srv.wait_closed())
+        self.loop.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                n = next(
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length:")
+                )
+                body = json.loads(await r.readexactly(n))
+                self.prompts.append(body["prompt"])
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                k = int(body["max_tokens"])
+                for i in range(k):
+                    ev = {"choices": [{"index": 0, "text": f" w{i}", "token_ids": [i]}]}
+                    data = b"data: " + json.dumps(ev).encode() + b"\n\n"
+                    w.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await w.drain()
+                    await asyncio.sleep(self.pause)
+                tail = (
+                    b"data: "
+                    + json.dumps(
+                        {
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": len(body["prompt"].split()),
+                                "completion_tokens": k,
+                            },
+                        }
+                    ).encode()
+                    + b"\n\ndata: [DONE]\n\n"
+                )
+                w.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+def words(p: str | Sequence[Mapping[str, str]]) -> int:
+    assert isinstance(p, str)
+    return len(p.split())
+
+
+@pytest.fixture(scope="module")
+def stand_in() -> Iterator[StandIn]:
+    with StandIn() as s:
+        yield s
+
+
+def setup(s: StandIn) -> tuple[Endpoint, workloads.Prompts, workloads.Settings]:
+    ep = Endpoint(base_url=f"http://127.0.0.1:{s.port}", model="m")
+    return ep, workloads.Prompts(ep, count=words, nonce="t"), workloads.Settings(progress=False)
+
+
+def test_decode_warms_up_with_distinct_prompts(stand_in: StandIn) -> None:
+    ep, p, st = setup(stand_in)
+    before = len(stand_in.prompts)
+    runs = workloads.decode(
+        ep, prompt_tokens=12, output_tokens=5, runs=3, warmup_requests=2, settings=st, prompts=p
+    )
+    sent = stand_in.prompts[before:]
+    assert len(runs) == 3 and len(sent) == 5  # 2 warm-ups + 3 measured, warm-ups first
+    warm, measured = sent[:2], sent[2:]
+    assert len(set(sent)) == 5
+    # No measured prompt starts like a warm-up prompt (so no prefix-cache block is shared).
+    assert {tuple(w.split()[:4]) for w in warm}.isdisjoint(tuple(m.split()[:4]) for m in measured)
+    assert all(len(x.split()) == 12 for x in sent)
+    assert [r.records[0].text for r in runs] == [" w0 w1 w2 w3 w4"] * 3
+    for r in runs:
+        assert len(r.records) == 1 and r.invalid_reasons() == []
+        m = metrics.compute(r.records, r.start_ns, r.end_ns)
+        assert m.decode_tok_s is not None and m.decode_tok_s.median > 0
+
+
+def test_prefill_ladder_lengths(stand_in: StandIn) -> None:
+    ep, p, st = setup(stand_in)
+    res = workloads.prefill_ladder(
+        ep, prompt_lengths=[4, 9], output_tokens=1, requests_per_length=2, settings=st, prompts=p
+    )
+    assert sorted(res) == [4, 9]
+    for n, run in res.items():
+        assert [r.prompt_tokens for r in run.records] == [n, n]
+        assert [r.requested_prompt_tokens for r in run.records] == [n, n]
+
+
+def test_concurrency_sweep_reaches_each_level(stand_in: StandIn) -> None:
+    ep, p, st = setup(stand_in)
+    res = workloads.concurrency_sweep(
+        ep, levels=[1, 3], prompt_tokens=6, output_tokens=20, settings=st, prompts=p
+    )
+    for c, run in res.items():
+        assert len(run.records) == 2 * c and run.concurrency == c
+        m = metrics.compute(run.records, run.start_ns, run.end_ns)
+        assert m.peak_concurrency == c
+    with pytest.raises(ClientError, match="levels"):
+        workloads.concurrency_sweep(ep, levels=[0], prompt_tokens=6, output_tokens=2, prompts=p)
+
+
+def test_open_loop_follows_schedule(stand_in: StandIn) -> None:
+    ep, p, st = setup(stand_in)
+    sched = arrivals.schedule(4, 20.0, seed=0)
+    run = workloads.open_loop(
+        ep, schedule=sched, prompt_tokens=5, output_tokens=2, settings=st, prompts=p
+    )
+    got = [(r.arrival_ns - run.start_ns) / 1e9 for r in run.records]
+    assert got == pytest.approx(list(sched.offsets_s), abs=0.03)
+
+
+def test_sustained_decode_window(stand_in: StandIn) -> None:
+    ep, p, st = setup(stand_in)
+    out = workloads.sustained_decode(
+        ep, concurrency=2, prompt_tokens=5, output_tokens=30, requests=4, settings=st, prompts=p
+    )
+    assert out.window_ns is not None and out.window_ns[1] > out.window_ns[0]
+    assert out.steady_output_tok_s is not None and out.steady_output_tok_s > 0
+
+
+def test_prompts_are_unique_across_nonces(stand_in: StandIn) -> None:
+    ep, _, _ = setup(stand_in)
+    a = workloads.Prompts(ep, count=words, nonce="1").make(16, "decode", 3)
+    b = workloads.Prompts(ep, count=words, nonce="2").make(16, "decode", 3)
+    assert not set(a) & set(b)
