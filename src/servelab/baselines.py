@@ -330,6 +330,9 @@ class UpdateResult:
 
 
 def servelab_commit() -> str:
+    """servelab's git commit (`-dirty` with local changes); SERVELAB_COMMIT overrides."""
+    if os.environ.get("SERVELAB_COMMIT"):
+        return os.environ["SERVELAB_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

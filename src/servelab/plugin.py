@@ -45,6 +45,13 @@ class RunState:
     figures: list[Figure] = field(default_factory=list)
     startup: dict[str, float | None] = field(default_factory=dict)
     invalid_reasons: list[str] = field(default_factory=list)
+    # Raw per-request rows (servelab.records.request_row of a client RequestRecord + labels).
+    requests: list[dict[str, object]] = field(default_factory=list)
+    # Quality gates that ran and passed, in words ("canaries 12/12 exact"); the record says
+    # "not checked" when empty.
+    quality_checks: list[str] = field(default_factory=list)
+    perf: object | None = None  # servelab.records.PerfSession, created on first figure
+    messages: list[str] = field(default_factory=list)  # from session end, for the summary
 
 
 OPTIONS_KEY = pytest.StashKey[Options]()
@@ -346,12 +353,33 @@ def servelab_identity(servelab_session_endpoint: tuple[Endpoint, Identity]) -> I
     return servelab_session_endpoint[1]
 
 
+def _perf_session(state: RunState) -> object:
+    from servelab.records import PerfSession
+
+    if state.perf is None:
+        o = state.options
+        headers = [{"Authorization": f"Bearer {o.api_key}"}] if o.api_key else []
+        state.perf = PerfSession(
+            baselines_dir=o.baselines_dir, results_dir=o.results_dir, profiles=o.profiles,
+            update=o.update_baselines, secrets=[o.api_key], headers=headers,
+        )
+    return state.perf
+
+
 @pytest.fixture
 def servelab_record(servelab_state: RunState) -> object:
-    """Call with a Figure to add it to the session's results (and print its label)."""
+    """Call with a Figure: it joins the session's results and is judged against its stored
+    baseline; a regression (or a refused comparison) fails the calling test with the verdict.
+    """
+    from servelab.records import PerfSession
 
     def record(figure: Figure) -> Figure:
         servelab_state.figures.append(figure)
+        perf = _perf_session(servelab_state)
+        assert isinstance(perf, PerfSession)
+        verdict = perf.judge(figure)
+        if verdict.failed and not servelab_state.options.update_baselines:
+            pytest.fail(f"{figure.label()}\n{verdict.text}", pytrace=False)
         return figure
 
     return record
@@ -371,3 +399,55 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             tr.write_line(f"server start [{name}]: {seconds:.1f} s (cold process start to ready)")
     for fig in state.figures:
         tr.write_line(fig.label())
+    from servelab.records import PerfSession
+    from servelab.report import terminal_table
+
+    perf = state.perf
+    verdicts = {id(v.figure): v for v in perf.verdicts} if isinstance(perf, PerfSession) else {}
+    tr.section("servelab verdicts")
+    for line in terminal_table(state.figures, verdicts):
+        tr.write_line(line)
+    missing = sum(v.status == "no baseline" for v in verdicts.values())
+    if missing:
+        tr.write_line(f"{missing} figure(s) have no baseline: create them with "
+                      "`pytest -m perf --update-baselines`")
+    for line in state.messages:
+        tr.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the session's record (also after Ctrl-C) and run the baseline update workflow."""
+    import shlex
+
+    from servelab.baselines import servelab_commit, who
+    from servelab.records import PerfSession, SessionInfo
+
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None or not (state.figures or state.requests):
+        return
+    perf = _perf_session(state)
+    assert isinstance(perf, PerfSession)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = getattr(reporter, "stats", {})
+    failed = tuple(getattr(r, "nodeid", "?") for k in ("failed", "error") for r in stats.get(k, []))
+    if session.testsfailed and not failed:
+        failed = (f"{session.testsfailed} test(s)",)
+    interrupted = int(exitstatus) == int(pytest.ExitCode.INTERRUPTED)
+    info = SessionInfo(
+        started_at=state.started_at, finished_at=time.time(),
+        command=shlex.join(["pytest", *session.config.invocation_params.args]),
+        exit_status=int(exitstatus), interrupted=interrupted,
+        servelab_commit=servelab_commit(), by=who(),
+        invalid_reasons=tuple(state.invalid_reasons),
+        quality_checks=tuple(state.quality_checks), failed_tests=failed,
+    )
+    logs_dir = state.options.results_dir / "logs"
+    logs = [p for p in sorted(logs_dir.glob("*.log")) if p.stat().st_mtime >= state.started_at]
+    names = sorted({f.identity.profile for f in state.figures}) or ["session"]
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    label = "-".join([*names, *([worker] if worker else [])])
+    try:
+        state.messages += perf.finish(figures=state.figures, session=info,
+                                      requests=state.requests, logs=logs, label=label)
+    except (ServelabError, OSError) as exc:
+        state.messages.append(f"servelab: could not write the record: {exc}")
