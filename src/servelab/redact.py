@@ -27,6 +27,7 @@ _PATTERNS = (
     re.compile(r"(?i)(\b[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|API_KEY)[A-Z0-9_]*=)\S+"),
     re.compile(r"(https?://[^/\s:@]+:)[^@\s/]+(@)"),
 )
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "apikey"})
 #: Keys of servelab's own records that contain "key" but hold no secret.
 SAFE_KEYS = frozenset({"key", "host_key", "figure_key", "keys"})
 #: Values shorter than this are not scrubbed by value (they would mangle ordinary text).
@@ -71,7 +72,8 @@ class Redactor:
                 if k.lower() in _SECRET_HEADERS or is_secret_name(k):
                     found.add(v)
                     # "Bearer abc": the token alone must go too.
-                    found.update(part for part in v.split() if len(part) >= MIN_SECRET_LEN)
+                    found.update(part for part in v.split()
+                                 if part.lower() not in _AUTH_SCHEMES)
         found.update(v for v in values if v)
         return cls(frozenset(s for s in found if len(s) >= MIN_SECRET_LEN))
 
