@@ -105,6 +105,8 @@ def _series_plot(
                     label=f"{profile}: {metric} ({unit})")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    units = sorted({unit for _, _, unit in groups})
+    ax.set_ylabel(" / ".join(units))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
