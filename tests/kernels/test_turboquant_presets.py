@@ -45,7 +45,7 @@ def test_preset_table_is_complete() -> None:
 @pytest.mark.parametrize("name", sorted(BYTES))
 def test_byte_sizes_equal_the_reference_table(name: str) -> None:
     p = PRESETS[name]
-    k_bytes, v_bytes, total = BYTES[name]
+    total = BYTES[name][2]
     assert (p.key_bytes(128), p.value_bytes(128), p.bytes_per_token_head(128)) == BYTES[name]
     assert round(p.byte_ratio(128), 2) == RATIOS[name]
     cache = KVCodec.build(name, 128).encode(*kv(2, 3, 5, 128, seed=0))
@@ -172,7 +172,7 @@ def test_decode_refuses_a_cache_of_the_wrong_size_or_dtype() -> None:
     with pytest.raises(KernelInputError, match=r"key_codes has shape .* needs .*134 bytes"):
         codec.decode(short)
     wrong = _replace_plane(cache, key_scales=cache.key_scales.float())  # type: ignore[union-attr]
-    with pytest.raises(KernelInputError, match="key_scales has dtype torch.float32"):
+    with pytest.raises(KernelInputError, match=r"key_scales has dtype torch\.float32"):
         codec.decode(wrong)
     bf = _replace_plane(cache, value_scale_zero=cache.value_scale_zero.bfloat16())
     with pytest.raises(KernelInputError, match="value_scale_zero has dtype"):

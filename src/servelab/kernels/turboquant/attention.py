@@ -25,7 +25,9 @@ def check_decode_shapes(
         )
     b, hq, d = (int(s) for s in q.shape)
     if len(kv_shape) < 3:
-        raise KernelInputError(f"{where}: K/V shape {kv_shape} is not [batch, kv_heads, tokens, ...]")
+        raise KernelInputError(
+            f"{where}: K/V shape {kv_shape} is not [batch, kv_heads, tokens, ...]"
+        )
     kb, hkv, t = (int(s) for s in kv_shape[:3])
     if d != head_size:
         raise KernelInputError(f"{where}: q head size {d} differs from the cache's {head_size}")
@@ -40,8 +42,9 @@ def check_decode_shapes(
     return b, hq, hkv, t, d
 
 
-def _length_mask(seq_lens: torch.Tensor | None, b: int, t: int, device: torch.device,
-                 where: str) -> torch.Tensor:
+def _length_mask(
+    seq_lens: torch.Tensor | None, b: int, t: int, device: torch.device, where: str
+) -> torch.Tensor:
     if seq_lens is None:
         return torch.ones((b, t), dtype=torch.bool, device=device)
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
@@ -86,8 +89,9 @@ def unfused_decode_attention(
     seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize the whole cache, then the float64 reference (the fused kernel's oracle)."""
-    check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size,
-                        "unfused_decode_attention")
+    check_decode_shapes(
+        q, tuple(cache.key_codes.shape), cache.head_size, "unfused_decode_attention"
+    )
     k, v = codec.decode(cache, torch.float32)
     return reference_decode_attention(q, k, v, scale, seq_lens)
 
@@ -105,7 +109,7 @@ def predict_key_drift(
     σ_t = scale·‖q‖·‖k_t‖·√(D/d) (error direction isotropic after the rotation); then
     δo ≈ Σ_t p_t·ε_t·(v_t − o), so E‖δo‖² ≈ Σ_t p_t²·σ_t²·‖v_t − o‖². Valid while σ_t ≪ 1.
     """
-    b, hq, hkv, t, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]),
+    b, hq, hkv, _, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]),
                                            "predict_key_drift")
     sm = 1.0 / math.sqrt(d) if scale is None else scale
     g = hq // hkv
@@ -113,10 +117,16 @@ def predict_key_drift(
     kk, vv = k.to(torch.float64), v.to(torch.float64)
     p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", qq, kk) * sm, dim=-1)
     o = torch.einsum("bhgt,bhtd->bhgd", p, vv)
-    sigma = (sm * math.sqrt(key_distortion / d)
-             * torch.linalg.vector_norm(qq, dim=-1)[..., None]
-             * torch.linalg.vector_norm(kk, dim=-1)[:, :, None, :])
+    sigma = (
+        sm
+        * math.sqrt(key_distortion / d)
+        * torch.linalg.vector_norm(qq, dim=-1)[..., None]
+        * torch.linalg.vector_norm(kk, dim=-1)[:, :, None, :]
+    )
     # ‖v_t − o‖² expanded, so no [.., T, d] intermediate is built
-    spread = ((vv * vv).sum(-1)[:, :, None, :] - 2 * torch.einsum("bhtd,bhgd->bhgt", vv, o)
-              + (o * o).sum(-1)[..., None])
+    spread = (
+        (vv * vv).sum(-1)[:, :, None, :]
+        - 2 * torch.einsum("bhtd,bhgd->bhgt", vv, o)
+        + (o * o).sum(-1)[..., None]
+    )
     return torch.sqrt((p * p * sigma * sigma * spread).sum(-1)).reshape(b, hq)

@@ -54,8 +54,9 @@ class PackedKVCache:
 
     def planes(self) -> tuple[torch.Tensor, ...]:
         rest = (self.value_codes, self.value_scale_zero)
-        return ((self.key_codes,) if self.key_scales is None else
-                (self.key_codes, self.key_scales)) + rest
+        return (
+            (self.key_codes,) if self.key_scales is None else (self.key_codes, self.key_scales)
+        ) + rest
 
     def bytes_per_token_head(self) -> int:
         """Bytes the planes actually hold per token and KV head (from their shapes)."""
@@ -175,8 +176,9 @@ class KVCodec:
             )
         key_codes, key_scales = self._encode_keys(k)
         value_codes, value_scale_zero = self._encode_values(v)
-        return PackedKVCache(self.preset, self.head_size, key_codes, key_scales, value_codes,
-                             value_scale_zero)
+        return PackedKVCache(
+            self.preset, self.head_size, key_codes, key_scales, value_codes, value_scale_zero
+        )
 
     def _encode_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.key_quantizer is None:

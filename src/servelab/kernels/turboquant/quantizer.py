@@ -79,8 +79,9 @@ class MSEQuantizer:
     ) -> MSEQuantizer:
         validate_dim(dim, "MSEQuantizer")
         validate_bits(bits, "MSEQuantizer")
-        return cls(make_rotation(rotation, dim, seed), lloyd_max_codebook(dim, bits, law),
-                   norm_correction)
+        return cls(
+            make_rotation(rotation, dim, seed), lloyd_max_codebook(dim, bits, law), norm_correction
+        )
 
     @property
     def dim(self) -> int:

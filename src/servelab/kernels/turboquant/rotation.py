@@ -106,13 +106,17 @@ def _generator(seed: int) -> torch.Generator:
 def make_rotation(kind: RotationKind, dim: int, seed: int | None = 0) -> Rotation:
     """Build a rotation; the same (kind, dim, seed) always gives the same matrix, bit for bit."""
     if kind not in ROTATION_KINDS:
-        raise KernelInputError(f"make_rotation: rotation kind {kind!r} is not one of {ROTATION_KINDS}")
+        raise KernelInputError(
+            f"make_rotation: rotation kind {kind!r} is not one of {ROTATION_KINDS}"
+        )
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise KernelInputError(f"make_rotation: head size {dim!r} must be an integer ≥ 2")
     if kind == "fixed_hadamard":
         return Rotation(kind, dim, None, sylvester_hadamard(dim) / math.sqrt(dim), None)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise KernelInputError(f"make_rotation: a {kind} rotation needs an integer seed, got {seed!r}")
+        raise KernelInputError(
+            f"make_rotation: a {kind} rotation needs an integer seed, got {seed!r}"
+        )
     gen = _generator(seed)
     if kind == "randomized_hadamard":
         h = sylvester_hadamard(dim)

@@ -26,6 +26,7 @@ import triton.language as tl
 from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.attention import check_decode_shapes
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
+from servelab.kernels.turboquant.triton_q4 import decode_split_q4_kernel
 
 KMODE_DENSE, KMODE_FP8, KMODE_CODEBOOK = 0, 1, 2
 VMODE_DENSE, VMODE_UNIFORM = 0, 2
@@ -35,44 +36,80 @@ SUPPORTED_DEVICES = ("cuda", "xpu")
 
 
 @triton.jit
-def _unpack_codes(ptr, row_off, mask_n, stride_byte, BITS: tl.constexpr, D: tl.constexpr,
-                  NBYTES: tl.constexpr):
+def _unpack_codes(
+    ptr, row_off, mask_n, stride_byte, BITS: tl.constexpr, D: tl.constexpr, NBYTES: tl.constexpr
+):
     """int32 codes [BLOCK_N, D] of the rows at ptr + row_off (layout of packing.py)."""
     if BITS == 4:
         offs_b = tl.arange(0, D // 2)
-        raw = tl.load(ptr + row_off[:, None] + offs_b[None, :] * stride_byte,
-                      mask=mask_n[:, None], other=0).to(tl.int32)
+        raw = tl.load(
+            ptr + row_off[:, None] + offs_b[None, :] * stride_byte, mask=mask_n[:, None], other=0
+        ).to(tl.int32)
         codes = tl.interleave(raw & 15, raw >> 4)
     elif BITS == 8:
         offs_d = tl.arange(0, D)
-        codes = tl.load(ptr + row_off[:, None] + offs_d[None, :] * stride_byte,
-                        mask=mask_n[:, None], other=0).to(tl.int32)
+        codes = tl.load(
+            ptr + row_off[:, None] + offs_d[None, :] * stride_byte, mask=mask_n[:, None], other=0
+        ).to(tl.int32)
     else:
         offs_d = tl.arange(0, D)
         bit = offs_d * BITS
         byte = bit >> 3
         nxt = byte + 1
-        b0 = tl.load(ptr + row_off[:, None] + byte[None, :] * stride_byte,
-                     mask=mask_n[:, None], other=0).to(tl.int32)
-        b1 = tl.load(ptr + row_off[:, None] + nxt[None, :] * stride_byte,
-                     mask=mask_n[:, None] & (nxt < NBYTES)[None, :], other=0).to(tl.int32)
+        b0 = tl.load(
+            ptr + row_off[:, None] + byte[None, :] * stride_byte, mask=mask_n[:, None], other=0
+        ).to(tl.int32)
+        b1 = tl.load(
+            ptr + row_off[:, None] + nxt[None, :] * stride_byte,
+            mask=mask_n[:, None] & (nxt < NBYTES)[None, :],
+            other=0,
+        ).to(tl.int32)
         codes = ((b0 | (b1 << 8)) >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
     return codes
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, sqb, sqh, sqd,
-    K, skb, skh, skt, skd,
-    KS, sksb, sksh, skst,
-    V, svb, svh, svt, svd,
-    VSZ, szb, szh, szt, szc,
-    CENT, SEQ_LENS, PART_O, PART_L,
-    qk_scale, split_len,
-    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    Q,
+    sqb,
+    sqh,
+    sqd,
+    K,
+    skb,
+    skh,
+    skt,
+    skd,
+    KS,
+    sksb,
+    sksh,
+    skst,
+    V,
+    svb,
+    svh,
+    svt,
+    svd,
+    VSZ,
+    szb,
+    szh,
+    szt,
+    szc,
+    CENT,
+    SEQ_LENS,
+    PART_O,
+    PART_L,
+    qk_scale,
+    split_len,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    KMODE: tl.constexpr, KBITS: tl.constexpr, KBYTES: tl.constexpr,
-    VMODE: tl.constexpr, VBITS: tl.constexpr, VBYTES: tl.constexpr,
+    KMODE: tl.constexpr,
+    KBITS: tl.constexpr,
+    KBYTES: tl.constexpr,
+    VMODE: tl.constexpr,
+    VBITS: tl.constexpr,
+    VBYTES: tl.constexpr,
     PRECISE_TABLE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # fastest: programs of one token range share metadata sectors
@@ -87,8 +124,14 @@ def _decode_split_kernel(
     mask_g = offs_g < GROUP
     offs_d = tl.arange(0, D)
     qh = pid_h * GROUP + offs_g
-    q = tl.load(Q + pid_b * sqb + qh[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=mask_g[:, None], other=0.0).to(tl.float32) * qk_scale
+    q = (
+        tl.load(
+            Q + pid_b * sqb + qh[:, None] * sqh + offs_d[None, :] * sqd,
+            mask=mask_g[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        * qk_scale
+    )
     if KMODE == 0:
         q_hi = q.to(K.dtype.element_ty)
         q_lo = q_hi  # unused: the dense baseline rounds q to its K dtype, as SDPA does
@@ -111,11 +154,17 @@ def _decode_split_kernel(
         mask_n = offs_n < end
         offs_n64 = offs_n.to(tl.int64)
         if KMODE == 0:
-            k = tl.load(k_base + offs_n64[:, None] * skt + offs_d[None, :] * skd,
-                        mask=mask_n[:, None], other=0.0)
+            k = tl.load(
+                k_base + offs_n64[:, None] * skt + offs_d[None, :] * skd,
+                mask=mask_n[:, None],
+                other=0.0,
+            )
         elif KMODE == 1:
-            k = tl.load(k_base + offs_n64[:, None] * skt + offs_d[None, :] * skd,
-                        mask=mask_n[:, None], other=0)
+            k = tl.load(
+                k_base + offs_n64[:, None] * skt + offs_d[None, :] * skd,
+                mask=mask_n[:, None],
+                other=0,
+            )
             k = k.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         else:
             kidx = _unpack_codes(k_base, offs_n64 * skt, mask_n, skd, KBITS, D, KBYTES)
@@ -138,8 +187,11 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if VMODE == 0:
-            v = tl.load(v_base + offs_n64[:, None] * svt + offs_d[None, :] * svd,
-                        mask=mask_n[:, None], other=0.0)
+            v = tl.load(
+                v_base + offs_n64[:, None] * svt + offs_d[None, :] * svd,
+                mask=mask_n[:, None],
+                other=0.0,
+            )
             acc += tl.dot(p.to(v.dtype), v)
         else:
             vidx = _unpack_codes(v_base, offs_n64 * svt, mask_n, svd, VBITS, D, VBYTES)
@@ -159,14 +211,25 @@ def _decode_split_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
     row = (pid_b * hq + qh) * NUM_SPLITS + pid_s
-    tl.store(PART_O + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
-             mask=mask_g[:, None])
+    tl.store(
+        PART_O + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=mask_g[:, None]
+    )
     tl.store(PART_L + row, lse, mask=mask_g)
 
 
 @triton.jit
-def _merge_kernel(PART_O, PART_L, OUT, sob, soh, sod, HQ,
-                  NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+def _merge_kernel(
+    PART_O,
+    PART_L,
+    OUT,
+    sob,
+    soh,
+    sod,
+    HQ,
+    NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
@@ -176,8 +239,11 @@ def _merge_kernel(PART_O, PART_L, OUT, sob, soh, sod, HQ,
     lse = tl.load(PART_L + pid * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - m)
-    o = tl.load(PART_O + (pid * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :],
-                mask=mask_s[:, None], other=0.0)
+    o = tl.load(
+        PART_O + (pid * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :],
+        mask=mask_s[:, None],
+        other=0.0,
+    )
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(OUT + b * sob + h * soh + offs_d * sod, out.to(OUT.dtype.element_ty))
 
@@ -188,16 +254,28 @@ class DecodeConstants:
 
     rotation_t: torch.Tensor | None  # Πᵀ, float32 on the device
     centroids: torch.Tensor | None  # √d·c_k as fp16, then its fp16 rounding residue
+    pair_table: torch.Tensor | None  # 4-bit keys: int32 [512], fp16 (c[b & 15], c[b >> 4])
 
     @classmethod
     def build(cls, codec: KVCodec, device: torch.device) -> DecodeConstants:
         if codec.key_quantizer is None:
-            return cls(None, None)
+            return cls(None, None, None)
         rot = codec.key_quantizer.rotation.matrix.T.to(device=device, dtype=torch.float32)
-        table = codec.centroid_table(device)
+        table = codec.centroid_table(torch.device("cpu"))
         hi = table.to(torch.float16)
         lo = (table - hi.float()).to(torch.float16)
-        return cls(rot.contiguous(), torch.cat((hi, lo)).contiguous())
+        pairs = None
+        if codec.preset.key_bits == 4:
+            pairs = torch.cat((_pair_table(hi), _pair_table(lo))).to(device)
+        return cls(rot.contiguous(), torch.cat((hi, lo)).contiguous().to(device), pairs)
+
+
+def _pair_table(half_table: torch.Tensor) -> torch.Tensor:
+    """int32 [256]: low 16 bits = fp16 bits of entry b & 15, high 16 bits = entry b >> 4."""
+    bits = half_table.view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256)
+    word = bits[b & 15] | (bits[b >> 4] << 16)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -207,6 +285,7 @@ class LaunchConfig:
     num_stages: int = 2
     num_splits: int | None = None  # None: about four programs per multiprocessor
     precise_table: bool = True  # add the fp16 residue of the centroid table (one more MMA)
+    generic: bool = False  # force the generic kernel where the 4-bit one would serve
 
 
 def _sm_count(device: torch.device) -> int:
@@ -240,8 +319,9 @@ def _check_out(out: torch.Tensor | None, q: torch.Tensor, where: str) -> torch.T
     return out
 
 
-def _seq_lens(seq_lens: torch.Tensor | None, b: int, t: int, dev: torch.device,
-              check_values: bool, where: str) -> torch.Tensor:
+def _seq_lens(
+    seq_lens: torch.Tensor | None, b: int, t: int, dev: torch.device, check_values: bool, where: str
+) -> torch.Tensor:
     if seq_lens is None:
         return torch.full((b,), t, dtype=torch.int32, device=dev)
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
@@ -263,11 +343,27 @@ def _check_head_size(d: int, where: str) -> None:
         )
 
 
-def _launch(q: torch.Tensor, kmode: int, kbits: int, kbytes: int, k: torch.Tensor,
-            ks: torch.Tensor | None, vmode: int, vbits: int, vbytes: int, v: torch.Tensor,
-            vsz: torch.Tensor | None, cent: torch.Tensor | None, seq_lens: torch.Tensor,
-            qk_scale: float, out: torch.Tensor, tokens: int, hkv: int,
-            cfg: LaunchConfig) -> torch.Tensor:
+def _launch(
+    q: torch.Tensor,
+    kmode: int,
+    kbits: int,
+    kbytes: int,
+    k: torch.Tensor,
+    ks: torch.Tensor | None,
+    vmode: int,
+    vbits: int,
+    vbytes: int,
+    v: torch.Tensor,
+    vsz: torch.Tensor | None,
+    cent: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    qk_scale: float,
+    out: torch.Tensor,
+    tokens: int,
+    hkv: int,
+    cfg: LaunchConfig,
+    pair_table: torch.Tensor | None = None,
+) -> torch.Tensor:
     b, hq, d = (int(s) for s in q.shape)
     group = hq // hkv
     splits = cfg.num_splits
@@ -282,22 +378,58 @@ def _launch(q: torch.Tensor, kmode: int, kbits: int, kbytes: int, k: torch.Tenso
     vsz_t = vsz if vsz is not None else v
     ks_strides = ks.stride()[:3] if ks is not None else (0, 0, 0)
     vsz_strides = vsz.stride()[:4] if vsz is not None else (0, 0, 0, 0)
-    _decode_split_kernel[(hkv, splits, b)](
-        q, *q.stride(),
-        k, *k.stride(),
-        ks_t, *ks_strides,
-        v, *v.stride(),
-        vsz_t, *vsz_strides,
-        cent if cent is not None else k, seq_lens, part_o, part_l,
-        qk_scale, split_len,
-        NUM_SPLITS=splits, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=cfg.block_n, KMODE=kmode, KBITS=kbits, KBYTES=kbytes,
-        VMODE=vmode, VBITS=vbits, VBYTES=vbytes, PRECISE_TABLE=cfg.precise_table,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (hkv, splits, b)
+    g_pad = max(16, triton.next_power_of_2(group))
+    if pair_table is not None and ks is not None and vsz is not None:
+        decode_split_q4_kernel[grid](
+            q, *q.stride(), k, *k.stride(), ks, *ks.stride()[:3], v, *v.stride(),
+            vsz, *vsz.stride()[:4], pair_table, seq_lens, part_o, part_l, qk_scale, split_len,
+            NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, D=d, BLOCK_N=cfg.block_n,
+            PRECISE_TABLE=cfg.precise_table, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    else:
+        _decode_split_kernel[grid](
+            q,
+            *q.stride(),
+            k,
+            *k.stride(),
+            ks_t,
+            *ks_strides,
+            v,
+            *v.stride(),
+            vsz_t,
+            *vsz_strides,
+            cent if cent is not None else k,
+            seq_lens,
+            part_o,
+            part_l,
+            qk_scale,
+            split_len,
+            NUM_SPLITS=splits,
+            GROUP=group,
+            G_PAD=max(16, triton.next_power_of_2(group)),
+            D=d,
+            BLOCK_N=cfg.block_n,
+            KMODE=kmode,
+            KBITS=kbits,
+            KBYTES=kbytes,
+            VMODE=vmode,
+            VBITS=vbits,
+            VBYTES=vbytes,
+            PRECISE_TABLE=cfg.precise_table,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     _merge_kernel[(b * hq,)](
-        part_o, part_l, out, *out.stride(), hq,
-        NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), D=d, num_warps=4,
+        part_o,
+        part_l,
+        out,
+        *out.stride(),
+        hq,
+        NUM_SPLITS=splits,
+        S_PAD=triton.next_power_of_2(splits),
+        D=d,
+        num_warps=4,
     )
     return out
 
@@ -311,7 +443,7 @@ def fused_decode_attention(
     seq_lens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     constants: DecodeConstants | None = None,
-    config: LaunchConfig = LaunchConfig(),  # noqa: B008  (frozen, so sharing it is safe)
+    config: LaunchConfig = LaunchConfig(),
     check_values: bool = True,
 ) -> torch.Tensor:
     """softmax(scale·q·k̃ᵀ)·ṽ over the packed cache; q [B, Hq, d] → out [B, Hq, d].
@@ -320,8 +452,7 @@ def fused_decode_attention(
     has validated them upstream passes False.
     """
     where = "fused_decode_attention"
-    b, hq, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size,
-                                           where)
+    b, _, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
     codec._check_cache(cache, where)
     _check_head_size(d, where)
     dev = _check_device([q, *cache.planes()], where)
@@ -341,9 +472,30 @@ def fused_decode_attention(
         qk = q.float() @ consts.rotation_t.to(dev)  # Πq for each head, once per step
         kmode, kbits, cent = KMODE_CODEBOOK, p.key_bits, consts.centroids
         qk_scale = sm * LOG2E / math.sqrt(d)
-    return _launch(qk, kmode, kbits, p.key_code_bytes(d), cache.key_codes, cache.key_scales,
-                   VMODE_UNIFORM, p.value_bits, p.value_code_bytes(d), cache.value_codes,
-                   cache.value_scale_zero, cent, lens, qk_scale, out, t, hkv, config)
+    q4_table = None
+    if p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4:
+        q4_table = None if config.generic else consts.pair_table
+    return _launch(
+        qk,
+        kmode,
+        kbits,
+        p.key_code_bytes(d),
+        cache.key_codes,
+        cache.key_scales,
+        VMODE_UNIFORM,
+        p.value_bits,
+        p.value_code_bytes(d),
+        cache.value_codes,
+        cache.value_scale_zero,
+        cent,
+        lens,
+        qk_scale,
+        out,
+        t,
+        hkv,
+        config,
+        pair_table=q4_table,
+    )
 
 
 def fused_decode_attention_dense(
@@ -354,7 +506,7 @@ def fused_decode_attention_dense(
     scale: float | None = None,
     seq_lens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    config: LaunchConfig = LaunchConfig(),  # noqa: B008
+    config: LaunchConfig = LaunchConfig(),
     check_values: bool = True,
 ) -> torch.Tensor:
     """The same kernel reading fp16/bf16 K/V [B, Hkv, T, d] (the uncompressed baseline)."""
@@ -366,7 +518,7 @@ def fused_decode_attention_dense(
         )
     if k.dtype not in (torch.float16, torch.bfloat16):
         raise KernelInputError(f"{where}: dense K/V must be float16 or bfloat16, got {k.dtype}")
-    b, hq, hkv, t, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]), where)
+    b, _, hkv, t, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]), where)
     _check_head_size(d, where)
     dev = _check_device([q, k, v], where)
     out = _check_out(out, q, where)
@@ -374,5 +526,23 @@ def fused_decode_attention_dense(
     if check_values and not bool(torch.isfinite(q).all()):
         raise KernelInputError(f"{where}: q holds NaN or infinite values")
     sm = 1.0 / math.sqrt(d) if scale is None else scale
-    return _launch(q, KMODE_DENSE, 16, 2 * d, k, None, VMODE_DENSE, 16, 2 * d, v, None, None,
-                   lens, sm * LOG2E, out, t, hkv, config)
+    return _launch(
+        q,
+        KMODE_DENSE,
+        16,
+        2 * d,
+        k,
+        None,
+        VMODE_DENSE,
+        16,
+        2 * d,
+        v,
+        None,
+        None,
+        lens,
+        sm * LOG2E,
+        out,
+        t,
+        hkv,
+        config,
+    )
