@@ -230,3 +230,14 @@ def test_prompts_are_unique_across_nonces(stand_in: StandIn) -> None:
     a = workloads.Prompts(ep, count=words, nonce="1").make(16, "decode", 3)
     b = workloads.Prompts(ep, count=words, nonce="2").make(16, "decode", 3)
     assert not set(a) & set(b)
+
+
+def test_parse_prefix_hits() -> None:
+    page = (
+        "# HELP vllm:prefix_cache_hits_total hits\n"
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 16.0\n'
+        'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 4.0\n'
+        'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e+09\n'
+    )
+    assert workloads.parse_prefix_hits(page) == 20.0
+    assert workloads.parse_prefix_hits("other_metric 3\n") is None

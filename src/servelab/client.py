@@ -406,6 +406,9 @@ class RunResult:
     workers: int
     loop_lag: tuple[LoopLag, ...]  # one per worker process
     max_loop_lag_ms: float
+    # Prompt tokens the server's own counter (vLLM: vllm:prefix_cache_hits_total) says came
+    # from its prefix cache during the run; None where not scraped.
+    server_cache_hits: float | None = None
 
     @property
     def duration_s(self) -> float:
@@ -431,11 +434,18 @@ class RunResult:
         ]
 
     def cache_hits(self) -> list[str]:
-        return [
+        hits = [
             f"request {r.index}: {r.cached_tokens} prompt tokens came from the prefix cache"
             for r in self.records
             if r.cached_tokens
         ]
+        if self.server_cache_hits:
+            hits.append(
+                f"the server counted {self.server_cache_hits:g} prefix-cache hit tokens during "
+                "the run (vllm:prefix_cache_hits_total); measured prompts must be new. If other "
+                "tests share this server (pytest -n), run the perf tests without -n"
+            )
+        return hits
 
     def client_lagged(self) -> list[str]:
         return [

@@ -10,10 +10,13 @@ against the same long-lived server never meets its own earlier prompts in the pr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from servelab import arrivals as arrivals_mod
 from servelab.client import (
@@ -28,6 +31,8 @@ from servelab.metrics import output_rate_in, steady_state_window
 from servelab.prompts import TokenCounter, exact_text, server_token_counter
 from servelab.server import Endpoint
 
+PREFIX_HITS_METRIC = "vllm:prefix_cache_hits_total"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -41,6 +46,7 @@ class Settings:
     progress: bool = True
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS
     nonce: str | None = None
+    check_server_cache: bool = True  # scrape the server's prefix-cache hit counter per run
 
 
 class Prompts:
@@ -83,7 +89,8 @@ def _run(
     arrivals_s: Sequence[float] | None = None,
     progress: bool | None = None,
 ) -> RunResult:
-    return run_requests(
+    before = server_cache_hits(endpoint) if s.check_server_cache else None
+    res = run_requests(
         endpoint,
         _payloads(endpoint, texts, output_tokens, s),
         concurrency=concurrency,
@@ -95,6 +102,42 @@ def _run(
         progress=s.progress if progress is None else progress,
         max_loop_lag_ms=s.max_loop_lag_ms,
     )
+    after = server_cache_hits(endpoint) if before is not None else None
+    if before is not None and after is not None:
+        res = dataclasses.replace(res, server_cache_hits=after - before)
+    return res
+
+
+def server_cache_hits(endpoint: Endpoint, timeout_s: float = 10.0) -> float | None:
+    """The server's prefix-cache hit counter (vLLM's Prometheus ``/metrics``), summed over
+    engines; None when the server does not expose it."""
+    try:
+        r = httpx.get(
+            endpoint.base_url.rstrip("/") + "/metrics",
+            headers=dict(endpoint.headers),
+            timeout=timeout_s,
+            trust_env=False,
+        )
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    return parse_prefix_hits(r.text)
+
+
+def parse_prefix_hits(text: str) -> float | None:
+    """Sum of ``vllm:prefix_cache_hits_total`` samples in a Prometheus text page."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(PREFIX_HITS_METRIC):
+            rest = line[len(PREFIX_HITS_METRIC) :]
+            if rest[:1] in ("{", " "):
+                try:
+                    total += float(rest.rsplit(" ", 1)[1])
+                    seen = True
+                except (IndexError, ValueError):
+                    continue
+    return total if seen else None
 
 
 def warm_up(
