@@ -127,7 +127,7 @@ def test_host_key_ignores_driver_but_not_card_count() -> None:
 
 
 def test_accelerator_available_counts_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hw.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("servelab.hardware.shutil.which", lambda name: f"/usr/bin/{name}")
     runner = fake_runner({NVIDIA_QUERY: sample("nvidia-smi-query.csv")})
     assert hw.accelerator_available("cuda", 2, runner) == (True, "")
     ok, why = hw.accelerator_available("cuda", 4, runner)
@@ -137,7 +137,7 @@ def test_accelerator_available_counts_devices(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_accelerator_available_without_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hw.shutil, "which", lambda name: None)
+    monkeypatch.setattr("servelab.hardware.shutil.which", lambda name: None)
     ok, why = hw.accelerator_available("xpu", 1)
     assert not ok and "xpu-smi" in why
 
