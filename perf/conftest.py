@@ -144,6 +144,10 @@ def servelab_quality_gate(
     except ServelabError as exc:
         pytest.fail(str(exc), pytrace=False)
     records.gates[servelab_target] = report
+    servelab_state.quality_checks.extend(
+        f"[{servelab_target}] {c.name}: {'pass' if c.passed else 'FAIL'} - {c.summary}"
+        for c in report.checks
+    )
     if not report.passed:
         servelab_state.invalid_reasons.extend(report.reasons())
     _write(servelab_options.results_dir, servelab_target, report, records)

@@ -156,7 +156,7 @@ def check_answer(case: RecallCase, text: str) -> RecallAnswer:
     observed = first_word(text)
     if observed == case.expected:
         return RecallAnswer(case, text, observed, True, None)
-    close = observed and (
+    close = len(observed) >= 3 and (
         case.expected in observed
         or observed in case.expected
         or difflib.SequenceMatcher(None, observed, case.expected).ratio() >= 0.75
