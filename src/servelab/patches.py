@@ -118,12 +118,13 @@ def parse_patch(text: str, *, source: str) -> tuple[FilePatch, ...]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    for n, line in enumerate(lines, start=1):
+        if line.startswith(("GIT binary patch", "Binary files ")):
+            raise PatchError(f"{source}: line {n}: binary patches cannot be checked")
     files: list[FilePatch] = []
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("GIT binary patch") or line.startswith("Binary files "):
-            raise PatchError(f"{source}: line {i + 1}: binary patches cannot be checked")
         if not line.startswith("--- "):
             i += 1
             continue
