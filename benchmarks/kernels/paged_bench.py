@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from servelab.kernels.attention import accumulate, new_state
+from servelab.kernels.attention import accumulate, finalize, new_state, prepare_query
 from servelab.kernels.paged import PagedKVCache, cpu_paged_attention, plan_chunks
 from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
 
@@ -251,7 +251,6 @@ def bench_decode(
     overlap: bool,
     chunk_tokens: int,
     reps: int,
-    impl: str = "auto",
 ) -> Figure:
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -292,14 +291,12 @@ def bench_decode(
             overlap=overlap,
             out=out,
             out_lse=lse,
-            attention_impl=impl,
         )
 
     params = {
         "ctx": ctx,
         "block": block,
         "strategy": strategy,
-        "impl": impl,
         "overlap": overlap,
         "chunk_tokens": chunk_tokens,
         "q_heads": HKV * GQA,
@@ -337,43 +334,33 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
 
     gen = torch.Generator().manual_seed(4)
     query = torch.randn(1, HKV * GQA, HEAD, generator=gen).to(DTYPE).to(dev)
-    k_dev = torch.randn(min(ctx, 8 * chunk_tokens), HKV, HEAD, generator=gen).to(DTYPE).to(dev)
+    k_dev = torch.randn(min(ctx, 2 * chunk_tokens), HKV, HEAD, generator=gen).to(DTYPE).to(dev)
     v_dev = torch.randn_like(k_dev)
 
-    def compute_only(impl: str) -> None:
-        state = new_state(1, HKV * GQA, HEAD, dev)
+    def compute_only() -> None:
+        q_prep = prepare_query(query, HEAD**-0.5, HKV)
+        state = new_state(HKV, int(q_prep.shape[1]), HEAD, dev)
         for c in chunks:
             n = c.token_end - c.token_start
             off = c.token_start % (k_dev.shape[0] - n + 1)
             state = accumulate(
                 state,
-                query,
+                q_prep,
                 k_dev[off : off + n],
                 v_dev[off : off + n],
-                impl=impl,
-                scale=HEAD**-0.5,
+                num_q=1,
                 q_start=ctx,
                 k_start=c.token_start,
                 causal=True,
                 window=None,
                 softcap=None,
             )
+        finalize(state, 1)
 
     params = {"ctx": ctx, "block": block, "chunk_tokens": chunk_tokens}
     return [
         figure("stage_only", params, time_cuda(stage_only, reps), kv_bytes(ctx)),
-        figure(
-            "compute_only",
-            {**params, "impl": "triton"},
-            time_cuda(lambda: compute_only("triton"), reps),
-            0,
-        ),
-        figure(
-            "compute_only",
-            {**params, "impl": "torch"},
-            time_cuda(lambda: compute_only("torch"), reps),
-            0,
-        ),
+        figure("compute_only", params, time_cuda(compute_only, reps), 0),
     ]
 
 
@@ -417,7 +404,8 @@ def check_decode_accuracy(host: HostKV, ctx: int, block: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton gather's knobs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("paged_bench needs a CUDA device", file=sys.stderr)
@@ -434,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
     }
     print(json.dumps(env), flush=True)
-    reps = 5 if args.quick else 15
+    reps = 5 if args.quick else 10
     figs: list[Figure] = []
     sizes = [64 << 10, 256 << 10, 2 * MiB, 16 * MiB, 256 * MiB, 1024 * MiB]
     figs += bench_copies(sizes, reps=reps * 2)
@@ -448,21 +436,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(json.dumps(accuracy), flush=True)
     for block in (16, 256):
-        figs += bench_gather(host, block, 8192, reps, triton_sweep=True)
+        figs += bench_gather(host, block, 8192, reps, triton_sweep=args.sweep)
     _progress(figs, t0)
     for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
         r = reps if ctx < max_ctx else max(5, reps // 2)
-        for block in (256, 16):
-            figs.append(bench_decode(host, ctx, block, "auto", True, 8192, r))
-            figs.append(bench_decode(host, ctx, block, "auto", False, 8192, r))
-            figs.append(bench_decode(host, ctx, block, "auto", True, 8192, r, impl="torch"))
-            if ctx <= 128 * 1024:
-                figs.append(bench_decode(host, ctx, block, "coalesced", True, 8192, max(3, r // 3)))
-            if ctx == 32 * 1024:
-                figs.append(bench_decode(host, ctx, block, "cpu_pack", True, 8192, max(3, r // 3)))
-        for chunk in (4096, 16384, 32768):
+        few = max(3, r // 3)
+        for chunk in (8192, 16384, 32768):
             figs.append(bench_decode(host, ctx, 256, "auto", True, chunk, r))
-        figs += bench_split(host, ctx, 256, 8192, r)
+        figs.append(bench_decode(host, ctx, 256, "auto", False, 32768, r))
+        for chunk in (8192, 32768):
+            figs.append(bench_decode(host, ctx, 16, "auto", True, chunk, r))
+        if ctx <= 128 * 1024:
+            figs.append(bench_decode(host, ctx, 256, "coalesced", True, 32768, few))
+        if ctx == 32 * 1024:
+            figs.append(bench_decode(host, ctx, 16, "coalesced", True, 8192, few))
+            figs.append(bench_decode(host, ctx, 256, "cpu_pack", True, 8192, few))
+        for chunk in (8192, 32768):
+            figs += bench_split(host, ctx, 256, chunk, r)
         _progress(figs, t0)
     copy_rate = max(
         f.gbps for f in figs if f.name == "h2d_pinned" and f.params["bytes"] >= 16 * MiB

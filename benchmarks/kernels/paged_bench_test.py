@@ -71,8 +71,11 @@ def test_cpu_paged_decode(benchmark: Any, host: Any, ctx: int, block: int) -> No
     gpu.key.copy_(torch.randn(gpu.key.shape, generator=gen).to(pb.DTYPE))
     gpu.value.copy_(torch.randn(gpu.value.shape, generator=gen).to(pb.DTYPE))
     query = torch.randn(1, pb.HKV * pb.GQA, pb.HEAD, generator=gen).to(pb.DTYPE).cuda()
+    # A quarter of the context per chunk, 8K..32K tokens: big enough that staging a chunk
+    # outlasts issuing its attention, small enough that the last chunk's attention is short.
+    chunk = min(32768, max(8192, ctx // 4))
     scratch = StagingScratch.allocate(
-        chunk_blocks=8192 // block,
+        chunk_blocks=chunk // block,
         block_size=block,
         num_kv_heads=pb.HKV,
         head_size=pb.HEAD,
@@ -89,6 +92,7 @@ def test_cpu_paged_decode(benchmark: Any, host: Any, ctx: int, block: int) -> No
     benchmark.extra_info.update(
         card=torch.cuda.get_device_name(),
         ctx=ctx,
+        chunk_tokens=chunk,
         block=block,
         bytes=nbytes,
         q_heads=pb.HKV * pb.GQA,

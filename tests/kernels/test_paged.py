@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels.attention import accumulate, chunk_fully_masked, new_state, resolve_impl
+from servelab.kernels.attention import attend_range, chunk_fully_masked
 from servelab.kernels.paged import (
     Chunk,
     PagedKVCache,
@@ -183,7 +183,6 @@ def run(
     case: Case,
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
-    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.full_like(sc.query, NAN, memory_format=torch.contiguous_format)
     lse = torch.full(sc.query.shape[:2], NAN, dtype=torch.float32, device=sc.query.device)
@@ -203,15 +202,9 @@ def run(
         overlap=overlap,
         out=out,
         out_lse=lse,
-        attention_impl=impl,
     )
     assert res[0] is out and res[1] is lse
     return out, lse
-
-
-def _impls(query: torch.Tensor) -> list[str]:
-    """Every per-chunk implementation that runs here: torch ops, and Triton where it can."""
-    return ["torch", "triton"] if resolve_impl("auto", query) == "triton" else ["torch"]
 
 
 def test_matches_reference(case: Case, device: torch.device, torch_gen: torch.Generator) -> None:
@@ -220,11 +213,9 @@ def test_matches_reference(case: Case, device: torch.device, torch_gen: torch.Ge
     kw = {"causal": True, "window": case.window, "softcap": case.softcap}
     ref, ref_lse = reference_attention(q, sc.key, sc.value, **kw)  # type: ignore[arg-type]
     lowp, _ = reference_attention(q, sc.key, sc.value, upcast=False, **kw)  # type: ignore[arg-type]
-    for impl in _impls(sc.query):
-        _poison(sc.scratch.key, sc.scratch.value)
-        out, lse = run(sc, case, impl=impl)
-        report = check_attention(out, ref, lowp, dtype=case.dtype, lse=lse, lse_ref=ref_lse)
-        assert report.ok, f"{impl}: {report.explain()}"
+    out, lse = run(sc, case)
+    report = check_attention(out, ref, lowp, dtype=case.dtype, lse=lse, lse_ref=ref_lse)
+    assert report.ok, report.explain()
 
 
 def _strategies(device: torch.device, src: torch.Tensor) -> list[GatherStrategy]:
@@ -266,23 +257,20 @@ def test_empty_host_part_is_suffix_exactly(
 ) -> None:
     case = Case(16, 4, 64, 3, 0, 45, 64, torch.float32)
     sc = build(case, device, torch_gen)
+    out, lse = run(sc, case)
     k, v = sc.gpu_cache.read(sc.gpu_table, case.gpu_len)
-    for impl in _impls(sc.query):
-        out, lse = run(sc, case, impl=impl)
-        want, want_lse = accumulate(
-            new_state(case.num_q, case.hkv * case.gqa, case.head, device),
-            sc.query,
-            k,
-            v,
-            impl=impl,
-            scale=1 / math.sqrt(case.head),
-            q_start=case.gpu_len - case.num_q,
-            k_start=0,
-            causal=True,
-            window=None,
-            softcap=None,
-        )
-        assert torch.equal(out, want.to(out.dtype)) and torch.equal(lse, want_lse), impl
+    want, want_lse = attend_range(
+        sc.query,
+        k,
+        v,
+        scale=1 / math.sqrt(case.head),
+        q_start=case.gpu_len - case.num_q,
+        k_start=0,
+        causal=True,
+        window=None,
+        softcap=None,
+    )
+    assert torch.equal(out, want.to(out.dtype)) and torch.equal(lse, want_lse)
 
 
 def test_both_parts_empty(device: torch.device, torch_gen: torch.Generator) -> None:
@@ -357,7 +345,6 @@ BAD = [
     ("out_lse_dtype", "out_lse must have dtype in"),
     ("negative_len", "gpu_len must be >= 0"),
     ("window", "window must be None or an int >= 1"),
-    ("impl", "attention_impl must be 'auto', 'torch' or 'triton'"),
 ]
 
 
@@ -440,17 +427,8 @@ def test_bad_input_raises_before_launch(
         args["gpu_len"] = -1
     elif what == "window":
         kw["window"] = 0
-    elif what == "impl":
-        kw["attention_impl"] = "cuda-graph"
     with pytest.raises(KernelInputError, match=match) as info:
         cpu_paged_attention(**args, **kw)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
     assert torch.isnan(out).all(), "nothing may be written before validation passes"
     assert torch.isnan(sc.scratch.key).all(), "nothing may be staged before validation passes"
-
-
-def test_triton_impl_refused_where_it_cannot_run(device: torch.device) -> None:
-    query = torch.zeros(1, 4, 48, device=device)  # head 48: not a power of two
-    assert resolve_impl("auto", query) == "torch"
-    with pytest.raises(KernelInputError, match="attention_impl='triton' needs a CUDA device"):
-        resolve_impl("triton", query)

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels.attention import accumulate, chunk_fully_masked, new_state, resolve_impl
+from servelab.kernels.attention import (
+    accumulate,
+    chunk_fully_masked,
+    finalize,
+    new_state,
+    prepare_query,
+)
 from servelab.kernels.staging import (
     GatherStrategy,
     StagingScratch,
@@ -258,16 +264,13 @@ def cpu_paged_attention(
     overlap: bool = True,
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
-    attention_impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[T, Hq, D]`` over ``cpu_len`` host tokens then ``gpu_len``
     device tokens; returns ``(out [T, Hq, D] in the query dtype, lse [T, Hq] float32)``.
 
     The queries are the last T positions of the sequence (``q_start = cpu_len + gpu_len -
     T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
-    ``out``/``out_lse``, when given, are written in place. ``attention_impl`` picks the
-    per-chunk step: ``"triton"`` (fused, CUDA), ``"torch"`` (any device) or ``"auto"``.
-    Every argument is checked before
+    ``out``/``out_lse``, when given, are written in place. Every argument is checked before
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
     """
     chunk_blocks = _validate(
@@ -304,20 +307,20 @@ def cpu_paged_attention(
             window=window,
         )
     )
-    impl = resolve_impl(attention_impl, query)
     streams = _Streams(device, overlap)
-    state = new_state(num_q, num_heads, head_size, device)
+    h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
+    q_prep = prepare_query(query, sm_scale, h)
+    state = new_state(h, int(q_prep.shape[1]), head_size, device)
 
     def fold(
         acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return accumulate(
             acc,
-            query,
+            q_prep,
             k,
             v,
-            impl=impl,
-            scale=sm_scale,
+            num_q=num_q,
             q_start=q_start,
             k_start=k_start,
             causal=causal,
@@ -325,7 +328,6 @@ def cpu_paged_attention(
             softcap=softcap,
         )
 
-    h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
     buffers = scratch.buffers
     slot_free: list[Any] = [None] * buffers
     pack_done: list[Any] = [None] * buffers
@@ -387,12 +389,13 @@ def cpu_paged_attention(
             if ev is not None:
                 ev.synchronize()
 
+    final_out, final_lse = finalize(state, num_q)
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if out_lse is None:
         out_lse = torch.empty(num_q, num_heads, dtype=torch.float32, device=device)
-    out.copy_(state[0])
-    out_lse.copy_(state[1])
+    out.copy_(final_out)  # the one cast to the query dtype
+    out_lse.copy_(final_lse)
     return out, out_lse
 
 
