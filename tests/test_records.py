@@ -201,3 +201,12 @@ def test_ctrl_c_still_writes_the_record(pytester: pytest.Pytester) -> None:
     assert len(recs) == 1
     assert recs[0]["session"]["interrupted"] is True  # type: ignore[index]
     assert recs[0]["results"][0]["figures"][0]["metric"] == "decode_output_tok_s"  # type: ignore
+
+
+def test_lab_extras_become_plain_json(tmp_path: Path) -> None:
+    lab = {"gates": {"b70-gemma": SESSION}, "metrics": {"t": ValueError("no /metrics")}}
+    rec = build_record(SESSION, HOST, [TARGET], FIGS, lab=lab)
+    assert rec["lab"]["gates"]["b70-gemma"]["command"] == "pytest -m perf"
+    assert rec["lab"]["metrics"]["t"] == "no /metrics"
+    paths = write_record(tmp_path, rec, Redactor(frozenset()))
+    assert load_record(paths.folder)["lab"] == rec["lab"]

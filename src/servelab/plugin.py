@@ -446,8 +446,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     names = sorted({f.identity.profile for f in state.figures}) or ["session"]
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     label = "-".join([*names, *([worker] if worker else [])])
+    from servelab.quality import LAB_RECORDS_KEY
+
+    lab = session.config.stash.get(LAB_RECORDS_KEY, None)
     try:
         state.messages += perf.finish(figures=state.figures, session=info,
-                                      requests=state.requests, logs=logs, label=label)
+                                      requests=state.requests, logs=logs, label=label,
+                                      lab=vars(lab) if lab is not None else None)
     except (ServelabError, OSError) as exc:
         state.messages.append(f"servelab: could not write the record: {exc}")

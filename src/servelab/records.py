@@ -207,6 +207,22 @@ def community_row(
     }
 
 
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data from dataclasses, mappings, sequences and scalars (others: str)."""
+    from dataclasses import fields as dc_fields
+    from dataclasses import is_dataclass
+
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dc_fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
 def build_record(
     session: SessionInfo,
     host: HostIdentity,
@@ -214,7 +230,10 @@ def build_record(
     figures: Sequence[Figure],
     verdicts: Sequence[Verdict] = (),
     artifacts: Sequence[str] = ("record.json", "record.md", "raw.jsonl", "claims/"),
+    lab: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The record; `lab` holds the lab wiring's extras (quality gates, patch checks,
+    /metrics deltas, session cache) as plain data."""
     by_fig = {id(v.figure): v for v in verdicts}
     results = []
     for t in targets:
@@ -232,6 +251,7 @@ def build_record(
         "session": asdict(session),
         "host": host.to_dict(),
         "results": results,
+        "lab": jsonable(lab or {}),
     }
 
 
@@ -520,13 +540,14 @@ class PerfSession:
         requests: Sequence[Mapping[str, Any]] = (),
         logs: Sequence[Path] = (),
         label: str = "session",
+        lab: Mapping[str, Any] | None = None,
     ) -> list[str]:
         """Write the record (always, when anything was measured) and update baselines when
         asked and allowed. Returns the lines to show the user."""
         lines: list[str] = []
         if figures or requests:
             record = build_record(session, self.host, self.targets(figures), figures,
-                                  self.verdicts)
+                                  self.verdicts, lab=lab)
             folder = session_folder(self.results_dir, session.started_at, label)
             paths = write_record(folder, record, self.redactor, requests=requests, logs=logs)
             lines.append(f"record written: {paths.folder} (record.json, record.md, "
