@@ -46,7 +46,7 @@ PRESET = "turboquant_4bit_nc"
 
 def bench(fn: Callable[[], Any]) -> float:
     """Median milliseconds (warm-up and repetitions are in ms for do_bench)."""
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench(fn, warmup=20, rep=60, return_mode="median"))
 
 
 def graph_bench(fn: Callable[[], Any]) -> float:
@@ -77,7 +77,6 @@ def sdpa_variants(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
     out["sdpa_default"] = bench(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
     for name, backend in (
         ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-        ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
         ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
     ):
         try:
@@ -89,8 +88,9 @@ def sdpa_variants(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
     return out
 
 
-def sweep(fn: Callable[[LaunchConfig], Any], configs: list[LaunchConfig],
-          split_options: tuple[int, ...]) -> tuple[LaunchConfig, float, list[dict]]:
+def sweep(
+    fn: Callable[[LaunchConfig], Any], configs: list[LaunchConfig], split_options: tuple[int, ...]
+) -> tuple[LaunchConfig, float, list[dict]]:
     """Time each config, then the best one at other split counts; return the fastest."""
     rows: list[dict] = []
     best: tuple[LaunchConfig, float] | None = None
@@ -148,27 +148,45 @@ def run(tokens: int, hbm: float, sm: int) -> dict[str, Any]:
     res["sdpa_best_ms"] = min(res["sdpa"].values())
 
     # Dense: the best configs of the first H100 run (2026-11-25), plus the default.
-    dense_cfgs = [LaunchConfig(128, 8, 2), LaunchConfig(32, 4, 3), LaunchConfig(64, 4, 2)]
+    dense_cfgs = [LaunchConfig(128, 8, 2), LaunchConfig(64, 4, 2)]
     cfg_d, ms_d, rows_d = sweep(
         lambda c: fused_decode_attention_dense(q, k, v, config=c, check_values=False),
-        dense_cfgs, ())
-    tq_cfgs = [LaunchConfig(bn, w, st, None, precise_table=False)
-               for bn, w, st in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (128, 4, 3))]
+        dense_cfgs,
+        (),
+    )
+    tq_cfgs = [
+        LaunchConfig(128, 4, 2, None, precise_table=False),
+        LaunchConfig(128, 4, 2, None, precise_table=False, pair_table=True),
+        LaunchConfig(64, 4, 2, None, precise_table=False),
+        LaunchConfig(128, 8, 2, None, precise_table=False),
+        LaunchConfig(128, 4, 2, None, precise_table=False, split_operands=False),
+        LaunchConfig(128, 4, 2, None, precise_table=False, split_operands=False, pair_table=True),
+    ]
     default_splits = math.ceil(4 * sm / HKV)
     tq = lambda c: fused_decode_attention(  # noqa: E731
-        q, cache, codec, constants=consts, config=c, check_values=False)
+        q, cache, codec, constants=consts, config=c, check_values=False
+    )
     cfg_t, ms_t, rows_t = sweep(tq, tq_cfgs, (default_splits // 2, default_splits * 2))
-    cfg_p = dataclasses.replace(cfg_t, precise_table=True)
-    res["tq_precise_ms"] = bench(lambda: tq(cfg_p))
-    res["tq_generic_ms"] = bench(lambda: tq(LaunchConfig(128, 4, 2, default_splits // 2,
-                                                         precise_table=True, generic=True)))
-    res.update(dense_best=dataclasses.asdict(cfg_d), dense_ms=ms_d, dense_sweep=rows_d,
-               tq_best=dataclasses.asdict(cfg_t), tq_ms=ms_t, tq_sweep=rows_t)
+    res["tq_precise_ms"] = bench(lambda: tq(dataclasses.replace(cfg_t, precise_table=True)))
+    res["tq_pair_precise_ms"] = bench(
+        lambda: tq(dataclasses.replace(cfg_t, precise_table=True, pair_table=True))
+    )
+    res["tq_generic_ms"] = bench(lambda: tq(dataclasses.replace(cfg_t, generic=True)))
+    res.update(
+        dense_best=dataclasses.asdict(cfg_d),
+        dense_ms=ms_d,
+        dense_sweep=rows_d,
+        tq_best=dataclasses.asdict(cfg_t),
+        tq_ms=ms_t,
+        tq_sweep=rows_t,
+    )
     res["tq_graph_ms"] = graph_bench(lambda: tq(cfg_t))
     res["dense_graph_ms"] = graph_bench(
-        lambda: fused_decode_attention_dense(q, k, v, config=cfg_d, check_values=False))
+        lambda: fused_decode_attention_dense(q, k, v, config=cfg_d, check_values=False)
+    )
     res["sdpa_graph_ms"] = graph_bench(
-        lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
+        lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    )
     # Correctness of the timed fast configuration itself, on these inputs.
     res["err_tq_best_vs_unfused_maxabs"] = float((tq(cfg_t).double() - unfused).abs().max())
     del unfused, exact
@@ -210,7 +228,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("sweep")}))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "turboquant_decode.json").write_text(
-            json.dumps({"meta": meta, "results": results}, indent=1))
+            json.dumps({"meta": meta, "results": results}, indent=1)
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "turboquant_decode.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=1)

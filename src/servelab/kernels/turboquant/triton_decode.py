@@ -286,6 +286,8 @@ class LaunchConfig:
     num_splits: int | None = None  # None: about four programs per multiprocessor
     precise_table: bool = True  # add the fp16 residue of the centroid table (one more MMA)
     generic: bool = False  # force the generic kernel where the 4-bit one would serve
+    pair_table: bool = False  # 4-bit kernel: gather per byte (1 KB table), not per nibble
+    split_operands: bool = True  # 4-bit kernel: q and p·scale as fp16 hi + lo (2× the MMAs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -383,9 +385,11 @@ def _launch(
     if pair_table is not None and ks is not None and vsz is not None:
         decode_split_q4_kernel[grid](
             q, *q.stride(), k, *k.stride(), ks, *ks.stride()[:3], v, *v.stride(),
-            vsz, *vsz.stride()[:4], pair_table, seq_lens, part_o, part_l, qk_scale, split_len,
-            NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, D=d, BLOCK_N=cfg.block_n,
-            PRECISE_TABLE=cfg.precise_table, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            vsz, *vsz.stride()[:4], pair_table, cent, seq_lens, part_o, part_l, qk_scale,
+            split_len, NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, D=d, BLOCK_N=cfg.block_n,
+            PRECISE_TABLE=cfg.precise_table, PAIR_TABLE=cfg.pair_table,
+            SPLIT=cfg.split_operands,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
         _decode_split_kernel[grid](

@@ -36,10 +36,11 @@ def decode_split_q4_kernel(
     KS, sksb, sksh, skst,
     V, svb, svh, svt, svd,
     VSZ, szb, szh, szt, szc,
-    KTAB, SEQ_LENS, PART_O, PART_L,
+    KTAB, CENT, SEQ_LENS, PART_O, PART_L,
     qk_scale, split_len,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISE_TABLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISE_TABLE: tl.constexpr, PAIR_TABLE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = D // 2
     pid_h = tl.program_id(0)
@@ -69,6 +70,10 @@ def decode_split_q4_kernel(
     z_i = tl.zeros([G_PAD], tl.float32)  # Σ p·zero
     acc_e = tl.zeros([G_PAD, HALF], tl.float32)
     acc_o = tl.zeros([G_PAD, HALF], tl.float32)
+    # The lo half of p·scale goes in scaled by 2^11: the matrix unit drops products of two
+    # fp16 subnormals (seen on H100), and the value codes are subnormals.
+    acc_el = tl.zeros([G_PAD, HALF], tl.float32)
+    acc_ol = tl.zeros([G_PAD, HALF], tl.float32)
     k_base = K + pid_b.to(tl.int64) * skb + pid_h.to(tl.int64) * skh
     v_base = V + pid_b.to(tl.int64) * svb + pid_h.to(tl.int64) * svh
     ks_base = KS + pid_b.to(tl.int64) * sksb + pid_h.to(tl.int64) * sksh
@@ -86,13 +91,22 @@ def decode_split_q4_kernel(
         vsc = tl.load(vsz_base + offs_n64 * szt, mask=mask_n, other=0.0).to(tl.float32)
         vzr = tl.load(vsz_base + offs_n64 * szt + szc, mask=mask_n, other=0.0).to(tl.float32)
 
-        k_e, k_o = _pair_halves(tl.load(KTAB + kb))
+        if PAIR_TABLE:  # one gather per byte, from a 1 KB table (8 cache lines)
+            k_e, k_o = _pair_halves(tl.load(KTAB + kb))
+        else:  # one gather per nibble, from a 32-byte table (one sector)
+            k_e = tl.load(CENT + (kb & 15))
+            k_o = tl.load(CENT + (kb >> 4))
         s = tl.dot(qe_hi, tl.trans(k_e))
         s = tl.dot(qo_hi, tl.trans(k_o), acc=s)
-        s = tl.dot(qe_lo, tl.trans(k_e), acc=s)
-        s = tl.dot(qo_lo, tl.trans(k_o), acc=s)
+        if SPLIT:
+            s = tl.dot(qe_lo, tl.trans(k_e), acc=s)
+            s = tl.dot(qo_lo, tl.trans(k_o), acc=s)
         if PRECISE_TABLE:
-            r_e, r_o = _pair_halves(tl.load(KTAB + 256 + kb))
+            if PAIR_TABLE:
+                r_e, r_o = _pair_halves(tl.load(KTAB + 256 + kb))
+            else:
+                r_e = tl.load(CENT + 16 + (kb & 15))
+                r_o = tl.load(CENT + 16 + (kb >> 4))
             s = tl.dot(qe_hi, tl.trans(r_e), acc=s)
             s = tl.dot(qo_hi, tl.trans(r_o), acc=s)
         s = s * ks[None, :]
@@ -109,9 +123,12 @@ def decode_split_q4_kernel(
         v_o = (vb >> 4).to(tl.int16).to(tl.float16, bitcast=True)
         pv = p * vsc[None, :]
         pv_hi = pv.to(tl.float16)
-        pv_lo = (pv - pv_hi.to(tl.float32)).to(tl.float16)
-        acc_e = tl.dot(pv_lo, v_e, acc=tl.dot(pv_hi, v_e, acc=acc_e))
-        acc_o = tl.dot(pv_lo, v_o, acc=tl.dot(pv_hi, v_o, acc=acc_o))
+        pv_lo = ((pv - pv_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+        acc_e = tl.dot(pv_hi, v_e, acc=acc_e)
+        acc_o = tl.dot(pv_hi, v_o, acc=acc_o)
+        if SPLIT:
+            acc_el = tl.dot(pv_lo, v_e, acc=acc_el * alpha[:, None])
+            acc_ol = tl.dot(pv_lo, v_o, acc=acc_ol * alpha[:, None])
         m_i = m_new
 
     has = l_i > 0
@@ -121,6 +138,8 @@ def decode_split_q4_kernel(
     inv = 1.0 / l_safe
     zero = (z_i * inv)[:, None]
     out_rows = PART_O + row[:, None] * D
+    acc_e = acc_e + acc_el * (1.0 / 2048.0)
+    acc_o = acc_o + acc_ol * (1.0 / 2048.0)
     tl.store(out_rows + (2 * offs_h)[None, :], acc_e * (inv * 16777216.0)[:, None] + zero,
              mask=mask_g[:, None])
     tl.store(out_rows + (2 * offs_h + 1)[None, :], acc_o * (inv * 16777216.0)[:, None] + zero,
