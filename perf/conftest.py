@@ -93,6 +93,18 @@ def _check_patches(profile: Any, state: Any, records: LabRecords) -> None:
 
 
 @pytest.fixture(scope="session")
+def servelab_quality_set(
+    pytestconfig: pytest.Config, servelab_target: str, servelab_profile: Any
+) -> QualitySet | None:
+    """The target's quality file (--quality-file, else the profile's); None for an external
+    endpoint without one."""
+    try:
+        return _quality_set(pytestconfig, servelab_profile)
+    except ServelabError as exc:
+        pytest.fail(f"[{servelab_target}] {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def servelab_quality_gate(
     request: pytest.FixtureRequest,
     pytestconfig: pytest.Config,
@@ -108,8 +120,8 @@ def servelab_quality_gate(
     profile = servelab_profile
     if profile is not None:
         _check_patches(profile, servelab_state, records)
+    qset = request.getfixturevalue("servelab_quality_set")
     try:
-        qset = _quality_set(pytestconfig, profile)
         shape = None if profile is None else profile.workloads.recall
         if profile is not None and shape is not None:
             recall.check_fits_estimate(

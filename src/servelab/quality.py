@@ -22,6 +22,7 @@ Quality file format (TOML)::
     [recall]
     api = "chat"                     # or "completion" (the lab's raw prompt)
     lead_in = "The answer_word for lane {label} is"   # chat: assistant text to continue
+    session_lanes = ["B", "C"]       # lanes of the session-cache sessions (default A, B, ...)
     [[canary]]
     id = "capital-france"
     api = "chat"                     # or "completion"
@@ -85,6 +86,8 @@ class Canary:
 class RecallStyle:
     api: Api = "completion"
     lead_in: str = ""
+    #: Lanes the session-cache workload gives its sessions, in order (default A, B, C, ...).
+    session_lanes: tuple[str, ...] = ()
 
     def messages(self, case: recall.RecallCase) -> list[dict[str, str]]:
         msgs = [{"role": "user", "content": case.prompt}]
@@ -167,7 +170,7 @@ def _field(table: Mapping[str, Any], key: str, kind: type, where: str, required:
 def _recall_style(table: Any, where: str) -> RecallStyle:
     if not isinstance(table, dict):
         raise QualityGateError(f"{where}: must be a table")
-    _only(table, {"api", "lead_in"}, where)
+    _only(table, {"api", "lead_in", "session_lanes"}, where)
     api = table.get("api", "completion")
     if api not in _APIS:
         raise QualityGateError(f"{where}: field 'api' must be one of {_APIS} (got {api!r})")
@@ -180,7 +183,16 @@ def _recall_style(table: Any, where: str) -> RecallStyle:
         raise QualityGateError(
             f"{where}: 'lead_in' {lead_in!r} may only use the placeholder {{label}} ({exc})"
         ) from None
-    return RecallStyle(api=api, lead_in=lead_in)
+    lanes = table.get("session_lanes", [])
+    if not isinstance(lanes, list) or not all(
+        isinstance(x, str) and len(x) == 1 and x.isalpha() and x.isupper() for x in lanes
+    ):
+        raise QualityGateError(
+            f"{where}: 'session_lanes' must be a list of single capital letters (got {lanes!r})"
+        )
+    if len(set(lanes)) != len(lanes):
+        raise QualityGateError(f"{where}: 'session_lanes' repeats a lane: {lanes!r}")
+    return RecallStyle(api=api, lead_in=lead_in, session_lanes=tuple(lanes))
 
 
 def _canary(entry: Mapping[str, Any], where: str) -> Canary:
