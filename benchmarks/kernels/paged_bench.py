@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from servelab.kernels.attention import accumulate, finalize, new_state, prepare_query
-from servelab.kernels.paged import PagedKVCache, cpu_paged_attention, plan_chunks
+from servelab.kernels.paged import cpu_paged_attention, plan_chunks
+from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
 
 GB = 1e9

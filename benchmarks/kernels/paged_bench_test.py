@@ -54,7 +54,8 @@ def test_h2d_pinned_copy(benchmark: Any) -> None:
 def test_cpu_paged_decode(benchmark: Any, host: Any, ctx: int, block: int) -> None:
     import paged_bench as pb
 
-    from servelab.kernels.paged import PagedKVCache, cpu_paged_attention
+    from servelab.kernels.paged import cpu_paged_attention
+    from servelab.kernels.paged_cache import PagedKVCache
     from servelab.kernels.staging import StagingScratch
 
     cache = host.cache(block)

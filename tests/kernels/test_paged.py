@@ -20,14 +20,8 @@ import torch
 
 from servelab.errors import KernelInputError
 from servelab.kernels.attention import attend_range, chunk_fully_masked
-from servelab.kernels.paged import (
-    Chunk,
-    PagedKVCache,
-    blocks_for,
-    check_plan,
-    cpu_paged_attention,
-    plan_chunks,
-)
+from servelab.kernels.paged import Chunk, check_plan, cpu_paged_attention, plan_chunks
+from servelab.kernels.paged_cache import PagedKVCache, blocks_for
 from servelab.kernels.reference import reference_attention
 from servelab.kernels.staging import GatherStrategy, StagingScratch, gpu_gather_supported
 from servelab.kernels.tolerance import check_attention

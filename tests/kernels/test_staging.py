@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels.paged import PagedKVCache
+from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.staging import (
     GatherStrategy,
     StagingScratch,
     block_runs,
-    check_block_ids,
     gpu_gather_supported,
     resolve_strategy,
     stage_blocks,
 )
+from servelab.kernels.validation import check_block_ids
 
 pytestmark = pytest.mark.kernels
 

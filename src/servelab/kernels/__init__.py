@@ -6,7 +6,8 @@ This package is the only part of servelab that imports torch.
 - :mod:`servelab.kernels.merge` merging partial (output, LSE) states
 - :mod:`servelab.kernels.attention` the float32 per-chunk attention step
 - :mod:`servelab.kernels.staging` host-to-device block staging strategies
-- :mod:`servelab.kernels.paged` paged caches and CPU-paged attention
+- :mod:`servelab.kernels.paged_cache` paged KV caches and block tables
+- :mod:`servelab.kernels.paged` CPU-paged attention (chunk plan, streams, pipeline)
 - :mod:`servelab.kernels.tolerance` the error rule kernel tests apply
 """
 
@@ -19,7 +20,8 @@ from servelab.kernels.merge import (
     merge_many,
     merge_states,
 )
-from servelab.kernels.paged import PagedKVCache, cpu_paged_attention, plan_chunks
+from servelab.kernels.paged import cpu_paged_attention, plan_chunks
+from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.reference import reference_attention
 from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
 

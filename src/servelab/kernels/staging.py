@@ -30,7 +30,6 @@ from __future__ import annotations
 import enum
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -39,7 +38,6 @@ from servelab.kernels.validation import (
     KV_DTYPES,
     describe,
     require_dtype,
-    require_inner_contiguous,
     require_int,
     require_ndim,
     same_device,
@@ -216,31 +214,6 @@ class StagingScratch:
                 )
 
 
-def check_block_ids(name: str, table: torch.Tensor, num_blocks: int, needed: int) -> None:
-    """A host integer table holding at least ``needed`` ids, each in ``[0, num_blocks)``."""
-    if not isinstance(table, torch.Tensor):
-        raise KernelInputError(f"{name} must be a torch.Tensor of block ids")
-    require_ndim(name, table, 1, "[num_blocks_used] of physical block ids")
-    require_dtype(name, table, (torch.int32, torch.int64), "block ids")
-    if table.device.type != "cpu":
-        raise KernelInputError(
-            f"{name} must be a host (cpu) tensor: block ids are planned on the host; "
-            f"got {describe(table)}"
-        )
-    if table.numel() < needed:
-        raise KernelInputError(
-            f"{name} holds {table.numel()} block ids but the length needs {needed}"
-        )
-    if needed:
-        used = table[:needed]
-        lo, hi = int(used.min()), int(used.max())
-        if lo < 0 or hi >= num_blocks:
-            raise KernelInputError(
-                f"{name} has block ids in [{lo}, {hi}] but the cache holds blocks "
-                f"[0, {num_blocks - 1}]"
-            )
-
-
 def stage_blocks(
     src_key: torch.Tensor,
     src_value: torch.Tensor,
@@ -300,12 +273,3 @@ def _stage_one(
         return
     for i, b in enumerate(id_list):
         dst[i].copy_(src[b], non_blocking=True)
-
-
-def validate_host_cache(name: str, t: Any) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise KernelInputError(f"{name} must be a torch.Tensor")
-    require_ndim(name, t, 4, "[num_blocks, block_size, Hkv, D]")
-    require_dtype(name, t, KV_DTYPES)
-    require_inner_contiguous(name, t, 3, "each block dense: [block_size, Hkv, D] row-major")
-    return t

@@ -93,3 +93,38 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 def require_optional_positive(name: str, value: float | int | None) -> None:
     if value is not None and not value > 0:
         raise KernelInputError(f"{name} must be None or > 0, got {value!r}")
+
+
+def check_block_ids(name: str, table: torch.Tensor, num_blocks: int, needed: int) -> None:
+    """A host integer table holding at least ``needed`` ids, each in ``[0, num_blocks)``."""
+    if not isinstance(table, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor of block ids")
+    require_ndim(name, table, 1, "[num_blocks_used] of physical block ids")
+    require_dtype(name, table, (torch.int32, torch.int64), "block ids")
+    if table.device.type != "cpu":
+        raise KernelInputError(
+            f"{name} must be a host (cpu) tensor: block ids are planned on the host; "
+            f"got {describe(table)}"
+        )
+    if table.numel() < needed:
+        raise KernelInputError(
+            f"{name} holds {table.numel()} block ids but the length needs {needed}"
+        )
+    if needed:
+        used = table[:needed]
+        lo, hi = int(used.min()), int(used.max())
+        if lo < 0 or hi >= num_blocks:
+            raise KernelInputError(
+                f"{name} has block ids in [{lo}, {hi}] but the cache holds blocks "
+                f"[0, {num_blocks - 1}]"
+            )
+
+
+def check_cache_tensor(name: str, t: object) -> torch.Tensor:
+    """A paged cache tensor ``[num_blocks, block_size, Hkv, D]`` whose blocks are dense."""
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor")
+    require_ndim(name, t, 4, "[num_blocks, block_size, Hkv, D]")
+    require_dtype(name, t, KV_DTYPES)
+    require_inner_contiguous(name, t, 3, "each block dense: [block_size, Hkv, D] row-major")
+    return t
