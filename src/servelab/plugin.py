@@ -378,6 +378,7 @@ def servelab_record(servelab_state: RunState) -> object:
         perf = _perf_session(servelab_state)
         assert isinstance(perf, PerfSession)
         verdict = perf.judge(figure)
+        print(f"{figure.label()}\n  verdict: {verdict.text}")
         if verdict.failed and not servelab_state.options.update_baselines:
             pytest.fail(f"{figure.label()}\n{verdict.text}", pytrace=False)
         return figure
