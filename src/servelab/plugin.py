@@ -125,6 +125,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="S",
         help="override the profile's server startup timeout, in seconds",
     )
+    g.addoption(
+        "--kernels-full",
+        action="store_true",
+        default=False,
+        help="run the full kernel test grid (32,768-token contexts, every axis combined)",
+    )
 
 
 def _parse_options(config: pytest.Config) -> Options:
