@@ -590,6 +590,81 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, unit="req", file=sys.stderr, delay=2.0, leave=False)
 
 
+def _check_run_args(
+    n: int,
+    concurrency: int | None,
+    workers: int,
+    arrivals_s: Sequence[float] | None,
+    prompt_tokens: Sequence[int | None] | None,
+) -> None:
+    if n == 0:
+        raise ClientError("run_requests: no payloads given; a run needs at least one request")
+    if concurrency is not None and concurrency < 1:
+        raise ClientError(f"run_requests: concurrency must be >= 1 or None (got {concurrency})")
+    if workers < 1:
+        raise ClientError(f"run_requests: workers must be >= 1 (got {workers})")
+    if arrivals_s is not None and len(arrivals_s) != n:
+        raise ClientError(
+            f"run_requests: {len(arrivals_s)} arrival times for {n} payloads; give one each"
+        )
+    if prompt_tokens is not None and len(prompt_tokens) != n:
+        raise ClientError(
+            f"run_requests: {len(prompt_tokens)} prompt lengths for {n} payloads; give one each"
+        )
+
+
+def _items(
+    payloads: Sequence[Mapping[str, Any]],
+    arrivals_s: Sequence[float] | None,
+    prompt_tokens: Sequence[int | None] | None,
+) -> list[tuple[int, dict[str, Any], float | None, int | None]]:
+    return [
+        (
+            i,
+            dict(p),
+            None if arrivals_s is None else float(arrivals_s[i]),
+            None if prompt_tokens is None else prompt_tokens[i],
+        )
+        for i, p in enumerate(payloads)
+    ]
+
+
+def _target(endpoint: Endpoint) -> _Target:
+    return _Target(endpoint.base_url, endpoint.model, tuple(dict(endpoint.headers).items()))
+
+
+async def run_requests_async(
+    endpoint: Endpoint,
+    payloads: Sequence[Mapping[str, Any]],
+    *,
+    concurrency: int | None = 1,
+    arrivals_s: Sequence[float] | None = None,
+    prompt_tokens: Sequence[int | None] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    first_token_timeout_s: float | None = None,
+    progress: bool = False,
+    max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS,
+    lag_interval_ms: float = 5.0,
+) -> RunResult:
+    """`run_requests` inside an already running event loop (one process, no workers)."""
+    n = len(payloads)
+    _check_run_args(n, concurrency, 1, arrivals_s, prompt_tokens)
+    job = _Job(
+        _target(endpoint),
+        tuple(_items(payloads, arrivals_s, prompt_tokens)),
+        concurrency,
+        timeout_s,
+        first_token_timeout_s,
+        0,
+        lag_interval_ms,
+        0,
+        progress,
+        n,
+    )
+    records, lag, start, end = await _run_job(job)
+    return RunResult(tuple(records), start, end, concurrency, 1, (lag,), max_loop_lag_ms)
+
+
 def run_requests(
     endpoint: Endpoint,
     payloads: Sequence[Mapping[str, Any]],
@@ -610,52 +685,30 @@ def run_requests(
     (one offset in seconds per payload, from the run's start; see `servelab.arrivals`) makes
     it open loop: each request becomes due at its offset and then waits for a slot.
     ``workers`` > 1 spreads the payloads round-robin over that many processes (each with
-    its share of the concurrency cap) when one core cannot keep up.
+    its share of the concurrency cap) when one core cannot keep up. A progress bar appears
+    on stderr once a run has taken more than two seconds (``progress=False``: never).
     """
     n = len(payloads)
-    if n == 0:
-        raise ClientError("run_requests: no payloads given; a run needs at least one request")
-    if concurrency is not None and concurrency < 1:
-        raise ClientError(f"run_requests: concurrency must be >= 1 or None (got {concurrency})")
-    if workers < 1:
-        raise ClientError(f"run_requests: workers must be >= 1 (got {workers})")
-    if arrivals_s is not None and len(arrivals_s) != n:
-        raise ClientError(
-            f"run_requests: {len(arrivals_s)} arrival times for {n} payloads; give one each"
-        )
-    if prompt_tokens is not None and len(prompt_tokens) != n:
-        raise ClientError(
-            f"run_requests: {len(prompt_tokens)} prompt lengths for {n} payloads; give one each"
-        )
-    target = _Target(endpoint.base_url, endpoint.model, tuple(dict(endpoint.headers).items()))
-    items = [
-        (
-            i,
-            dict(p),
-            None if arrivals_s is None else float(arrivals_s[i]),
-            None if prompt_tokens is None else prompt_tokens[i],
-        )
-        for i, p in enumerate(payloads)
-    ]
+    _check_run_args(n, concurrency, workers, arrivals_s, prompt_tokens)
     workers = min(workers, n)
     if workers == 1:
-        job = _Job(
-            target,
-            tuple(items),
-            concurrency,
-            timeout_s,
-            first_token_timeout_s,
-            0,
-            lag_interval_ms,
-            0,
-            progress,
-            n,
+        return asyncio.run(
+            run_requests_async(
+                endpoint,
+                payloads,
+                concurrency=concurrency,
+                arrivals_s=arrivals_s,
+                prompt_tokens=prompt_tokens,
+                timeout_s=timeout_s,
+                first_token_timeout_s=first_token_timeout_s,
+                progress=progress,
+                max_loop_lag_ms=max_loop_lag_ms,
+                lag_interval_ms=lag_interval_ms,
+            )
         )
-        records, lag, start, end = asyncio.run(_run_job(job))
-        return RunResult(tuple(records), start, end, concurrency, 1, (lag,), max_loop_lag_ms)
     return _run_in_workers(
-        target,
-        items,
+        _target(endpoint),
+        _items(payloads, arrivals_s, prompt_tokens),
         concurrency,
         timeout_s,
         first_token_timeout_s,
