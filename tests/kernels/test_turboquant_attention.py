@@ -65,8 +65,9 @@ def test_logit_error_of_the_plain_mse_quantizer() -> None:
     kd = q_mse.dequantize(q_mse.quantize(k), torch.float64)
     q = 2.0 * gaussian(64, D, seed=4)
     err = q @ (kd - k).T
-    assert float(err.std()) == pytest.approx(2.0 * math.sqrt(q_mse.codebook.expected_mse()),
-                                             rel=0.10)
+    assert float(err.std()) == pytest.approx(
+        2.0 * math.sqrt(q_mse.codebook.expected_mse()), rel=0.10
+    )
 
 
 @pytest.mark.parametrize("name", LLOYD_PRESETS)
@@ -80,7 +81,8 @@ def test_key_drift_matches_first_order_prediction(name: str, tokens: int, alpha:
     q = alpha * gaussian(1, 32, D, seed=tokens + 2)
     kd, _ = codec.decode(codec.encode(k, v), torch.float64)
     measured = torch.linalg.vector_norm(
-        reference_decode_attention(q, kd, v) - reference_decode_attention(q, k, v), dim=-1)
+        reference_decode_attention(q, kd, v) - reference_decode_attention(q, k, v), dim=-1
+    )
     dist = codec.predicted_key_distortion()
     assert dist is not None
     predicted = predict_key_drift(q, k, v, dist)

@@ -56,8 +56,9 @@ def strided_cache(cache: PackedKVCache, pad: int = 3) -> PackedKVCache:
             return None
         shape = list(t.shape)
         shape[2] += 2 * pad
-        big = torch.full(shape, 0x7F if t.dtype == torch.uint8 else float("nan"),
-                         dtype=t.dtype, device=t.device)
+        big = torch.full(
+            shape, 0x7F if t.dtype == torch.uint8 else float("nan"), dtype=t.dtype, device=t.device
+        )
         view = big[:, :, pad : pad + t.shape[2]]
         view.copy_(t)
         return view
@@ -86,8 +87,7 @@ SHAPES = [
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str,
-                                             shape: tuple) -> None:  # type: ignore[type-arg]
+def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str, shape: tuple) -> None:  # type: ignore[type-arg]
     b, hq, hkv, t, d, lens = shape
     g = gen(accel, seed=t + d)
     k = torch.randn(b, hkv, t, d, device=accel, generator=g)
@@ -131,11 +131,13 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     lens = torch.tensor([777, 200], dtype=torch.int32, device=accel)
     codec = KVCodec.build("turboquant_4bit_nc", 128, "haar", seed=1, law="exact")
     cache = strided_cache(codec.encode(k, v))
-    cfg = triton_decode.LaunchConfig(block_n=128, precise_table=precise, generic=generic,
-                                     pair_table=pair)
+    cfg = triton_decode.LaunchConfig(
+        block_n=128, precise_table=precise, generic=generic, pair_table=pair
+    )
     out = torch.full((2, 6, 128), float("nan"), device=accel)
-    got = triton_decode.fused_decode_attention(q, cache, codec, seq_lens=lens, out=out,
-                                               config=cfg).double()
+    got = triton_decode.fused_decode_attention(
+        q, cache, codec, seq_lens=lens, out=out, config=cfg
+    ).double()
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     if precise:  # the split-fp16 path is far tighter than §2.8 asks
@@ -157,8 +159,9 @@ def test_split_count_does_not_change_the_result(accel: torch.device, splits: int
     cache = codec.encode(k, v)
     cfg = triton_decode.LaunchConfig(num_splits=splits)
     got = triton_decode.fused_decode_attention(q, cache, codec, config=cfg)
-    torch.testing.assert_close(got.double(), unfused_decode_attention(q, cache, codec),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        got.double(), unfused_decode_attention(q, cache, codec), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.cuda
@@ -208,8 +211,9 @@ def test_full_path_matches_float64_loosely(accel: torch.device) -> None:
 # Input checks run before any launch; CPU tensors reach them too (the device check is last).
 
 
-def _small(name: str = "turboquant_4bit_nc", d: int = 128) -> tuple[torch.Tensor, PackedKVCache,
-                                                                     KVCodec]:
+def _small(
+    name: str = "turboquant_4bit_nc", d: int = 128
+) -> tuple[torch.Tensor, PackedKVCache, KVCodec]:
     codec = KVCodec.build(name, d, "haar")
     k = torch.randn(1, 2, 9, d, generator=torch.Generator().manual_seed(0))
     return torch.zeros(1, 4, d), codec.encode(k, k), codec
@@ -257,5 +261,6 @@ def test_fused_refuses_nan_query_before_launch(accel: torch.device) -> None:
         triton_decode.fused_decode_attention(q, codec.encode(k, k), codec)
     lens = torch.tensor([10], dtype=torch.int32, device=accel)
     with pytest.raises(KernelInputError, match="seq_lens"):
-        triton_decode.fused_decode_attention(q.nan_to_num(), codec.encode(k, k), codec,
-                                             seq_lens=lens)
+        triton_decode.fused_decode_attention(
+            q.nan_to_num(), codec.encode(k, k), codec, seq_lens=lens
+        )

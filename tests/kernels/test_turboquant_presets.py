@@ -29,8 +29,12 @@ BYTES = {
     "turboquant_k3v4_nc": (50, 68, 118),
     "turboquant_3bit_nc": (50, 52, 102),
 }
-RATIOS = {"turboquant_k8v4": 2.61, "turboquant_4bit_nc": 3.82, "turboquant_k3v4_nc": 4.34,
-          "turboquant_3bit_nc": 5.02}
+RATIOS = {
+    "turboquant_k8v4": 2.61,
+    "turboquant_4bit_nc": 3.82,
+    "turboquant_k3v4_nc": 4.34,
+    "turboquant_3bit_nc": 5.02,
+}
 
 
 def kv(b: int, h: int, t: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +108,12 @@ def test_codec_decode_matches_the_quantizers(name: str) -> None:
         expected = q.dequantize(MSECode(code.indices, code.scales.half().float()))
         torch.testing.assert_close(kd, expected, atol=1e-5, rtol=1e-5)
         # NC stores ‖k‖/‖c‖ so the decoded key has (fp16-rounded) the original norm.
-        torch.testing.assert_close(torch.linalg.vector_norm(kd, dim=-1),
-                                   torch.linalg.vector_norm(k, dim=-1), rtol=1e-3, atol=0)
+        torch.testing.assert_close(
+            torch.linalg.vector_norm(kd, dim=-1),
+            torch.linalg.vector_norm(k, dim=-1),
+            rtol=1e-3,
+            atol=0,
+        )
     # Uniform values: error at most half a step (plus fp16 rounding of scale and zero).
     sz = cache.value_scale_zero.float()
     step = sz[..., 0:1]
@@ -117,8 +125,9 @@ def test_codec_is_deterministic_under_a_seed() -> None:
     k, v = kv(1, 2, 17, 128, seed=2)
 
     def encode(seed: int) -> PackedKVCache:
-        return KVCodec.build("turboquant_3bit_nc", 128, "randomized_hadamard", seed,
-                             "exact").encode(k, v)
+        return KVCodec.build(
+            "turboquant_3bit_nc", 128, "randomized_hadamard", seed, "exact"
+        ).encode(k, v)
 
     a, b, c = encode(4), encode(4), encode(5)
     for x, y in zip(a.planes(), b.planes(), strict=True):

@@ -73,11 +73,18 @@ def test_a_wrong_codebook_misses_the_distortion_window(x_unit: torch.Tensor) -> 
     """Control: the 4-bit codebook spread 15 % too wide must leave the ±5 % window."""
     good = MSEQuantizer.build(D, 4, "haar", seed=3)
     cb = good.codebook
-    wide = type(cb)(cb.dim, cb.bits, cb.law, tuple(c * 1.15 for c in cb.centroids),
-                    tuple(b * 1.15 for b in cb.boundaries), cb.iterations)
+    wide = type(cb)(
+        cb.dim,
+        cb.bits,
+        cb.law,
+        tuple(c * 1.15 for c in cb.centroids),
+        tuple(b * 1.15 for b in cb.boundaries),
+        cb.iterations,
+    )
     bad = MSEQuantizer(good.rotation, wide)
-    dist = float(((x_unit - bad.dequantize(bad.quantize(x_unit), torch.float64)) ** 2)
-                 .sum(1).mean())
+    dist = float(
+        ((x_unit - bad.dequantize(bad.quantize(x_unit), torch.float64)) ** 2).sum(1).mean()
+    )
     assert abs(dist / D_EXACT[4] - 1) > 0.05
 
 
@@ -95,8 +102,9 @@ def test_norm_is_kept_apart(x_unit: torch.Tensor) -> None:
 def test_norm_correction_restores_the_norm(x_unit: torch.Tensor) -> None:
     q = MSEQuantizer.build(D, 1, "haar", seed=2, norm_correction=True)
     xt = q.dequantize(q.quantize(x_unit), torch.float64)
-    torch.testing.assert_close(torch.linalg.vector_norm(xt, dim=1),
-                               torch.ones(N, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(xt, dim=1), torch.ones(N, dtype=torch.float64), atol=1e-12, rtol=0
+    )
     # §2.5: at b = 1 norm correction raises D_mse from 0.361 to about 0.401.
     assert float(((x_unit - xt) ** 2).sum(1).mean()) == pytest.approx(0.401, abs=0.01)
 

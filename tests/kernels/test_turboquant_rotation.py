@@ -19,8 +19,14 @@ pytestmark = pytest.mark.kernels
 
 @pytest.mark.parametrize(
     ("kind", "dim"),
-    [("haar", 128), ("haar", 96), ("haar", 7), ("randomized_hadamard", 128),
-     ("randomized_hadamard", 64), ("fixed_hadamard", 128)],
+    [
+        ("haar", 128),
+        ("haar", 96),
+        ("haar", 7),
+        ("randomized_hadamard", 128),
+        ("randomized_hadamard", 64),
+        ("fixed_hadamard", 128),
+    ],
 )
 def test_rotation_is_orthogonal(kind: str, dim: int) -> None:
     r = make_rotation(kind, dim, 0 if kind != "fixed_hadamard" else None)  # type: ignore[arg-type]

@@ -109,8 +109,7 @@ def predict_key_drift(
     σ_t = scale·‖q‖·‖k_t‖·√(D/d) (error direction isotropic after the rotation); then
     δo ≈ Σ_t p_t·ε_t·(v_t − o), so E‖δo‖² ≈ Σ_t p_t²·σ_t²·‖v_t − o‖². Valid while σ_t ≪ 1.
     """
-    b, hq, hkv, _, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]),
-                                           "predict_key_drift")
+    b, hq, hkv, _, d = check_decode_shapes(q, tuple(k.shape), int(k.shape[-1]), "predict_key_drift")
     sm = 1.0 / math.sqrt(d) if scale is None else scale
     g = hq // hkv
     qq = q.to(torch.float64).reshape(b, hkv, g, d)

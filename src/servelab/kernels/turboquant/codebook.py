@@ -82,7 +82,7 @@ def coordinate_density(t: NDArray[np.float64], dim: int, law: Law) -> NDArray[np
     """Density of one coordinate of a rotated unit vector (for independent checks)."""
     t = np.asarray(t, dtype=np.float64)
     if law == "gaussian":
-        return np.sqrt(dim / (2 * math.pi)) * np.exp(-0.5 * dim * t * t)
+        return np.asarray(np.sqrt(dim / (2 * math.pi)) * np.exp(-0.5 * dim * t * t))
     log_c = special.gammaln(dim / 2) - 0.5 * math.log(math.pi) - special.gammaln((dim - 1) / 2)
     inside = np.abs(t) < 1.0
     out = np.zeros_like(t)

@@ -212,7 +212,7 @@ class KVCodec:
         self, cache: PackedKVCache, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize both planes to [B, H, T, d] (the unfused path's first half)."""
-        self._check_cache(cache, "KVCodec.decode")
+        self.check_cache(cache, "KVCodec.decode")
         d = self.head_size
         if self.key_quantizer is None:
             k = cache.key_codes.view(torch.float8_e4m3fn).to(dtype)
@@ -226,7 +226,8 @@ class KVCodec:
         v = vidx * sz[..., 0:1] + sz[..., 1:2]
         return k, v
 
-    def _check_cache(self, cache: PackedKVCache, where: str) -> None:
+    def check_cache(self, cache: PackedKVCache, where: str) -> None:
+        """Refuse a cache made for another preset or head size, or with malformed planes."""
         if cache.preset != self.preset or cache.head_size != self.head_size:
             raise KernelInputError(
                 f"{where}: cache was made for {cache.preset.name} at head size "

@@ -35,8 +35,8 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DEVICES = ("cuda", "xpu")
 
 
-@triton.jit
-def _unpack_codes(
+@triton.jit  # type: ignore[untyped-decorator]
+def _unpack_codes(  # type: ignore[no-untyped-def]
     ptr, row_off, mask_n, stride_byte, BITS: tl.constexpr, D: tl.constexpr, NBYTES: tl.constexpr
 ):
     """int32 codes [BLOCK_N, D] of the rows at ptr + row_off (layout of packing.py)."""
@@ -68,8 +68,8 @@ def _unpack_codes(
     return codes
 
 
-@triton.jit
-def _decode_split_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _decode_split_kernel(  # type: ignore[no-untyped-def]
     Q,
     sqb,
     sqh,
@@ -217,8 +217,8 @@ def _decode_split_kernel(
     tl.store(PART_L + row, lse, mask=mask_g)
 
 
-@triton.jit
-def _merge_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _merge_kernel(  # type: ignore[no-untyped-def]
     PART_O,
     PART_L,
     OUT,
@@ -457,7 +457,7 @@ def fused_decode_attention(
     """
     where = "fused_decode_attention"
     b, _, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
-    codec._check_cache(cache, where)
+    codec.check_cache(cache, where)
     _check_head_size(d, where)
     dev = _check_device([q, *cache.planes()], where)
     out = _check_out(out, q, where)

@@ -23,14 +23,14 @@ SUBNORMAL_UNIT = 2.0**-24
 
 
 @triton.jit
-def _pair_halves(word):
+def _pair_halves(word):  # type: ignore[no-untyped-def]
     lo = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return lo, hi
 
 
-@triton.jit
-def decode_split_q4_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def decode_split_q4_kernel(  # type: ignore[no-untyped-def]
     Q, sqb, sqh, sqd,
     K, skb, skh, skt, skd,
     KS, sksb, sksh, skst,
@@ -83,10 +83,12 @@ def decode_split_q4_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         offs_n64 = offs_n.to(tl.int64)
-        kb = tl.load(k_base + offs_n64[:, None] * skt + offs_h[None, :] * skd,
-                     mask=mask_n[:, None], other=0).to(tl.int32)
-        vb = tl.load(v_base + offs_n64[:, None] * svt + offs_h[None, :] * svd,
-                     mask=mask_n[:, None], other=0).to(tl.int32)
+        kb = tl.load(
+            k_base + offs_n64[:, None] * skt + offs_h[None, :] * skd, mask=mask_n[:, None], other=0
+        ).to(tl.int32)
+        vb = tl.load(
+            v_base + offs_n64[:, None] * svt + offs_h[None, :] * svd, mask=mask_n[:, None], other=0
+        ).to(tl.int32)
         ks = tl.load(ks_base + offs_n64 * skst, mask=mask_n, other=0.0).to(tl.float32)
         vsc = tl.load(vsz_base + offs_n64 * szt, mask=mask_n, other=0.0).to(tl.float32)
         vzr = tl.load(vsz_base + offs_n64 * szt + szc, mask=mask_n, other=0.0).to(tl.float32)
@@ -140,8 +142,14 @@ def decode_split_q4_kernel(
     out_rows = PART_O + row[:, None] * D
     acc_e = acc_e + acc_el * (1.0 / 2048.0)
     acc_o = acc_o + acc_ol * (1.0 / 2048.0)
-    tl.store(out_rows + (2 * offs_h)[None, :], acc_e * (inv * 16777216.0)[:, None] + zero,
-             mask=mask_g[:, None])
-    tl.store(out_rows + (2 * offs_h + 1)[None, :], acc_o * (inv * 16777216.0)[:, None] + zero,
-             mask=mask_g[:, None])
+    tl.store(
+        out_rows + (2 * offs_h)[None, :],
+        acc_e * (inv * 16777216.0)[:, None] + zero,
+        mask=mask_g[:, None],
+    )
+    tl.store(
+        out_rows + (2 * offs_h + 1)[None, :],
+        acc_o * (inv * 16777216.0)[:, None] + zero,
+        mask=mask_g[:, None],
+    )
     tl.store(PART_L + row, lse, mask=mask_g)

@@ -1,0 +1,105 @@
+"""The fused Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
+
+CI has no GPU; this runs the same kernel code (generic and 4-bit, every preset, the table and
+operand-split variants) on small shapes, so a broken index or mask fails here too. The
+interpreter must be switched on before Triton compiles anything, hence a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.kernels
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, math, torch
+    from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
+    from servelab.kernels.turboquant import triton_decode as td
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, d, hq = 2, 2, 150, 64, 6
+    k = torch.randn(b, h, t, d, generator=g)
+    v = torch.randn(b, h, t, d, generator=g) * 2
+    q = torch.randn(b, hq, d, generator=g) * 2
+    lens = torch.tensor([150, 77], dtype=torch.int32)
+    cpu = torch.device("cpu")
+    out = {}
+    variants = {
+        "generic": dict(generic=True),
+        "generic-fast": dict(generic=True, precise_table=False),
+        "q4": dict(),
+        "q4-fast": dict(precise_table=False),
+        "q4-pair": dict(pair_table=True),
+        "q4-nosplit": dict(split_operands=False, precise_table=False),
+    }
+    for name in ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_3bit_nc"):
+        codec = KVCodec.build(name, d, "randomized_hadamard", seed=1)
+        cache = codec.encode(k, v)
+        consts = td.DecodeConstants.build(codec, cpu)
+        want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
+        p = codec.preset
+        sm = 1 / math.sqrt(d)
+        fp8 = p.key_format == "fp8"
+        qk = q if fp8 else q.float() @ consts.rotation_t
+        for label, kw in variants.items():
+            if not name.endswith("4bit_nc") and label != "generic":
+                continue
+            cfg = td.LaunchConfig(block_n=32, num_splits=3, **kw)
+            q4 = name.endswith("4bit_nc") and not cfg.generic
+            got = torch.full((b, hq, d), float("nan"))
+            td._launch(
+                qk, td.KMODE_FP8 if fp8 else td.KMODE_CODEBOOK, 8 if fp8 else p.key_bits,
+                p.key_code_bytes(d), cache.key_codes, cache.key_scales, td.VMODE_UNIFORM,
+                p.value_bits, p.value_code_bytes(d), cache.value_codes, cache.value_scale_zero,
+                None if fp8 else consts.centroids, lens,
+                sm * td.LOG2E if fp8 else sm * td.LOG2E / math.sqrt(d), got, t, h, cfg,
+                pair_table=consts.pair_table if q4 else None,
+            )
+            diff = (got.double() - want).abs()
+            # raw max, and the excess over assert_close's atol + rtol·|want| at 1e-3 (§2.8)
+            out[f"{name}/{label}"] = [float(diff.max()), float((diff - 1e-3 * want.abs()).max())]
+    kd = k.half()
+    vd = v.half()
+    got = torch.full((b, hq, d), float("nan"))
+    td._launch(q, td.KMODE_DENSE, 16, 2 * d, kd, None, td.VMODE_DENSE, 16, 2 * d, vd, None,
+               None, lens, td.LOG2E / math.sqrt(d), got, t, h, td.LaunchConfig(32, 4, 2, 3))
+    from servelab.kernels.turboquant import reference_decode_attention
+    out["dense-fp16"] = float((got.double() - reference_decode_attention(
+        q, kd, vd, seq_lens=lens)).abs().max())
+    print(json.dumps(out))
+    """
+)
+
+
+def test_fused_kernels_under_the_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 9
+    # The dense fp16 path rounds q and p to fp16 before the matrix unit: 2e-3, as on the GPU.
+    assert errors.pop("dense-fp16") < 2e-3
+    for name, (_, excess) in errors.items():
+        assert excess < 1e-3, f"{name}: max |fused − unfused| − 1e-3·|unfused| = {excess:.2e}"
+    # With the table residue and the hi/lo operand split the kernels are near float32.
+    for name in (
+        "turboquant_k8v4/generic",
+        "turboquant_3bit_nc/generic",
+        "turboquant_4bit_nc/generic",
+        "turboquant_4bit_nc/q4",
+        "turboquant_4bit_nc/q4-pair",
+    ):
+        assert errors[name][0] < 1e-5, f"{name}: {errors[name][0]:.2e}"
+    # Control: without the residue the error is visible, so the check above has power.
+    assert errors["turboquant_4bit_nc/q4-fast"][0] > 1e-5
