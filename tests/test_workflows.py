@@ -80,7 +80,7 @@ def test_actionlint_finds_nothing(tmp_path: Path) -> None:
         ),
         (
             "runs-on: ubuntu-latest\n    steps:\n      - uses: actions/checkout\n",
-            "specify a version",
+            "[action]",
         ),
     ],
 )
