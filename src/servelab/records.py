@@ -272,7 +272,12 @@ def claims(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                 continue
             shape = f["shape"]
             ident = claim_id(f"{res['profile']}-{f['key']}-{date}")
-            metric = f"{f['title']} [{f['metric']}], {f['unit']}, {f['label'].split('(', 1)[1]}"
+            parts = [f"{k.split('_')[0]} {shape[k]}" for k in
+                     ("prompt_tokens", "output_tokens", "context_tokens")
+                     if shape.get(k) is not None]
+            metric = (f"{f['title']} [{f['metric']}], {f['unit']}, median of "
+                      f"{len(f['runs'])} runs; {', '.join(parts)}, c{f['concurrency']}; "
+                      f"{f['state']}; {f['identity']['engine']}")
             out.append({
                 "id": ident,
                 "model": community["Model"],
@@ -286,7 +291,7 @@ def claims(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "hardware": community["Hardware"],
                     "shape": shape,
                 },
-                "claimed": {"tok_s": f["value"], "metric": metric.rstrip(")"), "date": date,
+                "claimed": {"tok_s": f["value"], "metric": metric, "date": date,
                             "by": "lab"},
                 "status": "submitted",
                 "history": [{"date": date, "event": "measured by servelab "
