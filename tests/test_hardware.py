@@ -119,10 +119,10 @@ def test_host_key_cpu_only_is_stable_and_differs_from_gpu_host() -> None:
 
 def test_host_key_ignores_driver_but_not_card_count() -> None:
     a = hw.parse_nvidia_smi_csv(sample("nvidia-smi-query.csv"))
-    upgraded = [hw.Accelerator(x.kind, x.index, x.name, x.memory_bytes, "560.1", x.source)
-                for x in a]
-    assert hw.make_host_key("cpu", 8, "x86_64", a) == hw.make_host_key("cpu", 8, "x86_64",
-                                                                       upgraded)
+    upgraded = [
+        hw.Accelerator(x.kind, x.index, x.name, x.memory_bytes, "560.1", x.source) for x in a
+    ]
+    assert hw.make_host_key("cpu", 8, "x86_64", a) == hw.make_host_key("cpu", 8, "x86_64", upgraded)
     assert hw.make_host_key("cpu", 8, "x86_64", a) != hw.make_host_key("cpu", 8, "x86_64", a[:1])
 
 

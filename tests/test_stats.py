@@ -64,8 +64,10 @@ def test_vectorized_simulation_matches_the_scalar_rule() -> None:
     rng = np.random.default_rng(7)
     a = rng.normal(0, 0.03, (50, 5))
     b = rng.normal(np.log(0.96), 0.03, (50, 5))
-    scalar = [compare_runs(np.exp(x).tolist(), np.exp(y).tolist(), "higher").outcome
-              for x, y in zip(a, b, strict=True)]
+    scalar = [
+        compare_runs(np.exp(x).tolist(), np.exp(y).tolist(), "higher").outcome
+        for x, y in zip(a, b, strict=True)
+    ]
     # Rebuild the same draws through simulate() with the same generator state.
     sim = simulate(np.random.default_rng(7), runs=5, noise=0.03, true_change=-0.04, trials=50)
     assert sim.regression_rate == pytest.approx(scalar.count("regression") / 50)
@@ -76,10 +78,20 @@ def test_power_targets_at_default_runs(direction: str) -> None:
     """Issue 7: 3% noise; A/A false alarms <= 1% of 1,000 trials; a true 5% worsening is
     caught in >= 90% of 1,000 trials at the default number of runs."""
     worse = -0.05 if direction == "higher" else 0.05
-    aa = simulate(np.random.default_rng(1), runs=DEFAULT_RUNS, noise=0.03, true_change=0.0,
-                  direction=direction)  # type: ignore[arg-type]
-    ab = simulate(np.random.default_rng(2), runs=DEFAULT_RUNS, noise=0.03, true_change=worse,
-                  direction=direction)  # type: ignore[arg-type]
+    aa = simulate(
+        np.random.default_rng(1),
+        runs=DEFAULT_RUNS,
+        noise=0.03,
+        true_change=0.0,
+        direction=direction,
+    )  # type: ignore[arg-type]
+    ab = simulate(
+        np.random.default_rng(2),
+        runs=DEFAULT_RUNS,
+        noise=0.03,
+        true_change=worse,
+        direction=direction,
+    )  # type: ignore[arg-type]
     assert aa.trials == 1000
     assert aa.regression_rate <= 0.01
     assert aa.improvement_rate <= 0.01

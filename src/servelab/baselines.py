@@ -102,8 +102,16 @@ class Summary:
         mean = statistics.fmean(v)
         sd = statistics.stdev(v) if len(v) > 1 else None
         geo = statistics.geometric_mean(v) if min(v) > 0 else None
-        return cls(len(v), statistics.median(v), mean, geo, sd,
-                   sd / mean if sd is not None and mean else None, min(v), max(v))
+        return cls(
+            len(v),
+            statistics.median(v),
+            mean,
+            geo,
+            sd,
+            sd / mean if sd is not None and mean else None,
+            min(v),
+            max(v),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,18 @@ class MetricBaseline:
 
     @classmethod
     def from_figure(cls, fig: Figure, threshold: float, updated: str) -> MetricBaseline:
-        return cls(fig.metric, fig.title, fig.unit, fig.direction, fig.shape, fig.warm,
-                   tuple(fig.runs), threshold, updated, fig.definition)
+        return cls(
+            fig.metric,
+            fig.title,
+            fig.unit,
+            fig.direction,
+            fig.shape,
+            fig.warm,
+            tuple(fig.runs),
+            threshold,
+            updated,
+            fig.definition,
+        )
 
 
 @dataclass(frozen=True)
@@ -200,9 +218,12 @@ def parse_baseline(raw: Any, path: Path) -> Baseline:
     fw = f"{where}: fingerprint"
     _no_extra(fp, [f.name for f in fields(Fingerprint)], fw)
     fingerprint = Fingerprint(
-        _field(fp, "host_key", str, fw), _field(fp, "engine", str, fw),
-        _field(fp, "model", str, fw), _opt_str(fp, "args_hash", fw),
-        _opt_str(fp, "weights_sha256", fw), _opt_str(fp, "driver", fw),
+        _field(fp, "host_key", str, fw),
+        _field(fp, "engine", str, fw),
+        _field(fp, "model", str, fw),
+        _opt_str(fp, "args_hash", fw),
+        _opt_str(fp, "weights_sha256", fw),
+        _opt_str(fp, "driver", fw),
         _opt_str(fp, "patches", fw),
     )
     pv = _field(raw, "provenance", dict, where)
@@ -225,15 +246,25 @@ def parse_baseline(raw: Any, path: Path) -> Baseline:
         sh = _field(m, "shape", dict, mw)
         sw = f"{mw}.shape"
         _no_extra(sh, [f.name for f in fields(Shape)], sw)
-        shape = Shape(_opt_int(sh, "prompt_tokens", sw), _opt_int(sh, "output_tokens", sw),
-                      _field(sh, "concurrency", int, sw), _opt_int(sh, "context_tokens", sw))
+        shape = Shape(
+            _opt_int(sh, "prompt_tokens", sw),
+            _opt_int(sh, "output_tokens", sw),
+            _field(sh, "concurrency", int, sw),
+            _opt_int(sh, "context_tokens", sw),
+        )
         threshold = float(_field(m, "threshold", (int, float), mw))
         if not 0 < threshold < 1:
             raise BaselineError(f"{mw}: field 'threshold' must be within (0, 1), e.g. 0.05")
         mb = MetricBaseline(
-            _field(m, "metric", str, mw), _field(m, "title", str, mw),
-            _field(m, "unit", str, mw), direction, shape, _field(m, "warm", bool, mw),
-            tuple(float(r) for r in runs), threshold, _field(m, "updated", str, mw),
+            _field(m, "metric", str, mw),
+            _field(m, "title", str, mw),
+            _field(m, "unit", str, mw),
+            direction,
+            shape,
+            _field(m, "warm", bool, mw),
+            tuple(float(r) for r in runs),
+            threshold,
+            _field(m, "updated", str, mw),
             str(m.get("definition", "")),
         )
         if mb.key != key:
@@ -269,8 +300,7 @@ def load_baseline(path: Path) -> Baseline | None:
 
 # --------------------------------------------------------------------------- verdicts
 
-Status = Literal["regression", "improvement", "no change", "inconclusive", "no baseline",
-                 "refused"]
+Status = Literal["regression", "improvement", "no change", "inconclusive", "no baseline", "refused"]
 
 
 @dataclass(frozen=True)
@@ -300,22 +330,33 @@ def judge(
         return Verdict(fig, "no baseline", f"no baseline at {path}: {CREATE_HINT}")
     diffs = baseline.fingerprint.differences(fingerprint)
     if baseline.profile != fig.identity.profile:
-        diffs.insert(0, f"profile: baseline {baseline.profile!r} vs this run "
-                        f"{fig.identity.profile!r}")
+        diffs.insert(
+            0, f"profile: baseline {baseline.profile!r} vs this run {fig.identity.profile!r}"
+        )
     if diffs:
-        return Verdict(fig, "refused",
-                       f"comparison refused: {path} was measured on another stack; differing "
-                       f"fields: {'; '.join(diffs)}. Rerun on the baseline's stack, or "
-                       f"record a new baseline with --update-baselines")
+        return Verdict(
+            fig,
+            "refused",
+            f"comparison refused: {path} was measured on another stack; differing "
+            f"fields: {'; '.join(diffs)}. Rerun on the baseline's stack, or "
+            f"record a new baseline with --update-baselines",
+        )
     mb = baseline.metrics.get(key)
     if mb is None:
         return Verdict(fig, "no baseline", f"{path} has no entry {key!r}: {CREATE_HINT}")
     if mb.direction != fig.direction or mb.unit != fig.unit:
-        return Verdict(fig, "refused",
-                       f"comparison refused: {path} metrics[{key!r}] is {mb.unit} "
-                       f"({mb.direction} is better), this run is {fig.unit} ({fig.direction})")
-    cmp = compare_runs(mb.runs, fig.runs, fig.direction,
-                       threshold=threshold if threshold is not None else mb.threshold)
+        return Verdict(
+            fig,
+            "refused",
+            f"comparison refused: {path} metrics[{key!r}] is {mb.unit} "
+            f"({mb.direction} is better), this run is {fig.unit} ({fig.direction})",
+        )
+    cmp = compare_runs(
+        mb.runs,
+        fig.runs,
+        fig.direction,
+        threshold=threshold if threshold is not None else mb.threshold,
+    )
     return Verdict(fig, cmp.outcome, cmp.describe(fig.direction), mb, cmp)
 
 
@@ -335,13 +376,22 @@ def servelab_commit() -> str:
         return os.environ["SERVELAB_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=False)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -410,8 +460,11 @@ class BaselineStore:
         """Write `figures` as the baseline of `profile` on this host (merge under a lock)."""
         from filelock import FileLock, Timeout
 
-        short = [f"{figure_key(f)} ({len(f.runs)} runs)" for f in figures
-                 if sum(math.isfinite(r) for r in f.runs) < min_runs]
+        short = [
+            f"{figure_key(f)} ({len(f.runs)} runs)"
+            for f in figures
+            if sum(math.isfinite(r) for r in f.runs) < min_runs
+        ]
         if short:
             raise BaselineError(
                 f"refusing to write baseline for {profile!r}: every metric needs at least "
@@ -424,11 +477,14 @@ class BaselineStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
-                return self._update_locked(path, profile, fingerprint, provenance, figures,
-                                           thresholds or {})
+                return self._update_locked(
+                    path, profile, fingerprint, provenance, figures, thresholds or {}
+                )
         except Timeout:
-            raise BaselineError(f"{path}: another process holds the update lock "
-                                f"{path}.lock for over {self.lock_timeout_s:.0f} s") from None
+            raise BaselineError(
+                f"{path}: another process holds the update lock "
+                f"{path}.lock for over {self.lock_timeout_s:.0f} s"
+            ) from None
 
     def _update_locked(
         self,
@@ -454,7 +510,8 @@ class BaselineStore:
             key = figure_key(fig)
             prev = kept.get(key)
             threshold = thresholds.get(fig.metric) or (
-                prev.threshold if prev else DEFAULT_THRESHOLD)
+                prev.threshold if prev else DEFAULT_THRESHOLD
+            )
             new = MetricBaseline.from_figure(fig, threshold, provenance.date)
             diff.append(_diff_line(key, prev, new))
             kept[key] = new
@@ -474,5 +531,7 @@ def _diff_line(key: str, prev: MetricBaseline | None, new: MetricBaseline) -> st
         return f"+ {key}: {med:.4g} {new.unit} (n={len(new.runs)}, new)"
     old_med = prev.summary.median
     change = f"{(med / old_med - 1) * 100:+.1f}%" if old_med else "n/a"
-    return (f"~ {key}: {old_med:.4g} -> {med:.4g} {new.unit} ({change}; "
-            f"n={len(prev.runs)} -> {len(new.runs)})")
+    return (
+        f"~ {key}: {old_med:.4g} -> {med:.4g} {new.unit} ({change}; "
+        f"n={len(prev.runs)} -> {len(new.runs)})"
+    )

@@ -63,9 +63,16 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         hw = p.hardware
         acc = "cpu" if hw.accelerator == "cpu" else f"{hw.count}x {hw.accelerator}"
         ok, why = accelerator_available(hw.accelerator, hw.count)
-        rows.append((name, acc, f"{p.engine.name} ({p.engine.distribution})",
-                     str(len(p.patches.files)) if p.patches.files else "none",
-                     str(p.model.context_len), "yes" if ok else f"no: {why}"))
+        rows.append(
+            (
+                name,
+                acc,
+                f"{p.engine.name} ({p.engine.distribution})",
+                str(len(p.patches.files)) if p.patches.files else "none",
+                str(p.model.context_len),
+                "yes" if ok else f"no: {why}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
@@ -149,10 +156,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if prev is not None:
                 old_figs = record_figures({"results": [prev]})
                 base = Baseline(
-                    res["profile"], Fingerprint(**prev["fingerprint"]),
+                    res["profile"],
+                    Fingerprint(**prev["fingerprint"]),
                     Provenance("", "", "", "", ""),
-                    {figure_key(f): MetricBaseline.from_figure(f, args.threshold or 0.05, "")
-                     for f, _ in old_figs},
+                    {
+                        figure_key(f): MetricBaseline.from_figure(f, args.threshold or 0.05, "")
+                        for f, _ in old_figs
+                    },
                 )
             for f, _ in record_figures({"results": [res]}):
                 figures.append(f)
@@ -200,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("new", help="record folder or record.json to judge")
     s.add_argument("old", nargs="?", help="record to compare against (default: baselines)")
     s.add_argument("--baselines-dir", default="baselines")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="practical threshold for every metric (default: per metric, 0.05)")
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="practical threshold for every metric (default: per metric, 0.05)",
+    )
     s.set_defaults(func=cmd_compare)
     return p
 

@@ -110,12 +110,16 @@ def parse_xpu_smi_discovery(text: str) -> list[Accelerator]:
             if str(dev.get("device_type", "GPU")).upper() != "GPU":
                 continue
             mem = dev.get("memory_physical_size_byte")
-            out.append(Accelerator(
-                "xpu", int(dev.get("device_id", len(out))), str(dev.get("device_name", "?")),
-                int(mem) if mem not in (None, "") else None,
-                str(dev["driver_version"]) if dev.get("driver_version") else None,
-                "xpu-smi",
-            ))
+            out.append(
+                Accelerator(
+                    "xpu",
+                    int(dev.get("device_id", len(out))),
+                    str(dev.get("device_name", "?")),
+                    int(mem) if mem not in (None, "") else None,
+                    str(dev["driver_version"]) if dev.get("driver_version") else None,
+                    "xpu-smi",
+                )
+            )
         return out
     out = []
     for m in re.finditer(r"^\|\s*(\d+)\s*\|\s*Device Name:\s*(.+?)\s*\|\s*$", text, re.M):
@@ -226,8 +230,10 @@ def _read(path: str) -> str:
 
 
 def cpu_model() -> str:
-    return parse_proc_cpuinfo_model(_read("/proc/cpuinfo")) or platform.processor() or (
-        platform.machine()
+    return (
+        parse_proc_cpuinfo_model(_read("/proc/cpuinfo"))
+        or platform.processor()
+        or (platform.machine())
     )
 
 
@@ -253,8 +259,13 @@ def intel_gpus(runner: Runner = run_tool) -> list[Accelerator]:
 
 
 def nvidia_gpus(runner: Runner = run_tool) -> list[Accelerator]:
-    text = runner(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
-                   "--format=csv,noheader,nounits"])
+    text = runner(
+        [
+            "nvidia-smi",
+            "--query-gpu=index,name,memory.total,driver_version",
+            "--format=csv,noheader,nounits",
+        ]
+    )
     return parse_nvidia_smi_csv(text) if text else []
 
 
@@ -273,8 +284,11 @@ def torch_gpus() -> list[Accelerator]:
             for i in range(mod.device_count()):
                 props = mod.get_device_properties(i)
                 mem = getattr(props, "total_memory", None)
-                out.append(Accelerator(kind, i, str(props.name), int(mem) if mem else None,
-                                       None, f"torch.{kind}"))
+                out.append(
+                    Accelerator(
+                        kind, i, str(props.name), int(mem) if mem else None, None, f"torch.{kind}"
+                    )
+                )
         except (RuntimeError, AssertionError):
             continue
     return out
@@ -420,8 +434,9 @@ def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True)
     """
     if profile is None:
         name = engine.split()[0] if engine else "unknown"
-        return StackIdentity(engine=engine, engine_name=name, engine_version=None,
-                             engine_commit=None)
+        return StackIdentity(
+            engine=engine, engine_name=name, engine_version=None, engine_commit=None
+        )
     weights_sha = None
     if weights and profile.model.source == "smollm2-gguf":
         from servelab.errors import ModelPrepareError
@@ -431,8 +446,11 @@ def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True)
             weights_sha = prepare_model(profile).weights_sha256 or None
         except ModelPrepareError:
             weights_sha = None
-    root = Path(profile.patches.source_root) if profile.patches.source_root else (
-        profile.path.parent if profile.path else None)
+    root = (
+        Path(profile.patches.source_root)
+        if profile.patches.source_root
+        else (profile.path.parent if profile.path else None)
+    )
     return StackIdentity(
         engine=engine,
         engine_name=profile.engine.name,

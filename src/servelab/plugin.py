@@ -366,8 +366,12 @@ def _perf_session(state: RunState) -> object:
         o = state.options
         headers = [{"Authorization": f"Bearer {o.api_key}"}] if o.api_key else []
         state.perf = PerfSession(
-            baselines_dir=o.baselines_dir, results_dir=o.results_dir, profiles=o.profiles,
-            update=o.update_baselines, secrets=[o.api_key], headers=headers,
+            baselines_dir=o.baselines_dir,
+            results_dir=o.results_dir,
+            profiles=o.profiles,
+            update=o.update_baselines,
+            secrets=[o.api_key],
+            headers=headers,
         )
     return state.perf
 
@@ -416,8 +420,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         tr.write_line(line)
     missing = sum(v.status == "no baseline" for v in verdicts.values())
     if missing:
-        tr.write_line(f"{missing} figure(s) have no baseline: create them with "
-                      "`pytest -m perf --update-baselines`")
+        tr.write_line(
+            f"{missing} figure(s) have no baseline: create them with "
+            "`pytest -m perf --update-baselines`"
+        )
     for line in state.messages:
         tr.write_line(line)
 
@@ -441,12 +447,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         failed = (f"{session.testsfailed} test(s)",)
     interrupted = int(exitstatus) == int(pytest.ExitCode.INTERRUPTED)
     info = SessionInfo(
-        started_at=state.started_at, finished_at=time.time(),
+        started_at=state.started_at,
+        finished_at=time.time(),
         command=shlex.join(["pytest", *session.config.invocation_params.args]),
-        exit_status=int(exitstatus), interrupted=interrupted,
-        servelab_commit=servelab_commit(), by=who(),
+        exit_status=int(exitstatus),
+        interrupted=interrupted,
+        servelab_commit=servelab_commit(),
+        by=who(),
         invalid_reasons=tuple(state.invalid_reasons),
-        quality_checks=tuple(state.quality_checks), failed_tests=failed,
+        quality_checks=tuple(state.quality_checks),
+        failed_tests=failed,
     )
     logs_dir = state.options.results_dir / "logs"
     logs = [p for p in sorted(logs_dir.glob("*.log")) if p.stat().st_mtime >= state.started_at]
@@ -457,8 +467,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     lab = session.config.stash.get(LAB_RECORDS_KEY, None)
     try:
-        state.messages += perf.finish(figures=state.figures, session=info,
-                                      requests=state.requests, logs=logs, label=label,
-                                      lab=vars(lab) if lab is not None else None)
+        state.messages += perf.finish(
+            figures=state.figures,
+            session=info,
+            requests=state.requests,
+            logs=logs,
+            label=label,
+            lab=vars(lab) if lab is not None else None,
+        )
     except (ServelabError, OSError) as exc:
         state.messages.append(f"servelab: could not write the record: {exc}")

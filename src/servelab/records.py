@@ -46,9 +46,19 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 KIND = "servelab-record"
 COMMUNITY_FIELDS = (
-    "Model", "Quantization", "Hardware", "OS/kernel", "Engine/backend", "Recipe or commit",
-    "Prompt/output/context", "Batch/concurrency", "Quality check", "Output tok/s",
-    "Total tok/s", "Notes", "Artifacts",
+    "Model",
+    "Quantization",
+    "Hardware",
+    "OS/kernel",
+    "Engine/backend",
+    "Recipe or commit",
+    "Prompt/output/context",
+    "Batch/concurrency",
+    "Quality check",
+    "Output tok/s",
+    "Total tok/s",
+    "Notes",
+    "Artifacts",
 )
 
 
@@ -123,9 +133,14 @@ def verdict_dict(v: Verdict) -> dict[str, Any]:
     out: dict[str, Any] = {"status": v.status, "text": v.text}
     if v.baseline is not None:
         s = v.baseline.summary
-        out["baseline"] = {"runs": list(v.baseline.runs), "median": s.median, "min": s.min,
-                           "max": s.max, "threshold": v.baseline.threshold,
-                           "updated": v.baseline.updated}
+        out["baseline"] = {
+            "runs": list(v.baseline.runs),
+            "median": s.median,
+            "min": s.min,
+            "max": s.max,
+            "threshold": v.baseline.threshold,
+            "updated": v.baseline.updated,
+        }
     if v.comparison is not None:
         out["comparison"] = asdict(v.comparison)
     return out
@@ -136,10 +151,16 @@ def figure_from_dict(d: Mapping[str, Any]) -> Figure:
 
     try:
         return Figure(
-            metric=str(d["metric"]), title=str(d["title"]), unit=str(d["unit"]),
-            direction=d["direction"], runs=tuple(float(x) for x in d["runs"]),
-            shape=Shape(**d["shape"]), warm=bool(d["warm"]), identity=Identity(**d["identity"]),
-            definition=str(d.get("definition", "")), notes=tuple(d.get("notes", ())),
+            metric=str(d["metric"]),
+            title=str(d["title"]),
+            unit=str(d["unit"]),
+            direction=d["direction"],
+            runs=tuple(float(x) for x in d["runs"]),
+            shape=Shape(**d["shape"]),
+            warm=bool(d["warm"]),
+            identity=Identity(**d["identity"]),
+            definition=str(d.get("definition", "")),
+            notes=tuple(d.get("notes", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RecordError(f"figure {d.get('key', '?')!r}: malformed ({exc})") from None
@@ -164,7 +185,10 @@ def _short(fig: Figure) -> str:
 
 
 def community_row(
-    target: TargetInfo, host: HostIdentity, session: SessionInfo, figures: Sequence[Figure],
+    target: TargetInfo,
+    host: HostIdentity,
+    session: SessionInfo,
+    figures: Sequence[Figure],
     artifacts: Sequence[str],
 ) -> dict[str, str]:
     shapes = sorted({f.shape.describe().rsplit(", c", 1)[0] for f in figures})
@@ -186,8 +210,11 @@ def community_row(
     recipe = f"servelab {session.servelab_commit}: {session.command}"
     if stack is not None and stack.command:
         recipe += " | server: " + " ".join(stack.command)
-    notes = [*target.notes, "warm" if all(f.warm for f in figures) else "warm/cold as labeled",
-             "no speculative decoding unless the engine arguments say so"]
+    notes = [
+        *target.notes,
+        "warm" if all(f.warm for f in figures) else "warm/cold as labeled",
+        "no speculative decoding unless the engine arguments say so",
+    ]
     if session.interrupted:
         notes.insert(0, "session interrupted: partial record of the tests that finished")
     return {
@@ -238,13 +265,15 @@ def build_record(
     results = []
     for t in targets:
         mine = [f for f in figures if f.identity.profile == t.profile]
-        results.append({
-            "profile": t.profile,
-            "community": community_row(t, host, session, mine, artifacts),
-            "fingerprint": asdict(t.fingerprint),
-            "stack": t.stack.to_dict() if t.stack else None,
-            "figures": [figure_dict(f, by_fig.get(id(f))) for f in mine],
-        })
+        results.append(
+            {
+                "profile": t.profile,
+                "community": community_row(t, host, session, mine, artifacts),
+                "fingerprint": asdict(t.fingerprint),
+                "stack": t.stack.to_dict() if t.stack else None,
+                "figures": [figure_dict(f, by_fig.get(id(f))) for f in mine],
+            }
+        )
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -272,31 +301,41 @@ def claims(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                 continue
             shape = f["shape"]
             ident = claim_id(f"{res['profile']}-{f['key']}-{date}")
-            parts = [f"{k.split('_')[0]} {shape[k]}" for k in
-                     ("prompt_tokens", "output_tokens", "context_tokens")
-                     if shape.get(k) is not None]
-            metric = (f"{f['title']} [{f['metric']}], {f['unit']}, median of "
-                      f"{len(f['runs'])} runs; {', '.join(parts)}, c{f['concurrency']}; "
-                      f"{f['state']}; {f['identity']['engine']}")
-            out.append({
-                "id": ident,
-                "model": community["Model"],
-                "recipe": {
-                    "engine": community["Engine/backend"],
-                    "quant": community["Quantization"],
-                    "speedup": None,
-                    # The registry needs cards >= 1; a CPU-only run says so in `hardware`.
-                    "cards": max(1, len(accels)),
-                    "tp": 1,
-                    "hardware": community["Hardware"],
-                    "shape": shape,
-                },
-                "claimed": {"tok_s": f["value"], "metric": metric, "date": date,
-                            "by": "lab"},
-                "status": "submitted",
-                "history": [{"date": date, "event": "measured by servelab "
-                             f"({record['session']['servelab_commit']})"}],
-            })
+            parts = [
+                f"{k.split('_')[0]} {shape[k]}"
+                for k in ("prompt_tokens", "output_tokens", "context_tokens")
+                if shape.get(k) is not None
+            ]
+            metric = (
+                f"{f['title']} [{f['metric']}], {f['unit']}, median of "
+                f"{len(f['runs'])} runs; {', '.join(parts)}, c{f['concurrency']}; "
+                f"{f['state']}; {f['identity']['engine']}"
+            )
+            out.append(
+                {
+                    "id": ident,
+                    "model": community["Model"],
+                    "recipe": {
+                        "engine": community["Engine/backend"],
+                        "quant": community["Quantization"],
+                        "speedup": None,
+                        # The registry needs cards >= 1; a CPU-only run says so in `hardware`.
+                        "cards": max(1, len(accels)),
+                        "tp": 1,
+                        "hardware": community["Hardware"],
+                        "shape": shape,
+                    },
+                    "claimed": {"tok_s": f["value"], "metric": metric, "date": date, "by": "lab"},
+                    "status": "submitted",
+                    "history": [
+                        {
+                            "date": date,
+                            "event": "measured by servelab "
+                            f"({record['session']['servelab_commit']})",
+                        }
+                    ],
+                }
+            )
     return out
 
 
@@ -323,8 +362,11 @@ def validate_claim(c: Mapping[str, Any]) -> list[str]:
     if c.get("status") != "submitted" or "verification" in c:
         problems.append("status must be submitted without verification")
     hist = c.get("history")
-    if not isinstance(hist, list) or not hist or not all(h.get("date") and h.get("event")
-                                                         for h in hist):
+    if (
+        not isinstance(hist, list)
+        or not hist
+        or not all(h.get("date") and h.get("event") for h in hist)
+    ):
         problems.append("history must be a non-empty list of {date, event}")
     return problems
 
@@ -354,14 +396,19 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     for res in record["results"]:
         lines += ["", f"## {res['profile']}", "", "| Field | Value |", "| --- | --- |"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in res["community"].items()]
-        lines += ["", "| Metric | Value | Unit | Shape | Conc. | Warm/cold | Runs | Verdict |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| Metric | Value | Unit | Shape | Conc. | Warm/cold | Runs | Verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for f in res["figures"]:
             v = f["value"]
             shape = f["shape"]
-            desc = ", ".join(f"{k.split('_')[0]} {shape[k]}" for k in
-                             ("prompt_tokens", "output_tokens", "context_tokens")
-                             if shape.get(k) is not None)
+            desc = ", ".join(
+                f"{k.split('_')[0]} {shape[k]}"
+                for k in ("prompt_tokens", "output_tokens", "context_tokens")
+                if shape.get(k) is not None
+            )
             verdict = f.get("verdict", {}).get("text", "not compared")
             lines.append(
                 f"| {_cell(f['title'])} (`{f['metric']}`) | "
@@ -420,8 +467,10 @@ def load_record(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("kind") != KIND:
         raise RecordError(f"{path}: field 'kind' must be {KIND!r}: not a servelab record")
     if raw.get("schema_version") != SCHEMA_VERSION:
-        raise RecordError(f"{path}: field 'schema_version' is {raw.get('schema_version')!r}; "
-                          f"this servelab reads {SCHEMA_VERSION}")
+        raise RecordError(
+            f"{path}: field 'schema_version' is {raw.get('schema_version')!r}; "
+            f"this servelab reads {SCHEMA_VERSION}"
+        )
     for k in ("session", "host", "results"):
         if k not in raw:
             raise RecordError(f"{path}: missing field {k!r}")
@@ -449,8 +498,7 @@ def request_row(record: Any, **labels: Any) -> dict[str, Any]:
     """One raw per-request row (a client RequestRecord or any dataclass) with its labels."""
     from dataclasses import is_dataclass
 
-    body = asdict(record) if is_dataclass(record) and not isinstance(record, type) else dict(
-        record)
+    body = asdict(record) if is_dataclass(record) and not isinstance(record, type) else dict(record)
     return {**labels, **body}
 
 
@@ -483,7 +531,9 @@ class PerfSession:
         self._baselines: dict[tuple[str, str], Baseline | BaselineError | None] = {}
         self.verdicts: list[Verdict] = []
         self.redactor = Redactor.from_sources(
-            environ=os.environ, envs=[p.engine.env for p in profiles], headers=headers,
+            environ=os.environ,
+            envs=[p.engine.env for p in profiles],
+            headers=headers,
             values=secrets,
         )
 
@@ -496,16 +546,20 @@ class PerfSession:
     def stack(self, fig: Figure) -> StackIdentity:
         name = fig.identity.profile
         if name not in self._stacks:
-            self._stacks[name] = collect_stack(self.profiles.get(name), fig.identity.engine,
-                                               weights=self.weights)
+            self._stacks[name] = collect_stack(
+                self.profiles.get(name), fig.identity.engine, weights=self.weights
+            )
         return self._stacks[name]
 
     def fingerprint(self, fig: Figure) -> Fingerprint:
         stack = self.stack(fig)
         host = self.host
         return Fingerprint(
-            host_key=fig.identity.host, engine=fig.identity.engine, model=fig.identity.model,
-            args_hash=stack.args_hash, weights_sha256=stack.weights_sha256,
+            host_key=fig.identity.host,
+            engine=fig.identity.engine,
+            model=fig.identity.model,
+            args_hash=stack.args_hash,
+            weights_sha256=stack.weights_sha256,
             driver=host.drivers() if host.accelerators else None,
             patches=patches_digest(stack),
         )
@@ -533,8 +587,17 @@ class PerfSession:
             fig = next(f for f in figures if f.identity.profile == name)
             stack = self.stack(fig)
             notes = () if name in self.profiles else ("external endpoint: server flags unknown",)
-            out.append(TargetInfo(name, fig.identity.model, fig.identity.engine,
-                                  self.fingerprint(fig), stack.quantization, stack, notes))
+            out.append(
+                TargetInfo(
+                    name,
+                    fig.identity.model,
+                    fig.identity.engine,
+                    self.fingerprint(fig),
+                    stack.quantization,
+                    stack,
+                    notes,
+                )
+            )
         return out
 
     def finish(
@@ -551,12 +614,15 @@ class PerfSession:
         asked and allowed. Returns the lines to show the user."""
         lines: list[str] = []
         if figures or requests:
-            record = build_record(session, self.host, self.targets(figures), figures,
-                                  self.verdicts, lab=lab)
+            record = build_record(
+                session, self.host, self.targets(figures), figures, self.verdicts, lab=lab
+            )
             folder = session_folder(self.results_dir, session.started_at, label)
             paths = write_record(folder, record, self.redactor, requests=requests, logs=logs)
-            lines.append(f"record written: {paths.folder} (record.json, record.md, "
-                         f"{len(paths.claims)} claim(s), {len(requests)} raw request row(s))")
+            lines.append(
+                f"record written: {paths.folder} (record.json, record.md, "
+                f"{len(paths.claims)} claim(s), {len(requests)} raw request row(s))"
+            )
         if self.update:
             lines += self._update(figures, session)
         return lines
@@ -576,14 +642,22 @@ class PerfSession:
         lines = []
         for t in self.targets(figures):
             mine = [f for f in figures if f.identity.profile == t.profile]
-            prov = Provenance(utc_now(), session.servelab_commit, t.engine, t.model, session.by,
-                              self.redactor.text(session.command))
+            prov = Provenance(
+                utc_now(),
+                session.servelab_commit,
+                t.engine,
+                t.model,
+                session.by,
+                self.redactor.text(session.command),
+            )
             try:
                 res = self.store.update(t.profile, t.fingerprint, prov, mine)
             except BaselineError as exc:
                 lines.append(f"baseline update REFUSED for {t.profile}: {exc}")
                 continue
-            lines.append(f"baseline updated: {res.path}"
-                         + (f" (previous kept in {res.history})" if res.history else ""))
+            lines.append(
+                f"baseline updated: {res.path}"
+                + (f" (previous kept in {res.history})" if res.history else "")
+            )
             lines += [f"  {d}" for d in res.diff]
         return lines

@@ -72,8 +72,7 @@ class Redactor:
                 if k.lower() in _SECRET_HEADERS or is_secret_name(k):
                     found.add(v)
                     # "Bearer abc": the token alone must go too.
-                    found.update(part for part in v.split()
-                                 if part.lower() not in _AUTH_SCHEMES)
+                    found.update(part for part in v.split() if part.lower() not in _AUTH_SCHEMES)
         found.update(v for v in values if v)
         return cls(frozenset(s for s in found if len(s) >= MIN_SECRET_LEN))
 
@@ -82,8 +81,7 @@ class Redactor:
         for secret in sorted(self.secrets, key=len, reverse=True):
             s = s.replace(secret, MASK)
         for pat in _PATTERNS:
-            s = pat.sub(lambda m: m.group(1) + MASK + (m.group(2) if m.lastindex == 2 else ""),
-                        s)
+            s = pat.sub(lambda m: m.group(1) + MASK + (m.group(2) if m.lastindex == 2 else ""), s)
         return s
 
     def data(self, obj: Any) -> Any:

@@ -79,9 +79,7 @@ def _new(w: float = 6.0, h: float = 3.6) -> Any:
     return MplFigure(figsize=(w, h))
 
 
-def _series_plot(
-    figures: Sequence[Figure], title: str, xlabel: str, x_of: str
-) -> str | None:
+def _series_plot(figures: Sequence[Figure], title: str, xlabel: str, x_of: str) -> str | None:
     """One line per (profile, metric, unit); x from the shape; error bars = run range."""
     groups: dict[tuple[str, str, str], list[Figure]] = {}
     for f in figures:
@@ -92,7 +90,8 @@ def _series_plot(
     ax = fig.add_subplot()
     for (profile, metric, unit), fs in sorted(groups.items()):
         pts = sorted(
-            (getattr(f.shape, x_of), f.value, min(f.runs), max(f.runs)) for f in fs
+            (getattr(f.shape, x_of), f.value, min(f.runs), max(f.runs))
+            for f in fs
             if f.value is not None and getattr(f.shape, x_of) is not None
         )
         if not pts:
@@ -101,8 +100,9 @@ def _series_plot(
         ys = [p[1] for p in pts]
         lo = [p[1] - p[2] for p in pts]
         hi = [p[3] - p[1] for p in pts]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3,
-                    label=f"{profile}: {metric} ({unit})")
+        ax.errorbar(
+            xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{profile}: {metric} ({unit})"
+        )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     units = sorted({unit for _, _, unit in groups})
@@ -120,10 +120,20 @@ def _band_plot(fig_: Figure, verdict: Mapping[str, Any] | None) -> str:
     if base:
         med = float(base["median"])
         thr = float(base["threshold"])
-        ax.axhspan(float(base["min"]), float(base["max"]), color="tab:blue", alpha=0.15,
-                   label="baseline run range")
-        ax.axhspan(med * (1 - thr), med * (1 + thr), color="tab:green", alpha=0.12,
-                   label=f"baseline median ±{thr * 100:.0f}%")
+        ax.axhspan(
+            float(base["min"]),
+            float(base["max"]),
+            color="tab:blue",
+            alpha=0.15,
+            label="baseline run range",
+        )
+        ax.axhspan(
+            med * (1 - thr),
+            med * (1 + thr),
+            color="tab:green",
+            alpha=0.12,
+            label=f"baseline median ±{thr * 100:.0f}%",
+        )
         ax.axhline(med, color="tab:blue", lw=1, label="baseline median")
         ax.scatter([0] * len(base["runs"]), base["runs"], color="tab:blue", s=12)
     ax.scatter([1] * len(runs), runs, color="tab:red", s=12, label="this run")
@@ -151,30 +161,42 @@ def render_html(records: Sequence[Mapping[str, Any]], redactor: Redactor | None 
     """One self-contained HTML page for one or more saved records."""
     esc = html.escape
     red = redactor or Redactor(frozenset())
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             "<title>servelab report</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>servelab report</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>servelab report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>servelab report</h1>",
+    ]
     all_figs: list[tuple[Figure, dict[str, Any]]] = []
     for rec in records:
         rec = red.data(rec)
         s = rec["session"]
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(s["finished_at"])))
         parts.append(f"<h2>Session {esc(when)} — host {esc(rec['host']['key'])}</h2>")
-        parts.append(f"<p>Command: <code>{esc(s['command'])}</code>; servelab "
-                     f"{esc(s['servelab_commit'])}; exit status {s['exit_status']}"
-                     f"{' (interrupted)' if s['interrupted'] else ''}</p>")
+        parts.append(
+            f"<p>Command: <code>{esc(s['command'])}</code>; servelab "
+            f"{esc(s['servelab_commit'])}; exit status {s['exit_status']}"
+            f"{' (interrupted)' if s['interrupted'] else ''}</p>"
+        )
         if s["invalid_reasons"]:
-            parts.append("<p class='regression'>Invalid run: "
-                         + esc("; ".join(s["invalid_reasons"])) + "</p>")
+            parts.append(
+                "<p class='regression'>Invalid run: "
+                + esc("; ".join(s["invalid_reasons"]))
+                + "</p>"
+            )
         for res in rec["results"]:
             parts.append(f"<h3>{esc(res['profile'])}</h3><table>")
-            parts += [f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
-                      for k, v in res["community"].items()]
+            parts += [
+                f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+                for k, v in res["community"].items()
+            ]
             parts.append("</table>")
         figs = record_figures(rec)
         all_figs += figs
-        parts.append("<table><tr><th>metric</th><th>value</th><th>unit</th><th>shape</th>"
-                     "<th>warm/cold</th><th>runs</th><th>verdict</th></tr>")
+        parts.append(
+            "<table><tr><th>metric</th><th>value</th><th>unit</th><th>shape</th>"
+            "<th>warm/cold</th><th>runs</th><th>verdict</th></tr>"
+        )
         for f, d in figs:
             v = d.get("verdict") or {}
             status = str(v.get("status", "not compared"))
@@ -183,25 +205,45 @@ def render_html(records: Sequence[Mapping[str, Any]], redactor: Redactor | None 
                 f"(<code>{esc(f.metric)}</code>)</td><td>{_fmt(f.value)}</td>"
                 f"<td>{esc(f.unit)}</td><td>{esc(f.shape.describe())}</td>"
                 f"<td>{'warm' if f.warm else 'cold'}</td><td>{len(f.runs)}</td>"
-                f"<td>{esc(str(v.get('text', 'not compared')))}</td></tr>")
+                f"<td>{esc(str(v.get('text', 'not compared')))}</td></tr>"
+            )
         parts.append("</table>")
     figures = [f for f, _ in all_figs]
     plots = [
-        ("Throughput against concurrency",
-         _series_plot([f for f in figures if is_rate(f)], "throughput vs concurrency",
-                      "concurrent requests", "concurrency")),
-        ("TPOT against concurrency",
-         _series_plot([f for f in figures if "tpot" in f.metric], "TPOT vs concurrency",
-                      "concurrent requests", "concurrency")),
-        ("TTFT against prompt length",
-         _series_plot([f for f in figures if "ttft" in f.metric], "TTFT vs prompt length",
-                      "prompt tokens", "prompt_tokens")),
+        (
+            "Throughput against concurrency",
+            _series_plot(
+                [f for f in figures if is_rate(f)],
+                "throughput vs concurrency",
+                "concurrent requests",
+                "concurrency",
+            ),
+        ),
+        (
+            "TPOT against concurrency",
+            _series_plot(
+                [f for f in figures if "tpot" in f.metric],
+                "TPOT vs concurrency",
+                "concurrent requests",
+                "concurrency",
+            ),
+        ),
+        (
+            "TTFT against prompt length",
+            _series_plot(
+                [f for f in figures if "ttft" in f.metric],
+                "TTFT vs prompt length",
+                "prompt tokens",
+                "prompt_tokens",
+            ),
+        ),
     ]
     parts.append("<h2>Plots</h2>")
     for title, png in plots:
         if png is not None:
-            parts.append(f"<h3>{esc(title)}</h3><img alt='{esc(title)}' "
-                         f"src='data:image/png;base64,{png}'>")
+            parts.append(
+                f"<h3>{esc(title)}</h3><img alt='{esc(title)}' src='data:image/png;base64,{png}'>"
+            )
     if all_figs:
         parts.append("<h2>Each metric against its baseline band</h2><div class='bands'>")
         for f, d in all_figs:

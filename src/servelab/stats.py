@@ -111,12 +111,13 @@ def compare_runs(
         raise ValueError(f"alpha must be within (0, 0.5), got {alpha}")
     base, cand = _clean(baseline), _clean(candidate)
     floor = threshold * FLOOR_FRACTION
-    common = dict(threshold=threshold, floor=floor, alpha=alpha,
-                  n_baseline=len(base), n_candidate=len(cand))
+    nb_, nc_ = len(base), len(cand)
 
     def inconclusive(reason: str) -> Comparison:
-        return Comparison("inconclusive", None, None, None, None, None, None,
-                          detectable=None, reason=reason, **common)  # type: ignore[arg-type]
+        return Comparison(
+            "inconclusive", None, None, None, None, None, None,
+            threshold, floor, alpha, None, nb_, nc_, reason,
+        )  # fmt: skip
 
     if len(base) < min_runs or len(cand) < min_runs:
         return inconclusive(
@@ -161,8 +162,10 @@ def compare_runs(
                 f"{detectable * 100:.1f}% or more are reliably caught (threshold "
                 f"{threshold * 100:.1f}%); add runs"
             )
-    return Comparison(outcome, change, worse_by, p_worse, p_better, ci_low, ci_high,
-                      detectable=detectable, reason=reason, **common)  # type: ignore[arg-type]
+    return Comparison(
+        outcome, change, worse_by, p_worse, p_better, ci_low, ci_high,
+        threshold, floor, alpha, detectable, nb_, nc_, reason,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- simulation
