@@ -419,7 +419,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in terminal_table(state.figures, verdicts):
         tr.write_line(line)
     missing = sum(v.status == "no baseline" for v in verdicts.values())
-    if missing:
+    if missing and not state.options.update_baselines:
         tr.write_line(
             f"{missing} figure(s) have no baseline: create them with "
             "`pytest -m perf --update-baselines`"
