@@ -106,3 +106,13 @@ def test_blank_lines_without_data_dispatch_nothing() -> None:
     assert d.feed(b"\n\n\n: c\n\nid: 3\n\n") == []
     assert d.events == 0
     assert d.comments == 1
+
+
+def test_one_event_per_read_fast_path_matches_general_path() -> None:
+    events = [b'data: {"a": 1}\n\n', b"data:x\n\n", b"data: [DONE]\n\n", b"data: a\r\n\r\n"]
+    fast = SSEDecoder()
+    got = [p for e in events for p in fast.feed(e)]
+    assert got == ['{"a": 1}', "x", "[DONE]", "a"]
+    assert fast.events == 4
+    slow = SSEDecoder()
+    assert slow.feed(b"".join(events)) == got

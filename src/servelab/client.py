@@ -389,6 +389,7 @@ class LoopLag:
     samples: int
     p99_ms: float | None
     max_ms: float | None
+    cpu_s: float | None = None  # CPU time the client process used during the run
 
 
 @dataclass(frozen=True)
@@ -504,12 +505,12 @@ async def _watch_loop(interval_ms: float, samples: list[float], stop: asyncio.Ev
         samples.append((time.perf_counter_ns() - t - interval_ns) / 1e6)
 
 
-def _lag_summary(interval_ms: float, samples: list[float]) -> LoopLag:
+def _lag_summary(interval_ms: float, samples: list[float], cpu_s: float | None) -> LoopLag:
     if not samples:
-        return LoopLag(interval_ms, 0, None, None)
+        return LoopLag(interval_ms, 0, None, None, cpu_s)
     s = sorted(samples)
     p99 = s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
-    return LoopLag(interval_ms, len(s), max(0.0, p99), max(0.0, s[-1]))
+    return LoopLag(interval_ms, len(s), max(0.0, p99), max(0.0, s[-1]), cpu_s)
 
 
 async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
@@ -570,6 +571,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
             await asyncio.sleep(wait)
         start = max(job.start_at_ns, time.perf_counter_ns())
         job = dataclasses.replace(job, start_at_ns=start)
+        cpu0 = time.process_time()
         watchdog = asyncio.create_task(_watch_loop(job.lag_interval_ms, samples, stop))
         try:
             tasks = [asyncio.create_task(one(http, *item)) for item in job.items]
@@ -579,8 +581,9 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
             await watchdog
             if pbar is not None:
                 pbar.close()
+        cpu = time.process_time() - cpu0
     end = time.perf_counter_ns()
-    return records, _lag_summary(job.lag_interval_ms, samples), start, end
+    return records, _lag_summary(job.lag_interval_ms, samples, cpu), start, end
 
 
 def _progress(total: int) -> Any:

@@ -37,6 +37,20 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[str]:
         """Add bytes; return the data payloads of every event completed by them."""
+        if (
+            not self._buf
+            and not self._data
+            and chunk.startswith(b"data:")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+        ):
+            # Fast path: exactly one whole one-line event (what vLLM sends per HTTP chunk).
+            value = chunk[5:-2]
+            if value[:1] == b" ":
+                value = value[1:]
+            self.events += 1
+            return [value.decode("utf-8", "replace")]
         buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:
             # A trailing CR may be the first half of CRLF: keep it for the next read.
