@@ -100,7 +100,16 @@ def test_terminal_table_has_value_baseline_change_verdict(tmp_path: Path) -> Non
     slow = Figure(**{**FIGS[0].__dict__, "runs": tuple(r * 0.8 for r in FIGS[0].runs)})
     v = judge(slow, store.load(HOST.key, "cpu-smollm2"), FP, tmp_path / "x")
     lines = terminal_table([slow, FIGS[1]], {id(slow): v})
-    assert lines[0].split() == ["metric", "value", "baseline", "change", "verdict"]
+    assert lines[0].split() == [
+        "metric",
+        "value",
+        "(median)",
+        "baseline",
+        "(median)",
+        "change",
+        "(geomean)",
+        "verdict",
+    ]
     assert "-20.0%" in lines[2] and lines[2].endswith("regression")
     assert "12 tok/s (n=3)" in lines[2] and "c1, warm, n=3" in lines[2]
     assert lines[3].endswith("not compared")

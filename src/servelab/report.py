@@ -50,7 +50,7 @@ def terminal_rows(
 
 
 def terminal_table(figures: Sequence[Figure], verdicts: Mapping[int, Verdict]) -> list[str]:
-    header = ("metric", "value", "baseline", "change", "verdict")
+    header = ("metric", "value (median)", "baseline (median)", "change (geomean)", "verdict")
     rows = [header, *terminal_rows(figures, verdicts)]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     out = []
