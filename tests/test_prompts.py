@@ -79,3 +79,20 @@ def test_server_counter_reports_a_missing_tokenize_endpoint() -> None:
     ep = Endpoint(base_url=f"http://127.0.0.1:{free_port()}", model="m")  # nothing listens
     with pytest.raises(ClientError, match="tokenize request failed"):
         prompts.server_token_counter(ep, timeout_s=2)("x")
+
+
+@pytest.mark.slow  # importing transformers takes ~10 s on 2 cores
+def test_local_tokenizer_fallback_counts_like_the_model() -> None:
+    """The real SmolLM2 tokenizer where servelab already prepared the model (else skipped)."""
+    from servelab.models import default_cache_dir
+
+    dirs = sorted(default_cache_dir().glob("models/smollm2-*/tokenizer.json"))
+    if not dirs:
+        pytest.skip("no prepared SmolLM2 model in the servelab cache (run a perf test first)")
+    pytest.importorskip("transformers")
+    count = prompts.hf_token_counter(str(dirs[0].parent))
+    for n in (3, 32, 100):
+        text = prompts.exact_text(count, n, f"hf{n}")
+        assert count(text) == n
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert count(msgs) > count("What is the capital of France?")  # the chat template adds tokens

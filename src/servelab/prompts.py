@@ -119,6 +119,8 @@ def hf_token_counter(model_dir: str) -> TokenCounter:
         ids = tok.apply_chat_template(
             [dict(m) for m in prompt], add_generation_prompt=True, tokenize=True
         )
+        if isinstance(ids, Mapping):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
         return len(ids)
 
     return count
