@@ -342,10 +342,6 @@ def recall_payload(
     return _payload(model, "chat", style.messages(case), max_tokens, seed)
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def run_canaries(
     endpoint: Endpoint,
     qset: QualitySet,
@@ -399,7 +395,7 @@ def run_canaries(
                     c.id,
                     mode,
                     problem is None,
-                    None if rec.error else _sha(rec.text),
+                    None if rec.error else rec.output_sha256,
                     rec.prompt_tokens,
                     problem,
                 )
@@ -482,7 +478,7 @@ def run_recall(
                 case.describe(),
                 "recall",
                 problem is None,
-                None if rec.error else _sha(rec.text),
+                None if rec.error else rec.output_sha256,
                 rec.prompt_tokens,
                 problem,
             )
