@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from servelab.figures import Direction
 from servelab.stats import DEFAULT_RUNS, compare_runs, simulate
 
 
@@ -74,7 +75,7 @@ def test_vectorized_simulation_matches_the_scalar_rule() -> None:
 
 
 @pytest.mark.parametrize("direction", ["higher", "lower"])
-def test_power_targets_at_default_runs(direction: str) -> None:
+def test_power_targets_at_default_runs(direction: Direction) -> None:
     """Issue 7: 3% noise; A/A false alarms <= 1% of 1,000 trials; a true 5% worsening is
     caught in >= 90% of 1,000 trials at the default number of runs."""
     worse = -0.05 if direction == "higher" else 0.05
@@ -84,14 +85,14 @@ def test_power_targets_at_default_runs(direction: str) -> None:
         noise=0.03,
         true_change=0.0,
         direction=direction,
-    )  # type: ignore[arg-type]
+    )
     ab = simulate(
         np.random.default_rng(2),
         runs=DEFAULT_RUNS,
         noise=0.03,
         true_change=worse,
         direction=direction,
-    )  # type: ignore[arg-type]
+    )
     assert aa.trials == 1000
     assert aa.regression_rate <= 0.01
     assert aa.improvement_rate <= 0.01
