@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,3 +154,30 @@ def test_engine_identity_of_installed_packages() -> None:
     assert hw.distribution_version("pytest") is not None
     assert hw.distribution_version("no-such-distribution-xyz") is None
     assert hw.engine_commit("no_such_module_xyz") is None
+
+
+def test_torch_fallback_reads_device_properties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.xpu / torch.cuda fill in when the vendor tools are missing (a typed fake torch:
+    the real one here is the CPU build)."""
+    import importlib.machinery
+    import types
+
+    class Props:
+        name = "Intel(R) Arc(TM) Pro B70 Graphics"
+        total_memory = 32 * 2**30
+
+    xpu = types.SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 2, get_device_properties=lambda i: Props
+    )
+    cuda = types.SimpleNamespace(is_available=lambda: False)
+    fake = types.ModuleType("torch")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    fake.xpu = xpu  # type: ignore[attr-defined]
+    fake.cuda = cuda  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    devs = hw.accelerators(fake_runner({}), use_torch=True)
+    assert [(d.kind, d.index, d.memory_bytes, d.source) for d in devs] == [
+        ("xpu", 0, 32 * 2**30, "torch.xpu"),
+        ("xpu", 1, 32 * 2**30, "torch.xpu"),
+    ]
+    assert hw.accelerators(fake_runner({})) == []  # torch only when asked
