@@ -227,6 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServelabError as exc:
         print(f"servelab {args.command}: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        print(
+            f"servelab {args.command}: {exc}; the HTML report needs matplotlib "
+            "(pip install 'servelab[report]')",
+            file=sys.stderr,
+        )
+        return 2
     except (TypeError, ValueError) as exc:
         # A record whose fingerprint or figures do not have the expected fields.
         print(f"servelab {args.command}: malformed input ({exc})", file=sys.stderr)
