@@ -362,3 +362,25 @@ def test_endpoint_without_quality_file_is_refused(pytester: pytest.Pytester) -> 
         )
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*no quality file for an external endpoint*--quality-file*"])
+
+
+def test_lab_records_serialise_for_the_record(qfile: Path) -> None:
+    from servelab import prometheus
+    from servelab.quality import LabRecords
+
+    with Stub("right") as stub:
+        report = gate(stub, qfile, lines=None)
+    lab = LabRecords()
+    lab.gates["stub"] = report
+    lab.metrics["perf/test_x.py::test_a[stub]"] = prometheus.delta(
+        prometheus.parse("vllm:prefix_cache_hits_total 1\n"),
+        prometheus.parse("vllm:prefix_cache_hits_total 5\n"),
+    )
+    lab.metrics["perf/test_x.py::test_b[stub]"] = "not recorded: HTTP 404"
+    data = json.loads(json.dumps(lab.to_dict()))
+    assert data["gates"]["stub"]["passed"] is True
+    assert data["gates"]["stub"]["checks"][0]["name"] == "canaries"
+    delta = data["metrics"]["perf/test_x.py::test_a[stub]"]
+    assert delta["counters"]["vllm:prefix_cache_hits_total"] == 4.0
+    assert "prefix-cache hits 4/n/a" in delta["summary"]
+    assert data["metrics"]["perf/test_x.py::test_b[stub]"] == "not recorded: HTTP 404"

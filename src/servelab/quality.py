@@ -302,6 +302,25 @@ class LabRecords:
     metrics: dict[str, Any] = field(default_factory=dict)
     session_cache: dict[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for the session record (a ``lab`` section)."""
+        from dataclasses import is_dataclass
+
+        def plain(v: Any) -> Any:
+            if is_dataclass(v) and not isinstance(v, type):
+                return asdict(v)
+            return v
+
+        return {
+            "gates": {t: g.to_dict() for t, g in self.gates.items()},
+            "patches": {t: plain(p) for t, p in self.patches.items()},
+            "metrics": {
+                node: d if isinstance(d, str) else {**plain(d), "summary": d.describe()}
+                for node, d in self.metrics.items()
+            },
+            "session_cache": dict(self.session_cache),
+        }
+
 
 LAB_RECORDS_KEY = pytest.StashKey[LabRecords]()
 
