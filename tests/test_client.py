@@ -346,6 +346,15 @@ def test_bad_arguments_raise_client_error() -> None:
 
 
 def test_loop_lag_marks_run_invalid() -> None:
-    lag = client.LoopLag(interval_ms=5.0, samples=10, p99_ms=80.0, max_ms=90.0)
-    res = client.RunResult((), 0, 1, 1, 1, (lag,), max_loop_lag_ms=20.0)
+    lag = client.LoopLag(interval_ms=5.0, samples=10, p99_ms=80.0, max_ms=90.0, cpu_s=0.1)
+    res = client.RunResult((), 0, 10**9, 1, 1, (lag,), max_loop_lag_ms=20.0)
     assert any("could not keep up" in r for r in res.invalid_reasons())
+    calm = client.LoopLag(interval_ms=5.0, samples=10, p99_ms=3.0, max_ms=9.0, cpu_s=0.1)
+    assert client.RunResult((), 0, 10**9, 1, 1, (calm,), 20.0).invalid_reasons() == []
+
+
+def test_saturated_client_marks_run_invalid() -> None:
+    busy = client.LoopLag(interval_ms=5.0, samples=10, p99_ms=3.0, max_ms=9.0, cpu_s=0.95)
+    res = client.RunResult((), 0, 10**9, 1, 1, (busy,), max_loop_lag_ms=20.0)
+    assert res.client_busy() == (pytest.approx(0.95),)
+    assert any("the client was the bottleneck" in r for r in res.invalid_reasons())
