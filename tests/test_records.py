@@ -10,20 +10,19 @@ from pathlib import Path
 import pytest
 
 from servelab.baselines import Fingerprint, Verdict
+from servelab.claims import claims, validate_claim
+from servelab.errors import RecordError
 from servelab.figures import Figure, Identity, Shape
 from servelab.hardware import Accelerator, HostIdentity
 from servelab.records import (
     COMMUNITY_FIELDS,
-    RecordError,
     SessionInfo,
     TargetInfo,
     build_record,
-    claims,
     load_record,
     record_figures,
     render_markdown,
     request_row,
-    validate_claim,
     write_record,
 )
 from servelab.redact import Redactor

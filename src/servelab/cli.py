@@ -85,7 +85,8 @@ def _record_paths(results_dir: Path) -> list[Path]:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from servelab.records import claims, load_record, render_markdown, validate_claim
+    from servelab.claims import claims, validate_claim
+    from servelab.records import load_record, render_markdown
 
     if args.list or args.path is None:
         paths = _record_paths(Path(args.results_dir))

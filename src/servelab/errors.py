@@ -44,3 +44,7 @@ class QualityGateError(ServelabError):
 
 class KernelInputError(ServelabError, ValueError):
     """A kernel argument has the wrong shape, dtype, device or layout (raised before launch)."""
+
+
+class RecordError(ServelabError):
+    """A saved record is missing, corrupt or of an unknown schema."""
