@@ -311,8 +311,14 @@ SPEED = """
 import pytest
 pytestmark = pytest.mark.perf
 
-def test_speed(servelab_endpoint, servelab_state):
-    pass
+from servelab.figures import Figure, Shape
+
+def test_speed(servelab_endpoint, servelab_identity, servelab_record):
+    servelab_record(Figure(
+        metric="stub_tok_s", title="stub rate", unit="tok/s", direction="higher",
+        runs=(100.0, 101.0, 99.0), shape=Shape(8, 8, 1), warm=True,
+        identity=servelab_identity,
+    ))
 
 def test_gate_report(servelab_quality_gate):
     assert servelab_quality_gate.passed, servelab_quality_gate.reasons()
@@ -333,11 +339,23 @@ def test_wrong_server_never_gets_a_speed_verdict(
             stub.url + "/v1",
             f"--quality-file={qfile}",
             f"--results-dir={pytester.path / 'results'}",
+            f"--baselines-dir={pytester.path / 'baselines'}",
+            "--update-baselines",
         )
+    records = list((pytester.path / "results" / "records").glob("*/record.json"))
+    sessions = [json.loads(r.read_text())["session"] for r in records]
+    baselines = [p for p in (pytester.path / "baselines").rglob("*") if p.is_file()]
     if mode == "right":
         result.assert_outcomes(passed=2)
         result.stdout.fnmatch_lines(["*quality gate PASS*"])
+        assert len(sessions) == 1 and sessions[0]["invalid_reasons"] == []
+        assert any("canaries: pass" in q for q in sessions[0]["quality_checks"])
+        assert baselines  # the update workflow writes when the gate passed
         return
+    assert baselines == []  # ... and never when it failed
+    # A failed gate leaves no figure; where a record is written it names the gate.
+    for s in sessions:
+        assert any(r.startswith("quality gate [endpoint] canaries") for r in s["invalid_reasons"])
     # The speed test errors in setup (it never runs); the gate's own test fails by name.
     result.assert_outcomes(failed=1, errors=1)
     result.stdout.fnmatch_lines(
