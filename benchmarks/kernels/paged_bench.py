@@ -5,6 +5,9 @@ Run on a CUDA machine (figures are meaningless elsewhere)::
     PYTHONPATH=src python3 benchmarks/kernels/paged_bench.py --out DIR [--quick]
 
 It prints a table last and writes ``paged_bench.json`` and ``paged_bench.md`` under DIR.
+``--compare`` runs only the old (float32-upcast, ``paged_legacy.py``) vs new attention step,
+gather-program, chunk-size and overlap comparison at 32K/128K/512K and writes
+``paged_compare*.{json,md}`` (``paged_compare.sh`` wraps it for the device tool).
 Every figure carries the card, the date and the command. Timing: CUDA events on the
 caller's stream around whole calls (the copy stream is joined by the compute stream before
 the end event), warm-up runs first, the median of the repeats reported with min and max.
@@ -21,6 +24,7 @@ Figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -28,13 +32,16 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
-from servelab.kernels.attention import accumulate, finalize, new_state, prepare_query
+import servelab.kernels.paged as paged_mod
+from servelab.kernels import attention as step_new
+from servelab.kernels.attention import finalize, new_state
 from servelab.kernels.paged import cpu_paged_attention, plan_chunks
 from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
@@ -252,6 +259,9 @@ def bench_decode(
     overlap: bool,
     chunk_tokens: int,
     reps: int,
+    *,
+    programs: int | None = None,
+    step: str = "new",
 ) -> Figure:
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -290,11 +300,16 @@ def bench_decode(
             scratch=scratch,
             strategy=strategy,
             overlap=overlap,
+            gather_programs=programs,
             out=out,
             out_lse=lse,
         )
 
+    with attention_step(step):
+        times = time_cuda(run, reps, warmup=2)
     params = {
+        "step": step,
+        "programs": programs,
         "ctx": ctx,
         "block": block,
         "strategy": strategy,
@@ -305,10 +320,42 @@ def bench_decode(
         "head": HEAD,
         "suffix": gpu_len,
     }
-    return figure("decode", params, time_cuda(run, reps, warmup=2), kv_bytes(ctx))
+    return figure("decode", params, times, kv_bytes(ctx))
 
 
-def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int) -> list[Figure]:
+@contextlib.contextmanager
+def attention_step(step: str) -> Iterator[None]:
+    """``new``: the package's step; ``old``: the float32-upcast step it replaced."""
+    if step == "new":
+        yield
+        return
+    import paged_legacy
+
+    with (
+        mock.patch.object(paged_mod, "prepare_query", paged_legacy.prepare_query),
+        mock.patch.object(paged_mod, "accumulate", paged_legacy.accumulate),
+    ):
+        yield
+
+
+def _step_functions(step: str) -> tuple[Any, Any]:
+    if step == "new":
+        return step_new.prepare_query, step_new.accumulate
+    import paged_legacy
+
+    return paged_legacy.prepare_query, paged_legacy.accumulate
+
+
+def bench_split(
+    host: HostKV,
+    ctx: int,
+    block: int,
+    chunk_tokens: int,
+    reps: int,
+    *,
+    programs: int | None = None,
+    steps: tuple[str, ...] = ("new",),
+) -> list[Figure]:
     """The decode chunk loop with only the staging (gpu_gather) or only the attention."""
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -331,6 +378,7 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
                 scratch.value[slot],
                 strategy=GatherStrategy.GPU_GATHER,
                 device_ids=ids_dev[c.block_start : c.block_end],
+                programs=programs,
             )
 
     gen = torch.Generator().manual_seed(4)
@@ -338,15 +386,16 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
     k_dev = torch.randn(min(ctx, 2 * chunk_tokens), HKV, HEAD, generator=gen).to(DTYPE).to(dev)
     v_dev = torch.randn_like(k_dev)
 
-    def compute_only() -> None:
-        q_prep = prepare_query(query, HEAD**-0.5, HKV)
-        state = new_state(HKV, int(q_prep.shape[1]), HEAD, dev)
+    def compute_only(step: str) -> None:
+        prepare, accumulate = _step_functions(step)
+        pq = prepare(query, HEAD**-0.5, HKV)
+        state = new_state(HKV, pq.rows, HEAD, dev)
         for c in chunks:
             n = c.token_end - c.token_start
             off = c.token_start % (k_dev.shape[0] - n + 1)
             state = accumulate(
                 state,
-                q_prep,
+                pq,
                 k_dev[off : off + n],
                 v_dev[off : off + n],
                 num_q=1,
@@ -358,11 +407,19 @@ def bench_split(host: HostKV, ctx: int, block: int, chunk_tokens: int, reps: int
             )
         finalize(state, 1)
 
-    params = {"ctx": ctx, "block": block, "chunk_tokens": chunk_tokens}
-    return [
-        figure("stage_only", params, time_cuda(stage_only, reps), kv_bytes(ctx)),
-        figure("compute_only", params, time_cuda(compute_only, reps), 0),
+    params: dict[str, Any] = {"ctx": ctx, "block": block, "chunk_tokens": chunk_tokens}
+    figs = [
+        figure(
+            "stage_only",
+            {**params, "programs": programs},
+            time_cuda(stage_only, reps),
+            kv_bytes(ctx),
+        )
     ]
+    for step in steps:
+        times = time_cuda(lambda step=step: compute_only(step), reps)  # type: ignore[misc]
+        figs.append(figure("compute_only", {**params, "step": step}, times, 0))
+    return figs
 
 
 def check_decode_accuracy(host: HostKV, ctx: int, block: int) -> dict[str, Any]:
@@ -407,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton gather's knobs")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="only the old vs new attention step and gather-program comparison at 32K-512K",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("paged_bench needs a CUDA device", file=sys.stderr)
@@ -421,9 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "triton": _triton_version(),
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "mm_out_dtype": step_new._HAS_OUT_DTYPE,
     }
     print(json.dumps(env), flush=True)
     reps = 5 if args.quick else 10
+    if args.compare:
+        return run_compare(args.out, env, reps, t0)
     figs: list[Figure] = []
     sizes = [64 << 10, 256 << 10, 2 * MiB, 16 * MiB, 256 * MiB, 1024 * MiB]
     figs += bench_copies(sizes, reps=reps * 2)
@@ -468,6 +533,106 @@ def main(argv: list[str] | None = None) -> int:
     table = render(figs, env, copy_rate)
     (args.out / "paged_bench.md").write_text(table)
     print(table)
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
+    """Old vs new attention step, gather programs, chunk size, overlap: one table."""
+    figs = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
+    copy_rate = max(f.gbps for f in figs if f.name == "h2d_pinned")
+    max_ctx = 512 * 1024
+    host = HostKV.allocate(max_ctx + 4096)
+    print(f"host cache ready {time.perf_counter() - t0:.1f}s", flush=True)
+    accuracy = [
+        check_decode_accuracy(host, 32 * 1024, 256),
+        check_decode_accuracy(host, 32 * 1024, 16),
+    ]
+    print(json.dumps(accuracy), flush=True)
+    summary = []
+    for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
+        r = reps if ctx < max_ctx else max(5, reps // 2)
+        c32 = 32768
+        row: dict[str, Any] = {"ctx": ctx}
+        split = bench_split(host, ctx, 256, c32, r, programs=128, steps=("old", "new"))
+        split += bench_split(host, ctx, 256, c32, r, programs=32, steps=())
+        figs += split
+        row["stage_p128"] = split[0]
+        row["compute_old"], row["compute_new"] = split[1], split[2]
+        row["stage_p32"] = split[3]
+        dec = {}
+        for key, kw in (
+            ("old_p128", {"step": "old", "programs": 128}),
+            ("old_p32", {"step": "old", "programs": 32}),
+            ("new_p128", {"programs": 128}),
+            ("new_p64", {"programs": 64}),
+            ("new_p32", {"programs": 32}),
+            ("new_p16", {"programs": 16}),
+        ):
+            dec[key] = bench_decode(host, ctx, 256, "auto", True, c32, r, **kw)
+        dec["new_p32_nooverlap"] = bench_decode(host, ctx, 256, "auto", False, c32, r, programs=32)
+        dec["new_p32_c16k"] = bench_decode(host, ctx, 256, "auto", True, 16384, r, programs=32)
+        if ctx <= 32 * 1024:
+            dec["new_p32_c8k"] = bench_decode(host, ctx, 256, "auto", True, 8192, r, programs=32)
+        if ctx >= 128 * 1024:
+            dec["new_p32_c64k"] = bench_decode(host, ctx, 256, "auto", True, 65536, r, programs=32)
+        dec["new_p32_bs16"] = bench_decode(host, ctx, 16, "auto", True, c32, r, programs=32)
+        if ctx <= 128 * 1024:
+            dec["new_coalesced"] = bench_decode(host, ctx, 256, "coalesced", True, c32, r)
+        figs += list(dec.values())
+        row.update(dec)
+        summary.append(row)
+        _progress(figs, t0)
+    payload = {
+        "env": env,
+        "copy_rate_gbps": copy_rate,
+        "accuracy": accuracy,
+        "figures": [dict(dataclasses.asdict(f), gbps=f.gbps) for f in figs],
+    }
+    (out_dir / "paged_compare.json").write_text(json.dumps(payload, indent=1))
+    table = render(figs, env, copy_rate)
+    (out_dir / "paged_compare.md").write_text(table)
+    print(table)
+    lines = [
+        f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
+        "ms (% of copy rate); chunk 32K, bs256, random table unless named",
+        "| ctx | stage p128 | stage p32 | attn old | attn new | decode old p128 | old p32 |"
+        " new p128 | new p64 | new p32 | new p16 | new p32 no-overlap | new p32 c16K |"
+        " new p32 c64K | new p32 c8K | new p32 bs16 | new coalesced |",
+    ]
+
+    def cell(f: Figure | None) -> str:
+        if f is None:
+            return "-"
+        if not f.bytes_moved:
+            return f"{f.median_ms:.2f}"
+        return f"{f.median_ms:.2f} ({100 * f.gbps / copy_rate:.0f}%)"
+
+    for row in summary:
+        keys = (
+            "stage_p128",
+            "stage_p32",
+            "compute_old",
+            "compute_new",
+            "old_p128",
+            "old_p32",
+            "new_p128",
+            "new_p64",
+            "new_p32",
+            "new_p16",
+            "new_p32_nooverlap",
+            "new_p32_c16k",
+            "new_p32_c64k",
+            "new_p32_c8k",
+            "new_p32_bs16",
+            "new_coalesced",
+        )
+        cells = " | ".join(cell(row.get(k)) for k in keys)
+        lines.append(f"| {row['ctx'] // 1024}K | {cells} |")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "paged_compare_summary.md").write_text(text)
+    print(json.dumps(accuracy))
+    print(text)
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -426,3 +426,137 @@ def test_bad_input_raises_before_launch(
     assert isinstance(info.value, ValueError)
     assert torch.isnan(out).all(), "nothing may be written before validation passes"
     assert torch.isnan(sc.scratch.key).all(), "nothing may be staged before validation passes"
+
+
+# --- the per-chunk step: both product layouts, the split P·V, the float32 products ---
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hkv", "gqa", "num_q", "num_k", "window", "softcap"),
+    [
+        (torch.bfloat16, 8, 8, 1, 2048 + 300, None, None),  # decode shape, split P·V + tail
+        (torch.bfloat16, 2, 4, 3, 4096, None, None),  # split P·V, no tail, causal rows
+        (torch.float16, 4, 2, 5, 700, 200, 20.0),  # window + soft-cap, fully masked rows
+        (torch.float32, 2, 3, 7, 2100, None, None),
+    ],
+)
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_step_layouts_match_reference(
+    device: torch.device,
+    torch_gen: torch.Generator,
+    dtype: torch.dtype,
+    hkv: int,
+    gqa: int,
+    num_q: int,
+    num_k: int,
+    window: int | None,
+    softcap: float | None,
+    block_diagonal: bool,
+) -> None:
+    """The block-diagonal and per-head layouts each pass the error rule on their own."""
+    head = 64
+    q = torch.randn(num_q, hkv * gqa, head, generator=torch_gen).to(dtype)
+    k = torch.randn(num_k, hkv, head, generator=torch_gen).to(dtype)
+    v = torch.randn(num_k, hkv, head, generator=torch_gen).to(dtype)
+    # Queries start 10 tokens before the last key: the last rows see a prefix only, and
+    # with the window some early rows see nothing at all before the causal edge moves.
+    q_start = num_k - num_q - 10
+    kw = {"causal": True, "window": window, "softcap": softcap}
+    ref, ref_lse = reference_attention(q, k, v, q_start=q_start, **kw)  # type: ignore[arg-type]
+    lowp, _ = reference_attention(q, k, v, q_start=q_start, upcast=False, **kw)  # type: ignore[arg-type]
+    out, lse = attend_range(
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        scale=1 / math.sqrt(head),
+        q_start=q_start,
+        k_start=0,
+        block_diagonal=block_diagonal,
+        **kw,  # type: ignore[arg-type]
+    )
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    report = check_attention(out, ref, lowp, dtype=dtype, lse=lse, lse_ref=ref_lse)
+    assert report.ok, report.explain()
+
+
+def test_step_layouts_on_empty_and_single_key_rows(
+    device: torch.device, torch_gen: torch.Generator
+) -> None:
+    """Window 40, keys 0..61, queries at 100 and 101: query 100 sees key 61 alone (its output
+    is that value exactly), query 101 sees nothing (output 0, LSE -inf, never NaN)."""
+    q = torch.randn(2, 4, 32, generator=torch_gen).to(torch.bfloat16).to(device)
+    k = torch.randn(62, 2, 32, generator=torch_gen).to(torch.bfloat16).to(device)
+    v = torch.randn(62, 2, 32, generator=torch_gen).to(torch.bfloat16).to(device)
+    for block_diagonal in (True, False):
+        out, lse = attend_range(
+            q,
+            k,
+            v,
+            scale=0.1,
+            q_start=100,
+            k_start=0,
+            causal=True,
+            window=40,
+            softcap=None,
+            block_diagonal=block_diagonal,
+        )
+        want = v[61].float().repeat_interleave(2, dim=0)  # query head h reads KV head h // 2
+        assert torch.equal(out[0], want), block_diagonal
+        assert torch.isfinite(lse[0]).all(), block_diagonal
+        assert torch.equal(out[1], torch.zeros_like(out[1])), block_diagonal
+        assert torch.isneginf(lse[1]).all(), block_diagonal
+
+
+def test_matmul_f32_accumulates_in_float32(
+    device: torch.device, torch_gen: torch.Generator
+) -> None:
+    """bf16 operands, float32 result: as exact as upcasting first (products of bf16 numbers
+    are exact in float32), far closer than a bf16 result (~4e-3 relative)."""
+    from servelab.kernels.attention import matmul_f32
+
+    a = torch.randn(3, 16, 256, generator=torch_gen).to(torch.bfloat16)
+    b = torch.randn(3, 256, 40, generator=torch_gen).to(torch.bfloat16)
+    want = torch.bmm(a.double(), b.double())
+    for got in (
+        matmul_f32(a.to(device), b.to(device)),
+        matmul_f32(a[0].to(device), b[0].to(device)).unsqueeze(0),
+    ):
+        assert got.dtype == torch.float32
+        rel = float((got.cpu().double() - want[: got.shape[0]]).abs().max() / want.abs().max())
+        assert rel < 1e-5, rel
+
+
+def test_gather_programs_is_validated_and_does_not_change_results(
+    device: torch.device, torch_gen: torch.Generator
+) -> None:
+    case = Case(16, 4, 64, 1, 700, 9, 160)
+    sc = build(case, device, torch_gen)
+    with pytest.raises(KernelInputError, match="gather_programs"):
+        cpu_paged_attention(
+            sc.query,
+            sc.cpu_cache,
+            sc.cpu_table,
+            case.cpu_len,
+            sc.gpu_cache,
+            sc.gpu_table,
+            case.gpu_len,
+            scratch=sc.scratch,
+            chunk_tokens=case.chunk,
+            gather_programs=0,
+        )
+    want, want_lse = run(sc, case)
+    for programs in (1, 7, 1 << 20):
+        _poison(sc.scratch.key, sc.scratch.value)
+        out, lse = cpu_paged_attention(
+            sc.query,
+            sc.cpu_cache,
+            sc.cpu_table,
+            case.cpu_len,
+            sc.gpu_cache,
+            sc.gpu_table,
+            case.gpu_len,
+            scratch=sc.scratch,
+            chunk_tokens=case.chunk,
+            gather_programs=programs,
+        )
+        assert torch.equal(out, want) and torch.equal(lse, want_lse), programs

@@ -1,23 +1,36 @@
-"""Attention over one contiguous key range, with LSE, in float32: the per-chunk step.
+"""Attention over one contiguous key range, with LSE: the per-chunk step.
 
 Plain torch operations, so the same code runs on ``cpu``, ``cuda`` and ``xpu``. Keys and
-values are read in their storage dtype and upcast once per chunk; scores, softmax and P·V
-run in float32 (re-rounding partials to bf16 costs ~8x error, reference/kernels.md §1.4).
-Grouped-query heads are handled by a view (query head ``h`` reads key/value head
-``h // (Hq / Hkv)``), never by repeating keys.
+values are read in their storage dtype and never copied: both products take the storage
+dtype with float32 accumulation and a float32 result (``out_dtype=torch.float32`` on CUDA;
+elsewhere the operands are upcast, which is the same function: a product of two bf16/fp16
+numbers is exact in float32). Scores, the scale, soft-cap, mask, softmax, LSE and the
+running state are float32; the probabilities are cast to the value dtype for P·V, as
+FlashAttention and vLLM's references do (reference/kernels.md §1.3, §1.5). Re-rounding the
+running state to bf16 would cost ~8x error (§1.4); it stays float32 and is cast once.
 
-The running state of a sequence lives in a head-major layout, ``out [Hkv, G*T, D]`` and
-``lse [Hkv, G*T]`` (rows ordered (g, t)), so a chunk costs about a dozen kernel launches
-plus the merge: on the H100 machine the host time to issue them, not the GPU, bounds a
-chunk's compute (docs/kernels-paged.md). :func:`finalize` converts to ``[T, Hq, D]`` once.
+Two layouts of the products (chosen per call by :func:`prepare_query`):
 
-float32 matrix products must not run in TF32: if a caller enabled
+- *block diagonal* (decode: ``Hkv * G * T <= 128`` query rows): the query becomes one
+  ``[Hkv*G*T, Hkv*D]`` matrix that is zero outside each row's own KV head, so the scores
+  are one matrix product with the chunk's keys viewed as ``[S, Hkv*D]`` (contiguous, read
+  once) and P·V one product with the values viewed the same way, split along the keys so
+  that every SM gets work. The zeros cost ``Hkv``-fold arithmetic, which at <= 128 rows
+  still sits under the memory time (the products are bound by reading K and V).
+- *per head* (prefill, more rows): one batched product per KV head over stride views.
+
+Grouped-query heads are never repeated. The running state of a sequence lives in a
+head-major layout, ``out [Hkv, G*T, D]`` and ``lse [Hkv, G*T]`` (rows ordered (g, t));
+:func:`finalize` converts to ``[T, Hq, D]`` once.
+
+float32 matrix products (float32 caches) must not run in TF32: if a caller enabled
 ``torch.backends.cuda.matmul.allow_tf32`` the error grows to ~1e-3 relative.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +39,30 @@ from servelab.kernels.reference import visibility_mask
 # Cap on the float32 score tile (bytes): longer key ranges are split and merged.
 _SCORE_TILE_BYTES = 256 * 1024 * 1024
 _TINY = torch.finfo(torch.float32).tiny
+# Query rows (Hkv * G * T) up to which the block-diagonal layout is used.
+BLOCK_DIAGONAL_MAX_ROWS = 128
+# Keys per partial product in the block-diagonal P·V (its parts run on separate SMs).
+PV_SPLIT_KEYS = 1024
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# torch >= 2.8 has mm/bmm(..., out_dtype): low-precision operands, float32 result (CUDA).
+_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """Queries laid out for the products, unscaled, in the query (= KV) dtype.
+
+    ``q`` is ``[Hkv*R, Hkv*D]`` (block diagonal) or ``[Hkv, R, D]`` (per head), with
+    ``R = G*T`` rows per KV head ordered (g, t). ``scale`` is applied to the float32 scores.
+    """
+
+    q: torch.Tensor
+    num_kv_heads: int
+    rows: int
+    scale: float
+    block_diagonal: bool
 
 
 def chunk_fully_masked(
@@ -53,12 +88,32 @@ def chunk_fully_masked(
     return window is not None and k_last < q_first - window + 1
 
 
-def prepare_query(query: torch.Tensor, scale: float, num_kv_heads: int) -> torch.Tensor:
-    """``query [T, Hq, D]`` as scaled float32 ``[Hkv, G*T, D]``, rows ordered (g, t)."""
+def prepare_query(
+    query: torch.Tensor,
+    scale: float,
+    num_kv_heads: int,
+    *,
+    block_diagonal: bool | None = None,
+) -> PreparedQuery:
+    """Lay ``query [T, Hq, D]`` out for :func:`accumulate`; ``block_diagonal=None`` picks
+    the layout by the number of query rows (module docstring)."""
     num_q, num_heads, head_size = query.shape
     group = num_heads // num_kv_heads
-    q = (query.to(torch.float32) * scale).view(num_q, num_kv_heads, group, head_size)
-    return q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * num_q, head_size)
+    rows = group * num_q
+    per_head = (
+        query.reshape(num_q, num_kv_heads, group, head_size)
+        .permute(1, 2, 0, 3)
+        .reshape(num_kv_heads, rows, head_size)
+    )
+    if block_diagonal is None:
+        block_diagonal = num_kv_heads * rows <= BLOCK_DIAGONAL_MAX_ROWS
+    if not block_diagonal:
+        return PreparedQuery(per_head.contiguous(), num_kv_heads, rows, scale, False)
+    q = query.new_zeros(num_kv_heads, rows, num_kv_heads, head_size)
+    # The diagonal view [R, D, Hkv] of (head, ., head, .) is where each head's rows go.
+    torch.diagonal(q, dim1=0, dim2=2).copy_(per_head.permute(1, 2, 0))
+    q = q.view(num_kv_heads * rows, num_kv_heads * head_size)
+    return PreparedQuery(q, num_kv_heads, rows, scale, True)
 
 
 def new_state(num_kv_heads: int, rows: int, head_size: int, device: torch.device) -> State:
@@ -86,7 +141,7 @@ def merge_into(state: State, part: State) -> State:
 
 def accumulate(
     state: State,
-    q_prep: torch.Tensor,
+    pq: PreparedQuery,
     key: torch.Tensor,
     value: torch.Tensor,
     *,
@@ -98,7 +153,7 @@ def accumulate(
     softcap: float | None,
 ) -> State:
     """Fold attention over keys at ``k_start..`` (``key``/``value`` ``[S, Hkv, D]``) into
-    ``state``; ``q_prep`` from :func:`prepare_query`. Trusted arguments."""
+    ``state``; ``pq`` from :func:`prepare_query`. Trusted arguments."""
     num_k = int(key.shape[0])
     if chunk_fully_masked(
         q_start=q_start,
@@ -109,12 +164,12 @@ def accumulate(
         window=window,
     ):
         return state
-    rows = int(q_prep.shape[0] * q_prep.shape[1])
+    rows = pq.num_kv_heads * pq.rows
     step = max(1, _SCORE_TILE_BYTES // max(1, 4 * rows))
     for s0 in range(0, num_k, step):
         s1 = min(num_k, s0 + step)
         part = _attend(
-            q_prep,
+            pq,
             key[s0:s1],
             value[s0:s1],
             num_q=num_q,
@@ -129,8 +184,36 @@ def accumulate(
     return state
 
 
+def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D or batched 3-D) with float32 accumulation and a float32 result,
+    reading bf16/fp16 operands as they are stored on CUDA."""
+    if a.dtype in _LOW_PRECISION and a.device.type == "cuda" and _HAS_OUT_DTYPE:
+        if a.dim() == 3:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+
+
+def _split_keys_matmul(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``p [M, S] @ v [S, N]`` in float32 as a batch of ``PV_SPLIT_KEYS``-key parts summed
+    afterwards: a single product with M = 64 rows and S = 32K would keep a handful of SMs
+    busy for the whole reduction."""
+    num_k = int(p.shape[1])
+    parts = num_k // PV_SPLIT_KEYS
+    if parts < 2:
+        return matmul_f32(p, v)
+    main = parts * PV_SPLIT_KEYS
+    m, n = int(p.shape[0]), int(v.shape[1])
+    pb = p[:, :main].view(m, parts, PV_SPLIT_KEYS).transpose(0, 1)
+    vb = v[:main].view(parts, PV_SPLIT_KEYS, n)
+    out = matmul_f32(pb, vb).sum(dim=0)
+    if main < num_k:
+        out += matmul_f32(p[:, main:], v[main:])
+    return out
+
+
 def _attend(
-    q_prep: torch.Tensor,
+    pq: PreparedQuery,
     key: torch.Tensor,
     value: torch.Tensor,
     *,
@@ -141,7 +224,7 @@ def _attend(
     window: int | None,
     softcap: float | None,
 ) -> State | None:
-    num_k, num_kv_heads, _ = key.shape
+    num_k, num_kv_heads, head_size = key.shape
     if chunk_fully_masked(
         q_start=q_start,
         num_queries=num_q,
@@ -151,9 +234,14 @@ def _attend(
         window=window,
     ):
         return None
-    rows = q_prep.shape[1]
-    # [Hkv, R, S]: keys as [Hkv, D, S] through a stride view, one upcast each.
-    scores = torch.bmm(q_prep, key.to(torch.float32).permute(1, 2, 0))
+    rows = pq.rows
+    width = num_kv_heads * head_size
+    # Scores [Hkv, R, S] in float32, straight from the stored keys.
+    if pq.block_diagonal:
+        scores = matmul_f32(pq.q, key.reshape(num_k, width).t()).view(num_kv_heads, rows, num_k)
+    else:
+        scores = matmul_f32(pq.q, key.permute(1, 2, 0))
+    scores.mul_(pq.scale)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     mask = visibility_mask(
@@ -163,16 +251,26 @@ def _attend(
         k_start=k_start,
         causal=causal,
         window=window,
-        device=q_prep.device,
+        device=key.device,
     )
     if mask is not None:
         group = rows // num_q
         scores = scores.view(num_kv_heads, group, num_q, num_k).masked_fill(~mask, -math.inf)
         scores = scores.view(num_kv_heads, rows, num_k)
     row_max = torch.nan_to_num(scores.amax(dim=-1), neginf=0.0)  # all-masked row: 0
-    probs = torch.exp(scores - row_max.unsqueeze(-1))
+    probs = scores.sub_(row_max.unsqueeze(-1)).exp_()
     row_sum = probs.sum(dim=-1)
-    out = torch.bmm(probs, value.to(torch.float32).permute(1, 0, 2))
+    probs_v = probs.to(value.dtype)  # as FlashAttention: P in the value dtype for P·V
+    if pq.block_diagonal:
+        full = _split_keys_matmul(
+            probs_v.view(num_kv_heads * rows, num_k), value.reshape(num_k, width)
+        )
+        # Row block h against column block h: [R, D, Hkv] diagonal, back to [Hkv, R, D].
+        out = torch.diagonal(
+            full.view(num_kv_heads, rows, num_kv_heads, head_size), dim1=0, dim2=2
+        ).permute(2, 0, 1)
+    else:
+        out = matmul_f32(probs_v, value.permute(1, 0, 2))
     out = out / row_sum.clamp_min(_TINY).unsqueeze(-1)  # empty row: 0 / tiny = 0
     return out, row_max + torch.log(row_sum)
 
@@ -201,6 +299,7 @@ def attend_range(
     causal: bool,
     window: int | None,
     softcap: float | None,
+    block_diagonal: bool | None = None,
 ) -> State:
     """Float32 ``(out [T, Hq, D], lse [T, Hq])`` of ``query`` over keys at ``k_start..``.
 
@@ -209,11 +308,11 @@ def attend_range(
     """
     num_q, _, head_size = query.shape
     num_kv_heads = int(key.shape[1])
-    q_prep = prepare_query(query, scale, num_kv_heads)
-    state = new_state(num_kv_heads, int(q_prep.shape[1]), head_size, query.device)
+    pq = prepare_query(query, scale, num_kv_heads, block_diagonal=block_diagonal)
+    state = new_state(num_kv_heads, pq.rows, head_size, query.device)
     state = accumulate(
         state,
-        q_prep,
+        pq,
         key,
         value,
         num_q=num_q,

@@ -22,8 +22,10 @@ import triton.language as tl
 
 # Bytes per tile: 16 KiB keeps ~128 B of loads per thread in flight at 4 warps.
 TILE_BYTES = 16384
-# Programs in the persistent grid; measured in docs/kernels-paged.md.
-PROGRAMS = 128
+# Programs in the persistent grid (docs/kernels-paged.md). Each one holds an SM slot for the
+# whole transfer, so the cap is what leaves SMs to the attention of the previous chunk; 32
+# programs keep enough loads in flight to fill the link (the sweep there).
+PROGRAMS = 32
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -69,7 +71,7 @@ def gather_kv_blocks_from_host(
     dst_value: torch.Tensor,
     *,
     tile_bytes: int = TILE_BYTES,
-    programs: int = PROGRAMS,
+    programs: int | None = None,
     num_warps: int = 4,
 ) -> None:
     """Enqueue on the current CUDA stream: ``dst[i] = src[device_ids[i]]`` for K and V,
@@ -78,7 +80,8 @@ def gather_kv_blocks_from_host(
     ``src_*`` are pinned host caches ``[N, block_size, Hkv, D]`` with dense blocks (any block
     stride); ``dst_*`` contiguous device buffers of ``len(device_ids)`` blocks; ``device_ids``
     int32/int64 on the device. Trusted arguments (validated by the caller); ``tile_bytes``
-    (a power of two), ``programs`` and ``num_warps`` are tuning knobs for benchmarks.
+    (a power of two), ``programs`` (None: :data:`PROGRAMS`) and ``num_warps`` are tuning
+    knobs.
     """
     n = int(device_ids.numel())
     if n == 0:
@@ -87,7 +90,7 @@ def gather_kv_blocks_from_host(
     block_bytes = src_key[0].numel() * elem
     tiles_per_block = triton.cdiv(block_bytes, tile_bytes)
     num_tiles = n * tiles_per_block
-    grid = (min(num_tiles, programs),)
+    grid = (min(num_tiles, PROGRAMS if programs is None else programs),)
     _gather_kv_blocks_kernel[grid](
         src_key.view(torch.uint8),
         src_value.view(torch.uint8),

@@ -149,6 +149,7 @@ def cpu_paged_attention(
     softcap: float | None = None,
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
+    gather_programs: int | None = None,
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +158,10 @@ def cpu_paged_attention(
 
     The queries are the last T positions of the sequence (``q_start = cpu_len + gpu_len -
     T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
-    ``out``/``out_lse``, when given, are written in place. Every argument is checked before
+    ``gather_programs`` caps the ``gpu_gather`` kernel's persistent grid (default
+    :data:`~servelab.kernels.gather_triton.PROGRAMS`, which leaves most SMs to the
+    attention running beside it). ``out``/``out_lse``, when given, are written in place.
+    Every argument is checked before
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
     """
     chunk_blocks = _validate(
@@ -176,6 +180,8 @@ def cpu_paged_attention(
         out=out,
         out_lse=out_lse,
     )
+    if gather_programs is not None:
+        require_int("gather_programs", gather_programs, minimum=1)
     device = query.device
     num_q, num_heads, head_size = query.shape
     sm_scale = 1.0 / math.sqrt(head_size) if scale is None else scale
@@ -196,15 +202,15 @@ def cpu_paged_attention(
     )
     streams = _Streams(device, overlap)
     h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
-    q_prep = prepare_query(query, sm_scale, h)
-    state = new_state(h, int(q_prep.shape[1]), head_size, device)
+    pq = prepare_query(query, sm_scale, h)
+    state = new_state(h, pq.rows, head_size, device)
 
     def fold(
         acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return accumulate(
             acc,
-            q_prep,
+            pq,
             k,
             v,
             num_q=num_q,
@@ -245,6 +251,7 @@ def cpu_paged_attention(
                 device_ids=None if ids_dev is None else ids_dev[c.block_start : c.block_end],
                 pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
                 pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
+                programs=gather_programs,
             )
             staged[j] = streams.record(streams.copy)
         if pack:

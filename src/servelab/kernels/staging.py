@@ -225,13 +225,14 @@ def stage_blocks(
     device_ids: torch.Tensor | None = None,
     pack_key: torch.Tensor | None = None,
     pack_value: torch.Tensor | None = None,
+    programs: int | None = None,
 ) -> None:
     """Enqueue on the current stream: ``dst[i] = src[block_ids[i]]`` for K and V.
 
     ``strategy`` must already be resolved (not AUTO). Arguments are trusted: the public
     entry points validate them. ``block_ids`` is a host int64 tensor; ``device_ids`` the
     same ids on the device (``gpu_gather``); ``pack_*`` host pack buffers (``cpu_pack``
-    with an accelerator).
+    with an accelerator); ``programs`` caps the ``gpu_gather`` grid (None: its default).
     """
     n = int(block_ids.numel())
     if n == 0:
@@ -241,7 +242,9 @@ def stage_blocks(
 
         if device_ids is None:
             raise KernelInputError("gpu_gather needs the block ids on the device (device_ids)")
-        gather_kv_blocks_from_host(src_key, src_value, device_ids, dst_key[:n], dst_value[:n])
+        gather_kv_blocks_from_host(
+            src_key, src_value, device_ids, dst_key[:n], dst_value[:n], programs=programs
+        )
         return
     for src, dst, pack in ((src_key, dst_key, pack_key), (src_value, dst_value, pack_value)):
         _stage_one(src, block_ids, dst[:n], strategy, None if pack is None else pack[:n])
