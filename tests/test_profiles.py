@@ -8,6 +8,7 @@ import pytest
 
 from servelab.errors import ProfileError
 from servelab.profiles import (
+    PLACEHOLDERS,
     available_profiles,
     default_profile_dirs,
     find_profile,
@@ -36,7 +37,8 @@ def test_every_shipped_profile_loads() -> None:
         assert profile.name == name
         argv = profile.render_command(model="/m", port=8123, python="python3")
         assert "8123" in argv
-        assert not any("{" in a and "}" in a and a.startswith("{") for a in argv[1:]), argv
+        leftover = [a for a in argv for ph in PLACEHOLDERS if "{" + ph + "}" in a]
+        assert not leftover, f"{name}: placeholders left unrendered: {leftover}"
 
 
 def test_default_profile_renders_exact_command() -> None:
