@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-
 # `--kernels-full` is registered by the servelab plugin (loaded by its entry point, or by
 # the root conftest in a bare checkout), so it works from the repo root and from here alike.
 
