@@ -11,10 +11,11 @@ against the same long-lived server never meets its own earlier prompts in the pr
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -32,6 +33,7 @@ from servelab.prompts import TokenCounter, exact_text, server_token_counter
 from servelab.server import Endpoint
 
 PREFIX_HITS_METRIC = "vllm:prefix_cache_hits_total"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,16 @@ def parse_prefix_hits(text: str) -> float | None:
     return total if seen else None
 
 
+def _progress(items: Sequence[T], desc: str, enabled: bool) -> Iterable[T]:
+    """Items with a progress bar on stderr, shown only once the loop has run > 2 s."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    bar: Iterable[T] = tqdm(items, desc=desc, unit="run", file=sys.stderr, delay=2.0, leave=False)
+    return bar
+
+
 def warm_up(
     endpoint: Endpoint,
     prompts: Prompts,
@@ -197,7 +209,7 @@ def decode(
     )
     return [
         _run(endpoint, [t], prompt_tokens, output_tokens, s, concurrency=1, progress=False)
-        for t in texts
+        for t in _progress(texts, "decode runs", s.progress)
     ]
 
 
@@ -226,7 +238,8 @@ def prefill_ladder(
         settings=s,
     )
     return {
-        n: _run(endpoint, texts, n, output_tokens, s, concurrency=1) for n, texts in plan.items()
+        n: _run(endpoint, plan[n], n, output_tokens, s, concurrency=1, progress=False)
+        for n in _progress(list(plan), "prefill lengths", s.progress)
     }
 
 
