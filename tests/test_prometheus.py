@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -95,3 +96,27 @@ def test_counter_going_down_means_a_restart() -> None:
 def test_scrape_of_a_server_without_metrics() -> None:
     with pytest.raises(ClientError, match="scrape failed"):
         prometheus.scrape("http://127.0.0.1:9", timeout_s=1.0)
+
+
+def page(kv: float, running: int, waiting: int) -> prometheus.Samples:
+    return prometheus.parse(
+        f"vllm:kv_cache_usage_perc{{{L}}} {kv}\n"
+        f"vllm:num_requests_running{{{L}}} {running}\n"
+        f"vllm:num_requests_waiting{{{L}}} {waiting}\n"
+    )
+
+
+def test_peaks_and_stalls() -> None:
+    seen = [page(0.1, 1, 0), page(0.6, 2, 1), page(0.3, 0, 2), page(0.3, 0, 2), page(0.0, 0, 0)]
+    p = prometheus.peaks_of(seen, 0.5)
+    assert (p.samples, p.kv_usage_max, p.running_max, p.waiting_max) == (5, 0.6, 2.0, 2.0)
+    assert p.stalled_samples == 2 and p.longest_stall == 2 and p.longest_stall_s == 1.0
+    assert "peak KV usage 60.0%" in p.describe()
+    empty = prometheus.peaks_of([], 0.5)
+    assert empty.kv_usage_max is None and empty.samples == 0
+
+
+def test_sampler_counts_failed_scrapes() -> None:
+    with prometheus.Sampler("http://127.0.0.1:9", interval_s=0.05) as s:
+        time.sleep(0.3)
+    assert s.failed >= 1 and s.peaks().samples == 0

@@ -187,3 +187,23 @@ def test_mechanism_from_cache_config() -> None:
     )
     assert reuses_cache(off) is False and mechanism(off).startswith("none")
     assert reuses_cache(None) is None
+
+
+def test_a_long_stall_fails_the_pass() -> None:
+    def page(running: int, waiting: int) -> prometheus.Samples:
+        return prometheus.parse(
+            f"vllm:num_requests_running {running}\nvllm:num_requests_waiting {waiting}\n"
+        )
+
+    stalled = prometheus.peaks_of([page(0, 2)] * 12, 0.5)  # 6 s waiting, none running
+    blip = prometheus.peaks_of([page(0, 2), page(2, 0)] * 6, 0.5)
+    base = result(GOOD_COLD, GOOD_WARM)
+    for peaks, bad in ((stalled, True), (blip, False)):
+        passes = (base.passes[0], Pass(1, GOOD_WARM, metrics(256.0), "", peaks))
+        r = SessionCacheResult(
+            base.mechanism, base.labels, base.cases, base.prompt_tokens, 8, passes
+        )
+        problems = r.problems()
+        assert bool(problems) == bad, problems
+        if bad:
+            assert "requests waited with none running for 6.0 s" in problems[0]

@@ -185,3 +185,85 @@ def delta(before: Samples, after: Samples) -> MetricsDelta:
         kv_usage_before=total(before, KV_USAGE),
         kv_usage_after=total(after, KV_USAGE),
     )
+
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """What a sampler saw while a workload ran (gauges move back once it ends)."""
+
+    samples: int
+    kv_usage_max: float | None
+    running_max: float | None
+    waiting_max: float | None
+    stalled_samples: int  # requests waiting while none ran: the lab's "stalled" signal
+    longest_stall: int  # most consecutive stalled samples
+    interval_s: float
+
+    @property
+    def longest_stall_s(self) -> float:
+        return self.longest_stall * self.interval_s
+
+    def describe(self) -> str:
+        kv = "n/a" if self.kv_usage_max is None else f"{self.kv_usage_max:.1%}"
+        return (
+            f"peak KV usage {kv}, peak running {self.running_max}, peak waiting "
+            f"{self.waiting_max}, stalled samples {self.stalled_samples} of {self.samples} "
+            f"(longest {self.longest_stall_s:.1f} s)"
+        )
+
+
+class Sampler:
+    """Scrape ``/metrics`` every ``interval_s`` on a thread while a workload runs.
+
+    Used around workloads that are not timing-critical for the client (the session cache):
+    parsing on a thread competes with the client's event loop for the interpreter.
+    """
+
+    def __init__(
+        self, base_url: str, headers: Mapping[str, str] | None = None, interval_s: float = 0.5
+    ) -> None:
+        import threading
+
+        self.base_url = base_url
+        self.headers = dict(headers or {})
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._seen: list[Samples] = []
+        self.failed = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._seen.append(scrape(self.base_url, self.headers, timeout_s=5.0))
+            except ClientError:
+                self.failed += 1  # counted, so an empty result is explained
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10.0)
+
+    def peaks(self) -> Peaks:
+        return peaks_of(self._seen, self.interval_s)
+
+
+def peaks_of(seen: list[Samples], interval_s: float) -> Peaks:
+    def mx(name: str) -> float | None:
+        values = [v for s in seen if (v := total(s, name)) is not None]
+        return max(values) if values else None
+
+    flags = [(total(s, WAITING) or 0) > 0 and total(s, RUNNING) == 0 for s in seen]
+    longest = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        longest = max(longest, run)
+    return Peaks(len(seen), mx(KV_USAGE), mx(RUNNING), mx(WAITING), sum(flags), longest, interval_s)

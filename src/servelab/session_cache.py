@@ -43,6 +43,9 @@ from servelab.errors import ClientError, QualityGateError
 from servelab.quality import RecallStyle
 from servelab.server import Endpoint
 
+#: Requests waiting while none run for this long make a pass invalid (metrics.md 6: run
+#: health); shorter blips are the scheduler picking requests up.
+STALL_S = 5.0
 #: Counts tokens of a prompt (str) or chat messages, as the server will (prompts.TokenCounter).
 Counter = Callable[[Any], int]
 
@@ -53,6 +56,7 @@ class Pass:
     records: tuple[RequestRecord, ...]  # one per session, in label order
     metrics: prometheus.MetricsDelta | None
     metrics_note: str  # why metrics are missing ("" when present)
+    peaks: prometheus.Peaks | None = None  # sampled while the pass ran
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,11 @@ class SessionCacheResult:
                     out.append(f"session {case.label} {name}: {ans.problem}")
             if p.index > 0:
                 out += self._cache_evidence(p, name)
+            if p.peaks is not None and p.peaks.longest_stall_s >= STALL_S:
+                out.append(
+                    f"{name}: requests waited with none running for "
+                    f"{p.peaks.longest_stall_s:.1f} s ({p.peaks.describe()})"
+                )
         for k, case in enumerate(self.cases):
             hashes = {p.records[k].output_sha256 for p in self.passes if p.records[k].success}
             if len(hashes) > 1:
@@ -293,9 +302,17 @@ def run_session_cache(
     done: list[Pass] = []
     before = first
     for k in range(passes):
-        res = run_requests(
-            endpoint, payloads, concurrency=sessions, timeout_s=timeout_s, progress=False
-        )
+        peaks: prometheus.Peaks | None = None
+        if first is not None:
+            with prometheus.Sampler(endpoint.base_url, endpoint.headers) as sampler:
+                res = run_requests(
+                    endpoint, payloads, concurrency=sessions, timeout_s=timeout_s, progress=False
+                )
+            peaks = sampler.peaks()
+        else:
+            res = run_requests(
+                endpoint, payloads, concurrency=sessions, timeout_s=timeout_s, progress=False
+            )
         after, note = _scrape(endpoint)
         delta: prometheus.MetricsDelta | None = None
         if before is not None and after is not None:
@@ -303,7 +320,7 @@ def run_session_cache(
                 delta = prometheus.delta(before, after)
             except ClientError as exc:
                 note = str(exc)
-        done.append(Pass(k, res.records, delta, "" if delta else note or "no /metrics"))
+        done.append(Pass(k, res.records, delta, "" if delta else note or "no /metrics", peaks))
         before = after
     return SessionCacheResult(
         mechanism=mechanism(first),
@@ -340,6 +357,7 @@ def summary(result: SessionCacheResult) -> dict[str, Any]:
                 "wall_tok_s": f(result.wall_tok_s(p)),
                 "first_token_to_last_finish_tok_s": f(result.first_token_to_last_finish_tok_s(p)),
                 "metrics": None if p.metrics is None else p.metrics.describe(),
+                "peaks": None if p.peaks is None else p.peaks.describe(),
                 "metrics_note": p.metrics_note,
             }
             for p in result.passes
