@@ -136,3 +136,10 @@ def test_accelerator_profile_needs_count(tmp_path: Path) -> None:
     text = default_text().replace(cpu, xpu)
     with pytest.raises(ProfileError, match=r"hardware\.count"):
         load_profile(write(tmp_path, "cpu-smollm2", text))
+
+
+def test_recall_must_fit_context(tmp_path: Path) -> None:
+    forty, many = "[workloads.recall]\nlines = 40", "[workloads.recall]\nlines = 900"
+    text = default_text().replace(forty, many)
+    with pytest.raises(ProfileError, match=r"workload recall needs \d+ tokens.*2048"):
+        load_profile(write(tmp_path, "cpu-smollm2", text))

@@ -436,7 +436,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from servelab.records import PerfSession, SessionInfo
 
     state = session.config.stash.get(STATE_KEY, None)
-    if state is None or not (state.figures or state.requests):
+    # A failed quality gate leaves no figures; the record must still say why.
+    if state is None or not (state.figures or state.requests or state.invalid_reasons):
         return
     perf = _perf_session(state)
     assert isinstance(perf, PerfSession)
@@ -473,7 +474,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             requests=state.requests,
             logs=logs,
             label=label,
-            lab=vars(lab) if lab is not None else None,
+            lab=lab.to_dict() if lab is not None else None,
         )
     except (ServelabError, OSError) as exc:
         state.messages.append(f"servelab: could not write the record: {exc}")

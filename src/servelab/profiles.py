@@ -287,6 +287,11 @@ def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
     if w.session_cache:
         s = w.session_cache
         needs.append(("session_cache", s.prefix_tokens + s.output_tokens))
+    if w.recall:
+        from servelab.recall import WRAPPER_TOKENS, estimated_tokens
+
+        r = w.recall
+        needs.append(("recall", estimated_tokens(r.lines) + WRAPPER_TOKENS + r.max_tokens))
     return needs
 
 
