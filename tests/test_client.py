@@ -10,6 +10,7 @@ ever measured against them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import threading
@@ -358,3 +359,18 @@ def test_saturated_client_marks_run_invalid() -> None:
     res = client.RunResult((), 0, 10**9, 1, 1, (busy,), max_loop_lag_ms=20.0)
     assert res.client_busy()[0] == pytest.approx(0.95)
     assert any("the client was the bottleneck" in r for r in res.invalid_reasons())
+
+
+def test_prefix_cache_hits_make_a_run_invalid() -> None:
+    """Seen on the real CPU server with --enable-prompt-tokens-details: a repeated 300-token
+    prompt came back with cached_tokens = 256; both signals must invalidate the run."""
+    parts: list[bytes | float | Exception] = [chunk("a"), chunk("b"), usage(300, 2, 256), DONE]
+    rec = asyncio.run(one(parts))
+    assert rec.success and rec.cached_tokens == 256
+    res = client.RunResult((rec,), 0, 10**9, 1, 1, (), max_loop_lag_ms=50.0)
+    assert res.invalid_reasons() == ["request 0: 256 prompt tokens came from the prefix cache"]
+    fresh = dataclasses.replace(rec, cached_tokens=0)
+    res = client.RunResult((fresh,), 0, 10**9, 1, 1, (), 50.0, server_cache_hits=16.0)
+    assert len(res.invalid_reasons()) == 1
+    assert "server counted 16 prefix-cache hit tokens" in res.invalid_reasons()[0]
+    assert client.RunResult((fresh,), 0, 10**9, 1, 1, (), 50.0, 0.0).invalid_reasons() == []
