@@ -68,7 +68,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
                 name,
                 acc,
                 f"{p.engine.name} ({p.engine.distribution})",
-                str(len(p.patches.files)) if p.patches.files else "none",
+                ",".join(Path(f).stem for f in p.patches.files) or "none",
                 str(p.model.context_len),
                 "yes" if ok else f"no: {why}",
             )
