@@ -12,8 +12,9 @@ import pytest
 
 from servelab import metrics, workloads
 from servelab.figures import Figure, Identity, Shape
-from servelab.plugin import Options
+from servelab.plugin import Options, RunState
 from servelab.profiles import ConcurrencyShape, Limits, Profile
+from servelab.records import request_row
 from servelab.server import Endpoint
 
 pytestmark = pytest.mark.perf
@@ -27,6 +28,7 @@ def test_concurrency_sweep(
     servelab_identity: Identity,
     servelab_options: Options,
     servelab_record: Callable[[Figure], Figure],
+    servelab_state: RunState,
 ) -> None:
     shape = (servelab_profile.workloads.concurrency if servelab_profile else None) or EXTERNAL_SHAPE
     limits = servelab_profile.limits if servelab_profile else Limits()
@@ -43,6 +45,12 @@ def test_concurrency_sweep(
             settings=settings,
         )
         for i in range(runs)
+    ]
+    servelab_state.requests += [
+        request_row(r, test="test_concurrency_sweep", run=i, concurrency=c)
+        for i, sweep in enumerate(sweeps)
+        for c, res in sweep.items()
+        for r in res.records
     ]
     problems = [
         f"run {i}, c{c}: {why}"

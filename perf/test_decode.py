@@ -12,8 +12,9 @@ import pytest
 
 from servelab import metrics, workloads
 from servelab.figures import Figure, Identity, Shape
-from servelab.plugin import Options
+from servelab.plugin import Options, RunState
 from servelab.profiles import DecodeShape, Limits, Profile
+from servelab.records import request_row
 from servelab.server import Endpoint
 
 pytestmark = pytest.mark.perf
@@ -28,6 +29,7 @@ def test_decode_c1(
     servelab_identity: Identity,
     servelab_options: Options,
     servelab_record: Callable[[Figure], Figure],
+    servelab_state: RunState,
 ) -> None:
     shape = (servelab_profile.workloads.decode if servelab_profile else None) or EXTERNAL_SHAPE
     limits = servelab_profile.limits if servelab_profile else Limits()
@@ -40,6 +42,11 @@ def test_decode_c1(
         warmup_requests=shape.warmup_requests,
         settings=workloads.Settings(timeout_s=limits.request_timeout_s),
     )
+    servelab_state.requests += [
+        request_row(r, test="test_decode_c1", run=i)
+        for i, res in enumerate(results)
+        for r in res.records
+    ]
     problems = [
         f"run {i}: {why}"
         for i, res in enumerate(results)

@@ -12,8 +12,9 @@ import pytest
 
 from servelab import metrics, workloads
 from servelab.figures import Figure, Identity, Shape
-from servelab.plugin import Options
+from servelab.plugin import Options, RunState
 from servelab.profiles import Limits, PrefillShape, Profile
+from servelab.records import request_row
 from servelab.server import Endpoint
 
 pytestmark = pytest.mark.perf
@@ -27,6 +28,7 @@ def test_prefill_ladder(
     servelab_identity: Identity,
     servelab_options: Options,
     servelab_record: Callable[[Figure], Figure],
+    servelab_state: RunState,
 ) -> None:
     shape = (servelab_profile.workloads.prefill if servelab_profile else None) or EXTERNAL_SHAPE
     limits = servelab_profile.limits if servelab_profile else Limits()
@@ -38,6 +40,11 @@ def test_prefill_ladder(
         requests_per_length=per_length,
         settings=workloads.Settings(timeout_s=limits.request_timeout_s),
     )
+    servelab_state.requests += [
+        request_row(r, test="test_prefill_ladder", prompt_length=n)
+        for n, res in results.items()
+        for r in res.records
+    ]
     problems = [
         f"prompt {n}: {why}"
         for n, res in results.items()
