@@ -116,6 +116,10 @@ class StandIn:
                     if x.lower().startswith(b"content-length:")
                 )
                 body = json.loads(await r.readexactly(n))
+                if not head.startswith(b"POST /v1/completions "):
+                    w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    await w.drain()
+                    continue
                 self.prompts.append(body["prompt"])
                 w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 k = int(body["max_tokens"])
@@ -241,3 +245,24 @@ def test_parse_prefix_hits() -> None:
     )
     assert workloads.parse_prefix_hits(page) == 20.0
     assert workloads.parse_prefix_hits("other_metric 3\n") is None
+
+
+def test_prompts_fall_back_to_the_model_tokenizer(
+    stand_in: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in has no /tokenize: with a model folder the local tokenizer counts."""
+    from servelab import prompts as prompts_mod
+
+    seen: list[str] = []
+
+    def fake_hf(model_dir: str) -> prompts_mod.TokenCounter:
+        seen.append(model_dir)
+        return words
+
+    monkeypatch.setattr(prompts_mod, "hf_token_counter", fake_hf)
+    ep = Endpoint(base_url=f"http://127.0.0.1:{stand_in.port}", model="m")
+    p = workloads.Prompts(ep, nonce="f", model_dir="/models/x")
+    assert seen == ["/models/x"]
+    assert [len(t.split()) for t in p.make(7, "fb", 2)] == [7, 7]
+    with pytest.raises(ClientError, match="tokenize"):
+        workloads.Prompts(ep, nonce="f").make(7, "fb", 1)

@@ -29,7 +29,12 @@ from servelab.client import (
 )
 from servelab.errors import ClientError
 from servelab.metrics import output_rate_in, steady_state_window
-from servelab.prompts import TokenCounter, exact_text, server_token_counter
+from servelab.prompts import (
+    TokenCounter,
+    endpoint_token_counter,
+    exact_text,
+    server_token_counter,
+)
 from servelab.server import Endpoint
 
 PREFIX_HITS_METRIC = "vllm:prefix_cache_hits_total"
@@ -55,10 +60,23 @@ class Prompts:
     """Exact-length, unique prompts for one endpoint, counted once per (length, salt)."""
 
     def __init__(
-        self, endpoint: Endpoint, *, count: TokenCounter | None = None, nonce: str | None = None
+        self,
+        endpoint: Endpoint,
+        *,
+        count: TokenCounter | None = None,
+        nonce: str | None = None,
+        model_dir: str | None = None,
     ) -> None:
+        """``count`` defaults to the server's ``/tokenize``; where the server has none and
+        ``model_dir`` is given, the model's own tokenizer counts instead."""
         self.endpoint = endpoint
-        self.count = count or server_token_counter(endpoint)
+        if count is None:
+            count = (
+                server_token_counter(endpoint)
+                if model_dir is None
+                else endpoint_token_counter(endpoint, model_dir)
+            )
+        self.count = count
         self.nonce = nonce if nonce is not None else str(time.time_ns())
 
     def make(self, n_tokens: int, tag: str, k: int) -> list[str]:
