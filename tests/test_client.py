@@ -374,3 +374,26 @@ def test_prefix_cache_hits_make_a_run_invalid() -> None:
     assert len(res.invalid_reasons()) == 1
     assert "server counted 16 prefix-cache hit tokens" in res.invalid_reasons()[0]
     assert client.RunResult((fresh,), 0, 10**9, 1, 1, (), 50.0, 0.0).invalid_reasons() == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'data: {"choices": {"0": 1}}\n\n',  # choices not a list
+        b'data: {"choices": [{"index": 0, "delta": ["x"]}]}\n\n',  # delta not an object
+        b'data: {"choices": [{"index": 0, "text": 5}]}\n\n',  # text not a string
+        b"data: [1, 2]\n\n",  # not an object
+    ],
+)
+def test_chunks_of_the_wrong_shape_fail_only_that_request(bad: bytes) -> None:
+    r = asyncio.run(one([chunk("a"), bad, DONE]))
+    assert not r.success and r.error is not None and r.error.startswith("malformed chunk")
+
+
+def test_unexpected_client_error_fails_one_request_only(fault_server: FaultServer) -> None:
+    ep = Endpoint(base_url=f"http://127.0.0.1:{fault_server.port}", model="m")
+    bad = {**completion_payload("m", "ok", 2), "unserializable": {1, 2}}  # a set is not JSON
+    res = run_requests(ep, [completion_payload("m", "ok", 2), bad], progress=False)
+    assert res.records[0].success
+    err = res.records[1].error
+    assert err is not None and err.startswith("client error (TypeError")

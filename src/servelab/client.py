@@ -234,6 +234,16 @@ def _take_event(acc: _Acc, data: str, ts: int) -> bool:
     if not isinstance(obj, dict):
         acc.error = f"malformed chunk (not a JSON object): {data[:200]!r}"
         return False
+    try:
+        return _take_object(acc, obj, data, ts)
+    except (TypeError, KeyError, IndexError, AttributeError) as exc:
+        # A chunk of the wrong shape (e.g. `choices` not a list of objects) is the server's
+        # fault and fails this request only.
+        acc.error = f"malformed chunk ({type(exc).__name__}: {exc}): {data[:200]!r}"
+        return False
+
+
+def _take_object(acc: _Acc, obj: dict[str, Any], data: str, ts: int) -> bool:
     if "error" in obj and not obj.get("choices"):
         err = obj["error"]
         msg = err.get("message", err) if isinstance(err, dict) else err
@@ -250,6 +260,8 @@ def _take_event(acc: _Acc, data: str, ts: int) -> bool:
         acc.chunk_ns.append(ts)
         delta = c0.get("delta")
         text = c0.get("text") if delta is None else (delta.get("content") or "")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, not a string")
         if text:
             acc.text.append(text)
             if acc.first_text_ns is None:
@@ -572,17 +584,42 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         arrival: int,
         prompt_len: int | None,
     ) -> RequestRecord:
-        return await stream_completion(
-            http,
-            ep,
-            payload,
-            timeout_s=job.timeout_s,
-            first_token_timeout_s=job.first_token_timeout_s,
-            index=index,
-            arrival_ns=arrival,
-            requested_prompt_tokens=prompt_len,
-            worker=job.worker,
-        )
+        try:
+            return await stream_completion(
+                http,
+                ep,
+                payload,
+                timeout_s=job.timeout_s,
+                first_token_timeout_s=job.first_token_timeout_s,
+                index=index,
+                arrival_ns=arrival,
+                requested_prompt_tokens=prompt_len,
+                worker=job.worker,
+            )
+        except Exception as exc:  # a client bug fails this request, not the whole run
+            now = time.perf_counter_ns()
+            return RequestRecord(
+                index=index,
+                api=api_of(payload),
+                arrival_ns=arrival,
+                send_ns=now,
+                first_token_ns=None,
+                first_text_ns=None,
+                end_ns=None,
+                done_ns=None,
+                chunk_ns=(),
+                chunk_tokens=(),
+                text="",
+                finish_reason=None,
+                prompt_tokens=None,
+                completion_tokens=None,
+                cached_tokens=None,
+                requested_prompt_tokens=prompt_len,
+                requested_output_tokens=_requested_output(payload),
+                status_code=None,
+                error=f"client error ({type(exc).__name__}: {exc})",
+                worker=job.worker,
+            )
 
     slots = cap or max(1, len(job.items))
     async with make_http_client(slots) as http:

@@ -403,7 +403,13 @@ def output_rate_in(records: Sequence[Record], window: tuple[int, int]) -> float 
 # --------------------------------------------------------------------------- export
 
 
-_DIST_KEYS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "itl": "itl_ms", "e2el": "e2el_ms"}
+_DIST_KEYS = {
+    "ttft": "ttft_ms",
+    "tpot": "tpot_ms",
+    "itl": "itl_ms",
+    "e2el": "e2el_ms",
+    "client_queue_time": "client_queue_ms",
+}
 
 
 def to_vllm_json(
