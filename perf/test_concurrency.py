@@ -33,7 +33,7 @@ def test_concurrency_sweep(
     shape = (servelab_profile.workloads.concurrency if servelab_profile else None) or EXTERNAL_SHAPE
     limits = servelab_profile.limits if servelab_profile else Limits()
     settings = workloads.Settings(timeout_s=limits.request_timeout_s)
-    runs = servelab_options.runs or 1
+    runs = servelab_options.runs or shape.runs
     sweeps = [
         workloads.concurrency_sweep(
             servelab_endpoint,

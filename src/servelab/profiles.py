@@ -96,6 +96,7 @@ class ConcurrencyShape:
     prompt_tokens: int
     output_tokens: int
     requests_per_level: int = 0  # 0: two requests per concurrent slot
+    runs: int = 3  # sweeps, each a fresh measurement (--runs overrides)
 
 
 @dataclass(frozen=True)
