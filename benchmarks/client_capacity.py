@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -285,7 +285,7 @@ def main() -> None:
         source.kill()
         source.join()
     meta = {
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
         "python": sys.version.split()[0],
         "httpx": httpx.__version__,

@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     env = {
         "card": torch.cuda.get_device_name(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

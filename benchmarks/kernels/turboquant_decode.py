@@ -224,7 +224,7 @@ def main() -> int:
     meta = {
         "card": props.name,
         "sm_count": props.multi_processor_count,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),

@@ -13,14 +13,13 @@ import hashlib
 import json
 import string
 import sys
+import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
-
-import tomllib
 
 from servelab.errors import ProfileError
 

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-import tomllib
 
 from servelab import recall
 from servelab.errors import ClientError, QualityGateError

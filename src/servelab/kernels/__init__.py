@@ -4,7 +4,8 @@ This package is the only part of servelab that imports torch.
 
 - :mod:`servelab.kernels.reference` float64 reference attention (GQA, causal, window, soft-cap)
 - :mod:`servelab.kernels.merge` merging partial (output, LSE) states
-- :mod:`servelab.kernels.attention` the per-chunk attention step (bf16/fp16 reads, float32 accumulation and state)
+- :mod:`servelab.kernels.attention` the per-chunk attention step
+  (bf16/fp16 reads, float32 accumulation and state)
 - :mod:`servelab.kernels.staging` host-to-device block staging strategies
 - :mod:`servelab.kernels.paged_cache` paged KV caches and block tables
 - :mod:`servelab.kernels.paged` CPU-paged attention (chunk plan, streams, pipeline)
