@@ -8,7 +8,7 @@ is the client's ceiling, not the server's.
 
 Measured in one run, against the same source and the same requests:
 
-- ``servelab`` single process, and with ``--workers`` processes (`client.run_requests`);
+- ``servelab`` single process, and with ``--workers`` processes (`loadgen.run_requests`);
 - vLLM's own request function (``async_request_openai_completions``, aiohttp) in one process;
 - a plain httpx loop over ``aiter_lines()`` (no SSE framing, no JSON) in one process.
 
@@ -36,7 +36,8 @@ from typing import Any
 
 import httpx
 
-from servelab.client import completion_payload, run_requests
+from servelab.client import completion_payload
+from servelab.loadgen import run_requests
 from servelab.server import Endpoint
 
 MODEL = "stand-in"

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 from servelab import metrics, workloads
-from servelab.client import RequestRecord, RunResult, completion_payload, run_requests_async
+from servelab.client import RequestRecord, completion_payload
+from servelab.loadgen import RunResult, run_requests_async
 from servelab.profiles import Limits, Profile
 from servelab.server import Endpoint
 

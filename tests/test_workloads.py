@@ -12,6 +12,7 @@ import json
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -236,15 +237,53 @@ def test_prompts_are_unique_across_nonces(stand_in: StandIn) -> None:
     assert not set(a) & set(b)
 
 
-def test_parse_prefix_hits() -> None:
-    page = (
-        "# HELP vllm:prefix_cache_hits_total hits\n"
-        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 16.0\n'
-        'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 4.0\n'
-        'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e+09\n'
-    )
-    assert workloads.parse_prefix_hits(page) == 20.0
-    assert workloads.parse_prefix_hits("other_metric 3\n") is None
+class MetricsPage:
+    """A localhost server whose GET /metrics answers ``page`` (settable between requests)."""
+
+    def __init__(self) -> None:
+        self.page = ""
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = owner.page.encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> MetricsPage:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def test_server_cache_hits() -> None:
+    with MetricsPage() as m:
+        ep = Endpoint(base_url=f"http://127.0.0.1:{m.httpd.server_address[1]}/", model="m")
+        m.page = (
+            "# HELP vllm:prefix_cache_hits_total hits\n"
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 16.0\n'
+            'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 4.0\n'
+            'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e+09\n'
+        )
+        assert workloads.server_cache_hits(ep) == 20.0  # summed over engines
+        m.page = "other_metric 3\n"
+        assert workloads.server_cache_hits(ep) is None  # not exported
+        m.page = "<html>not metrics</html>\n"
+        assert workloads.server_cache_hits(ep) is None  # not a Prometheus page
+    unreachable = Endpoint(base_url="http://127.0.0.1:9", model="m")
+    assert workloads.server_cache_hits(unreachable, timeout_s=1.0) is None
 
 
 def test_prompts_fall_back_to_the_model_tokenizer(

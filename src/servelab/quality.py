@@ -370,7 +370,7 @@ def run_canaries(
     timeout_s: float,
 ) -> tuple[CheckResult, CheckResult]:
     """Canary correctness and output identity (sequential repeats, then all at once)."""
-    from servelab.client import run_requests
+    from servelab.loadgen import run_requests
 
     if not qset.canaries:
         skipped = "no canaries configured"
@@ -463,7 +463,7 @@ def run_recall(
     timeout_s: float,
 ) -> CheckResult:
     """Fact recall at each depth; refuses (QualityGateError) a prompt that cannot fit."""
-    from servelab.client import run_requests
+    from servelab.loadgen import run_requests
     from servelab.prompts import server_token_counter
 
     cases = recall.depth_cases(lines, depths, where=f"profile {profile!r}")

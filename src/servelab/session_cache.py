@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelab import prometheus, recall
-from servelab.client import RequestRecord, chat_payload, completion_payload, run_requests
+from servelab.client import RequestRecord, chat_payload, completion_payload
 from servelab.errors import ClientError, QualityGateError
+from servelab.loadgen import run_requests
 from servelab.quality import RecallStyle
 from servelab.server import Endpoint
 

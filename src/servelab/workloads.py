@@ -2,7 +2,7 @@
 
 Every workload builds its prompts first (exact token length, unique salts), warms the server
 up with prompts of its own (never sharing a prefix with measured ones), then measures. The
-results are `client.RunResult`s: metrics come afterwards from `servelab.metrics`.
+results are `loadgen.RunResult`s: metrics come afterwards from `servelab.metrics`.
 
 Salts carry a per-call ``nonce`` (default: the wall clock in ns) so that rerunning a workload
 against the same long-lived server never meets its own earlier prompts in the prefix cache.
@@ -17,17 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
-
 from servelab import arrivals as arrivals_mod
-from servelab.client import (
-    DEFAULT_MAX_LOOP_LAG_MS,
-    DEFAULT_TIMEOUT_S,
-    RunResult,
-    completion_payload,
-    run_requests,
-)
+from servelab import prometheus
+from servelab.client import DEFAULT_TIMEOUT_S, completion_payload
 from servelab.errors import ClientError
+from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, run_requests
 from servelab.metrics import output_rate_in, steady_state_window
 from servelab.prompts import (
     TokenCounter,
@@ -132,32 +126,10 @@ def server_cache_hits(endpoint: Endpoint, timeout_s: float = 10.0) -> float | No
     """The server's prefix-cache hit counter (vLLM's Prometheus ``/metrics``), summed over
     engines; None when the server does not expose it."""
     try:
-        r = httpx.get(
-            endpoint.base_url.rstrip("/") + "/metrics",
-            headers=dict(endpoint.headers),
-            timeout=timeout_s,
-            trust_env=False,
-        )
-    except httpx.HTTPError:
+        samples = prometheus.scrape(endpoint.base_url, endpoint.headers, timeout_s=timeout_s)
+    except ClientError:  # unreachable, no /metrics, or not a Prometheus page: no counter
         return None
-    if r.status_code != 200:
-        return None
-    return parse_prefix_hits(r.text)
-
-
-def parse_prefix_hits(text: str) -> float | None:
-    """Sum of ``vllm:prefix_cache_hits_total`` samples in a Prometheus text page."""
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(PREFIX_HITS_METRIC):
-            rest = line[len(PREFIX_HITS_METRIC) :]
-            if rest[:1] in ("{", " "):
-                try:
-                    total += float(rest.rsplit(" ", 1)[1])
-                    seen = True
-                except (IndexError, ValueError):
-                    continue
-    return total if seen else None
+    return prometheus.total(samples, PREFIX_HITS_METRIC)
 
 
 def _progress(items: Sequence[T], desc: str, enabled: bool) -> Iterable[T]:
