@@ -10,6 +10,7 @@ from scipy import integrate
 
 from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.codebook import (
+    Law,
     coordinate_density,
     distortion,
     lloyd_max_codebook,
@@ -38,8 +39,8 @@ D_EXACT = {
 
 
 @pytest.mark.parametrize(("law", "bits"), sorted(TABLE))
-def test_centroids_match_reference_table(law: str, bits: int) -> None:
-    cb = lloyd_max_codebook(128, bits, law)  # type: ignore[arg-type]
+def test_centroids_match_reference_table(law: Law, bits: int) -> None:
+    cb = lloyd_max_codebook(128, bits, law)
     c = cb.scaled_centroids()
     half = c[len(c) // 2 :]
     # The table prints 4 decimals: 1e-3 (§2.8) is loose enough for rounding, tight for a bug.
@@ -48,8 +49,8 @@ def test_centroids_match_reference_table(law: str, bits: int) -> None:
 
 @pytest.mark.parametrize("law", ["exact", "gaussian"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_codebook_structure(law: str, bits: int) -> None:
-    cb = lloyd_max_codebook(128, bits, law)  # type: ignore[arg-type]
+def test_codebook_structure(law: Law, bits: int) -> None:
+    cb = lloyd_max_codebook(128, bits, law)
     c = np.asarray(cb.centroids)
     assert len(c) == 2**bits
     assert np.all(np.diff(c) > 0), "centroids must be strictly sorted"
@@ -59,15 +60,15 @@ def test_codebook_structure(law: str, bits: int) -> None:
 
 @pytest.mark.parametrize("law", ["exact", "gaussian"])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_centroids_are_conditional_means_by_quadrature(law: str, bits: int) -> None:
+def test_centroids_are_conditional_means_by_quadrature(law: Law, bits: int) -> None:
     """The Lloyd fixed point, re-derived with scipy.integrate.quad on the density itself."""
     d = 128
-    cb = lloyd_max_codebook(d, bits, law)  # type: ignore[arg-type]
+    cb = lloyd_max_codebook(d, bits, law)
     support = 1.0 if law == "exact" else math.inf
     edges = [-support, *cb.boundaries, support]
 
     def f(t: float) -> float:
-        return float(coordinate_density(np.asarray([t]), d, law)[0])  # type: ignore[arg-type]
+        return float(coordinate_density(np.asarray([t]), d, law)[0])
 
     total, _ = integrate.quad(f, -support, support)
     assert total == pytest.approx(1.0, abs=1e-9), "density must integrate to 1"
@@ -110,11 +111,13 @@ def test_codebook_is_cached_and_deterministic() -> None:
 @pytest.mark.parametrize("bits", [0, 5, 8, -1, 2.0, True])
 def test_unsupported_bit_width_is_refused(bits: object) -> None:
     with pytest.raises(KernelInputError, match="bit width"):
-        lloyd_max_codebook(128, bits, "exact")  # type: ignore[arg-type]
+        # Deliberately a bad bit width; lru_cache's wrapper does not type-check the call.
+        lloyd_max_codebook(128, bits, "exact")
 
 
 def test_bad_dimension_and_law_are_refused() -> None:
     with pytest.raises(KernelInputError, match="head size"):
         lloyd_max_codebook(2, 2, "exact")
     with pytest.raises(KernelInputError, match="law"):
-        lloyd_max_codebook(128, 2, "laplace")  # type: ignore[arg-type]
+        # Deliberately an unknown law; lru_cache's wrapper does not type-check the call.
+        lloyd_max_codebook(128, 2, "laplace")

@@ -51,9 +51,7 @@ def gen(dev: torch.device, seed: int) -> torch.Generator:
 def strided_cache(cache: PackedKVCache, pad: int = 3) -> PackedKVCache:
     """The same cache as views into larger buffers, so token and head strides really differ."""
 
-    def widen(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
+    def widen(t: torch.Tensor) -> torch.Tensor:
         shape = list(t.shape)
         shape[2] += 2 * pad
         big = torch.full(
@@ -66,7 +64,7 @@ def strided_cache(cache: PackedKVCache, pad: int = 3) -> PackedKVCache:
     return dataclasses.replace(
         cache,
         key_codes=widen(cache.key_codes),
-        key_scales=widen(cache.key_scales),
+        key_scales=None if cache.key_scales is None else widen(cache.key_scales),
         value_codes=widen(cache.value_codes),
         value_scale_zero=widen(cache.value_scale_zero),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import pytest
 import torch
@@ -118,7 +119,9 @@ def test_codec_decode_matches_the_quantizers(name: str) -> None:
     sz = cache.value_scale_zero.float()
     step = sz[..., 0:1]
     assert bool(((vd - v).abs() <= 0.5 * step + 2e-3 * (v.abs() + 1)).all())
-    assert torch.equal(vd.amin(-1) >= sz[..., 1] - 1e-6, torch.ones_like(vd.amin(-1), dtype=bool))
+    assert torch.equal(
+        vd.amin(-1) >= sz[..., 1] - 1e-6, torch.ones_like(vd.amin(-1), dtype=torch.bool)
+    )
 
 
 def test_codec_is_deterministic_under_a_seed() -> None:
@@ -170,8 +173,10 @@ def test_codec_refuses_bad_configuration() -> None:
         KVCodec.build("turboquant_4bit_nc", 128).encode(torch.zeros(3, 128), torch.zeros(3, 128))
 
 
-def _replace_plane(cache: PackedKVCache, **planes: torch.Tensor) -> PackedKVCache:
-    return dataclasses.replace(cache, **planes)
+def _replace_plane(cache: PackedKVCache, **planes: torch.Tensor | None) -> PackedKVCache:
+    # Only plane fields are passed; cast so the dataclass plugin does not match them to
+    # preset/head_size.
+    return dataclasses.replace(cache, **cast(dict[str, Any], planes))
 
 
 def test_decode_refuses_a_cache_of_the_wrong_size_or_dtype() -> None:

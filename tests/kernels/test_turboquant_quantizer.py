@@ -26,7 +26,8 @@ D_PROD_REF = {2: 0.542, 3: 0.171, 4: 0.051}  # §2.4, d·D_prod/‖y‖², simul
 
 def unit_vectors(n: int, d: int, seed: int) -> torch.Tensor:
     x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    out: torch.Tensor = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return out
 
 
 def slope(est: torch.Tensor, truth: torch.Tensor) -> float:
@@ -42,7 +43,8 @@ def pairs_spanning_inner_products(x: torch.Tensor, seed: int) -> torch.Tensor:
     z = torch.randn(x.shape, generator=g, dtype=torch.float64)
     z = z - (z * x).sum(1, keepdim=True) * x
     z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    return t[:, None] * x + torch.sqrt(1 - t * t)[:, None] * z
+    out: torch.Tensor = t[:, None] * x + torch.sqrt(1 - t * t)[:, None] * z
+    return out
 
 
 @pytest.fixture(scope="module")
