@@ -10,7 +10,6 @@ ever measured against them.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,27 +19,9 @@ import pytest
 from servelab import client
 from servelab.client import RequestRecord, completion_payload, stream_completion
 from servelab.server import Endpoint
+from tests.fakes.sse import DONE, chunk, usage
 
 EP = Endpoint(base_url="http://fake", model="m")
-
-
-def chunk(text: str, **extra: Any) -> bytes:
-    body = {
-        "id": "c",
-        "object": "text_completion",
-        "choices": [{"index": 0, "text": text, "finish_reason": None, **extra}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-def usage(prompt: int, completion: int, cached: int | None = None) -> bytes:
-    u: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
-    if cached is not None:
-        u["prompt_tokens_details"] = {"cached_tokens": cached}
-    return b"data: " + json.dumps({"choices": [], "usage": u}).encode() + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"
 
 
 class Parts(httpx.AsyncByteStream):

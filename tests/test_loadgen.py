@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,27 +23,9 @@ from servelab.client import RequestRecord, completion_payload, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import LoopLag, RunResult, run_requests
 from servelab.server import Endpoint
+from tests.fakes.sse import DONE, ThreadedAsyncServer, chunk, usage
 
 EP = Endpoint(base_url="http://fake", model="m")
-
-
-def chunk(text: str, **extra: Any) -> bytes:
-    body = {
-        "id": "c",
-        "object": "text_completion",
-        "choices": [{"index": 0, "text": text, "finish_reason": None, **extra}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-def usage(prompt: int, completion: int, cached: int | None = None) -> bytes:
-    u: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
-    if cached is not None:
-        u["prompt_tokens_details"] = {"cached_tokens": cached}
-    return b"data: " + json.dumps({"choices": [], "usage": u}).encode() + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"
 
 
 async def record(parts: list[bytes]) -> RequestRecord:
@@ -57,34 +38,9 @@ async def record(parts: list[bytes]) -> RequestRecord:
         return await stream_completion(http, EP, completion_payload("m", "hi", 2))
 
 
-class FaultServer:
+class FaultServer(ThreadedAsyncServer):
     """A tiny HTTP/1.1 SSE server on localhost. The prompt picks the behaviour:
     ``ok``, ``short`` (one token fewer than asked), ``500``, ``reset``, ``malformed``."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.port = 0
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def __enter__(self) -> FaultServer:
-        self.thread.start()
-        self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-        server.close()
-        self.loop.run_until_complete(server.wait_closed())
-        self.loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

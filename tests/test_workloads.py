@@ -21,6 +21,7 @@ import pytest
 from servelab import arrivals, metrics, workloads
 from servelab.errors import ClientError, ConfigError
 from servelab.server import Endpoint
+from tests.fakes.sse import ThreadedAsyncServer
 
 # --------------------------------------------------------------------------- arrivals
 
@@ -76,36 +77,14 @@ def test_schedule_rejects_bad_input(kw: dict[str, Any], match: str) -> None:
 # --------------------------------------------------------------------------- workloads
 
 
-class StandIn:
+class StandIn(ThreadedAsyncServer):
     """HTTP/1.1 server on localhost: /v1/completions streams ``max_tokens`` chunks,
     ``token_pause_s`` apart; it remembers every prompt it was sent."""
 
     def __init__(self, token_pause_s: float = 0.002) -> None:
+        super().__init__()
         self.pause = token_pause_s
         self.prompts: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.port = 0
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def __enter__(self) -> StandIn:
-        self.thread.start()
-        self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        srv = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = srv.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-        srv.close()
-        self.loop.run_until_complete(srv.wait_closed())
-        self.loop.close()
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
