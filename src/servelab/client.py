@@ -125,25 +125,14 @@ def completion_payload(
     ``token_ids`` asks vLLM for each chunk's token ids (``return_token_ids``), which lets the
     client count tokens per chunk. Both are vLLM extensions: turn them off for other servers.
     """
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if seed is not None:
-        body["seed"] = seed
-    if ignore_eos:
-        body["ignore_eos"] = True
-        body["min_tokens"] = max_tokens
-    if token_ids:
-        body["return_token_ids"] = True
-    if extra:
-        body.update(extra)
-    return body
+    return _streaming_body(
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens},
+        max_tokens,
+        ignore_eos=ignore_eos,
+        token_ids=token_ids,
+        seed=seed,
+        extra=extra,
+    )
 
 
 def chat_payload(
@@ -157,15 +146,38 @@ def chat_payload(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streaming /v1/chat/completions body (see `completion_payload`)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [dict(m) for m in messages],
-        "max_completion_tokens": max_tokens,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    return _streaming_body(
+        {
+            "model": model,
+            "messages": [dict(m) for m in messages],
+            "max_completion_tokens": max_tokens,
+        },
+        max_tokens,
+        ignore_eos=ignore_eos,
+        token_ids=token_ids,
+        seed=seed,
+        extra=extra,
+    )
+
+
+def _streaming_body(
+    body: dict[str, Any],
+    max_tokens: int,
+    *,
+    ignore_eos: bool,
+    token_ids: bool,
+    seed: int | None,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Greedy sampling, streaming with usage, and the optional vLLM extensions."""
+    body.update(
+        {
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     if seed is not None:
         body["seed"] = seed
     if ignore_eos:
