@@ -8,9 +8,14 @@ tests/test_server.py).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from servelab.pool import read_parts, run_once, write_part
 
 STUB = Path(__file__).resolve().parent / "fakes" / "openai_stub.py"
 
@@ -73,3 +78,48 @@ def test_one_server_per_session(pytester: pytest.Pytester, workers: str | None) 
     urls = set((pytester.path / "urls.txt").read_text().split())
     assert len(urls) == 1
     assert not alive(pids[0]), "the shared server outlived the session"
+
+
+def test_run_once_computes_once_and_everyone_gets_the_result(tmp_path: Path) -> None:
+    computed: list[int] = []
+    results: list[dict[str, Any]] = []
+
+    def compute() -> dict[str, Any]:
+        computed.append(1)
+        time.sleep(0.2)  # the others arrive while this one holds the lock
+        return {"answer": 42}
+
+    def ask() -> None:
+        results.append(run_once(tmp_path, "gate cpu/one", compute))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(computed) == 1
+    assert results == [{"answer": 42}] * 4
+    assert run_once(tmp_path, "gate cpu/two", lambda: {"answer": 7}) == {"answer": 7}
+
+
+def test_run_once_saves_nothing_when_compute_raises(tmp_path: Path) -> None:
+    def boom() -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_once(tmp_path, "k", boom)
+    assert run_once(tmp_path, "k", lambda: {"second": True}) == {"second": True}
+
+
+def test_parts_replace_per_worker_and_read_in_worker_order(tmp_path: Path) -> None:
+    for worker in ("gw10-1", "gw2-1", "gw0-1"):
+        write_part(tmp_path, worker, {"worker": worker, "n": 1})
+    write_part(tmp_path, "gw2-1", {"worker": "gw2-1", "n": 2})  # a later snapshot replaces
+    (tmp_path / "part-gw3-torn.json").write_text("{")
+    parts = read_parts(tmp_path)
+    assert [None if d is None else (d["worker"], d["n"]) for _, d in parts] == [
+        ("gw0-1", 1),
+        ("gw2-1", 2),
+        None,
+        ("gw10-1", 1),
+    ]
