@@ -21,6 +21,8 @@ from servelab import recall
 from servelab.errors import QualityGateError
 from servelab.quality import (
     Canary,
+    GateReport,
+    SharedGates,
     load_quality_file,
     resolve_quality_path,
     run_gate,
@@ -402,3 +404,71 @@ def test_lab_records_serialise_for_the_record(qfile: Path) -> None:
     assert delta["counters"]["vllm:prefix_cache_hits_total"] == 4.0
     assert "prefix-cache hits 4/n/a" in delta["summary"]
     assert data["metrics"]["perf/test_x.py::test_b[stub]"] == "not recorded: HTTP 404"
+
+
+# --------------------------------------------------------------------------- xdist sharing
+
+
+def test_gate_report_round_trips(qfile: Path) -> None:
+    with Stub("wrong") as stub:
+        report = gate(stub, qfile)
+    back = GateReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert back == report
+    with pytest.raises(QualityGateError, match="malformed"):
+        GateReport.from_dict({"target": "x"})
+
+
+def test_shared_gates_run_each_target_once_per_folder(qfile: Path, tmp_path: Path) -> None:
+    with Stub("wrong") as stub:
+        first = SharedGates(tmp_path).run("stub", lambda: gate(stub, qfile))
+        calls = stub.calls
+        # Another worker of the same session: the saved failed report, its reasons intact.
+        again = SharedGates(tmp_path).run("stub", lambda: gate(stub, qfile))
+        assert stub.calls == calls
+        other = SharedGates(tmp_path).run("other", lambda: gate(stub, qfile))
+        assert stub.calls == 2 * calls  # another target has its own gate
+        # Without a shared folder (no xdist) the gate simply runs.
+        SharedGates(None).run("stub", lambda: gate(stub, qfile))
+        assert stub.calls == 3 * calls
+    assert not first.passed and again == first and again.reasons() == first.reasons()
+    assert other.target == "stub"  # the report is whatever the gate returned
+
+
+def test_shared_gates_share_an_error_too(tmp_path: Path) -> None:
+    def broken() -> GateReport:
+        raise QualityGateError("profile 'stub': recall prompt does not fit")
+
+    with pytest.raises(QualityGateError, match="does not fit"):
+        SharedGates(tmp_path).run("stub", broken)
+
+    def not_again() -> GateReport:
+        raise AssertionError("the gate ran twice")
+
+    with pytest.raises(QualityGateError, match=r"^profile 'stub': recall prompt does not fit$"):
+        SharedGates(tmp_path).run("stub", not_again)
+
+
+def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
+    from servelab.patches import FileStatus, PatchReport, PatchStatus
+    from servelab.quality import LabRecords
+
+    with Stub("right") as stub:
+        report = gate(stub, qfile, lines=None)
+    worker = LabRecords()
+    worker.gates["stub"] = report
+    worker.patches["stub"] = PatchReport(
+        "/site-packages",
+        (
+            PatchStatus(
+                "fix.patch", "/p/fix.patch", "ab" * 32, (FileStatus("a.py", "applied", "cd"),)
+            ),
+        ),
+    )
+    worker.metrics["t.py::a"] = "not recorded: HTTP 404"
+    controller = LabRecords()
+    controller.adopt(json.loads(json.dumps(worker.to_dict())))
+    assert controller.gates == worker.gates
+    assert controller.patches == worker.patches
+    assert controller.patches["stub"].all_applied
+    with pytest.raises(QualityGateError, match="malformed"):
+        LabRecords().adopt({"patches": {"stub": {"root": "/"}}})
