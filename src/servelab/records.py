@@ -400,6 +400,87 @@ def session_folder(results_dir: Path, started_at: float, label: str) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- parts
+
+PART_KIND = "servelab-session-part"
+
+
+@dataclass(frozen=True)
+class SessionPart:
+    """What one process of a pytest session measured: a pytest-xdist worker's share of the
+    session's one record, as data the controller reads back and merges (`merge_parts`)."""
+
+    worker: str
+    figures: tuple[Figure, ...] = ()
+    startup: Mapping[str, float | None] = field(default_factory=dict)
+    invalid_reasons: tuple[str, ...] = ()
+    quality_checks: tuple[str, ...] = ()
+    requests: tuple[Mapping[str, Any], ...] = ()
+    lab: Mapping[str, Any] = field(default_factory=dict)  # LabRecords.to_dict() sections
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": PART_KIND,
+            "worker": self.worker,
+            "figures": [figure_dict(f) for f in self.figures],
+            "startup": dict(self.startup),
+            "invalid_reasons": list(self.invalid_reasons),
+            "quality_checks": list(self.quality_checks),
+            "requests": jsonable(list(self.requests)),
+            "lab": jsonable(self.lab),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SessionPart:
+        if d.get("kind") != PART_KIND or d.get("schema_version") != SCHEMA_VERSION:
+            raise RecordError(
+                f"not a servelab session part of schema {SCHEMA_VERSION} "
+                f"(kind {d.get('kind')!r}, schema_version {d.get('schema_version')!r})"
+            )
+        try:
+            return cls(
+                str(d["worker"]),
+                tuple(figure_from_dict(f) for f in d["figures"]),
+                {str(k): None if v is None else float(v) for k, v in d["startup"].items()},
+                tuple(str(r) for r in d["invalid_reasons"]),
+                tuple(str(q) for q in d["quality_checks"]),
+                tuple(dict(r) for r in d["requests"]),
+                dict(d["lab"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RecordError(
+                f"session part {d.get('worker', '?')!r}: malformed ({exc!r})"
+            ) from None
+
+
+def merge_parts(parts: Sequence[SessionPart], worker: str = "all") -> SessionPart:
+    """One session's results from its processes' parts. Figures, request rows and per-test
+    lab entries are all kept, in part order; a reason or check several workers reported
+    (each reuses the same gate outcome) appears once; a server's startup time comes from the
+    worker that started it (the others attached to it)."""
+    startup: dict[str, float | None] = {}
+    lab: dict[str, Any] = {}
+    for part in parts:
+        for name, seconds in part.startup.items():
+            if startup.get(name) is None:
+                startup[name] = seconds
+        for section, entries in part.lab.items():
+            if isinstance(entries, Mapping) and isinstance(lab.get(section, {}), dict):
+                lab.setdefault(section, {}).update(entries)
+            else:
+                lab[section] = entries
+    return SessionPart(
+        worker,
+        tuple(f for p in parts for f in p.figures),
+        startup,
+        tuple(dict.fromkeys(r for p in parts for r in p.invalid_reasons)),
+        tuple(dict.fromkeys(q for p in parts for q in p.quality_checks)),
+        tuple(r for p in parts for r in p.requests),
+        lab,
+    )
+
+
 # --------------------------------------------------------------------------- session
 
 
