@@ -2,7 +2,9 @@
 
 - Once per served target, before any speed test of that target: the profile's patch files
   are checked against the installed engine (an unpatched engine is refused), then the
-  quality gate runs (canaries, output identity, fact recall; `servelab.quality`).
+  quality gate runs (canaries, output identity, fact recall; `servelab.quality`). Under
+  pytest-xdist the gate runs once per session: the first worker to need it runs it, the
+  others reuse its outcome (`servelab_gates`).
 - A failed gate appends its reasons to ``RunState.invalid_reasons`` (no pass verdict, no
   baseline update) and every speed test of that target fails with the reasons. Tests that
   take ``servelab_quality_gate`` as an argument are the gate's own tests and report it.
@@ -19,6 +21,7 @@ import inspect
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from servelab.quality import (
     LabRecords,
     QualitySet,
     RecallStyle,
+    SharedGates,
     load_quality_file,
     resolve_quality_path,
     run_gate,
@@ -140,18 +144,23 @@ def servelab_quality_gate(
         )
         servelab_state.invalid_reasons.append(reason)
         pytest.fail(reason, pytrace=False)
+    gates: SharedGates = request.getfixturevalue("servelab_gates")  # once, also under xdist
     try:
-        report = run_gate(
-            endpoint,
+        report = gates.run(
             servelab_target,
-            qset,
-            repeats=2 if profile is None else profile.quality.repeats,
-            identity_fraction=1.0 if profile is None else profile.quality.identity_fraction,
-            recall_lines=None if shape is None else shape.lines,
-            recall_depths=("early", "middle", "late") if shape is None else shape.depths,
-            recall_max_tokens=4 if shape is None else shape.max_tokens,
-            context_len=None if profile is None else profile.model.context_len,
-            timeout_s=300.0 if profile is None else profile.limits.request_timeout_s,
+            partial(
+                run_gate,
+                endpoint,
+                servelab_target,
+                qset,
+                repeats=2 if profile is None else profile.quality.repeats,
+                identity_fraction=1.0 if profile is None else profile.quality.identity_fraction,
+                recall_lines=None if shape is None else shape.lines,
+                recall_depths=("early", "middle", "late") if shape is None else shape.depths,
+                recall_max_tokens=4 if shape is None else shape.max_tokens,
+                context_len=None if profile is None else profile.model.context_len,
+                timeout_s=300.0 if profile is None else profile.limits.request_timeout_s,
+            ),
         )
     except ServelabError as exc:
         pytest.fail(str(exc), pytrace=False)
