@@ -1,0 +1,181 @@
+"""The plugin under pytest-xdist: one quality gate per target, one record, one summary.
+
+The server is the streaming stub of tests/test_quality.py (its answers chosen by the test,
+every completion request counted); the perf wiring is the real perf/conftest.py. The point
+is servelab's coordination of the workers, not the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_quality import GOOD, Stub
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEED_TESTS = 6
+# One gate against the stub: 2 canaries x (2 sequential + 2 concurrent); no recall workload
+# for an external endpoint. Checked against a run without xdist below, not just assumed.
+GATE_REQUESTS = 8
+
+TESTS = f"""
+import os
+import pytest
+pytestmark = pytest.mark.perf
+
+from servelab.figures import Figure, Shape
+
+@pytest.mark.parametrize("i", range({SPEED_TESTS}))
+def test_speed(servelab_endpoint, servelab_identity, servelab_record, servelab_state, i):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    servelab_state.requests.append({{"test": "test_speed", "i": i, "worker": worker}})
+    servelab_record(Figure(
+        metric=f"stub_tok_s_{{i}}", title=f"stub rate {{i}}", unit="tok/s", direction="higher",
+        runs=(100.0 + i, 101.0 + i, 99.0 + i), shape=Shape(8, 8, 1), warm=True,
+        identity=servelab_identity,
+    ))
+
+def test_gate_report(servelab_quality_gate):
+    assert servelab_quality_gate.passed, servelab_quality_gate.reasons()
+"""
+
+CRASH = """
+import os
+
+def test_zz_worker_dies(servelab_endpoint):
+    os._exit(1)
+"""
+
+
+@pytest.fixture
+def qfile(tmp_path: Path) -> Path:
+    p = tmp_path / "q.toml"
+    p.write_text(GOOD)
+    return p
+
+
+def session(
+    pytester: pytest.Pytester, mode: str, qfile: Path, name: str, *args: str
+) -> tuple[pytest.RunResult, int, Path]:
+    """Run the perf wiring against a fresh stub; (result, completion requests, results dir)."""
+    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
+    pytester.makepyfile(test_speed=TESTS)
+    results = pytester.path / name / "results"
+    with Stub(mode) as stub:
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "--endpoint",
+            stub.url + "/v1",
+            f"--quality-file={qfile}",
+            f"--results-dir={results}",
+            f"--baselines-dir={pytester.path / name / 'baselines'}",
+            *args,
+        )
+    return result, stub.calls, results
+
+
+def verdict_table(result: pytest.RunResult) -> list[str]:
+    """The table under the "servelab verdicts" header: column names, rule, one row a figure."""
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if "servelab verdicts" in line)
+    return lines[start + 1 : start + 3 + SPEED_TESTS]
+
+
+def only_record(results: Path) -> dict[str, Any]:
+    records = sorted((results / "records").glob("*/record.json"))
+    assert len(records) == 1, f"expected one record for the session, got {records}"
+    data: dict[str, Any] = json.loads(records[0].read_text())
+    return data
+
+
+def test_gate_once_one_record_and_the_summary_under_xdist(
+    pytester: pytest.Pytester, qfile: Path
+) -> None:
+    plain, plain_calls, _ = session(pytester, "right", qfile, "plain")
+    plain.assert_outcomes(passed=SPEED_TESTS + 1)
+    assert plain_calls == GATE_REQUESTS
+
+    result, calls, results = session(
+        pytester, "right", qfile, "xdist", "-n", "2", "--update-baselines"
+    )
+    result.assert_outcomes(passed=SPEED_TESTS + 1)
+    record = only_record(results)
+    rows = [json.loads(x) for x in (record_dir(results) / "raw.jsonl").read_text().splitlines()]
+    workers = {r["worker"] for r in rows}
+    assert workers == {"gw0", "gw1"}, f"both workers must have measured: {workers}"
+    # The gate ran once in the session, not once per worker.
+    assert calls == GATE_REQUESTS
+
+    # Nothing measured on either worker is missing from the one record.
+    (res,) = record["results"]
+    assert sorted(f["metric"] for f in res["figures"]) == sorted(
+        f"stub_tok_s_{i}" for i in range(SPEED_TESTS)
+    )
+    assert sorted(r["i"] for r in rows) == list(range(SPEED_TESTS))
+    lab = record["lab"]
+    assert len(lab["metrics"]) == SPEED_TESTS + 1  # a /metrics delta per test, both workers
+    assert lab["gates"]["endpoint"]["passed"] is True
+    checks = record["session"]["quality_checks"]
+    assert len(checks) == len(set(checks)) == 3  # canaries, identity, recall: once each
+    assert record["session"]["invalid_reasons"] == []
+
+    # The controller prints the same verdict table as a run without xdist (rows in the
+    # order the workers' results were merged), and the quality gate summary.
+    table = verdict_table(result)
+    assert sorted(table) == sorted(verdict_table(plain))
+    assert sum("stub_tok_s_" in line for line in table) == SPEED_TESTS
+    result.stdout.fnmatch_lines(["*quality gate PASS*", "*servelab figures*", "*record written:*"])
+
+    # One baseline update with every worker's figures.
+    (baseline,) = (pytester.path / "xdist" / "baselines").rglob("*.json")
+    text = baseline.read_text()
+    assert all(f"stub_tok_s_{i}" in text for i in range(SPEED_TESTS))
+
+
+def record_dir(results: Path) -> Path:
+    (folder,) = (results / "records").glob("*/")
+    return folder
+
+
+def test_failed_gate_errors_every_speed_test_on_every_worker(
+    pytester: pytest.Pytester, qfile: Path
+) -> None:
+    result, calls, results = session(
+        pytester, "wrong", qfile, "xdist", "-n", "2", "-v", "--update-baselines"
+    )
+    assert calls == GATE_REQUESTS  # the second worker reused the failed outcome
+    # Exactly as without xdist: each speed test errors in setup, the gate's own test fails.
+    result.assert_outcomes(failed=1, errors=SPEED_TESTS)
+    errored = {
+        m.group(1)
+        for line in result.outlines
+        if (m := re.search(r"\[(gw\d+)\].*ERROR .*test_speed\[", line))
+    }
+    assert errored == {"gw0", "gw1"}, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*no speed verdict: the quality gate of 'endpoint' failed*canary 'ping'*",
+            "*quality gate FAIL*",
+        ]
+    )
+    assert not list((results / "records").glob("*/record.json"))  # nothing was measured
+    assert not [p for p in (pytester.path / "xdist" / "baselines").rglob("*") if p.is_file()]
+
+
+def test_a_worker_that_dies_loses_nothing_it_measured(
+    pytester: pytest.Pytester, qfile: Path
+) -> None:
+    pytester.makepyfile(test_zz_crash=CRASH)
+    # One worker runs every test in order: six figures, then it dies.
+    result, _, results = session(pytester, "right", qfile, "xdist", "-n", "1")
+    result.assert_outcomes(passed=SPEED_TESTS + 1, failed=1)
+    result.stdout.fnmatch_lines(["*worker 'gw0' crashed*"])
+    (res,) = only_record(results)["results"]
+    assert len(res["figures"]) == SPEED_TESTS
+    assert sum("stub_tok_s_" in line for line in verdict_table(result)) == SPEED_TESTS
