@@ -262,6 +262,7 @@ def bench_decode(
     *,
     programs: int | None = None,
     step: str = "new",
+    chunk_step: str = "auto",
 ) -> Figure:
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -301,14 +302,18 @@ def bench_decode(
             strategy=strategy,
             overlap=overlap,
             gather_programs=programs,
+            step=chunk_step,
             out=out,
             out_lse=lse,
         )
 
     with attention_step(step):
         times = time_cuda(run, reps, warmup=2)
+        issue = host_issue_ms(run)
     params = {
         "step": step,
+        "chunk_step": chunk_step,
+        "host_issue_ms": round(issue, 3),
         "programs": programs,
         "ctx": ctx,
         "block": block,
@@ -422,7 +427,21 @@ def bench_split(
     return figs
 
 
-def check_decode_accuracy(host: HostKV, ctx: int, block: int) -> dict[str, Any]:
+def host_issue_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """Median host time to return from one call (the launches issued, not finished)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def check_decode_accuracy(
+    host: HostKV, ctx: int, block: int, chunk_step: str = "auto"
+) -> dict[str, Any]:
     """One 32K decode against the float64 reference (sanity beside the pytest suite)."""
     from servelab.kernels.reference import reference_attention
     from servelab.kernels.tolerance import check_attention
@@ -448,7 +467,15 @@ def check_decode_accuracy(host: HostKV, ctx: int, block: int) -> dict[str, Any]:
         device=dev,
     )
     out, lse = cpu_paged_attention(
-        query.to(dev), cache, table, ctx, gpu, torch.tensor([0]), block, scratch=scratch
+        query.to(dev),
+        cache,
+        table,
+        ctx,
+        gpu,
+        torch.tensor([0]),
+        block,
+        scratch=scratch,
+        step=chunk_step,
     )
     k_host, v_host = cache.read(table, ctx)
     k_all = torch.cat([k_host, ksuf])
@@ -456,7 +483,13 @@ def check_decode_accuracy(host: HostKV, ctx: int, block: int) -> dict[str, Any]:
     ref, ref_lse = reference_attention(query, k_all, v_all, causal=True)
     lowp, _ = reference_attention(query, k_all, v_all, causal=True, upcast=False)
     rep = check_attention(out, ref, lowp, dtype=DTYPE, lse=lse, lse_ref=ref_lse)
-    return {"ctx": ctx, "block": block, "ok": rep.ok, "explain": rep.explain()}
+    return {
+        "ctx": ctx,
+        "block": block,
+        "chunk_step": chunk_step,
+        "ok": rep.ok,
+        "explain": rep.explain(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         action="store_true",
         help="only the old vs new attention step and gather-program comparison at 32K-512K",
+    )
+    ap.add_argument(
+        "--steps",
+        action="store_true",
+        help="only the torch vs Triton chunk step, side by side, at 32K-512K",
     )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -489,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = 5 if args.quick else 10
     if args.compare:
         return run_compare(args.out, env, reps, t0)
+    if args.steps:
+        return run_steps(args.out, env, reps, t0)
     figs: list[Figure] = []
     sizes = [64 << 10, 256 << 10, 2 * MiB, 16 * MiB, 256 * MiB, 1024 * MiB]
     figs += bench_copies(sizes, reps=reps * 2)
@@ -631,6 +671,75 @@ def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int
         lines.append(f"| {row['ctx'] // 1024}K | {cells} |")
     text = "\n".join(lines) + "\n"
     (out_dir / "paged_compare_summary.md").write_text(text)
+    print(json.dumps(accuracy))
+    print(text)
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
+    """The torch chunk step against the Triton one (split-K partials, one merge), same run."""
+    figs = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
+    copy_rate = max(f.gbps for f in figs if f.name == "h2d_pinned")
+    max_ctx = 512 * 1024
+    host = HostKV.allocate(max_ctx + 4096)
+    print(f"host cache ready {time.perf_counter() - t0:.1f}s", flush=True)
+    accuracy = [
+        check_decode_accuracy(host, 32 * 1024, block, step)
+        for step in ("triton", "torch")
+        for block in (256, 16)
+    ]
+    print(json.dumps(accuracy), flush=True)
+    configs: list[tuple[str, int, str, int]] = [  # key, block, chunk step, chunk tokens
+        ("torch_c32k", 256, "torch", 32768),
+        ("triton_c32k", 256, "triton", 32768),
+        ("torch_c16k", 256, "torch", 16384),
+        ("triton_c16k", 256, "triton", 16384),
+        ("triton_c8k", 256, "triton", 8192),
+        ("triton_c4k", 256, "triton", 4096),
+        ("triton_bs16_c8k", 16, "triton", 8192),
+    ]
+    summary = []
+    for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
+        r = reps if ctx < max_ctx else max(5, reps // 2)
+        row: dict[str, Any] = {"ctx": ctx}
+        for chunk in (32768, 8192):
+            f = bench_split(host, ctx, 256, chunk, r, programs=32, steps=())[0]
+            figs.append(f)
+            row[f"stage_c{chunk // 1024}k"] = f
+        for key, block, step, chunk in configs:
+            f = bench_decode(host, ctx, block, "auto", True, chunk, r, programs=32, chunk_step=step)
+            figs.append(f)
+            row[key] = f
+        summary.append(row)
+        _progress(figs, t0)
+    payload = {
+        "env": env,
+        "copy_rate_gbps": copy_rate,
+        "accuracy": accuracy,
+        "figures": [dict(dataclasses.asdict(f), gbps=f.gbps) for f in figs],
+    }
+    (out_dir / "paged_steps.json").write_text(json.dumps(payload, indent=1))
+    table = render(figs, env, copy_rate)
+    (out_dir / "paged_steps.md").write_text(table)
+    keys = ["stage_c32k", "stage_c8k"] + [c[0] for c in configs]
+    lines = [
+        f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
+        "decode ms (% of copy rate) [host issue ms]; bf16, 8 KV / 64 q heads, d 128, "
+        "1 query token, random table, gather 32 programs, bs256 unless named",
+        "| ctx | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for row in summary:
+        cells = []
+        for k in keys:
+            f = row[k]
+            issue = f.params.get("host_issue_ms")
+            extra = f" [{issue:.2f}]" if issue is not None else ""
+            cells.append(f"{f.median_ms:.2f} ({100 * f.gbps / copy_rate:.0f}%){extra}")
+        lines.append(f"| {row['ctx'] // 1024}K | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "paged_steps_summary.md").write_text(text)
     print(json.dumps(accuracy))
     print(text)
     print(f"total {time.perf_counter() - t0:.1f}s")

@@ -177,6 +177,7 @@ def run(
     case: Case,
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
+    step: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.full_like(sc.query, NAN, memory_format=torch.contiguous_format)
     lse = torch.full(sc.query.shape[:2], NAN, dtype=torch.float32, device=sc.query.device)
@@ -194,6 +195,7 @@ def run(
         softcap=case.softcap,
         strategy=strategy,
         overlap=overlap,
+        step=step,
         out=out,
         out_lse=lse,
     )
@@ -201,13 +203,20 @@ def run(
     return out, lse
 
 
-def test_matches_reference(case: Case, device: torch.device, torch_gen: torch.Generator) -> None:
+@pytest.mark.parametrize("step", ["auto", "torch"])
+def test_matches_reference(
+    case: Case, device: torch.device, torch_gen: torch.Generator, step: str
+) -> None:
+    """``auto`` is the Triton step on a GPU and the torch step on the CPU; ``torch`` is
+    checked on its own only where the two differ."""
+    if step == "torch" and device.type == "cpu":
+        pytest.skip("on the CPU, auto already is the torch step")
     sc = build(case, device, torch_gen)
     q = sc.query.cpu()
     kw = {"causal": True, "window": case.window, "softcap": case.softcap}
     ref, ref_lse = reference_attention(q, sc.key, sc.value, **kw)  # type: ignore[arg-type]
     lowp, _ = reference_attention(q, sc.key, sc.value, upcast=False, **kw)  # type: ignore[arg-type]
-    out, lse = run(sc, case)
+    out, lse = run(sc, case, step=step)
     report = check_attention(out, ref, lowp, dtype=case.dtype, lse=lse, lse_ref=ref_lse)
     assert report.ok, report.explain()
 
@@ -251,7 +260,7 @@ def test_empty_host_part_is_suffix_exactly(
 ) -> None:
     case = Case(16, 4, 64, 3, 0, 45, 64, torch.float32)
     sc = build(case, device, torch_gen)
-    out, lse = run(sc, case)
+    out, lse = run(sc, case, step="torch")  # bit-equal to the same step on the suffix alone
     k, v = sc.gpu_cache.read(sc.gpu_table, case.gpu_len)
     want, want_lse = attend_range(
         sc.query,
@@ -339,6 +348,8 @@ BAD = [
     ("out_lse_dtype", "out_lse must have dtype in"),
     ("negative_len", "gpu_len must be >= 0"),
     ("window", "window must be None or an int >= 1"),
+    ("step", "step must be one of auto, triton, torch; got 'fused'"),
+    ("step_unsupported", "step='triton' needs a cuda or xpu query"),
 ]
 
 
@@ -421,6 +432,12 @@ def test_bad_input_raises_before_launch(
         args["gpu_len"] = -1
     elif what == "window":
         kw["window"] = 0
+    elif what == "step":
+        kw["step"] = "fused"
+    elif what == "step_unsupported":
+        if device.type != "cpu":
+            pytest.skip("the Triton step serves this case on a GPU")
+        kw["step"] = "triton"
     with pytest.raises(KernelInputError, match=match) as info:
         cpu_paged_attention(**args, **kw)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)

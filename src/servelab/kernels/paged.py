@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from servelab.errors import KernelInputError
+from servelab.kernels import decode_triton
 from servelab.kernels.attention import (
     accumulate,
     chunk_fully_masked,
@@ -101,6 +102,18 @@ def check_plan(chunks: tuple[Chunk, ...], num_tokens: int, block_size: int) -> N
         raise KernelInputError(f"chunks cover [0, {pos}) but the host part holds {num_tokens}")
 
 
+_COPY_STREAMS: dict[tuple[str, int], Any] = {}
+
+
+def _copy_stream(mod: Any, device: torch.device) -> Any:
+    """One copy stream per device, kept across calls (creating one costs host time)."""
+    index = device.index if device.index is not None else mod.current_device()
+    key = (device.type, int(index))
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = mod.Stream(device)
+    return _COPY_STREAMS[key]
+
+
 class _Streams:
     """Copy and compute streams for one call; no-ops on a CPU device."""
 
@@ -110,7 +123,7 @@ class _Streams:
         self.copy: Any = None
         if self._mod is not None:
             self.compute = self._mod.current_stream(device)
-            self.copy = self._mod.Stream(device) if overlap else self.compute
+            self.copy = _copy_stream(self._mod, device) if overlap else self.compute
 
     @contextlib.contextmanager
     def on_copy(self) -> Iterator[None]:
@@ -150,6 +163,7 @@ def cpu_paged_attention(
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
     gather_programs: int | None = None,
+    step: str = "auto",
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +174,11 @@ def cpu_paged_attention(
     T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
     ``gather_programs`` caps the ``gpu_gather`` kernel's persistent grid (default
     :data:`~servelab.kernels.gather_triton.PROGRAMS`, which leaves most SMs to the
-    attention running beside it). ``out``/``out_lse``, when given, are written in place.
+    attention running beside it). ``step`` picks the per-chunk attention: ``"triton"`` (one
+    split-K launch per chunk and one merge launch per call,
+    :mod:`~servelab.kernels.decode_triton`), ``"torch"`` (plain torch operations, any
+    device) or ``"auto"`` (Triton where it runs: CUDA/XPU, power-of-two head size).
+    ``out``/``out_lse``, when given, are written in place.
     Every argument is checked before
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
     """
@@ -182,6 +200,7 @@ def cpu_paged_attention(
     )
     if gather_programs is not None:
         require_int("gather_programs", gather_programs, minimum=1)
+    use_triton = _resolve_step(step, query, cpu_cache.dtype)
     device = query.device
     num_q, num_heads, head_size = query.shape
     sm_scale = 1.0 / math.sqrt(head_size) if scale is None else scale
@@ -202,9 +221,14 @@ def cpu_paged_attention(
     )
     streams = _Streams(device, overlap)
     h, d = cpu_cache.num_kv_heads, cpu_cache.head_size
-    pq = prepare_query(query, sm_scale, h)
-    state = new_state(h, pq.rows, head_size, device)
-
+    suffix_visible = gpu_len > 0 and not chunk_fully_masked(
+        q_start=q_start,
+        num_queries=num_q,
+        k_start=cpu_len,
+        num_keys=gpu_len,
+        causal=causal,
+        window=window,
+    )
     def fold(
         acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,9 +287,21 @@ def cpu_paged_attention(
     while issued < min(len(chunks), max(1, buffers - 1)):
         stage(issued)
         issued += 1
-    if gpu_len > 0:  # the suffix needs no staging and overlaps the first copy
+    # Set-up the first copy does not need comes after it: its launch is what the link waits
+    # for (with one 32K-token chunk the call is the copy plus this host time).
+    if use_triton:
+        fused = _FusedSteps(query, h, sm_scale, q_start, causal, window, softcap)
+        sizes = [c.token_end - c.token_start for c in chunks]
+        fused.reserve(sizes, gpu_len if suffix_visible else 0)
+    else:
+        pq = prepare_query(query, sm_scale, h)
+        state = new_state(h, pq.rows, head_size, device)
+    if suffix_visible:  # the suffix needs no staging and overlaps the first copy
         k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
-        state = fold(state, k_suf, v_suf, cpu_len)
+        if use_triton:
+            fused.attend(k_suf, v_suf, cpu_len)
+        else:
+            state = fold(state, k_suf, v_suf, cpu_len)
     for i, c in enumerate(chunks):
         while issued < min(len(chunks), i + buffers):
             stage(issued)
@@ -275,7 +311,10 @@ def cpu_paged_attention(
         streams.wait(streams.compute, staged[i])
         k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
         v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
-        state = fold(state, k, v, c.token_start)
+        if use_triton:
+            fused.attend(k, v, c.token_start)
+        else:
+            state = fold(state, k, v, c.token_start)
         slot_free[slot] = streams.record(streams.compute)
     if pack:
         # The next call may rewrite the pack buffers as soon as this one returns.
@@ -283,14 +322,93 @@ def cpu_paged_attention(
             if ev is not None:
                 ev.synchronize()
 
-    final_out, final_lse = finalize(state, num_q)
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if out_lse is None:
         out_lse = torch.empty(num_q, num_heads, dtype=torch.float32, device=device)
+    if use_triton:
+        fused.finish(out, out_lse)
+        return out, out_lse
+    final_out, final_lse = finalize(state, num_q)
     out.copy_(final_out)  # the one cast to the query dtype
     out_lse.copy_(final_lse)
     return out, out_lse
+
+
+STEPS = ("auto", "triton", "torch")
+
+
+def _resolve_step(step: str, query: torch.Tensor, kv_dtype: torch.dtype) -> bool:
+    """Whether this call uses the Triton step; raises on an unknown or impossible choice."""
+    if step not in STEPS:
+        raise KernelInputError(f"step must be one of {', '.join(STEPS)}; got {step!r}")
+    if step == "torch":
+        return False
+    ok = decode_triton.supported(query, kv_dtype)
+    if step == "triton" and not ok:
+        raise KernelInputError(
+            "step='triton' needs a cuda or xpu query, a float16/bfloat16/float32 cache of "
+            f"the query's dtype and a power-of-two head size >= 16; got {describe(query)}"
+        )
+    return ok
+
+
+class _FusedSteps:
+    """The Triton step of one call: partials of every range, one merge at the end."""
+
+    def __init__(
+        self,
+        query: torch.Tensor,
+        num_kv_heads: int,
+        scale: float,
+        q_start: int,
+        causal: bool,
+        window: int | None,
+        softcap: float | None,
+    ) -> None:
+        self.query = query if query.stride(-1) == 1 else query.contiguous()
+        self.num_kv_heads = num_kv_heads
+        self.kw = {
+            "scale": scale,
+            "q_start": q_start,
+            "causal": causal,
+            "window": window,
+            "softcap": softcap,
+        }
+        num_q, num_heads, _ = query.shape
+        self.rows = num_heads // num_kv_heads * num_q
+        self.row_blocks = -(-self.rows // decode_triton.block_rows(self.rows))
+        self.parts: decode_triton.Parts | None = None
+
+    def reserve(self, chunk_tokens: list[int], suffix_tokens: int) -> None:
+        ranges = chunk_tokens + ([suffix_tokens] if suffix_tokens else [])
+        block_n, _ = decode_triton.tile_config(int(self.query.shape[2]), self.query.element_size())
+        total = sum(
+            decode_triton.splits_for(n, self.num_kv_heads, self.row_blocks, block_n) for n in ranges
+        )
+        self.parts = decode_triton.Parts.allocate(
+            total, self.num_kv_heads, self.rows, int(self.query.shape[2]), self.query.device
+        )
+
+    def attend(self, key: torch.Tensor, value: torch.Tensor, k_start: int) -> None:
+        assert self.parts is not None  # reserve() comes first
+        decode_triton.attend_parts(
+            self.parts,
+            self.query,
+            key,
+            value,
+            k_start=k_start,
+            **self.kw,  # type: ignore[arg-type]
+        )
+
+    def finish(self, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+        assert self.parts is not None  # reserve() comes first
+        if out.stride(-1) == 1:
+            decode_triton.merge_parts(self.parts, out, out_lse, self.num_kv_heads)
+            return
+        tmp = torch.empty_like(out, memory_format=torch.contiguous_format)
+        decode_triton.merge_parts(self.parts, tmp, out_lse, self.num_kv_heads)
+        out.copy_(tmp)
 
 
 def _validate(
