@@ -71,7 +71,9 @@ def test_one_server_per_session(pytester: pytest.Pytester, workers: str | None) 
     args = ["-p", "no:cacheprovider", "--profiles-dir", str(d), "--profile", "stub"]
     if workers:
         args += ["-n", workers]
-    result = pytester.runpytest_subprocess(*args, "--basetemp", str(pytester.path / "bt"))
+    result = pytester.runpytest_subprocess(
+        *args, "-W", "error", "--basetemp", str(pytester.path / "bt")
+    )
     result.assert_outcomes(passed=6)
     pids = [int(x) for x in starts.read_text().split()]
     assert len(pids) == 1, f"started {len(pids)} servers: {pids}"

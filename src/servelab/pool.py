@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,11 @@ class ServerPool:
             except ServerError as exc:
                 errors.append(str(exc))
         self._started.clear()
-        self._owned.clear()
+        with warnings.catch_warnings():
+            # A worker that started a shared server drops its Popen while the server runs on
+            # for the others (the controller stops it): not the leak ResourceWarning means.
+            warnings.simplefilter("ignore", ResourceWarning)
+            self._owned.clear()
         if errors:
             raise ServerError("teardown failed: " + "; ".join(errors))
 
