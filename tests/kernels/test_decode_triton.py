@@ -85,7 +85,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(device: str, cases: list[tuple[object, ...]], interpret: bool) -> list[dict[str, object]]:
+def _run(device: str, cases: list[list[object]], interpret: bool) -> list[dict[str, object]]:
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -109,7 +109,7 @@ def _tolerance(dtype: str) -> float:
     return {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
 
 
-def _check(cases: list[tuple[object, ...]], results: list[dict[str, object]]) -> None:
+def _check(cases: list[list[object]], results: list[dict[str, object]]) -> None:
     for case, res in zip(cases, results, strict=True):
         dtype = str(case[5])
         assert not res["nan"], (case, res)
@@ -141,7 +141,7 @@ def test_split_count_does_not_change_the_result_beyond_rounding() -> None:
     if not torch.cuda.is_available():
         pytest.importorskip("numpy")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = [1, 8, 2, 64, 640, "float32", True, None, None, [(0, 640)]]
+    base: list[object] = [1, 8, 2, 64, 640, "float32", True, None, None, [(0, 640)]]
     results = _run(device, [[*base, 1], [*base, 10]], interpret=device == "cpu")
     assert abs(float(results[0]["out_err"]) - float(results[1]["out_err"])) < 1e-5  # type: ignore[arg-type]
     assert results[0]["parts"] == 1 and results[1]["parts"] == 10

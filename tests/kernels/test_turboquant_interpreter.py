@@ -67,8 +67,30 @@ SCRIPT = textwrap.dedent(
             diff = (got.double() - want).abs()
             # raw max, and the excess over assert_close's atol + rtol·|want| at 1e-3 (§2.8)
             out[f"{name}/{label}"] = [float(diff.max()), float((diff - 1e-3 * want.abs()).max())]
+    # The word kernel (triton_words), on 4-bit keys and values and dense fp16.
+    from servelab.kernels.turboquant.triton_words import launch_words
+    codec = KVCodec.build("turboquant_4bit_nc", d, "randomized_hadamard", seed=1)
+    cache = codec.encode(k, v)
+    consts = td.DecodeConstants.build(codec, cpu)
+    want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
+    qk = (q.float() @ consts.rotation_t).contiguous()
+    for label, splits in (("words", 3), ("words-1split", 1)):
+        got = torch.full((b, hq, d), float("nan"))
+        launch_words(qk, td._as_words(cache.key_codes), cache.key_scales,
+                     td._as_words(cache.value_codes), cache.value_scale_zero, consts.centroids,
+                     lens, td.LOG2E / d, got, t, block_n=32, num_warps=4, num_stages=1,
+                     num_splits=splits)
+        diff = (got.double() - want).abs()
+        out[f"turboquant_4bit_nc/{label}"] = [
+            float(diff.max()), float((diff - 1e-3 * want.abs()).max())]
     kd = k.half()
     vd = v.half()
+    got = torch.full((b, hq, d), float("nan"))
+    launch_words(q, kd, None, vd, None, None, lens, td.LOG2E / math.sqrt(d), got, t,
+                 block_n=32, num_warps=4, num_stages=1, num_splits=4)
+    from servelab.kernels.turboquant import reference_decode_attention
+    out["dense-words-fp16"] = float((got.double() - reference_decode_attention(
+        q, kd, vd, seq_lens=lens)).abs().max())
     got = torch.full((b, hq, d), float("nan"))
     td._launch(q, td.KMODE_DENSE, 16, 2 * d, kd, None, td.VMODE_DENSE, 16, 2 * d, vd, None,
                None, lens, td.LOG2E / math.sqrt(d), got, t, h, td.LaunchConfig(32, 4, 2, 3))
@@ -100,9 +122,10 @@ def test_fused_kernels_under_the_triton_interpreter() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 9
-    # The dense fp16 path rounds q and p to fp16 before the matrix unit: 2e-3, as on the GPU.
+    assert len(errors) == 12
+    # The dense fp16 paths round q and p to fp16 before the matrix unit: 2e-3, as on the GPU.
     assert errors.pop("dense-fp16") < 2e-3
+    assert errors.pop("dense-words-fp16") < 2e-3
     for name, (_, excess) in errors.items():
         assert excess < 1e-3, f"{name}: max |fused − unfused| − 1e-3·|unfused| = {excess:.2e}"
     # With the table residue and the hi/lo operand split the kernels are near float32.

@@ -46,7 +46,7 @@ MAX_BLOCK_ROWS = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit
 def _tanh(x):  # type: ignore[no-untyped-def]
     # 1 - 2 / (e^{2x} + 1): saturates to ±1 without NaN (e^{2x} = inf gives 1, 0 gives -1).
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
@@ -128,8 +128,10 @@ def _split_attend_kernel(  # type: ignore[no-untyped-def]
 def _merge_parts_kernel(  # type: ignore[no-untyped-def]
     PO, PL, OUT, OUT_LSE, sot, soh, slt, slh,
     num_parts, num_kv, rows, num_q, group,
-    D: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # One program per (row, slice of BLOCK_D columns), so that hundreds of partials (many
+    # chunks times many splits) are folded by many SMs at once.
     row = tl.program_id(0)  # h * rows + r
     h = row // rows
     r = row % rows
@@ -137,7 +139,7 @@ def _merge_parts_kernel(  # type: ignore[no-untyped-def]
     t = r % num_q
     per_part = num_kv * rows
     offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = tl.max(tl.full([BLOCK_P], float("-inf"), tl.float32), 0)
     for p0 in range(0, num_parts, BLOCK_P):
         pp = p0 + offs_p
@@ -146,7 +148,7 @@ def _merge_parts_kernel(  # type: ignore[no-untyped-def]
         )
         m = tl.maximum(m, tl.max(lse, 0))
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     den = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)
     for p0 in range(0, num_parts, BLOCK_P):
         pp = p0 + offs_p
@@ -207,13 +209,13 @@ def tile_config(head_size: int, element_size: int) -> tuple[int, int]:
 
 def splits_for(num_keys: int, num_kv_heads: int, row_blocks: int, block_n: int) -> int:
     """Splits of a key range: about :data:`TARGET_PROGRAMS` programs, at least one tile each."""
-    tiles = max(1, triton.cdiv(num_keys, block_n))
+    tiles = max(1, int(triton.cdiv(num_keys, block_n)))
     want = max(1, TARGET_PROGRAMS // max(1, num_kv_heads * row_blocks))
     return min(tiles, want)
 
 
 def block_rows(rows: int) -> int:
-    return min(MAX_BLOCK_ROWS, max(16, triton.next_power_of_2(rows)))
+    return min(MAX_BLOCK_ROWS, max(16, int(triton.next_power_of_2(rows))))
 
 
 def attend_parts(
@@ -271,10 +273,11 @@ def merge_parts(parts: Parts, out: torch.Tensor, out_lse: torch.Tensor, num_kv_h
         out.zero_()
         out_lse.fill_(-math.inf)
         return
-    block_p = min(16, triton.next_power_of_2(parts.used))
-    _merge_parts_kernel[(num_kv_heads * rows,)](
+    block_p = min(64, triton.next_power_of_2(parts.used))
+    block_d = min(head_size, 32)
+    _merge_parts_kernel[(num_kv_heads * rows, head_size // block_d)](
         parts.out, parts.lse, out, out_lse,
         out.stride(0), out.stride(1), out_lse.stride(0), out_lse.stride(1),
         parts.used, num_kv_heads, rows, num_q, group,
-        D=head_size, BLOCK_P=block_p, num_warps=4,
+        D=head_size, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip

@@ -229,6 +229,7 @@ def cpu_paged_attention(
         causal=causal,
         window=window,
     )
+
     def fold(
         acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,10 +27,12 @@ from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.attention import check_decode_shapes
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
 from servelab.kernels.turboquant.triton_q4 import decode_split_q4_kernel
+from servelab.kernels.turboquant.triton_words import launch_words
 
 KMODE_DENSE, KMODE_FP8, KMODE_CODEBOOK = 0, 1, 2
 VMODE_DENSE, VMODE_UNIFORM = 0, 2
 MAX_SPLITS = 256
+MAX_SPLITS_WORDS = 4096  # the word kernel's merge loops over splits in blocks
 LOG2E = 1.4426950408889634
 SUPPORTED_DEVICES = ("cuda", "xpu")
 
@@ -288,6 +290,9 @@ class LaunchConfig:
     generic: bool = False  # force the generic kernel where the 4-bit one would serve
     pair_table: bool = False  # 4-bit kernel: gather per byte (1 KB table), not per nibble
     split_operands: bool = True  # 4-bit kernel: q and p·scale as fp16 hi + lo (2× the MMAs)
+    # 4-bit keys and values, and the dense baseline: the word kernel (triton_words), not the
+    # even/odd-halves one (triton_q4) or the generic one.
+    words: bool = True
 
 
 def _sm_count(device: torch.device) -> int:
@@ -343,6 +348,29 @@ def _check_head_size(d: int, where: str) -> None:
         raise KernelInputError(
             f"{where}: head size {d} is not supported by the fused kernel (a power of two ≥ 16)"
         )
+
+
+def _as_words(codes: torch.Tensor) -> torch.Tensor:
+    """A uint8 code plane [B, H, T, d/2] as int32 words [B, H, T, d/8] (no copy when the
+    rows are contiguous and 4-byte aligned; a contiguous copy otherwise)."""
+    ok = codes.stride(-1) == 1 and all(s % 4 == 0 for s in codes.stride()[:-1])
+    if not ok or codes.storage_offset() % 4:
+        codes = codes.contiguous()
+    return codes.view(torch.int32)
+
+
+def _word_args(
+    cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int
+) -> dict[str, int]:
+    splits = cfg.num_splits
+    if splits is None:  # about eight programs per multiprocessor
+        splits = math.ceil(8 * _sm_count(device) / (b * hkv))
+    return {
+        "block_n": cfg.block_n,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "num_splits": max(1, min(splits, MAX_SPLITS_WORDS)),
+    }
 
 
 def _launch(
@@ -478,6 +506,20 @@ def fused_decode_attention(
         qk_scale = sm * LOG2E / math.sqrt(d)
     q4_table = None
     if p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4:
+        if config.words and not config.generic and cache.key_scales is not None:
+            return launch_words(
+                qk.contiguous(),
+                _as_words(cache.key_codes),
+                cache.key_scales,
+                _as_words(cache.value_codes),
+                cache.value_scale_zero,
+                cent,
+                lens,
+                qk_scale,
+                out,
+                t,
+                **_word_args(config, q.device, b, hkv, t),
+            )
         q4_table = None if config.generic else consts.pair_table
     return _launch(
         qk,
@@ -530,6 +572,11 @@ def fused_decode_attention_dense(
     if check_values and not bool(torch.isfinite(q).all()):
         raise KernelInputError(f"{where}: q holds NaN or infinite values")
     sm = 1.0 / math.sqrt(d) if scale is None else scale
+    if config.words and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return launch_words(
+            q.contiguous(), k, None, v, None, None, lens, sm * LOG2E, out, t,
+            **_word_args(config, q.device, b, hkv, t),
+        )  # fmt: skip
     return _launch(
         q,
         KMODE_DENSE,

@@ -1,0 +1,114 @@
+"""Diagnostics for the fused TurboQuant decode kernels: registers, spills, shared memory and
+time of each compiled configuration (64K tokens, 32 q / 8 KV heads, d 128, 4-bit preset).
+
+    PYTHONPATH=src python3 benchmarks/kernels/turboquant_diag.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+from triton.testing import do_bench
+
+from servelab.kernels.turboquant import KVCodec, triton_q4, triton_words, unfused_decode_attention
+from servelab.kernels.turboquant.triton_decode import (
+    DecodeConstants,
+    LaunchConfig,
+    fused_decode_attention,
+    fused_decode_attention_dense,
+)
+
+HQ, HKV, D = 32, 8, 128
+
+
+def compiled(fn: object) -> list[dict[str, object]]:
+    rows = []
+    for cache in getattr(fn, "device_caches", {}).values():
+        for kern in cache[0].values():
+            md = kern.metadata
+            rows.append({
+                "name": md.name, "regs": kern.n_regs, "spills": kern.n_spills,
+                "shared": md.shared, "warps": md.num_warps, "stages": md.num_stages,
+            })  # fmt: skip
+    return rows
+
+
+def kernel_breakdown(fn: Callable[[], object], reps: int = 20) -> None:
+    """Mean device µs per call of each kernel the call launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            name = ev.key[:60]
+            print(
+                json.dumps({"kernel": name, "us_per_call": round(ev.device_time_total / reps, 2)})
+            )
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 2
+    tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    codec = KVCodec.build("turboquant_4bit_nc", D)
+    cache = codec.encode(k, v)
+    consts = DecodeConstants.build(codec, q.device)
+    want = unfused_decode_attention(q, cache, codec)
+    configs = [
+        LaunchConfig(bn, w, st, sp)
+        for bn, w, st, sp in (
+            (32, 4, 1, 528), (32, 4, 2, 528), (32, 4, 2, 1056), (64, 4, 2, 264),
+            (16, 4, 2, 1056), (32, 2, 2, 1056), (64, 8, 2, 528),
+        )
+    ]  # fmt: skip
+    for cfg in configs:
+        f = lambda c=cfg: fused_decode_attention(  # noqa: E731
+            q, cache, codec, constants=consts, config=c, check_values=False
+        )
+        err = float((f().double() - want).abs().max())
+        ms = do_bench(f, warmup=25, rep=60, return_mode="median")
+        shape = [cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.num_splits]
+        print(json.dumps({"tq_words": shape, "ms": round(ms, 4), "err": err}))
+    old = LaunchConfig(128, 4, 2, None, precise_table=False, words=False)
+    ms = do_bench(
+        lambda: fused_decode_attention(
+            q, cache, codec, constants=consts, config=old, check_values=False
+        ),
+        return_mode="median",
+    )
+    print(json.dumps({"tq_halves": "128/4/2", "ms": round(ms, 4)}))
+    for cfg in (LaunchConfig(64, 4, 3, 264), LaunchConfig(32, 4, 3, 528)):
+        ms = do_bench(lambda c=cfg: fused_decode_attention_dense(q, k, v, config=c,
+                                                                  check_values=False),
+                      return_mode="median")  # fmt: skip
+        print(json.dumps({"dense_words": [cfg.block_n, cfg.num_warps, cfg.num_stages,
+                                          cfg.num_splits], "ms": round(ms, 4)}))  # fmt: skip
+    best = LaunchConfig(64, 4, 2, 264)
+    kernel_breakdown(
+        lambda: fused_decode_attention(
+            q, cache, codec, constants=consts, config=best, check_values=False
+        )
+    )
+    kernel_breakdown(lambda: fused_decode_attention_dense(q, k, v, config=best, check_values=False))
+    for row in compiled(triton_words.decode_split_words_kernel) + compiled(
+        triton_q4.decode_split_q4_kernel
+    ):
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
