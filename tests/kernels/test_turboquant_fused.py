@@ -113,7 +113,7 @@ VARIANTS = {  # (generic, precise_table, pair_table, words)
     "q4-fast": (False, False, False, False),
     "q4-pair-precise": (False, True, True, False),
     "q4-pair-fast": (False, False, True, False),
-    "words": (False, False, False, True),
+    "words-precise": (False, True, False, True),
 }
 
 
@@ -144,7 +144,7 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
         # Generic kernel: < 2e-5 on H100. The 4-bit kernel: 1.37e-4 on H100 (2026-11-25),
         # identical with either table, while the Triton interpreter gives 1e-6: the gap is
         # on the value side (subnormal codes through the matrix unit), not yet explained.
-        tight = 3e-4 if not generic else 2e-5
+        tight = 3e-4 if not generic else 2e-5  # the word kernel: 4.6e-6 in the interpreter
         torch.testing.assert_close(got, want, atol=tight, rtol=tight)
 
 

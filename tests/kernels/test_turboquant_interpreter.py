@@ -74,12 +74,14 @@ SCRIPT = textwrap.dedent(
     consts = td.DecodeConstants.build(codec, cpu)
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
     qk = (q.float() @ consts.rotation_t).contiguous()
-    for label, splits in (("words", 3), ("words-1split", 1)):
+    for label, splits, precise in (
+        ("words", 3, True), ("words-1split", 1, True), ("words-fast", 3, False)
+    ):
         got = torch.full((b, hq, d), float("nan"))
         launch_words(qk, td._as_words(cache.key_codes), cache.key_scales,
                      td._as_words(cache.value_codes), cache.value_scale_zero, consts.centroids,
                      lens, td.LOG2E / d, got, t, block_n=32, num_warps=4, num_stages=1,
-                     num_splits=splits)
+                     num_splits=splits, precise_table=precise)
         diff = (got.double() - want).abs()
         out[f"turboquant_4bit_nc/{label}"] = [
             float(diff.max()), float((diff - 1e-3 * want.abs()).max())]
@@ -122,7 +124,7 @@ def test_fused_kernels_under_the_triton_interpreter() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12
+    assert len(errors) == 13
     # The dense fp16 paths round q and p to fp16 before the matrix unit: 2e-3, as on the GPU.
     assert errors.pop("dense-fp16") < 2e-3
     assert errors.pop("dense-words-fp16") < 2e-3
@@ -135,7 +137,10 @@ def test_fused_kernels_under_the_triton_interpreter() -> None:
         "turboquant_4bit_nc/generic",
         "turboquant_4bit_nc/q4",
         "turboquant_4bit_nc/q4-pair",
+        "turboquant_4bit_nc/words",
+        "turboquant_4bit_nc/words-1split",
     ):
         assert errors[name][0] < 1e-5, f"{name}: {errors[name][0]:.2e}"
     # Control: without the residue the error is visible, so the check above has power.
     assert errors["turboquant_4bit_nc/q4-fast"][0] > 1e-5
+    assert errors["turboquant_4bit_nc/words-fast"][0] > 1e-5

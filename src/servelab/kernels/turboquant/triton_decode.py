@@ -361,7 +361,7 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor:
 
 def _word_args(
     cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int
-) -> dict[str, int]:
+) -> dict[str, int | bool]:
     splits = cfg.num_splits
     if splits is None:  # about eight programs per multiprocessor
         splits = math.ceil(8 * _sm_count(device) / (b * hkv))
@@ -370,6 +370,8 @@ def _word_args(
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
         "num_splits": max(1, min(splits, MAX_SPLITS_WORDS)),
+        "split_operands": cfg.split_operands,
+        "precise_table": cfg.precise_table,
     }
 
 

@@ -44,7 +44,7 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
     CENT, SEQ_LENS, PART_O, PART_L,
     qk_scale, split_len, num_splits,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DENSE: tl.constexpr,
+    DENSE: tl.constexpr, SPLIT: tl.constexpr, PRECISE_TABLE: tl.constexpr,
 ):  # fmt: skip
     W: tl.constexpr = D // 8
     pid_h = tl.program_id(0)
@@ -67,6 +67,10 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
         qd = q.to(K.dtype.element_ty)
     else:
         qd = q.to(tl.float16)
+    # SPLIT: q and p·scale go to the matrix unit as two fp16 terms, hi + lo·2⁻¹¹ (one more
+    # MMA each on operands already converted), so their fp16 rounding (2⁻¹² relative) stays
+    # out of the result; without it sharp attention over large values drifts past 1e-3.
+    q_lo = ((q.to(tl.float32) - qd.to(tl.float32)) * 2048.0).to(tl.float16)
     offs_w = tl.arange(0, W)
     shifts = 4 * tl.arange(0, 8)
 
@@ -74,6 +78,7 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([G_PAD], tl.float32)
     z_i = tl.zeros([G_PAD], tl.float32)  # Σ p·zero
     acc = tl.zeros([G_PAD, D], tl.float32)
+    acc_lo = tl.zeros([G_PAD, D], tl.float32)
     k_base = K + pid_b.to(tl.int64) * skb + pid_h.to(tl.int64) * skh
     v_base = V + pid_b.to(tl.int64) * svb + pid_h.to(tl.int64) * svh
     ks_base = KS + pid_b.to(tl.int64) * sksb + pid_h.to(tl.int64) * sksh
@@ -91,6 +96,11 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
             codes = (kw[:, :, None] >> shifts[None, None, :]) & 15
             kt = tl.reshape(tl.load(CENT + codes), (BLOCK_N, D))
             s = tl.dot(qd, tl.trans(kt))
+            if SPLIT:
+                s += tl.dot(q_lo, tl.trans(kt)) * (1.0 / 2048.0)
+            if PRECISE_TABLE:  # the table's fp16 rounding residue: one more gather and MMA
+                kr = tl.reshape(tl.load(CENT + 16 + codes), (BLOCK_N, D))
+                s += tl.dot(qd, tl.trans(kr))
             ks = tl.load(ks_base + offs_n * skst, mask=mask_n, other=0.0).to(tl.float32)
             s = s * (ks * qk_scale)[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -105,12 +115,16 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
             vsc = tl.load(vsz_base + offs_n * szt, mask=mask_n, other=0.0).to(tl.float32)
             vzr = tl.load(vsz_base + offs_n * szt + szc, mask=mask_n, other=0.0).to(tl.float32)
             z_i = z_i * alpha + tl.sum(p * vzr[None, :], 1)
-            r = (p * vsc[None, :]).to(tl.float16)
+            pv = p * vsc[None, :]
+            r = pv.to(tl.float16)
             vw = tl.load(v_base + rows * svt + offs_w[None, :], mask=mask_n[:, None], other=0)
             vbits = ((vw[:, :, None] >> shifts[None, None, :]) & 15) | 0x6400
             # 0x6400 | n is 1024 + n in fp16; subtracting 1024 in fp16 is exact.
             vt = tl.reshape(vbits.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0, (BLOCK_N, D))
             acc = acc * alpha[:, None] + tl.dot(r, vt)
+            if SPLIT:
+                r_lo = ((pv - r.to(tl.float32)) * 2048.0).to(tl.float16)
+                acc_lo = acc_lo * alpha[:, None] + tl.dot(r_lo, vt)
         m_i = m_new
 
     has = l_i > 0.0
@@ -118,6 +132,8 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
     out = acc * inv[:, None]
     if not DENSE:
         out += (z_i * inv)[:, None]
+        if SPLIT:
+            out += acc_lo * (inv * (1.0 / 2048.0))[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     row = (pid_b * hq + qh) * num_splits + pid_s
     tl.store(PART_O + row[:, None] * D + offs_d[None, :], out, mask=mask_g[:, None])
@@ -179,6 +195,8 @@ def launch_words(
     num_warps: int,
     num_stages: int,
     num_splits: int,
+    split_operands: bool = True,
+    precise_table: bool = False,
 ) -> torch.Tensor:
     """Enqueue the split kernel and the merge. Compressed: ``k``/``v`` are the code planes
     viewed as int32 ``[B, Hkv, T, d/8]``; dense: fp16/bf16 ``[B, Hkv, T, d]`` with ``ks``,
@@ -204,7 +222,9 @@ def launch_words(
         k if cent is None else cent, seq_lens, part_o, part_l,
         qk_scale, split_len, splits,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
-        DENSE=dense, num_warps=num_warps, num_stages=num_stages,
+        DENSE=dense, SPLIT=split_operands and not dense,
+        PRECISE_TABLE=precise_table and not dense,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     block_d = min(d, 32)
     merge_splits_kernel[(b * hq, d // block_d)](
