@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import triton
@@ -359,9 +360,18 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.int32)
 
 
+class _WordArgs(TypedDict):
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int
+    split_operands: bool
+    precise_table: bool
+
+
 def _word_args(
     cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int
-) -> dict[str, int | bool]:
+) -> _WordArgs:
     splits = cfg.num_splits
     if splits is None:  # about eight programs per multiprocessor
         splits = math.ceil(8 * _sm_count(device) / (b * hkv))
