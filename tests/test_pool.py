@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from servelab.pool import read_parts, run_once, write_part
+from servelab.xdist import read_parts, run_once, write_part
 
 STUB = Path(__file__).resolve().parent / "fakes" / "openai_stub.py"
 

@@ -22,12 +22,12 @@ from servelab.errors import QualityGateError
 from servelab.quality import (
     Canary,
     GateReport,
-    SharedGates,
     load_quality_file,
     resolve_quality_path,
     run_gate,
 )
 from servelab.server import Endpoint
+from servelab.xdist import SessionGates, adopt_lab, gate_report_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stub-model"
@@ -412,23 +412,23 @@ def test_lab_records_serialise_for_the_record(qfile: Path) -> None:
 def test_gate_report_round_trips(qfile: Path) -> None:
     with Stub("wrong") as stub:
         report = gate(stub, qfile)
-    back = GateReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    back = gate_report_from_dict(json.loads(json.dumps(report.to_dict())))
     assert back == report
     with pytest.raises(QualityGateError, match="malformed"):
-        GateReport.from_dict({"target": "x"})
+        gate_report_from_dict({"target": "x"})
 
 
 def test_shared_gates_run_each_target_once_per_folder(qfile: Path, tmp_path: Path) -> None:
     with Stub("wrong") as stub:
-        first = SharedGates(tmp_path).run("stub", lambda: gate(stub, qfile))
+        first = SessionGates(tmp_path).run("stub", lambda: gate(stub, qfile))
         calls = stub.calls
         # Another worker of the same session: the saved failed report, its reasons intact.
-        again = SharedGates(tmp_path).run("stub", lambda: gate(stub, qfile))
+        again = SessionGates(tmp_path).run("stub", lambda: gate(stub, qfile))
         assert stub.calls == calls
-        other = SharedGates(tmp_path).run("other", lambda: gate(stub, qfile))
+        other = SessionGates(tmp_path).run("other", lambda: gate(stub, qfile))
         assert stub.calls == 2 * calls  # another target has its own gate
         # Without a shared folder (no xdist) the gate simply runs.
-        SharedGates(None).run("stub", lambda: gate(stub, qfile))
+        SessionGates(None).run("stub", lambda: gate(stub, qfile))
         assert stub.calls == 3 * calls
     assert not first.passed and again == first and again.reasons() == first.reasons()
     assert other.target == "stub"  # the report is whatever the gate returned
@@ -439,13 +439,13 @@ def test_shared_gates_share_an_error_too(tmp_path: Path) -> None:
         raise QualityGateError("profile 'stub': recall prompt does not fit")
 
     with pytest.raises(QualityGateError, match="does not fit"):
-        SharedGates(tmp_path).run("stub", broken)
+        SessionGates(tmp_path).run("stub", broken)
 
     def not_again() -> GateReport:
         raise AssertionError("the gate ran twice")
 
     with pytest.raises(QualityGateError, match=r"^profile 'stub': recall prompt does not fit$"):
-        SharedGates(tmp_path).run("stub", not_again)
+        SessionGates(tmp_path).run("stub", not_again)
 
 
 def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
@@ -466,9 +466,9 @@ def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
     )
     worker.metrics["t.py::a"] = "not recorded: HTTP 404"
     controller = LabRecords()
-    controller.adopt(json.loads(json.dumps(worker.to_dict())))
+    adopt_lab(controller, json.loads(json.dumps(worker.to_dict())))
     assert controller.gates == worker.gates
     assert controller.patches == worker.patches
     assert controller.patches["stub"].all_applied
     with pytest.raises(QualityGateError, match="malformed"):
-        LabRecords().adopt({"patches": {"stub": {"root": "/"}}})
+        adopt_lab(LabRecords(), {"patches": {"stub": {"root": "/"}}})

@@ -17,17 +17,16 @@ from servelab.hardware import Accelerator, HostIdentity
 from servelab.records import (
     COMMUNITY_FIELDS,
     SessionInfo,
-    SessionPart,
     TargetInfo,
     build_record,
     load_record,
-    merge_parts,
     record_figures,
     render_markdown,
     request_row,
     write_record,
 )
 from servelab.redact import Redactor
+from servelab.xdist import SessionPart, merge_parts
 
 HOST = HostIdentity(
     key="xpu-2x-intel-arc-pro-b70-graphics-12345678",

@@ -3,11 +3,10 @@
 The logic lives in plain modules (profiles, pool, server, figures) so the command line can
 reuse it without pytest.
 
-Under pytest-xdist the controller makes a shared folder and hands it to the workers
-(`workerinput`). Workers share each target's server (`servelab.pool`) and quality gate
-(`servelab.quality.SharedGates`) through it, and save what they measured there after every
-test (`servelab.records.SessionPart`); the controller merges those parts at session end,
-writes the session's one record and prints the same summary as a run without xdist.
+Under pytest-xdist the controller makes a shared folder and hands it to the workers; they
+share each target's server and quality gate through it and save what they measured there
+after every test; the controller merges those parts at session end, writes the session's one
+record and prints the same summary as a run without xdist (`servelab.xdist`).
 """
 
 from __future__ import annotations
@@ -25,10 +24,17 @@ from servelab.errors import ServelabError
 from servelab.figures import Figure, Identity
 from servelab.profiles import Profile, available_profiles, default_profile_dirs, load_named
 from servelab.server import Endpoint
+from servelab.xdist import (
+    SessionGates,
+    gather_workers,
+    save_worker_part,
+    shared_folder,
+    start_controller,
+    stop_controller,
+)
 
 if TYPE_CHECKING:
     from servelab.quality import SharedGates
-    from servelab.records import SessionPart
 
 EXTERNAL = "endpoint"
 DEFAULT_PROFILE = "cpu-smollm2"
@@ -188,54 +194,11 @@ def pytest_configure(config: pytest.Config) -> None:
     options = _parse_options(config)
     config.stash[OPTIONS_KEY] = options
     config.stash[STATE_KEY] = RunState(options)
-    _start_xdist_controller(config)
-
-
-class _XdistController:
-    """Hands the controller's shared server folder to every xdist worker."""
-
-    def __init__(self, shared_dir: Path) -> None:
-        self.shared_dir = shared_dir
-
-    def pytest_configure_node(self, node: object) -> None:
-        node.workerinput["servelab_shared_dir"] = str(self.shared_dir)  # type: ignore[attr-defined]
-
-
-SHARED_KEY = pytest.StashKey[Path]()
-
-
-def _shared_dir(config: pytest.Config) -> Path | None:
-    """The session's shared folder under xdist (controller and workers); None otherwise."""
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:
-        shared = workerinput.get("servelab_shared_dir")
-        return Path(shared) if shared else None
-    return config.stash.get(SHARED_KEY, None)
-
-
-def _start_xdist_controller(config: pytest.Config) -> None:
-    import tempfile
-
-    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
-        return
-    if config.getoption("dist", "no") == "no":
-        return
-    shared = Path(tempfile.mkdtemp(prefix="servelab-servers-"))
-    config.stash[SHARED_KEY] = shared
-    config.pluginmanager.register(_XdistController(shared), "servelab-xdist-controller")
+    start_controller(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    import shutil
-
-    from servelab.pool import stop_shared
-
-    shared = config.stash.get(SHARED_KEY, None)
-    if shared is not None:
-        try:
-            stop_shared(shared)
-        finally:
-            shutil.rmtree(shared, ignore_errors=True)
+    stop_controller(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -266,7 +229,7 @@ def servelab_pool(pytestconfig: pytest.Config) -> Iterator[object]:
     options = pytestconfig.stash[OPTIONS_KEY]
     pool = ServerPool(
         options.results_dir / "logs",
-        shared_dir=_shared_dir(pytestconfig),
+        shared_dir=shared_folder(pytestconfig),
         startup_timeout_s=options.startup_timeout_s,
     )
     yield pool
@@ -277,9 +240,7 @@ def servelab_pool(pytestconfig: pytest.Config) -> Iterator[object]:
 def servelab_gates(pytestconfig: pytest.Config) -> SharedGates:
     """Runs each target's quality gate once per session, shared by all xdist workers:
     ``servelab_gates.run(target, gate)`` returns the report of the one run."""
-    from servelab.quality import SharedGates
-
-    return SharedGates(_shared_dir(pytestconfig))
+    return SessionGates(shared_folder(pytestconfig))
 
 
 @pytest.fixture(scope="session")
@@ -455,91 +416,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         tr.write_line(line)
 
 
-def _part(config: pytest.Config, state: RunState, worker: str) -> SessionPart:
-    from servelab.quality import LAB_RECORDS_KEY
-    from servelab.records import SessionPart
-
-    lab = config.stash.get(LAB_RECORDS_KEY, None)
-    return SessionPart(
-        worker,
-        tuple(state.figures),
-        dict(state.startup),
-        tuple(state.invalid_reasons),
-        tuple(state.quality_checks),
-        tuple(state.requests),
-        lab.to_dict() if lab is not None else {},
-    )
-
-
-def _save_worker_part(config: pytest.Config) -> bool:
-    """On an xdist worker: save its results so far for the controller. False elsewhere."""
-    workerinput = getattr(config, "workerinput", None)
-    shared = _shared_dir(config)
-    state = config.stash.get(STATE_KEY, None)
-    if workerinput is None or shared is None or state is None:
-        return False
-    from servelab.pool import write_part
-
-    part = _part(config, state, f"{workerinput.get('workerid', 'worker')}-{os.getpid()}")
-    if (
-        part.figures
-        or part.requests
-        or part.invalid_reasons
-        or part.quality_checks
-        or any(part.lab.values())
-    ):
-        write_part(shared, part.worker, part.to_dict())
-    return True
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     # After every test (fixture teardowns included): a worker that dies later keeps this.
     try:
         return (yield)
     finally:
-        _save_worker_part(item.config)
-
-
-def _gather_workers(config: pytest.Config, state: RunState, shared: Path) -> dict[str, object]:
-    """On the xdist controller: merge every worker's part into this session's state (and
-    judge the figures here, for the summary and the record); returns the merged lab data."""
-    from servelab.errors import RecordError
-    from servelab.pool import read_parts
-    from servelab.quality import LAB_RECORDS_KEY
-    from servelab.records import PerfSession, SessionPart, merge_parts
-
-    parts = [_part(config, state, "controller")]
-    for path, data in read_parts(shared):
-        try:
-            if data is None:
-                raise RecordError("unreadable")
-            parts.append(SessionPart.from_dict(data))
-        except RecordError as exc:
-            state.messages.append(f"servelab: worker results {path.name} lost: {exc}")
-    merged = merge_parts(parts)
-    state.figures = list(merged.figures)
-    state.startup = dict(merged.startup)
-    state.invalid_reasons = list(merged.invalid_reasons)
-    state.quality_checks = list(merged.quality_checks)
-    state.requests = [dict(r) for r in merged.requests]
-    lab = config.stash.get(LAB_RECORDS_KEY, None)
-    if lab is not None:  # for the quality gate summary
-        try:
-            lab.adopt(merged.lab)
-        except ServelabError as exc:
-            state.messages.append(f"servelab: workers' quality gate results: {exc}")
-    if state.figures:
-        perf = _perf_session(state)
-        assert isinstance(perf, PerfSession)
-        judged = {id(v.figure) for v in perf.verdicts}
-        try:
-            for fig in state.figures:
-                if id(fig) not in judged:
-                    perf.judge(fig)
-        except (ServelabError, OSError) as exc:
-            state.messages.append(f"servelab: could not judge the workers' figures: {exc}")
-    return dict(merged.lab)
+        state = item.config.stash.get(STATE_KEY, None)
+        if state is not None:
+            save_worker_part(item.config, state)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -553,10 +438,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from servelab.records import PerfSession, SessionInfo
 
     state = session.config.stash.get(STATE_KEY, None)
-    if state is None or _save_worker_part(session.config):
+    if state is None or save_worker_part(session.config, state):
         return
-    shared = _shared_dir(session.config)
-    lab = None if shared is None else _gather_workers(session.config, state, shared)
+    shared = shared_folder(session.config)
+    lab = None
+    if shared is not None:
+        lab = gather_workers(session.config, state, shared, lambda: _perf_session(state))
     # A failed quality gate leaves no figures; the record must still say why.
     if not (state.figures or state.requests or state.invalid_reasons):
         return

@@ -7,20 +7,15 @@ a shared server (one worker finishing early must not take it from the others); t
 controller stops every server in the folder, by process group, when the session ends.
 Nothing is started once per worker.
 
-The same folder carries the rest of what the processes of one session share: `run_once`
-(work done by the first worker that needs it, such as a target's quality gate, whose saved
-outcome the others reuse) and each worker's results (`write_part` / `read_parts`), from which
-the controller writes the session's one record.
+The same folder carries the rest of what the processes of one session share
+(`servelab.xdist`), in files read and written with `read_state` / `write_state`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import warnings
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +114,7 @@ class ServerPool:
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         state_path = self._state_path(profile.name)
         with FileLock(str(state_path) + ".lock"):
-            state = _read_state(state_path)
+            state = read_state(state_path)
             if state is not None and group_members(int(state["pid"])):
                 endpoint = Endpoint(
                     base_url=str(state["base_url"]),
@@ -131,7 +126,7 @@ class ServerPool:
                 model = prepare_model(profile, self.cache_dir)
                 return Started(endpoint, model, None, int(state["pid"]), tuple(state["command"]))
             started = self._start(profile)
-            _write_state(
+            write_state(
                 state_path,
                 {
                     "pid": started.pid,
@@ -157,7 +152,8 @@ class ServerPool:
             server.detach()
 
 
-def _read_state(path: Path) -> dict[str, Any] | None:
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A JSON object saved in the shared folder; None where it is missing or unreadable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -165,7 +161,8 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Save a JSON object in the shared folder, replacing any earlier one atomically."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
@@ -178,7 +175,7 @@ def stop_shared(shared_dir: Path) -> None:
     errors: list[str] = []
     for state_path in sorted(shared_dir.glob("server-*.json")):
         with FileLock(str(state_path) + ".lock"):
-            state = _read_state(state_path)
+            state = read_state(state_path)
             if state is None:
                 continue
             name = state_path.stem.removeprefix("server-")
@@ -190,47 +187,3 @@ def stop_shared(shared_dir: Path) -> None:
             state_path.unlink(missing_ok=True)
     if errors:
         raise ServerError("teardown failed: " + "; ".join(errors))
-
-
-# ------------------------------------------------------------------ other shared work
-
-
-def _file_name(kind: str, key: str) -> str:
-    # Readable, safe in a file name, and distinct for keys that differ only in odd characters.
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}-{digest}.json"
-
-
-def run_once(shared_dir: Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`compute()` in the first process of the session that asks for `key`; every later one
-    gets its saved result (JSON data). The key's lock is held while computing, so a second
-    process waits for the first one's result instead of computing its own. If `compute`
-    raises, nothing is saved and the next process to ask computes it."""
-    from filelock import FileLock
-
-    shared_dir.mkdir(parents=True, exist_ok=True)
-    path = shared_dir / _file_name("once", key)
-    with FileLock(str(path) + ".lock"):
-        saved = _read_state(path)
-        if saved is not None:
-            return saved
-        result = compute()
-        _write_state(path, result)
-        return result
-
-
-def write_part(shared_dir: Path, worker: str, data: Mapping[str, Any]) -> None:
-    """Save (atomically replace) one worker's results so far; called after every test, so a
-    worker that dies mid-session still leaves what it measured until then."""
-    shared_dir.mkdir(parents=True, exist_ok=True)
-    _write_state(shared_dir / _file_name("part", worker), dict(data))
-
-
-def read_parts(shared_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
-    """Every worker's saved results (None where a file cannot be read), by worker name."""
-    return [(p, _read_state(p)) for p in sorted(shared_dir.glob("part-*.json"), key=_natural)]
-
-
-def _natural(path: Path) -> list[tuple[int, str]]:
-    # gw2 before gw10
-    return [(int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", path.name)]

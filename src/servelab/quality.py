@@ -41,12 +41,12 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import pytest
 
 from servelab import recall
-from servelab.errors import ClientError, QualityGateError, ServelabError
+from servelab.errors import ClientError, QualityGateError
 from servelab.server import Endpoint
 
 QUALITY_SCHEMA_VERSION = 1
@@ -286,67 +286,12 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, **asdict(self)}
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GateReport:
-        """The report `to_dict` wrote (another process of the session ran the gate)."""
-        try:
-            checks = tuple(
-                CheckResult(
-                    str(c["name"]),
-                    bool(c["passed"]),
-                    str(c["summary"]),
-                    tuple(c["problems"]),
-                    tuple(Outcome(**o) for o in c["outcomes"]),
-                )
-                for c in d["checks"]
-            )
-            return cls(
-                str(d["target"]),
-                d["quality_file"],
-                d["quality_file_sha256"],
-                int(d["seed"]),
-                checks,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QualityGateError(f"saved quality gate report is malformed ({exc!r})") from None
 
+class SharedGates(Protocol):
+    """What the `servelab_gates` fixture gives (`servelab.xdist.SessionGates`): `run` returns
+    the report of the target's one gate run this session, also under pytest-xdist."""
 
-class SharedGates:
-    """Runs each target's gate once per session, also under pytest-xdist.
-
-    Without a shared folder it just runs the gate. With the controller's folder
-    (`servelab.pool`), the first worker to need a target's gate runs it under that target's
-    lock and saves the outcome; the others wait and reuse it: the same report, passed or
-    failed with its reasons, or the same error where the gate could not run.
-    """
-
-    def __init__(self, shared_dir: Path | None) -> None:
-        self.shared_dir = shared_dir
-
-    def run(self, target: str, gate: Callable[[], GateReport]) -> GateReport:
-        if self.shared_dir is None:
-            return gate()
-        from servelab.pool import run_once
-
-        here: list[GateReport | ServelabError] = []
-
-        def attempt() -> dict[str, Any]:
-            try:
-                report = gate()
-            except ServelabError as exc:
-                here.append(exc)
-                return {"error": str(exc)}
-            here.append(report)
-            return {"report": report.to_dict()}
-
-        saved = run_once(self.shared_dir, f"quality-gate-{target}", attempt)
-        if here:  # this process ran it: its own report or exception, unchanged
-            if isinstance(here[0], ServelabError):
-                raise here[0]
-            return here[0]
-        if "error" in saved:
-            raise QualityGateError(str(saved["error"]))
-        return GateReport.from_dict(saved["report"])
+    def run(self, target: str, gate: Callable[[], GateReport]) -> GateReport: ...
 
 
 @dataclass
@@ -382,31 +327,6 @@ class LabRecords:
             },
             "session_cache": dict(self.session_cache),
         }
-
-    def adopt(self, data: Mapping[str, Any]) -> None:
-        """Take the gate and patch reports from another process's `to_dict` (the workers of
-        a pytest-xdist session), so that this process's summary shows them too."""
-        from servelab.patches import FileStatus, PatchReport, PatchStatus
-
-        try:
-            for target, gate in data.get("gates", {}).items():
-                self.gates.setdefault(target, GateReport.from_dict(gate))
-            for target, rep in data.get("patches", {}).items():
-                if rep is not None and target not in self.patches:
-                    self.patches[target] = PatchReport(
-                        str(rep["root"]),
-                        tuple(
-                            PatchStatus(
-                                p["name"],
-                                p["path"],
-                                p["sha256"],
-                                tuple(FileStatus(**f) for f in p["files"]),
-                            )
-                            for p in rep["patches"]
-                        ),
-                    )
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise QualityGateError(f"saved patch report is malformed ({exc!r})") from None
 
 
 LAB_RECORDS_KEY = pytest.StashKey[LabRecords]()
