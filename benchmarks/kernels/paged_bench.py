@@ -727,7 +727,11 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
     summary = []
     for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
         r = reps if ctx < max_ctx else max(5, reps // 2)
-        row: dict[str, Any] = {"ctx": ctx}
+        # The link rate drifts within a run on these shared machines (up to ~10% seen):
+        # each row is judged against a copy rate measured right before it.
+        row_copies = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
+        figs += row_copies
+        row: dict[str, Any] = {"ctx": ctx, "copy_rate": max(f.gbps for f in row_copies)}
         for chunk in (32768, 8192):
             f = bench_split(host, ctx, 256, chunk, r, programs=32, steps=())[0]
             figs.append(f)
@@ -753,19 +757,21 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
     keys = ["stage_c32k", "stage_c8k"] + [c[0] for c in configs]
     lines = [
         f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
-        "decode ms (% of copy rate) [host issue ms]; bf16, 8 KV / 64 q heads, d 128, "
-        "1 query token, random table, gather 32 programs, bs256 unless named",
-        "| ctx | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
+        "decode ms (% of the copy rate measured just before the row) [host issue ms]; bf16, "
+        "8 KV / 64 q heads, d 128, 1 query token, random table, gather 32 programs, bs256 "
+        "unless named",
+        "| ctx | row copy GB/s | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 2) + "|",
     ]
     for row in summary:
         cells = []
+        rate = row["copy_rate"]
         for k in keys:
             f = row[k]
             issue = f.params.get("host_issue_ms")
             extra = f" [{issue:.2f}]" if issue is not None else ""
-            cells.append(f"{f.median_ms:.2f} ({100 * f.gbps / copy_rate:.0f}%){extra}")
-        lines.append(f"| {row['ctx'] // 1024}K | " + " | ".join(cells) + " |")
+            cells.append(f"{f.median_ms:.2f} ({100 * f.gbps / rate:.0f}%){extra}")
+        lines.append(f"| {row['ctx'] // 1024}K | {rate:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out_dir / "paged_steps_summary.md").write_text(text)
     print(json.dumps(accuracy))
