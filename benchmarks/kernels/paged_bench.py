@@ -586,18 +586,31 @@ def main(argv: list[str] | None = None) -> int:
     copy_rate = max(
         f.gbps for f in figs if f.name == "h2d_pinned" and f.params["bytes"] >= 16 * MiB
     )
+    print(save_run(args.out, "paged_bench", env, copy_rate, accuracy, figs))
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def save_run(
+    out_dir: Path,
+    stem: str,
+    env: dict[str, Any],
+    copy_rate: float,
+    accuracy: list[dict[str, Any]],
+    figs: list[Figure],
+) -> str:
+    """Write ``stem.json`` (every figure, the environment, the accuracy checks) and the
+    rendered table ``stem.md``; return the table."""
     payload = {
         "env": env,
         "copy_rate_gbps": copy_rate,
         "accuracy": accuracy,
         "figures": [dict(dataclasses.asdict(f), gbps=f.gbps) for f in figs],
     }
-    (args.out / "paged_bench.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     table = render(figs, env, copy_rate)
-    (args.out / "paged_bench.md").write_text(table)
-    print(table)
-    print(f"total {time.perf_counter() - t0:.1f}s")
-    return 0
+    (out_dir / f"{stem}.md").write_text(table)
+    return table
 
 
 def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
@@ -646,16 +659,7 @@ def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int
         row.update(dec)
         summary.append(row)
         _progress(figs, t0)
-    payload = {
-        "env": env,
-        "copy_rate_gbps": copy_rate,
-        "accuracy": accuracy,
-        "figures": [dict(dataclasses.asdict(f), gbps=f.gbps) for f in figs],
-    }
-    (out_dir / "paged_compare.json").write_text(json.dumps(payload, indent=1))
-    table = render(figs, env, copy_rate)
-    (out_dir / "paged_compare.md").write_text(table)
-    print(table)
+    print(save_run(out_dir, "paged_compare", env, copy_rate, accuracy, figs))
     lines = [
         f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
         "ms (% of copy rate); chunk 32K, bs256, random table unless named",
@@ -745,15 +749,7 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
             row[key] = f
         summary.append(row)
         _progress(figs, t0)
-    payload = {
-        "env": env,
-        "copy_rate_gbps": copy_rate,
-        "accuracy": accuracy,
-        "figures": [dict(dataclasses.asdict(f), gbps=f.gbps) for f in figs],
-    }
-    (out_dir / "paged_steps.json").write_text(json.dumps(payload, indent=1))
-    table = render(figs, env, copy_rate)
-    (out_dir / "paged_steps.md").write_text(table)
+    save_run(out_dir, "paged_steps", env, copy_rate, accuracy, figs)
     keys = ["stage_c32k", "stage_c8k"] + [c[0] for c in configs]
     lines = [
         f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "

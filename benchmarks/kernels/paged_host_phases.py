@@ -14,34 +14,19 @@ import sys
 import time
 
 import torch
+from paged_inputs import BLOCK, DecodeInputs
 
 from servelab.kernels import paged
-from servelab.kernels.paged_cache import PagedKVCache
-from servelab.kernels.staging import GatherStrategy, StagingScratch, resolve_strategy, stage_blocks
-
-HKV, HEAD, GQA, BLOCK = 8, 128, 8, 256
+from servelab.kernels.staging import GatherStrategy, resolve_strategy, stage_blocks
 
 
 def main() -> int:
     ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
     dev = torch.device("cuda")
-    dt = torch.bfloat16
-    nb = ctx // BLOCK
-    cache = PagedKVCache.allocate(
-        num_blocks=nb + 8, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD, dtype=dt,
-        device="cpu", pin_memory=True,
-    )  # fmt: skip
-    table = torch.randperm(nb + 8)[:nb]
-    gpu = PagedKVCache.allocate(
-        num_blocks=2, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD, dtype=dt, device=dev
-    )
-    scratch = StagingScratch.allocate(
-        chunk_blocks=chunk // BLOCK, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD,
-        dtype=dt, device=dev,
-    )  # fmt: skip
-    query = torch.randn(1, HKV * GQA, HEAD, device=dev, dtype=dt)
-    gtable = torch.tensor([1])
+    inputs = DecodeInputs.build(ctx, chunk)
+    cache, table, gpu, gtable = inputs.cache, inputs.table, inputs.gpu, inputs.gpu_table
+    scratch, query = inputs.scratch, inputs.query
     steps: dict[str, list[float]] = {}
 
     def clock(name: str, t: float) -> float:

@@ -23,22 +23,18 @@ from typing import Any
 from unittest import mock
 
 import torch
+from paged_inputs import DecodeInputs
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import servelab.kernels.paged as paged_mod
-from servelab.kernels.paged import cpu_paged_attention
-from servelab.kernels.paged_cache import PagedKVCache
-from servelab.kernels.staging import StagingScratch
-
-HKV, HEAD, GQA, BLOCK = 8, 128, 8, 256
-DTYPE = torch.bfloat16
+from servelab.kernels.staging import stage_blocks
 
 
 def host_phases(call: Callable[[], None], reps: int = 20) -> dict[str, float]:
     """Without the profiler: host µs from the call's start to the first staging launch, and
     to the return (medians of ``reps``)."""
     first: list[float] = []
-    real = paged_mod.stage_blocks
+    real = stage_blocks
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         if len(first) == len(ret):
@@ -63,33 +59,10 @@ def host_phases(call: Callable[[], None], reps: int = 20) -> dict[str, float]:
 
 
 def one(ctx: int, chunk: int, step: str, out_dir: Path) -> dict[str, object]:
-    dev = torch.device("cuda")
-    nb = ctx // BLOCK
-    cache = PagedKVCache.allocate(
-        num_blocks=nb + 8, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD, dtype=DTYPE,
-        device="cpu", pin_memory=True,
-    )  # fmt: skip
-    cache.key.view(torch.int16).random_(-2000, 2000)
-    cache.value.view(torch.int16).random_(-2000, 2000)
-    table = torch.randperm(nb + 8, generator=torch.Generator().manual_seed(1))[:nb]
-    gpu = PagedKVCache.allocate(
-        num_blocks=2, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD, dtype=DTYPE, device=dev
-    )
-    gpu.key.normal_()
-    gpu.value.normal_()
-    scratch = StagingScratch.allocate(
-        chunk_blocks=chunk // BLOCK, block_size=BLOCK, num_kv_heads=HKV, head_size=HEAD,
-        dtype=DTYPE, device=dev,
-    )  # fmt: skip
-    query = torch.randn(1, HKV * GQA, HEAD, device=dev, dtype=DTYPE)
-    out = torch.empty_like(query)
-    lse = torch.empty(1, HKV * GQA, device=dev)
+    inputs = DecodeInputs.build(ctx, chunk)
 
     def call() -> None:
-        cpu_paged_attention(
-            query, cache, table, ctx, gpu, torch.tensor([1]), BLOCK, scratch=scratch,
-            step=step, out=out, out_lse=lse,
-        )  # fmt: skip
+        inputs.call(step)
 
     for _ in range(3):
         call()
@@ -115,7 +88,7 @@ def one(ctx: int, chunk: int, step: str, out_dir: Path) -> dict[str, object]:
         rows.append((start, float(e["dur"]), e.get("args", {}).get("stream"), str(e["name"])))
     gathers = [r for r in rows if "gather" in r[3]]
     last_end = max((r[0] + r[1] for r in rows), default=0.0)
-    summary = {
+    summary: dict[str, object] = {
         "ctx": ctx,
         "chunk": chunk,
         "step": step,
