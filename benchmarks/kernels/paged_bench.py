@@ -67,29 +67,10 @@ class Figure:
         return self.bytes_moved / (self.median_ms * 1e-3) / GB if self.bytes_moved else math.nan
 
 
-def time_cuda(fn: Callable[[], object], reps: int, warmup: int = 2) -> list[float]:
-    """Milliseconds per call, CUDA events around each call on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def time_cuda_steady(
-    fn: Callable[[], object], reps: int, calls: int = 8, warmup: int = 2
-) -> list[float]:
-    """Milliseconds per call in steady state: ``calls`` back-to-back calls between two
-    events (the host issues call i+1 while the device still runs call i, as in a decode
-    loop over layers), per repetition."""
+def time_cuda(fn: Callable[[], object], reps: int, warmup: int = 2, calls: int = 1) -> list[float]:
+    """Milliseconds per call, CUDA events on the current stream around ``calls`` calls, per
+    repetition. ``calls`` > 1 is the steady state: back-to-back calls, the host issuing call
+    i+1 while the device still runs call i, as in a decode loop over layers."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -331,7 +312,7 @@ def bench_decode(
         )
 
     with attention_step(step):
-        times = time_cuda_steady(run, max(3, reps // 2)) if steady else time_cuda(run, reps)
+        times = time_cuda(run, max(3, reps // 2), calls=8) if steady else time_cuda(run, reps)
         issue = host_issue_ms(run)
     params = {
         "step": step,

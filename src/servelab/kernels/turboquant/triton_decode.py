@@ -27,6 +27,7 @@ import triton.language as tl
 from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.attention import check_decode_shapes
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
+from servelab.kernels.turboquant.triton_common import split_program
 from servelab.kernels.turboquant.triton_q4 import decode_split_q4_kernel
 from servelab.kernels.turboquant.triton_words import launch_words
 
@@ -115,18 +116,10 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     VBYTES: tl.constexpr,
     PRECISE_TABLE: tl.constexpr,
 ):
-    pid_h = tl.program_id(0)  # fastest: programs of one token range share metadata sectors
-    pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    hq = tl.num_programs(0) * GROUP
-    seq_len = tl.load(SEQ_LENS + pid_b)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, seq_len)
-
-    offs_g = tl.arange(0, G_PAD)
-    mask_g = offs_g < GROUP
+    pid_h, pid_s, pid_b, hq, start, end, qh, mask_g = split_program(
+        SEQ_LENS, split_len, GROUP, G_PAD
+    )
     offs_d = tl.arange(0, D)
-    qh = pid_h * GROUP + offs_g
     q = (
         tl.load(
             Q + pid_b * sqb + qh[:, None] * sqh + offs_d[None, :] * sqd,
@@ -369,9 +362,7 @@ class _WordArgs(TypedDict):
     precise_table: bool
 
 
-def _word_args(
-    cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int
-) -> _WordArgs:
+def _word_args(cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int) -> _WordArgs:
     splits = cfg.num_splits
     if splits is None:  # about eight programs per multiprocessor
         splits = math.ceil(8 * _sm_count(device) / (b * hkv))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from servelab.kernels.turboquant.triton_common import split_program
+
 SUBNORMAL_UNIT = 2.0**-24
 
 
@@ -43,18 +45,10 @@ def decode_split_q4_kernel(  # type: ignore[no-untyped-def]
     SPLIT: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = D // 2
-    pid_h = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    hq = tl.num_programs(0) * GROUP
-    seq_len = tl.load(SEQ_LENS + pid_b)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, seq_len)
-
-    offs_g = tl.arange(0, G_PAD)
-    mask_g = offs_g < GROUP
+    pid_h, pid_s, pid_b, hq, start, end, qh, mask_g = split_program(
+        SEQ_LENS, split_len, GROUP, G_PAD
+    )
     offs_h = tl.arange(0, HALF)
-    qh = pid_h * GROUP + offs_g
     q_rows = Q + pid_b * sqb + qh[:, None] * sqh
     q_e = tl.load(q_rows + (2 * offs_h)[None, :] * sqd, mask=mask_g[:, None], other=0.0)
     q_o = tl.load(q_rows + (2 * offs_h + 1)[None, :] * sqd, mask=mask_g[:, None], other=0.0)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from servelab.kernels.turboquant.triton_common import split_program
+
 VALUE_BIAS = 1024.0
 
 
@@ -47,18 +49,10 @@ def decode_split_words_kernel(  # type: ignore[no-untyped-def]
     DENSE: tl.constexpr, SPLIT: tl.constexpr, PRECISE_TABLE: tl.constexpr,
 ):  # fmt: skip
     W: tl.constexpr = D // 8
-    pid_h = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    hq = tl.num_programs(0) * GROUP
-    seq_len = tl.load(SEQ_LENS + pid_b)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, seq_len)
-
-    offs_g = tl.arange(0, G_PAD)
-    mask_g = offs_g < GROUP
+    pid_h, pid_s, pid_b, hq, start, end, qh, mask_g = split_program(
+        SEQ_LENS, split_len, GROUP, G_PAD
+    )
     offs_d = tl.arange(0, D)
-    qh = pid_h * GROUP + offs_g
     q = tl.load(
         Q + pid_b * sqb + qh[:, None] * sqh + offs_d[None, :], mask=mask_g[:, None], other=0.0
     )
