@@ -594,13 +594,22 @@ def save_run(
     return table
 
 
-def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
-    """Old vs new attention step, gather programs, chunk size, overlap: one table."""
+MAX_CTX = 512 * 1024
+
+
+def _copy_rate_and_host(reps: int, t0: float) -> tuple[list[Figure], float, HostKV]:
+    """The run's pinned copy figures and rate, and a pinned host cache for every context."""
     figs = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
     copy_rate = max(f.gbps for f in figs if f.name == "h2d_pinned")
-    max_ctx = 512 * 1024
-    host = HostKV.allocate(max_ctx + 4096)
+    host = HostKV.allocate(MAX_CTX + 4096)
     print(f"host cache ready {time.perf_counter() - t0:.1f}s", flush=True)
+    return figs, copy_rate, host
+
+
+def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
+    """Old vs new attention step, gather programs, chunk size, overlap: one table."""
+    figs, copy_rate, host = _copy_rate_and_host(reps, t0)
+    max_ctx = MAX_CTX
     accuracy = [
         check_decode_accuracy(host, 32 * 1024, 256),
         check_decode_accuracy(host, 32 * 1024, 16),
@@ -687,11 +696,8 @@ def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int
 
 def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
     """The torch chunk step against the Triton one (split-K partials, one merge), same run."""
-    figs = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
-    copy_rate = max(f.gbps for f in figs if f.name == "h2d_pinned")
-    max_ctx = 512 * 1024
-    host = HostKV.allocate(max_ctx + 4096)
-    print(f"host cache ready {time.perf_counter() - t0:.1f}s", flush=True)
+    figs, copy_rate, host = _copy_rate_and_host(reps, t0)
+    max_ctx = MAX_CTX
     accuracy = [
         check_decode_accuracy(host, 32 * 1024, block, step)
         for step in ("triton", "torch")
