@@ -1,19 +1,23 @@
 """The previous per-chunk attention step (keys and values upcast to float32), kept only so
 ``paged_bench.py --compare`` can time it beside the current one in the same run.
 
-Same head-major running state as :mod:`servelab.kernels.attention`; only the query
-preparation and the per-part products differ. Not used by the package.
+Same head-major running state, soft-cap, mask and softmax as
+:mod:`servelab.kernels.attention` (shared from there); only the query preparation and the
+per-part products differ. Not used by the package.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from servelab.kernels.attention import State, chunk_fully_masked, merge_into
-from servelab.kernels.reference import visibility_mask
+from servelab.kernels.attention import (
+    State,
+    chunk_fully_masked,
+    merge_into,
+    unnormalized_probabilities,
+)
 
 _SCORE_TILE_BYTES = 256 * 1024 * 1024
 _TINY = torch.finfo(torch.float32).tiny
@@ -78,27 +82,16 @@ def _attend(
     window: int | None,
     softcap: float | None,
 ) -> State | None:
-    num_k, num_kv_heads, _ = key.shape
-    rows = q_prep.shape[1]
     scores = torch.bmm(q_prep, key.to(torch.float32).permute(1, 2, 0))
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = visibility_mask(
-        num_q,
-        num_k,
+    probs, row_max, row_sum = unnormalized_probabilities(
+        scores,
+        num_q=num_q,
         q_start=q_start,
         k_start=k_start,
         causal=causal,
         window=window,
-        device=q_prep.device,
+        softcap=softcap,
     )
-    if mask is not None:
-        group = rows // num_q
-        scores = scores.view(num_kv_heads, group, num_q, num_k).masked_fill(~mask, -math.inf)
-        scores = scores.view(num_kv_heads, rows, num_k)
-    row_max = torch.nan_to_num(scores.amax(dim=-1), neginf=0.0)
-    probs = torch.exp(scores - row_max.unsqueeze(-1))
-    row_sum = probs.sum(dim=-1)
     out = torch.bmm(probs, value.to(torch.float32).permute(1, 0, 2))
     out = out / row_sum.clamp_min(_TINY).unsqueeze(-1)
     return out, row_max + torch.log(row_sum)

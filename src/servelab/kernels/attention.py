@@ -153,17 +153,9 @@ def accumulate(
     softcap: float | None,
 ) -> State:
     """Fold attention over keys at ``k_start..`` (``key``/``value`` ``[S, Hkv, D]``) into
-    ``state``; ``pq`` from :func:`prepare_query`. Trusted arguments."""
+    ``state``; ``pq`` from :func:`prepare_query`. Trusted arguments. A range no query sees
+    leaves ``state`` as it is (:func:`_attend` skips it, tile by tile)."""
     num_k = int(key.shape[0])
-    if chunk_fully_masked(
-        q_start=q_start,
-        num_queries=num_q,
-        k_start=k_start,
-        num_keys=num_k,
-        causal=causal,
-        window=window,
-    ):
-        return state
     rows = pq.num_kv_heads * pq.rows
     step = max(1, _SCORE_TILE_BYTES // max(1, 4 * rows))
     for s0 in range(0, num_k, step):
@@ -242,24 +234,15 @@ def _attend(
     else:
         scores = matmul_f32(pq.q, key.permute(1, 2, 0))
     scores.mul_(pq.scale)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = visibility_mask(
-        num_q,
-        num_k,
+    probs, row_max, row_sum = unnormalized_probabilities(
+        scores,
+        num_q=num_q,
         q_start=q_start,
         k_start=k_start,
         causal=causal,
         window=window,
-        device=key.device,
+        softcap=softcap,
     )
-    if mask is not None:
-        group = rows // num_q
-        scores = scores.view(num_kv_heads, group, num_q, num_k).masked_fill(~mask, -math.inf)
-        scores = scores.view(num_kv_heads, rows, num_k)
-    row_max = torch.nan_to_num(scores.amax(dim=-1), neginf=0.0)  # all-masked row: 0
-    probs = scores.sub_(row_max.unsqueeze(-1)).exp_()
-    row_sum = probs.sum(dim=-1)
     probs_v = probs.to(value.dtype)  # as FlashAttention: P in the value dtype for P·V
     if pq.block_diagonal:
         full = _split_keys_matmul(
@@ -273,6 +256,40 @@ def _attend(
         out = matmul_f32(probs_v, value.permute(1, 0, 2))
     out = out / row_sum.clamp_min(_TINY).unsqueeze(-1)  # empty row: 0 / tiny = 0
     return out, row_max + torch.log(row_sum)
+
+
+def unnormalized_probabilities(
+    scores: torch.Tensor,
+    *,
+    num_q: int,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled float32 scores ``[Hkv, G*T, S]`` (rows ordered (g, t)) to ``(exp(s - max),
+    max, sum)`` per row, after soft-cap and the visibility mask; consumes ``scores``. A row
+    that sees no key has max 0 and sum 0, never NaN."""
+    num_kv_heads, rows, num_k = scores.shape
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = visibility_mask(
+        num_q,
+        num_k,
+        q_start=q_start,
+        k_start=k_start,
+        causal=causal,
+        window=window,
+        device=scores.device,
+    )
+    if mask is not None:
+        group = rows // num_q
+        scores = scores.view(num_kv_heads, group, num_q, num_k).masked_fill(~mask, -math.inf)
+        scores = scores.view(num_kv_heads, rows, num_k)
+    row_max = torch.nan_to_num(scores.amax(dim=-1), neginf=0.0)  # all-masked row: 0
+    probs = scores.sub_(row_max.unsqueeze(-1)).exp_()
+    return probs, row_max, probs.sum(dim=-1)
 
 
 def finalize(state: State, num_q: int) -> State:
