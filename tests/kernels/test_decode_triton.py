@@ -85,15 +85,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(device: str, cases: list[list[object]], interpret: bool) -> list[dict[str, object]]:
+def _env(interpret: bool) -> dict[str, str]:
+    """This process's environment, the repo's src first, Triton's interpreter on if asked."""
     env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(src), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(device: str, cases: list[list[object]], interpret: bool) -> list[dict[str, object]]:
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, device, json.dumps(cases)],
-        env=env,
+        env=_env(interpret),
         capture_output=True,
         text=True,
         timeout=600,
@@ -146,3 +151,44 @@ def test_split_count_does_not_change_the_result_beyond_rounding() -> None:
     assert abs(float(results[0]["out_err"]) - float(results[1]["out_err"])) < 1e-5  # type: ignore[arg-type]
     assert results[0]["parts"] == 1 and results[1]["parts"] == 10
     assert math.isfinite(float(results[1]["lse_err"]))  # type: ignore[arg-type]
+
+
+STEPS_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from servelab.kernels import paged
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 32, generator=g)
+    k = torch.randn(300, 2, 32, generator=g)
+    v = torch.randn(300, 2, 32, generator=g)
+    mask = paged._Mask(0.2, 298, True, 100, None)
+    ranges = ((0, 200), (200, 300))
+    torch_steps = paged._TorchSteps(q, 2, mask)
+    triton_steps = paged._TritonSteps(q, 2, mask, [b - a for a, b in ranges])
+    outs = []
+    for steps in (torch_steps, triton_steps):
+        for a, b in ranges:
+            steps.attend(k[a:b], v[a:b], a)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((2, 8), float("nan"))
+        steps.finish(out, lse)
+        outs.append((out, lse))
+    (oa, la), (ob, lb) = outs
+    print(json.dumps([(oa - ob).abs().max().item(), (la - lb).abs().max().item()]))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_paged runs both steps on the GPU")
+def test_paged_call_steps_agree_under_the_interpreter() -> None:
+    """cpu_paged_attention's two chunk steps, driven the way the call drives them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STEPS_SCRIPT],
+        env=_env(interpret=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out_err, lse_err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out_err < 2e-6 and lse_err < 2e-6

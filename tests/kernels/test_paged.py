@@ -178,6 +178,7 @@ def run(
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
     step: str = "auto",
+    gather_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.full_like(sc.query, NAN, memory_format=torch.contiguous_format)
     lse = torch.full(sc.query.shape[:2], NAN, dtype=torch.float32, device=sc.query.device)
@@ -196,6 +197,7 @@ def run(
         strategy=strategy,
         overlap=overlap,
         step=step,
+        gather_programs=gather_programs,
         out=out,
         out_lse=lse,
     )
@@ -549,31 +551,9 @@ def test_gather_programs_is_validated_and_does_not_change_results(
     case = Case(16, 4, 64, 1, 700, 9, 160)
     sc = build(case, device, torch_gen)
     with pytest.raises(KernelInputError, match="gather_programs"):
-        cpu_paged_attention(
-            sc.query,
-            sc.cpu_cache,
-            sc.cpu_table,
-            case.cpu_len,
-            sc.gpu_cache,
-            sc.gpu_table,
-            case.gpu_len,
-            scratch=sc.scratch,
-            chunk_tokens=case.chunk,
-            gather_programs=0,
-        )
+        run(sc, case, gather_programs=0)
     want, want_lse = run(sc, case)
     for programs in (1, 7, 1 << 20):
         _poison(sc.scratch.key, sc.scratch.value)
-        out, lse = cpu_paged_attention(
-            sc.query,
-            sc.cpu_cache,
-            sc.cpu_table,
-            case.cpu_len,
-            sc.gpu_cache,
-            sc.gpu_table,
-            case.gpu_len,
-            scratch=sc.scratch,
-            chunk_tokens=case.chunk,
-            gather_programs=programs,
-        )
+        out, lse = run(sc, case, gather_programs=programs)
         assert torch.equal(out, want) and torch.equal(lse, want_lse), programs

@@ -230,22 +230,6 @@ def cpu_paged_attention(
         window=window,
     )
 
-    def fold(
-        acc: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return accumulate(
-            acc,
-            pq,
-            k,
-            v,
-            num_q=num_q,
-            q_start=q_start,
-            k_start=k_start,
-            causal=causal,
-            window=window,
-            softcap=softcap,
-        )
-
     buffers = scratch.buffers
     slot_free: list[Any] = [None] * buffers
     pack_done: list[Any] = [None] * buffers
@@ -290,19 +274,16 @@ def cpu_paged_attention(
         issued += 1
     # Set-up the first copy does not need comes after it: its launch is what the link waits
     # for (with one 32K-token chunk the call is the copy plus this host time).
+    mask = _Mask(sm_scale, q_start, causal, window, softcap)
+    steps: _TritonSteps | _TorchSteps
     if use_triton:
-        fused = _FusedSteps(query, h, sm_scale, q_start, causal, window, softcap)
-        sizes = [c.token_end - c.token_start for c in chunks]
-        fused.reserve(sizes, gpu_len if suffix_visible else 0)
+        ranges = [c.token_end - c.token_start for c in chunks]
+        steps = _TritonSteps(query, h, mask, ranges + ([gpu_len] if suffix_visible else []))
     else:
-        pq = prepare_query(query, sm_scale, h)
-        state = new_state(h, pq.rows, head_size, device)
+        steps = _TorchSteps(query, h, mask)
     if suffix_visible:  # the suffix needs no staging and overlaps the first copy
         k_suf, v_suf = gpu_cache.read(gpu_block_table, gpu_len)
-        if use_triton:
-            fused.attend(k_suf, v_suf, cpu_len)
-        else:
-            state = fold(state, k_suf, v_suf, cpu_len)
+        steps.attend(k_suf, v_suf, cpu_len)
     for i, c in enumerate(chunks):
         while issued < min(len(chunks), i + buffers):
             stage(issued)
@@ -312,10 +293,7 @@ def cpu_paged_attention(
         streams.wait(streams.compute, staged[i])
         k = scratch.key[slot, :nb].reshape(nb * bs, h, d)[:ntok]
         v = scratch.value[slot, :nb].reshape(nb * bs, h, d)[:ntok]
-        if use_triton:
-            fused.attend(k, v, c.token_start)
-        else:
-            state = fold(state, k, v, c.token_start)
+        steps.attend(k, v, c.token_start)
         slot_free[slot] = streams.record(streams.compute)
     if pack:
         # The next call may rewrite the pack buffers as soon as this one returns.
@@ -327,12 +305,7 @@ def cpu_paged_attention(
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if out_lse is None:
         out_lse = torch.empty(num_q, num_heads, dtype=torch.float32, device=device)
-    if use_triton:
-        fused.finish(out, out_lse)
-        return out, out_lse
-    final_out, final_lse = finalize(state, num_q)
-    out.copy_(final_out)  # the one cast to the query dtype
-    out_lse.copy_(final_lse)
+    steps.finish(out, out_lse)
     return out, out_lse
 
 
@@ -354,56 +327,82 @@ def _resolve_step(step: str, query: torch.Tensor, kv_dtype: torch.dtype) -> bool
     return ok
 
 
-class _FusedSteps:
-    """The Triton step of one call: partials of every range, one merge at the end."""
+@dataclass(frozen=True)
+class _Mask:
+    """What every range of one call is attended with."""
+
+    scale: float
+    q_start: int
+    causal: bool
+    window: int | None
+    softcap: float | None
+
+
+class _TorchSteps:
+    """The torch step (any device): each range folded into a float32 running state."""
+
+    def __init__(self, query: torch.Tensor, num_kv_heads: int, mask: _Mask) -> None:
+        self.num_q = int(query.shape[0])
+        self.mask = mask
+        self.pq = prepare_query(query, mask.scale, num_kv_heads)
+        self.state = new_state(num_kv_heads, self.pq.rows, int(query.shape[2]), query.device)
+
+    def attend(self, key: torch.Tensor, value: torch.Tensor, k_start: int) -> None:
+        m = self.mask
+        self.state = accumulate(
+            self.state,
+            self.pq,
+            key,
+            value,
+            num_q=self.num_q,
+            q_start=m.q_start,
+            k_start=k_start,
+            causal=m.causal,
+            window=m.window,
+            softcap=m.softcap,
+        )
+
+    def finish(self, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+        final_out, final_lse = finalize(self.state, self.num_q)
+        out.copy_(final_out)  # the one cast to the query dtype
+        out_lse.copy_(final_lse)
+
+
+class _TritonSteps:
+    """The Triton step: partials of every range into one buffer sized up front (``ranges``:
+    the key count of each range to come), one merge at the end."""
 
     def __init__(
-        self,
-        query: torch.Tensor,
-        num_kv_heads: int,
-        scale: float,
-        q_start: int,
-        causal: bool,
-        window: int | None,
-        softcap: float | None,
+        self, query: torch.Tensor, num_kv_heads: int, mask: _Mask, ranges: list[int]
     ) -> None:
         self.query = query if query.stride(-1) == 1 else query.contiguous()
         self.num_kv_heads = num_kv_heads
-        self.kw = {
-            "scale": scale,
-            "q_start": q_start,
-            "causal": causal,
-            "window": window,
-            "softcap": softcap,
-        }
-        num_q, num_heads, _ = query.shape
-        self.rows = num_heads // num_kv_heads * num_q
-        self.row_blocks = -(-self.rows // decode_triton.block_rows(self.rows))
-        self.parts: decode_triton.Parts | None = None
-
-    def reserve(self, chunk_tokens: list[int], suffix_tokens: int) -> None:
-        ranges = chunk_tokens + ([suffix_tokens] if suffix_tokens else [])
-        block_n, _ = decode_triton.tile_config(int(self.query.shape[2]), self.query.element_size())
-        total = sum(
-            decode_triton.splits_for(n, self.num_kv_heads, self.row_blocks, block_n) for n in ranges
-        )
+        self.mask = mask
+        num_q, num_heads, head_size = query.shape
+        rows = num_heads // num_kv_heads * num_q
+        row_blocks = -(-rows // decode_triton.block_rows(rows))
+        block_n, _ = decode_triton.tile_config(head_size, query.element_size())
+        total = sum(decode_triton.splits_for(n, num_kv_heads, row_blocks, block_n) for n in ranges)
         self.parts = decode_triton.Parts.allocate(
-            total, self.num_kv_heads, self.rows, int(self.query.shape[2]), self.query.device
+            total, num_kv_heads, rows, head_size, query.device
         )
 
     def attend(self, key: torch.Tensor, value: torch.Tensor, k_start: int) -> None:
-        assert self.parts is not None  # reserve() comes first
+        m = self.mask
         decode_triton.attend_parts(
             self.parts,
             self.query,
             key,
             value,
+            scale=m.scale,
+            q_start=m.q_start,
             k_start=k_start,
-            **self.kw,  # type: ignore[arg-type]
+            causal=m.causal,
+            window=m.window,
+            softcap=m.softcap,
         )
 
     def finish(self, out: torch.Tensor, out_lse: torch.Tensor) -> None:
-        assert self.parts is not None  # reserve() comes first
         if out.stride(-1) == 1:
             decode_triton.merge_parts(self.parts, out, out_lse, self.num_kv_heads)
             return
