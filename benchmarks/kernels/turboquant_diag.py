@@ -13,7 +13,12 @@ from collections.abc import Callable
 import torch
 from triton.testing import do_bench
 
-from servelab.kernels.turboquant import KVCodec, triton_q4, triton_words, unfused_decode_attention
+from servelab.kernels.turboquant import (
+    KVCodec,
+    triton_decode,
+    triton_words,
+    unfused_decode_attention,
+)
 from servelab.kernels.turboquant.triton_decode import (
     DecodeConstants,
     LaunchConfig,
@@ -82,14 +87,14 @@ def main() -> int:
         ms = do_bench(f, warmup=25, rep=60, return_mode="median")
         shape = [cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.num_splits]
         print(json.dumps({"tq_words": shape, "ms": round(ms, 4), "err": err}))
-    old = LaunchConfig(128, 4, 2, None, precise_table=False, words=False)
+    old = LaunchConfig(128, 4, 2, None, precise_table=False, generic=True)
     ms = do_bench(
         lambda: fused_decode_attention(
             q, cache, codec, constants=consts, config=old, check_values=False
         ),
         return_mode="median",
     )
-    print(json.dumps({"tq_halves": "128/4/2", "ms": round(ms, 4)}))
+    print(json.dumps({"tq_generic": "128/4/2", "ms": round(ms, 4)}))
     for cfg in (LaunchConfig(64, 4, 3, 264), LaunchConfig(32, 4, 3, 528)):
         ms = do_bench(lambda c=cfg: fused_decode_attention_dense(q, k, v, config=c,
                                                                   check_values=False),
@@ -104,7 +109,7 @@ def main() -> int:
     )
     kernel_breakdown(lambda: fused_decode_attention_dense(q, k, v, config=best, check_values=False))
     for row in compiled(triton_words.decode_split_words_kernel) + compiled(
-        triton_q4.decode_split_q4_kernel
+        triton_decode._decode_split_kernel
     ):
         print(json.dumps(row))
     return 0

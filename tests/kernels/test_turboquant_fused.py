@@ -106,24 +106,19 @@ def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str, sha
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-3)
 
 
-VARIANTS = {  # (generic, precise_table, pair_table, words)
-    "generic-precise": (True, True, False, False),
-    "generic-fast": (True, False, False, False),
-    "q4-precise": (False, True, False, False),
-    "q4-fast": (False, False, False, False),
-    "q4-pair-precise": (False, True, True, False),
-    "q4-pair-fast": (False, False, True, False),
-    "words-precise": (False, True, False, True),
+VARIANTS = {  # (generic, precise_table)
+    "generic-precise": (True, True),
+    "generic-fast": (True, False),
+    "words-precise": (False, True),
 }
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> None:
-    """The word kernel (the default), the 4-bit kernel (even/odd halves, table per nibble or
-    per byte, subnormal value codes) and the generic one, with and without the centroid
-    table's fp16 residue, all within §2.8's 1e-3; with the residue within 2e-5."""
-    generic, precise, pair, words = VARIANTS[variant]
+    """The word kernel (the default) and the generic one, with and without the centroid
+    table's fp16 residue, all within §2.8's 1e-3; with the residue far tighter."""
+    generic, precise = VARIANTS[variant]
     g = gen(accel, 9)
     k = torch.randn(2, 2, 777, 128, device=accel, generator=g)
     v = torch.randn(2, 2, 777, 128, device=accel, generator=g) * 3.0
@@ -131,9 +126,7 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     lens = torch.tensor([777, 200], dtype=torch.int32, device=accel)
     codec = KVCodec.build("turboquant_4bit_nc", 128, "haar", seed=1, law="exact")
     cache = strided_cache(codec.encode(k, v))
-    cfg = triton_decode.LaunchConfig(
-        block_n=128, precise_table=precise, generic=generic, pair_table=pair, words=words
-    )
+    cfg = triton_decode.LaunchConfig(block_n=128, precise_table=precise, generic=generic)
     out = torch.full((2, 6, 128), float("nan"), device=accel)
     got = triton_decode.fused_decode_attention(
         q, cache, codec, seq_lens=lens, out=out, config=cfg
@@ -141,10 +134,9 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     if precise:  # the split-fp16 path is far tighter than §2.8 asks
-        # Generic kernel: < 2e-5 on H100. The 4-bit kernel: 1.37e-4 on H100 (2026-11-25),
-        # identical with either table, while the Triton interpreter gives 1e-6: the gap is
-        # on the value side (subnormal codes through the matrix unit), not yet explained.
-        tight = 3e-4 if not generic else 2e-5  # the word kernel: 4.6e-6 in the interpreter
+        # Generic kernel: < 2e-5 on H100. Word kernel: 4.6e-6 in the interpreter; on the H100
+        # (2026-11-25) it passed this 3e-4 check, its own figure not measured separately.
+        tight = 3e-4 if not generic else 2e-5
         torch.testing.assert_close(got, want, atol=tight, rtol=tight)
 
 

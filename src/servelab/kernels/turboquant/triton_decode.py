@@ -9,7 +9,10 @@ BLOCK_N tokens, serving all Hq/Hkv query heads of that KV head from one read of 
 - values: Σ p·(idx·scale + zero) = (p·scale)·idx + Σ p·zero, so the uniform codes go to the
   matrix unit as small integers and the zero point costs one row sum;
 - an online softmax in base 2 per split, then a second kernel merges the splits by their
-  log-sum-exp (reference/kernels.md §1.2).
+  log-sum-exp (reference/kernels.md §1.2; `triton_words.merge_splits`, shared).
+
+This generic kernel serves every preset; `turboquant_4bit_nc` and the dense baseline go to
+the word kernel (`triton_words`) unless `LaunchConfig.generic`.
 
 Every shape, dtype and layout is checked on the host before the first launch.
 """
@@ -28,8 +31,7 @@ from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.attention import check_decode_shapes
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
 from servelab.kernels.turboquant.triton_common import split_program
-from servelab.kernels.turboquant.triton_q4 import decode_split_q4_kernel
-from servelab.kernels.turboquant.triton_words import launch_words
+from servelab.kernels.turboquant.triton_words import launch_words, merge_splits, split_plan
 
 KMODE_DENSE, KMODE_FP8, KMODE_CODEBOOK = 0, 1, 2
 VMODE_DENSE, VMODE_UNIFORM = 0, 2
@@ -213,65 +215,22 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     tl.store(PART_L + row, lse, mask=mask_g)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
-def _merge_kernel(  # type: ignore[no-untyped-def]
-    PART_O,
-    PART_L,
-    OUT,
-    sob,
-    soh,
-    sod,
-    HQ,
-    NUM_SPLITS: tl.constexpr,
-    S_PAD: tl.constexpr,
-    D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // HQ
-    h = pid % HQ
-    offs_s = tl.arange(0, S_PAD)
-    mask_s = offs_s < NUM_SPLITS
-    offs_d = tl.arange(0, D)
-    lse = tl.load(PART_L + pid * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - m)
-    o = tl.load(
-        PART_O + (pid * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :],
-        mask=mask_s[:, None],
-        other=0.0,
-    )
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(OUT + b * sob + h * soh + offs_d * sod, out.to(OUT.dtype.element_ty))
-
-
 @dataclass(frozen=True, eq=False)
 class DecodeConstants:
     """Per-(codec, device) tensors the fused path needs, built once, not per decode step."""
 
     rotation_t: torch.Tensor | None  # Πᵀ, float32 on the device
     centroids: torch.Tensor | None  # √d·c_k as fp16, then its fp16 rounding residue
-    pair_table: torch.Tensor | None  # 4-bit keys: int32 [512], fp16 (c[b & 15], c[b >> 4])
 
     @classmethod
     def build(cls, codec: KVCodec, device: torch.device) -> DecodeConstants:
         if codec.key_quantizer is None:
-            return cls(None, None, None)
+            return cls(None, None)
         rot = codec.key_quantizer.rotation.matrix.T.to(device=device, dtype=torch.float32)
         table = codec.centroid_table(torch.device("cpu"))
         hi = table.to(torch.float16)
         lo = (table - hi.float()).to(torch.float16)
-        pairs = None
-        if codec.preset.key_bits == 4:
-            pairs = torch.cat((_pair_table(hi), _pair_table(lo))).to(device)
-        return cls(rot.contiguous(), torch.cat((hi, lo)).contiguous().to(device), pairs)
-
-
-def _pair_table(half_table: torch.Tensor) -> torch.Tensor:
-    """int32 [256]: low 16 bits = fp16 bits of entry b & 15, high 16 bits = entry b >> 4."""
-    bits = half_table.view(torch.int16).to(torch.int64) & 0xFFFF
-    b = torch.arange(256)
-    word = bits[b & 15] | (bits[b >> 4] << 16)
-    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+        return cls(rot.contiguous(), torch.cat((hi, lo)).contiguous().to(device))
 
 
 @dataclass(frozen=True)
@@ -281,12 +240,10 @@ class LaunchConfig:
     num_stages: int = 2
     num_splits: int | None = None  # None: about four programs per multiprocessor
     precise_table: bool = True  # add the fp16 residue of the centroid table (one more MMA)
-    generic: bool = False  # force the generic kernel where the 4-bit one would serve
-    pair_table: bool = False  # 4-bit kernel: gather per byte (1 KB table), not per nibble
-    split_operands: bool = True  # 4-bit kernel: q and p·scale as fp16 hi + lo (2× the MMAs)
-    # 4-bit keys and values, and the dense baseline: the word kernel (triton_words), not the
-    # even/odd-halves one (triton_q4) or the generic one.
-    words: bool = True
+    # The generic kernel where the word kernel (triton_words) would serve: 4-bit keys and
+    # values, and the dense baseline.
+    generic: bool = False
+    split_operands: bool = True  # word kernel: q and p·scale as fp16 hi + lo (2× the MMAs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -395,16 +352,13 @@ def _launch(
     tokens: int,
     hkv: int,
     cfg: LaunchConfig,
-    pair_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     b, hq, d = (int(s) for s in q.shape)
     group = hq // hkv
     splits = cfg.num_splits
     if splits is None:
         splits = math.ceil(4 * _sm_count(q.device) / (b * hkv))
-    splits = max(1, min(splits, MAX_SPLITS, math.ceil(tokens / cfg.block_n)))
-    split_len = math.ceil(math.ceil(tokens / splits) / cfg.block_n) * cfg.block_n
-    splits = math.ceil(tokens / split_len)
+    split_len, splits = split_plan(tokens, cfg.block_n, min(splits, MAX_SPLITS))
     part_o = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     part_l = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
     ks_t = ks if ks is not None else k
@@ -412,61 +366,39 @@ def _launch(
     ks_strides = ks.stride()[:3] if ks is not None else (0, 0, 0)
     vsz_strides = vsz.stride()[:4] if vsz is not None else (0, 0, 0, 0)
     grid = (hkv, splits, b)
-    g_pad = max(16, triton.next_power_of_2(group))
-    if pair_table is not None and ks is not None and vsz is not None:
-        decode_split_q4_kernel[grid](
-            q, *q.stride(), k, *k.stride(), ks, *ks.stride()[:3], v, *v.stride(),
-            vsz, *vsz.stride()[:4], pair_table, cent, seq_lens, part_o, part_l, qk_scale,
-            split_len, NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, D=d, BLOCK_N=cfg.block_n,
-            PRECISE_TABLE=cfg.precise_table, PAIR_TABLE=cfg.pair_table,
-            SPLIT=cfg.split_operands,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-    else:
-        _decode_split_kernel[grid](
-            q,
-            *q.stride(),
-            k,
-            *k.stride(),
-            ks_t,
-            *ks_strides,
-            v,
-            *v.stride(),
-            vsz_t,
-            *vsz_strides,
-            cent if cent is not None else k,
-            seq_lens,
-            part_o,
-            part_l,
-            qk_scale,
-            split_len,
-            NUM_SPLITS=splits,
-            GROUP=group,
-            G_PAD=max(16, triton.next_power_of_2(group)),
-            D=d,
-            BLOCK_N=cfg.block_n,
-            KMODE=kmode,
-            KBITS=kbits,
-            KBYTES=kbytes,
-            VMODE=vmode,
-            VBITS=vbits,
-            VBYTES=vbytes,
-            PRECISE_TABLE=cfg.precise_table,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    _merge_kernel[(b * hq,)](
+    _decode_split_kernel[grid](
+        q,
+        *q.stride(),
+        k,
+        *k.stride(),
+        ks_t,
+        *ks_strides,
+        v,
+        *v.stride(),
+        vsz_t,
+        *vsz_strides,
+        cent if cent is not None else k,
+        seq_lens,
         part_o,
         part_l,
-        out,
-        *out.stride(),
-        hq,
+        qk_scale,
+        split_len,
         NUM_SPLITS=splits,
-        S_PAD=triton.next_power_of_2(splits),
+        GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
         D=d,
-        num_warps=4,
+        BLOCK_N=cfg.block_n,
+        KMODE=kmode,
+        KBITS=kbits,
+        KBYTES=kbytes,
+        VMODE=vmode,
+        VBITS=vbits,
+        VBYTES=vbytes,
+        PRECISE_TABLE=cfg.precise_table,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return out
+    return merge_splits(part_o, part_l, out, splits)
 
 
 def fused_decode_attention(
@@ -507,23 +439,21 @@ def fused_decode_attention(
         qk = q.float() @ consts.rotation_t.to(dev)  # Πq for each head, once per step
         kmode, kbits, cent = KMODE_CODEBOOK, p.key_bits, consts.centroids
         qk_scale = sm * LOG2E / math.sqrt(d)
-    q4_table = None
-    if p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4:
-        if config.words and not config.generic and cache.key_scales is not None:
-            return launch_words(
-                qk.contiguous(),
-                _as_words(cache.key_codes),
-                cache.key_scales,
-                _as_words(cache.value_codes),
-                cache.value_scale_zero,
-                cent,
-                lens,
-                qk_scale,
-                out,
-                t,
-                **_word_args(config, q.device, b, hkv, t),
-            )
-        q4_table = None if config.generic else consts.pair_table
+    word_kernel = p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4
+    if word_kernel and not config.generic and cache.key_scales is not None:
+        return launch_words(
+            qk.contiguous(),
+            _as_words(cache.key_codes),
+            cache.key_scales,
+            _as_words(cache.value_codes),
+            cache.value_scale_zero,
+            cent,
+            lens,
+            qk_scale,
+            out,
+            t,
+            **_word_args(config, q.device, b, hkv, t),
+        )
     return _launch(
         qk,
         kmode,
@@ -543,7 +473,6 @@ def fused_decode_attention(
         t,
         hkv,
         config,
-        pair_table=q4_table,
     )
 
 
@@ -575,7 +504,7 @@ def fused_decode_attention_dense(
     if check_values and not bool(torch.isfinite(q).all()):
         raise KernelInputError(f"{where}: q holds NaN or infinite values")
     sm = 1.0 / math.sqrt(d) if scale is None else scale
-    if config.words and k.stride(-1) == 1 and v.stride(-1) == 1:
+    if not config.generic and k.stride(-1) == 1 and v.stride(-1) == 1:
         return launch_words(
             q.contiguous(), k, None, v, None, None, lens, sm * LOG2E, out, t,
             **_word_args(config, q.device, b, hkv, t),

@@ -220,6 +220,15 @@ def launch_words(
         PRECISE_TABLE=precise_table and not dense,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    return merge_splits(part_o, part_l, out, splits)
+
+
+def merge_splits(
+    part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, splits: int
+) -> torch.Tensor:
+    """Enqueue the merge of per-split partials (base-2 LSE, rows ordered (b, h, split)) into
+    ``out [B, Hq, d]``; shared by every split-KV decode kernel of this package."""
+    b, hq, d = (int(x) for x in out.shape)
     block_d = min(d, 32)
     merge_splits_kernel[(b * hq, d // block_d)](
         part_o, part_l, out, *out.stride(), hq, splits,
