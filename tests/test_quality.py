@@ -28,6 +28,7 @@ from servelab.quality import (
 )
 from servelab.server import Endpoint
 from servelab.xdist import SessionGates, adopt_lab, gate_report_from_dict
+from tests.fakes import sse
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stub-model"
@@ -210,17 +211,12 @@ class Stub:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
-                piece = {"delta": {"content": text}} if chat else {"text": text}
-                events = [
-                    {"choices": [{"index": 0, **piece, "finish_reason": "stop"}]},
-                    {
-                        "choices": [],
-                        "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 2},
-                    },
-                ]
-                for e in events:
-                    self.wfile.write(f"data: {json.dumps(e)}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
+                if chat:
+                    piece = {"index": 0, "delta": {"content": text}, "finish_reason": "stop"}
+                    first = b"data: " + json.dumps({"choices": [piece]}).encode() + b"\n\n"
+                else:
+                    first = sse.chunk(text, finish_reason="stop")
+                self.wfile.write(first + sse.usage(len(prompt) // 4, 2) + sse.DONE)
 
             def log_message(self, *a: Any) -> None:
                 pass
