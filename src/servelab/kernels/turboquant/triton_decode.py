@@ -29,6 +29,7 @@ import triton.language as tl
 
 from servelab.errors import KernelInputError
 from servelab.kernels.turboquant.attention import check_decode_shapes
+from servelab.kernels.turboquant.cuda_words import WARPS, launch_cuda_words, unsupported
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
 from servelab.kernels.turboquant.triton_common import split_program
 from servelab.kernels.turboquant.triton_words import launch_words, merge_splits, split_plan
@@ -39,6 +40,7 @@ MAX_SPLITS = 256
 MAX_SPLITS_WORDS = 4096  # the word kernel's merge loops over splits in blocks
 LOG2E = 1.4426950408889634
 SUPPORTED_DEVICES = ("cuda", "xpu")
+BACKENDS = ("auto", "cuda", "triton")
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -244,6 +246,12 @@ class LaunchConfig:
     # values, and the dense baseline.
     generic: bool = False
     split_operands: bool = True  # word kernel: q and p·scale as fp16 hi + lo (2× the MMAs)
+    # 4-bit keys and values: "auto" takes the CUDA kernel (csrc/tq4_decode.cu) where it runs
+    # and the Triton word kernel elsewhere; "cuda" insists (an error says why it cannot run);
+    # "triton" never builds it. Its own knob: warps per CTA (4 or 8); num_splits and
+    # precise_table apply to it too.
+    backend: str = "auto"
+    cuda_warps: int = 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -299,6 +307,30 @@ def _check_head_size(d: int, where: str) -> None:
         raise KernelInputError(
             f"{where}: head size {d} is not supported by the fused kernel (a power of two ≥ 16)"
         )
+
+
+def _check_backend(cfg: LaunchConfig, where: str) -> None:
+    if cfg.backend not in BACKENDS:
+        raise KernelInputError(
+            f"{where}: LaunchConfig.backend is {cfg.backend!r}; expected one of {BACKENDS}"
+        )
+    if cfg.cuda_warps not in WARPS:
+        raise KernelInputError(
+            f"{where}: LaunchConfig.cuda_warps is {cfg.cuda_warps!r}; expected one of {WARPS}"
+        )
+
+
+def _cuda_kernel(
+    cfg: LaunchConfig, group: int, d: int, cache: PackedKVCache, out: torch.Tensor, where: str
+) -> bool:
+    """Whether the CUDA kernel takes this call; ``backend="cuda"`` turns a refusal into an
+    error naming the reason."""
+    if cfg.backend == "triton":
+        return False
+    reason = unsupported(group, d, cache.key_codes, cache.value_codes, cache.value_scale_zero, out)
+    if reason is not None and cfg.backend == "cuda":
+        raise KernelInputError(f"{where}: backend='cuda' cannot run here: {reason}")
+    return reason is None
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
@@ -419,8 +451,9 @@ def fused_decode_attention(
     has validated them upstream passes False.
     """
     where = "fused_decode_attention"
-    b, _, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
+    b, hq, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
     codec.check_cache(cache, where)
+    _check_backend(config, where)
     _check_head_size(d, where)
     dev = _check_device([q, *cache.planes()], where)
     out = _check_out(out, q, where)
@@ -441,6 +474,22 @@ def fused_decode_attention(
         qk_scale = sm * LOG2E / math.sqrt(d)
     word_kernel = p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4
     if word_kernel and not config.generic and cache.key_scales is not None:
+        if cent is not None and _cuda_kernel(config, hq // hkv, d, cache, out, where):
+            return launch_cuda_words(
+                qk.contiguous(),
+                cache.key_codes,
+                cache.key_scales,
+                cache.value_codes,
+                cache.value_scale_zero,
+                cent,
+                lens,
+                qk_scale,
+                out,
+                t,
+                warps=config.cuda_warps,
+                num_splits=config.num_splits,
+                precise=config.precise_table,
+            )
         return launch_words(
             qk.contiguous(),
             _as_words(cache.key_codes),

@@ -1,0 +1,141 @@
+"""The CUDA TurboQuant decode kernel (csrc/tq4_decode.cu) against torch SDPA over bf16 and the
+Triton word kernel over bf16 and over the same 4-bit cache, side by side in one run.
+
+One query token, batch 1, 32 query heads over 8 KV heads, head size 128, ``turboquant_4bit_nc``;
+every time is the median of triton.testing.do_bench over CUDA-graph replays of the whole call
+(query rotation, split kernel, merge), L2 flushed before each. The CUDA kernel is swept over
+warps per CTA and split counts; its errors against the dequantized cache are measured on the
+timed inputs.
+
+    python benchmarks/kernels/turboquant_cuda.py --out DIR [--tokens 65536 131072]
+
+Writes DIR/turboquant_cuda.json and prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from turboquant_decode import HKV, HQ, PRESET, D, copy_bandwidth, graph_bench
+
+from servelab.kernels import cuda_ext
+from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
+from servelab.kernels.turboquant.cuda_words import default_splits, library
+from servelab.kernels.turboquant.triton_decode import (
+    DecodeConstants,
+    LaunchConfig,
+    fused_decode_attention,
+    fused_decode_attention_dense,
+)
+
+
+def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    codec = KVCodec.build(PRESET, D)
+    cache = codec.encode(k, v)
+    consts = DecodeConstants.build(codec, q.device)
+    res: dict[str, Any] = {"tokens": tokens, "bytes_bf16": 2 * k.numel() * 2}
+    res["bytes_tq"] = cache.nbytes()
+    unfused = unfused_decode_attention(q, cache, codec)
+
+    def tq(cfg: LaunchConfig) -> torch.Tensor:
+        return fused_decode_attention(q, cache, codec, constants=consts, config=cfg,
+                                      check_values=False)  # fmt: skip
+
+    q4 = q.unsqueeze(2)
+    res["sdpa_graph_ms"] = graph_bench(
+        lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    )
+    triton_cfg = LaunchConfig(64, 4, 2, backend="triton")
+    res["triton_bf16_graph_ms"] = graph_bench(
+        lambda: fused_decode_attention_dense(q, k, v, config=triton_cfg, check_values=False)
+    )
+    res["triton_tq4_graph_ms"] = graph_bench(lambda: tq(triton_cfg))
+    rows = []
+    for warps in (4, 8):
+        base = sm_splits[warps]
+        for splits in (base, 2 * base, 4 * base):
+            for precise in (True, False):
+                cfg = LaunchConfig(backend="cuda", cuda_warps=warps, num_splits=splits,
+                                   precise_table=precise)  # fmt: skip
+                err = float((tq(cfg).double() - unfused).abs().max())
+                ms = graph_bench(lambda c=cfg: tq(c))
+                rows.append({"warps": warps, "splits": splits, "precise": precise, "ms": ms,
+                             "err_vs_unfused_maxabs": err})  # fmt: skip
+                print(json.dumps({"tokens": tokens, **rows[-1]}), flush=True)
+    res["cuda_sweep"] = rows
+    best_p = min((r for r in rows if r["precise"]), key=lambda r: r["ms"])
+    best_f = min((r for r in rows if not r["precise"]), key=lambda r: r["ms"])
+    res["cuda_precise_best"] = best_p
+    res["cuda_fast_best"] = best_f
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[65536, 131072])
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not cuda_ext.enabled(torch.device("cuda")):
+        print("needs a CUDA device and nvcc", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    library(dev)
+    build_s = time.perf_counter() - t0
+    props = torch.cuda.get_device_properties(0)
+    meta = {
+        "card": props.name,
+        "sm_count": props.multi_processor_count,
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "command": " ".join(sys.argv),
+        "shape": f"batch 1, 1 query token, {HQ} q heads / {HKV} KV heads, d={D}",
+        "preset": PRESET,
+        "build_or_load_s": build_s,
+        "timing": "median of do_bench over CUDA-graph replays of the whole call",
+    }
+    meta["copy_bw_GBps"] = copy_bandwidth()
+    print(json.dumps(meta), flush=True)
+    sm_splits = {w: default_splits(dev, w, 1, HKV) for w in (4, 8)}
+    results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for t in args.tokens:
+        results.append(run(t, sm_splits))
+        (args.out / "turboquant_cuda.json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=1)
+        )
+    print(f"\n{meta['card']}, {meta['date_utc']}, torch {meta['torch']}")
+    print(
+        "| tokens | SDPA bf16 | Triton bf16 | Triton TQ4 | CUDA TQ4 precise (warps/splits) | "
+        "CUDA TQ4 fast | precise vs SDPA | precise vs Triton bf16 | fast vs SDPA | "
+        "err precise / fast | CUDA TQ4 GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        p, f = r["cuda_precise_best"], r["cuda_fast_best"]
+        print(
+            f"| {r['tokens']} | {r['sdpa_graph_ms']:.4f} | {r['triton_bf16_graph_ms']:.4f} | "
+            f"{r['triton_tq4_graph_ms']:.4f} | {p['ms']:.4f} ({p['warps']}/{p['splits']}) | "
+            f"{f['ms']:.4f} ({f['warps']}/{f['splits']}) | {r['sdpa_graph_ms'] / p['ms']:.2f}x | "
+            f"{r['triton_bf16_graph_ms'] / p['ms']:.2f}x | {r['sdpa_graph_ms'] / f['ms']:.2f}x | "
+            f"{p['err_vs_unfused_maxabs']:.1e} / {f['err_vs_unfused_maxabs']:.1e} | "
+            f"{r['bytes_tq'] / p['ms'] / 1e6:.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+// Split-KV decode attention over TurboQuant 4-bit keys and values (turboquant_4bit_nc),
+// dequantized straight into the matrix unit's register fragments (mma.sync m16n8k16).
+//
+// Layout (kvcache.py / packing.py): per (batch, KV head, token) a row of D/2 bytes of key
+// codes (low nibble = lower coordinate), an fp16 key scale, a row of D/2 bytes of value codes
+// and an fp16 (scale, zero) pair. q is the rotated query, fp32 [B, Hq, D].
+//
+// One CTA per (KV head, split, sequence); its warps take 16-token tiles in turn and keep
+// their own online softmax; the CTA folds its warps at the end and writes one partial
+// (out, base-2 LSE) per query head, rows ordered (b, h, split), for the merge.
+//
+// Scores S = Q·Kᵀ (M = query rows, N = tokens, K = coordinates). The coordinates are summed
+// over, so their order inside the MMA is free: a thread (group g, lane-in-group t) loads
+// bytes [D/8·t, D/8·t + D/8) of token g's key row (one 16-byte load at D = 128) and feeds
+// them to k-steps in order; it loads q at the same coordinates. Rows 0..7 of the A operand
+// are q in fp16, rows 8..15 the fp16 rounding residue of q times 2048, so one MMA gives both
+// terms (GQA groups up to 8). Keys: one shared-memory lookup per code byte in a 256-entry
+// table of fp16 pairs (c[lo nibble], c[hi nibble]), replicated per lane so no two lanes of a
+// warp share a bank; a second table holds the centroids' fp16 rounding residue (PRECISE).
+//
+// O = P·V (M = query rows, K = tokens, N = coordinates). Rows 0..7 of P are p·scale in fp16,
+// rows 8..15 its residue times 2048, taken from the score fragments in place (the C fragment
+// of two 8-token score tiles is the A fragment of one 16-token P tile). The value codes of
+// tokens 2t and 2t+1 are byte-interleaved with one byte permute and become exact fp16
+// integers with an AND/OR (0x6400 | n is 1024 + n) and one fp16 subtraction (or an FMA for
+// the high nibble); the zero point adds Σ p·zero per row. Output coordinates are permuted
+// the same way on the way out.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int TILE = 16;  // tokens per warp step
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ __half2 as_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Value codes of two tokens, byte-interleaved (x: low half token a, high half token b, four
+// nibbles each), to four fp16x2 registers: coordinates +0..+3, (a, b) per register.
+__device__ __forceinline__ void value_pairs(uint32_t x, uint32_t* out) {
+  const __half2 k1024 = __float2half2_rn(1024.0f);
+  const __half2 k16th = __float2half2_rn(0.0625f);
+  const __half2 km64 = __float2half2_rn(-64.0f);
+  uint32_t y = x >> 8;
+  out[0] = as_u32(__hsub2(as_half2((x & 0x000F000Fu) | 0x64006400u), k1024));
+  out[1] = as_u32(__hfma2(as_half2((x & 0x00F000F0u) | 0x64006400u), k16th, km64));
+  out[2] = as_u32(__hsub2(as_half2((y & 0x000F000Fu) | 0x64006400u), k1024));
+  out[3] = as_u32(__hfma2(as_half2((y & 0x00F000F0u) | 0x64006400u), k16th, km64));
+}
+
+template <int D>
+struct KRow;  // one thread's key bytes of one token
+template <>
+struct KRow<128> {
+  static constexpr int WORDS = 4;
+  __device__ static void load(const uint8_t* p, uint32_t* w) {
+    uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  }
+};
+template <>
+struct KRow<64> {
+  static constexpr int WORDS = 2;
+  __device__ static void load(const uint8_t* p, uint32_t* w) {
+    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x; w[1] = v.y;
+  }
+};
+template <int D>
+struct VRow;  // one thread's value bytes of one token
+template <>
+struct VRow<128> {
+  static constexpr int WORDS = 2;
+  __device__ static void load(const uint8_t* p, uint32_t* w) {
+    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x; w[1] = v.y;
+  }
+};
+template <>
+struct VRow<64> {
+  static constexpr int WORDS = 1;
+  __device__ static void load(const uint8_t* p, uint32_t* w) {
+    w[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
+  }
+};
+
+template <int D>
+struct Tile {  // what one thread loads for one 16-token tile
+  uint32_t k[2][KRow<D>::WORDS];  // n-tile j: token 8j + g
+  uint32_t v[4][VRow<D>::WORDS];  // tokens 2t, 2t+1, 2t+8, 2t+9
+  __half ks[4];                   // key scales of tokens 8j + 2t + e (index 2j + e)
+  uint32_t sz[4];                 // (scale, zero) of the same tokens, fp16x2
+};
+
+struct Args {
+  const float* q; long long sqb, sqh;
+  const uint8_t* kc; long long skb, skh, skt;
+  const __half* ks; long long sksb, sksh, skst;
+  const uint8_t* vc; long long svb, svh, svt;
+  const __half* vsz; long long szb, szh, szt;
+  const __half* cent;  // 16 fp16 centroids (√d-scaled), then their 16 fp16 residues
+  const int* seq_lens;
+  float* part_o; float* part_l;
+  float qk_scale; int split_len; int num_splits; int group;
+};
+
+template <int D>
+__device__ __forceinline__ void load_tile(const Args& a, const uint8_t* kb, const __half* ksb,
+                                          const uint8_t* vb, const __half* szb, int tile0,
+                                          int end, int g, int t, Tile<D>& f) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    int tok = min(tile0 + 8 * j + g, end - 1);
+    KRow<D>::load(kb + tok * a.skt + (D / 8) * t, f.k[j]);
+  }
+  const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int tok = min(tile0 + toks[i], end - 1);
+    VRow<D>::load(vb + tok * a.svt + (D / 16) * g, f.v[i]);
+    f.ks[i] = ksb[tok * a.skst];
+    f.sz[i] = __ldcs(reinterpret_cast<const unsigned int*>(szb + tok * a.szt));
+  }
+}
+
+template <int D, int NW, bool PRECISE>
+__global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
+  constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
+  constexpr int NT = D / 8;       // n-tiles of the output MMA
+  constexpr int TABLE = 256 * 32; // u32 entries per replicated table
+  extern __shared__ uint32_t smem[];
+  __shared__ __half cent[32];
+
+  const int hkv = gridDim.x;
+  const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int hq = hkv * a.group;
+  const int seq_len = a.seq_lens[b];
+  const int start = split * a.split_len;
+  const int end = min(start + a.split_len, seq_len);
+
+  // Tables: entry (byte value v, lane l) at v·32 + l holds (c[v & 15], c[v >> 4]).
+  if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
+  __syncthreads();
+  for (int i = threadIdx.x; i < TABLE; i += NW * 32) {
+    int v = i >> 5;
+    __half2 h = __halves2half2(cent[v & 15], cent[v >> 4]);
+    smem[i] = as_u32(h);
+    if (PRECISE) smem[TABLE + i] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+  }
+
+  // q fragments: row g (query head kvh·group + g), coordinates D/4·t + 4s + {0,1 | 2,3}.
+  uint32_t qa[KSTEPS][4];
+  {
+    const bool valid = g < a.group;
+    const float* qrow = a.q + b * a.sqb + (long long)(kvh * a.group + (valid ? g : 0)) * a.sqh;
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s) {
+      float4 x = valid ? *reinterpret_cast<const float4*>(qrow + (D / 4) * t + 4 * s)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
+      float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
+      qa[s][0] = as_u32(h01);
+      qa[s][1] = pack_half2((x.x - f01.x) * 2048.f, (x.y - f01.y) * 2048.f);
+      qa[s][2] = as_u32(h23);
+      qa[s][3] = pack_half2((x.z - f23.x) * 2048.f, (x.w - f23.y) * 2048.f);
+    }
+  }
+  __syncthreads();
+
+  const uint8_t* kb = a.kc + b * a.skb + kvh * a.skh;
+  const __half* ksb = a.ks + b * a.sksb + kvh * a.sksh;
+  const uint8_t* vb = a.vc + b * a.svb + kvh * a.svh;
+  const __half* szb = a.vsz + b * a.szb + kvh * a.szh;
+  const uint32_t* thi = smem + lane;
+  const uint32_t* tres = smem + TABLE + lane;
+
+  float m = -INFINITY, l = 0.f, z = 0.f;
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  int tile0 = start + warp * TILE;
+  Tile<D> cur;
+  if (tile0 < end) load_tile<D>(a, kb, ksb, vb, szb, tile0, end, g, t, cur);
+  for (; tile0 < end; tile0 += NW * TILE) {
+    Tile<D> nxt;
+    const int next0 = tile0 + NW * TILE;
+    if (next0 < end) load_tile<D>(a, kb, ksb, vb, szb, next0, end, g, t, nxt);
+
+    // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo).
+    float sc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+      for (int w = 0; w < KRow<D>::WORDS; ++w) {
+        const uint32_t word = cur.k[j][w];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // k-step 2w + h: bytes 2h (b0) and 2h + 1 (b1)
+          const uint32_t i0 = ((word >> (16 * h)) & 0xFFu) << 5;
+          const uint32_t i1 = ((word >> (16 * h + 8)) & 0xFFu) << 5;
+          mma16816(sc[j], qa[2 * w + h], thi[i0], thi[i1]);
+          if (PRECISE) mma16816(sc[j], qa[2 * w + h], tres[i0], tres[i1]);
+        }
+      }
+    }
+    float s[4];  // index 2j + e
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tile0 + 8 * j + 2 * t + e;
+        float v = (sc[j][e] + sc[j][2 + e] * (1.0f / 2048.f)) * __half2float(cur.ks[2 * j + e]) *
+                  a.qk_scale;
+        v = tok < end ? v : -INFINITY;
+        s[2 * j + e] = v;
+        mx = fmaxf(mx, v);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);  // finite: the tile holds at least one token
+    const float alpha = exp2f(m - m_new);
+    m = m_new;
+    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] *= alpha; acc[n][1] *= alpha; acc[n][2] *= alpha; acc[n][3] *= alpha;
+      }
+    }
+    float lsum = 0.f, zsum = 0.f;
+    uint32_t pa[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float r[2], rl[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = exp2f(s[2 * j + e] - m_new);
+        const float2 sz = __half22float2(as_half2(cur.sz[2 * j + e]));
+        lsum += p;
+        zsum += p * sz.y;
+        r[e] = p * sz.x;
+      }
+      const __half2 rh = __floats2half2_rn(r[0], r[1]);
+      const float2 rf = __half22float2(rh);
+      rl[0] = (r[0] - rf.x) * 2048.f;
+      rl[1] = (r[1] - rf.y) * 2048.f;
+      pa[2 * j] = as_u32(rh);                 // row g, tokens 8j + 2t, +1
+      pa[2 * j + 1] = pack_half2(rl[0], rl[1]);  // row g + 8
+    }
+    l = l * alpha + lsum;
+    z = z * alpha + zsum;
+
+    // P·V: b0 from tokens (2t, 2t+1), b1 from (2t+8, 2t+9); n-tile 8u + c ↔ coordinate
+    // D/8·g + 8u + c of this thread's value bytes.
+#pragma unroll
+    for (int u = 0; u < VRow<D>::WORDS; ++u) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t sel = half ? 0x7632u : 0x5410u;
+        uint32_t b0[4], b1[4];
+        value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), b0);
+        value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), b1);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) mma16816(acc[8 * u + 4 * half + c], pa, b0[c], b1[c]);
+      }
+    }
+    cur = nxt;
+  }
+
+  // Fold the four lanes of a row group, then the warps of the CTA (tables are done).
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  z += __shfl_xor_sync(0xffffffffu, z, 1);
+  z += __shfl_xor_sync(0xffffffffu, z, 2);
+  __syncthreads();
+  float* so = reinterpret_cast<float*>(smem);  // [NW][8][D]
+  float* sm = so + NW * 8 * D;                 // [NW][8]
+  float* sl = sm + NW * 8;                     // [NW][8]
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int d = (D / 8) * (2 * t + e) + n;
+      so[(warp * 8 + g) * D + d] = acc[n][e] + acc[n][2 + e] * (1.0f / 2048.f) + z;
+    }
+  }
+  if (t == 0) {
+    sm[warp * 8 + g] = m;
+    sl[warp * 8 + g] = l;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
+    const int row = i / D, d = i % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm[w * 8 + row]);
+    float o = 0.f, den = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float wt = exp2f(sm[w * 8 + row] - mm);
+        o += wt * so[(w * 8 + row) * D + d];
+        den += wt * sl[w * 8 + row];
+      }
+    }
+    const long long out_row = ((long long)b * hq + kvh * a.group + row) * a.num_splits + split;
+    a.part_o[out_row * D + d] = den > 0.f ? o / den : 0.f;
+    if (d == 0) a.part_l[out_row] = den > 0.f ? mm + log2f(den) : -INFINITY;
+  }
+}
+
+// Merge per-split partials (rows (b, h, split), base-2 LSE) into out [B, Hq, D] with strides.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__global__ void merge_kernel(const float* part_o, const float* part_l, T* out, long long sob,
+                             long long soh, long long sod, int hq, int num_splits, int d_all) {
+  const int row = blockIdx.x;  // b·hq + h
+  const int b = row / hq, h = row % hq;
+  const long long base = (long long)row * num_splits;
+  float mm = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, part_l[base + s]);
+  for (int d = threadIdx.x; d < d_all; d += blockDim.x) {
+    float o = 0.f, den = 0.f;
+    if (mm != -INFINITY) {
+      for (int s = 0; s < num_splits; ++s) {
+        const float w = exp2f(part_l[base + s] - mm);
+        o += w * part_o[(base + s) * d_all + d];
+        den += w;
+      }
+    }
+    out[b * sob + h * soh + d * sod] = from_float<T>(den > 0.f ? o / den : 0.f);
+  }
+}
+
+template <int D, int NW, bool PRECISE>
+int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
+  const size_t table = (PRECISE ? 2 : 1) * 256 * 32 * sizeof(uint32_t);
+  const size_t fold = (NW * 8 * D + 2 * NW * 8) * sizeof(float);
+  const size_t bytes = table > fold ? table : fold;
+  auto kernel = tq4_split_kernel<D, NW, PRECISE>;
+  static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)
+  if (!attribute_set) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)bytes);
+    if (e != cudaSuccess) return (int)e;
+    attribute_set = true;
+  }
+  kernel<<<dim3(hkv, splits, batch), NW * 32, bytes, stream>>>(a);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* servelab_cuda_error(int e) { return cudaGetErrorString((cudaError_t)e); }
+
+// Returns a cudaError_t; 1000 + n for an unsupported configuration n (checked in Python first).
+int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t* kc,
+                     long long skb, long long skh, long long skt, const __half* ks,
+                     long long sksb, long long sksh, long long skst, const uint8_t* vc,
+                     long long svb, long long svh, long long svt, const __half* vsz,
+                     long long szb, long long szh, long long szt, const __half* cent,
+                     const int* seq_lens, float* part_o, float* part_l, float qk_scale,
+                     int split_len, int num_splits, int group, int hkv, int batch, int head_size,
+                     int warps, int precise, void* stream) {
+  Args a{q, sqb, sqh, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh, svt, vsz, szb, szh,
+         szt, cent, seq_lens, part_o, part_l, qk_scale, split_len, num_splits, group};
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (group < 1 || group > 8) return 1001;
+#define SERVELAB_TQ4(Dv, NWv)                                                              \
+  if (head_size == Dv && warps == NWv)                                                      \
+    return precise ? launch<Dv, NWv, true>(a, hkv, num_splits, batch, s)                    \
+                   : launch<Dv, NWv, false>(a, hkv, num_splits, batch, s);
+  SERVELAB_TQ4(128, 4)
+  SERVELAB_TQ4(128, 8)
+  SERVELAB_TQ4(64, 4)
+  SERVELAB_TQ4(64, 8)
+#undef SERVELAB_TQ4
+  return 1002;
+}
+
+// dtype: 0 float32, 1 float16, 2 bfloat16.
+int tq4_merge(const float* part_o, const float* part_l, void* out, long long sob, long long soh,
+              long long sod, int rows, int hq, int num_splits, int head_size, int dtype,
+              void* stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const int threads = head_size < 128 ? head_size : 128;
+  if (dtype == 0)
+    merge_kernel<float><<<rows, threads, 0, s>>>(part_o, part_l, static_cast<float*>(out), sob,
+                                                 soh, sod, hq, num_splits, head_size);
+  else if (dtype == 1)
+    merge_kernel<__half><<<rows, threads, 0, s>>>(part_o, part_l, static_cast<__half*>(out), sob,
+                                                  soh, sod, hq, num_splits, head_size);
+  else if (dtype == 2)
+    merge_kernel<__nv_bfloat16><<<rows, threads, 0, s>>>(
+        part_o, part_l, static_cast<__nv_bfloat16*>(out), sob, soh, sod, hq, num_splits,
+        head_size);
+  else
+    return 1003;
+  return (int)cudaGetLastError();
+}
+
+}  // extern "C"

@@ -1,0 +1,140 @@
+"""Host side of ``csrc/tq4_decode.cu``: the CUDA decode kernel for ``turboquant_4bit_nc``.
+
+The kernel dequantizes 4-bit keys and values straight into the matrix unit's register
+fragments (what Triton cannot express, see docs/kernels-turboquant.md) and is the default for
+4-bit keys and values on CUDA where nvcc is present (``LaunchConfig.backend``). It takes head
+sizes 64 and 128, GQA groups up to 8 and code planes whose rows are aligned for vector loads
+(16 bytes for keys, 8 for values at d = 128); :func:`unsupported` names what it refuses, and
+``backend="auto"`` falls back to the Triton word kernel then.
+
+Arguments are trusted here: ``triton_decode.fused_decode_attention`` has validated them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from servelab.kernels import cuda_ext
+from servelab.kernels.turboquant.triton_words import split_plan
+
+TILE = 16  # tokens per warp step in the kernel
+HEAD_SIZES = (64, 128)
+MAX_GROUP = 8
+WARPS = (4, 8)
+OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+_P = ctypes.c_void_p
+_L = ctypes.c_longlong
+_I = ctypes.c_int
+_F = ctypes.c_float
+
+
+def library(device: torch.device) -> ctypes.CDLL:
+    arch = cuda_ext.arch_flag(device)
+    if arch not in _LIBS:
+        lib = cuda_ext.build("tq4_decode", cuda_ext.source("tq4_decode.cu"), arch).lib
+        lib.tq4_decode_split.restype = _I
+        lib.tq4_decode_split.argtypes = [
+            _P, _L, _L,  # q
+            _P, _L, _L, _L,  # key codes
+            _P, _L, _L, _L,  # key scales
+            _P, _L, _L, _L,  # value codes
+            _P, _L, _L, _L,  # value scale/zero
+            _P, _P, _P, _P,  # centroids, seq_lens, part_o, part_l
+            _F, _I, _I,  # qk_scale, split_len, splits
+            _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
+            _P,  # stream
+        ]  # fmt: skip
+        lib.tq4_merge.restype = _I
+        lib.tq4_merge.argtypes = [_P, _P, _P, _L, _L, _L, _I, _I, _I, _I, _I, _P]
+        _LIBS[arch] = lib
+    return _LIBS[arch]
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % nbytes == 0 and all((s * size) % nbytes == 0 for s in t.stride()[:-1])
+
+
+def unsupported(
+    group: int,
+    d: int,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale_zero: torch.Tensor,
+    out: torch.Tensor,
+) -> str | None:
+    """Why the CUDA kernel cannot take these inputs, or None if it can."""
+    if not cuda_ext.enabled(key_codes.device):
+        return "it needs a CUDA device and nvcc (SERVELAB_NO_CUDA_EXT unset)"
+    if d not in HEAD_SIZES:
+        return f"head size {d} is not one of {HEAD_SIZES}"
+    if group > MAX_GROUP:
+        return f"{group} query heads per KV head exceed {MAX_GROUP}"
+    if key_codes.stride(-1) != 1 or not _aligned(key_codes, d // 8):
+        return f"key code rows must be contiguous and {d // 8}-byte aligned"
+    if value_codes.stride(-1) != 1 or not _aligned(value_codes, d // 16):
+        return f"value code rows must be contiguous and {d // 16}-byte aligned"
+    if value_scale_zero.stride(-1) != 1 or not _aligned(value_scale_zero, 4):
+        return "value (scale, zero) pairs must be contiguous and 4-byte aligned"
+    if out.dtype not in OUT_DTYPES:
+        return f"output dtype {out.dtype} is not float32, float16 or bfloat16"
+    return None
+
+
+def default_splits(device: torch.device, warps: int, b: int, hkv: int) -> int:
+    """Every CTA resident at once: two per multiprocessor at 4 warps, one at 8 (registers)."""
+    per_sm = 2 if warps == 4 else 1
+    sms = int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return max(1, (per_sm * sms) // (b * hkv))
+
+
+def launch_cuda_words(
+    qk: torch.Tensor,
+    key_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale_zero: torch.Tensor,
+    cent: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qk_scale: float,
+    out: torch.Tensor,
+    tokens: int,
+    *,
+    warps: int,
+    num_splits: int | None,
+    precise: bool,
+) -> torch.Tensor:
+    """Enqueue the split kernel and the merge on the current stream. ``qk`` is the rotated
+    query, float32 ``[B, Hq, d]`` contiguous; the planes are as ``PackedKVCache`` holds them;
+    ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues)."""
+    dev = qk.device
+    lib = library(dev)
+    b, hq, d = (int(s) for s in qk.shape)
+    hkv = int(key_codes.shape[1])
+    group = hq // hkv
+    want = num_splits if num_splits is not None else default_splits(dev, warps, b, hkv)
+    split_len, splits = split_plan(tokens, TILE * warps, want)
+    part_o = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
+    part_l = torch.empty((b * hq * splits,), dtype=torch.float32, device=dev)
+    stream = cuda_ext.stream_of(dev)
+    kc, ks, vc, sz = key_codes, key_scales, value_codes, value_scale_zero
+    rc = lib.tq4_decode_split(
+        qk.data_ptr(), qk.stride(0), qk.stride(1),
+        kc.data_ptr(), kc.stride(0), kc.stride(1), kc.stride(2),
+        ks.data_ptr(), ks.stride(0), ks.stride(1), ks.stride(2),
+        vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
+        sz.data_ptr(), sz.stride(0), sz.stride(1), sz.stride(2),
+        cent.data_ptr(), seq_lens.data_ptr(), part_o.data_ptr(), part_l.data_ptr(),
+        qk_scale, split_len, splits, group, hkv, b, d, warps, int(precise), stream,
+    )  # fmt: skip
+    cuda_ext.check(lib, rc, "tq4_decode_split")
+    rc = lib.tq4_merge(
+        part_o.data_ptr(), part_l.data_ptr(), out.data_ptr(), *out.stride(),
+        b * hq, hq, splits, d, OUT_DTYPES[out.dtype], stream,
+    )  # fmt: skip
+    cuda_ext.check(lib, rc, "tq4_merge")
+    return out
