@@ -1,0 +1,212 @@
+"""CUDA gather of KV blocks out of pinned host memory (``csrc/paged_gather.cu``), via ctypes.
+
+The same copy as :mod:`~servelab.kernels.gather_triton` (keys then values of a chunk's
+blocks, one launch, bytes exact), with what costs host time taken out of the launch:
+
+- a ctypes call into a launcher built once with nvcc (:mod:`~servelab.kernels.cuda_ext`),
+  microseconds where a Triton launch from Python costs ~0.1 ms;
+- the block ids are read by the kernel straight from a pinned host ``int64`` buffer
+  (mapped under UVA like the cache), so no synchronous id copy precedes the launch. Such a
+  buffer must not be rewritten while a launch that reads it may still be pending:
+  :class:`IdRing` hands them out and waits on the event of the last launch that used one;
+- the launcher takes the raw stream handle, so the copy stream needs no ``torch.cuda.stream``
+  context switch.
+
+Loads are 16 bytes wide where the pointers, strides and block size allow it (else 8, 4, 2
+or 1), eight per thread in flight; the persistent grid is capped (``programs``) so that most
+SMs stay free for the attention running beside the copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from servelab.kernels import cuda_ext
+
+# CTAs in the persistent grid: as the Triton gather (docs/kernels-paged.md, "Gather strategy").
+PROGRAMS = 32
+# Threads per CTA (a multiple of 32, at most 512). With 8 loads of 16 bytes per thread in
+# flight, 32 CTAs of 256 threads keep 1 MiB of reads outstanding on the link.
+THREADS = 256
+
+_NAME = "paged_gather"
+
+
+@dataclass(frozen=True)
+class _Launcher:
+    lib: ctypes.CDLL
+    gather: Any  # the ctypes function, argtypes set
+    vector_bytes: Any
+
+
+@functools.cache
+def _load(arch: str) -> _Launcher:
+    # Memoized per process: the library is a process-wide resource (ctypes keeps it loaded),
+    # and cuda_ext.build hashes the source on every call.
+    lib = cuda_ext.build(_NAME, cuda_ext.source("paged_gather.cu"), arch).lib
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    gather = lib.paged_gather_kv
+    gather.restype = i32
+    gather.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, i32, i32, vp]
+    width = lib.paged_gather_vector_bytes
+    width.restype = i32
+    width.argtypes = [vp, vp, vp, vp, ll, ll, ll, ll]
+    return _Launcher(lib, gather, width)
+
+
+@functools.cache
+def _arch(index: int) -> str:
+    return cuda_ext.arch_flag(torch.device("cuda", index))
+
+
+def launcher(device: torch.device) -> _Launcher:
+    """The loaded library for ``device`` (built with nvcc on first use, then cached)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _load(_arch(int(index)))
+
+
+def available(src: torch.Tensor, device: torch.device) -> bool:
+    """Whether the CUDA gather can stage the host cache ``src`` to ``device``: a CUDA device
+    with nvcc (and ``SERVELAB_NO_CUDA_EXT`` unset), and a pinned source. Builds nothing."""
+    return cuda_ext.enabled(device) and src.device.type == "cpu" and bool(src.is_pinned())
+
+
+def _block_geometry(src: torch.Tensor) -> tuple[int, int]:
+    """(element size, bytes per block) of a cache ``[N, block_size, Hkv, D]``."""
+    elem = src.element_size()
+    return elem, int(src.shape[1]) * int(src.shape[2]) * int(src.shape[3]) * elem
+
+
+def gather_kv_blocks_from_host(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
+    host_ids: torch.Tensor,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
+    *,
+    programs: int | None = None,
+    threads: int = THREADS,
+    stream: Any = None,
+) -> None:
+    """Enqueue ``dst[i] = src[host_ids[i]]`` for K and V, byte for byte, in one launch.
+
+    ``src_*`` pinned host caches ``[N, block_size, Hkv, D]`` with dense blocks (any block
+    stride); ``dst_*`` contiguous device buffers of at least ``len(host_ids)`` blocks;
+    ``host_ids`` a contiguous **pinned host int64** tensor that must stay unchanged until the
+    launch has run (see :class:`IdRing`). ``stream``: a ``torch.cuda.Stream`` (default: the
+    current stream of ``dst_key``'s device). Trusted arguments (the caller validates them).
+    """
+    n = int(host_ids.numel())
+    if n == 0:
+        return
+    lau = launcher(dst_key.device)
+    if stream is None:
+        stream = torch.cuda.current_stream(dst_key.device)
+    elem, block_bytes = _block_geometry(src_key)
+    rc = lau.gather(
+        src_key.data_ptr(),
+        src_value.data_ptr(),
+        dst_key.data_ptr(),
+        dst_value.data_ptr(),
+        host_ids.data_ptr(),
+        n,
+        block_bytes,
+        src_key.stride(0) * elem,
+        src_value.stride(0) * elem,
+        dst_key.stride(0) * elem,
+        PROGRAMS if programs is None else min(programs, 1 << 30),
+        threads,
+        stream.cuda_stream,
+    )
+    if rc:
+        cuda_ext.check(lau.lib, rc, "paged_gather_kv")
+
+
+def vector_bytes(
+    src_key: torch.Tensor, src_value: torch.Tensor, dst_key: torch.Tensor, dst_value: torch.Tensor
+) -> int:
+    """The load width (16, 8, 4, 2 or 1 bytes) the kernel picks for these tensors."""
+    elem, block_bytes = _block_geometry(src_key)
+    return int(
+        launcher(dst_key.device).vector_bytes(
+            src_key.data_ptr(),
+            src_value.data_ptr(),
+            dst_key.data_ptr(),
+            dst_value.data_ptr(),
+            block_bytes,
+            src_key.stride(0) * elem,
+            src_value.stride(0) * elem,
+            dst_key.stride(0) * elem,
+        )
+    )
+
+
+class Guard(Protocol):
+    """What :class:`IdRing` needs of an event: block until the work before it has run."""
+
+    def synchronize(self) -> None: ...
+
+
+def pinned_int64(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+
+class IdRing:
+    """A few pinned host buffers of block ids, handed out in turn, each reused only after the
+    launches that read it have run.
+
+    A launch reads its ids when it executes, which may be long after the host returned from
+    the call that enqueued it; rewriting the buffer before then would stage the wrong blocks.
+    So :meth:`acquire` waits on the guard (the event recorded after the last launch that read
+    the buffer, set with :meth:`guard`) before handing the buffer out again. With ``slots``
+    buffers the host may run that many calls ahead of the copies before it blocks.
+
+    >>> ring = IdRing(slots=2, allocate=lambda n: torch.empty(n, dtype=torch.int64))
+    >>> slot, buf = ring.acquire(3)
+    >>> (slot, buf.numel() >= 3)
+    (0, True)
+    >>> ring.acquire(5)[0], ring.acquire(1)[0]
+    (1, 0)
+    """
+
+    def __init__(
+        self, slots: int = 8, allocate: Callable[[int], torch.Tensor] = pinned_int64
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"IdRing needs at least one slot; got {slots}")
+        self._allocate = allocate
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._guards: list[Guard | None] = [None] * slots
+        self._next = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self._buffers)
+
+    def acquire(self, n: int) -> tuple[int, torch.Tensor]:
+        """The next slot and its buffer (at least ``n`` ids), safe to overwrite now."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        self.wait(slot)
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() < n:
+            # Grow geometrically: a pinned allocation costs far more than the ids it holds.
+            size = max(n, 256, 0 if buf is None else 2 * buf.numel())
+            self._buffers[slot] = buf = self._allocate(size)
+        return slot, buf
+
+    def guard(self, slot: int, event: Guard | None) -> None:
+        """``event`` follows every launch so far that read slot ``slot``'s buffer."""
+        self._guards[slot] = event
+
+    def wait(self, slot: int) -> None:
+        guard = self._guards[slot]
+        if guard is not None:
+            guard.synchronize()
+            self._guards[slot] = None
