@@ -19,6 +19,7 @@ Everything runs the same way on ``cpu`` (no streams), ``cuda`` and ``xpu``; only
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels import decode_triton
+from servelab.kernels import decode_triton, gather_cuda
 from servelab.kernels.attention import (
     accumulate,
     chunk_fully_masked,
@@ -37,8 +38,10 @@ from servelab.kernels.attention import (
 )
 from servelab.kernels.paged_cache import PagedKVCache, blocks_for
 from servelab.kernels.staging import (
+    GatherKernel,
     GatherStrategy,
     StagingScratch,
+    resolve_gather_kernel,
     resolve_strategy,
     stage_blocks,
 )
@@ -163,6 +166,7 @@ def cpu_paged_attention(
     strategy: str | GatherStrategy = "auto",
     overlap: bool = True,
     gather_programs: int | None = None,
+    gather_kernel: str | GatherKernel = "auto",
     step: str = "auto",
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
@@ -174,38 +178,32 @@ def cpu_paged_attention(
     T``). ``chunk_tokens`` (default: the scratch's size) is rounded down to whole blocks.
     ``gather_programs`` caps the ``gpu_gather`` kernel's persistent grid (default
     :data:`~servelab.kernels.gather_triton.PROGRAMS`, which leaves most SMs to the
-    attention running beside it). ``step`` picks the per-chunk attention: ``"triton"`` (one
+    attention running beside it). ``gather_kernel`` picks the ``gpu_gather`` kernel:
+    ``"cuda"`` (:mod:`~servelab.kernels.gather_cuda`: nvcc-built, ids read from pinned
+    host memory, no stream switch), ``"triton"`` or ``"auto"`` (CUDA where nvcc is found).
+    ``step`` picks the per-chunk attention: ``"triton"`` (one
     split-K launch per chunk and one merge launch per call,
     :mod:`~servelab.kernels.decode_triton`), ``"torch"`` (plain torch operations, any
     device) or ``"auto"`` (Triton where it runs: CUDA/XPU, power-of-two head size).
     ``out``/``out_lse``, when given, are written in place.
     Every argument is checked before
     anything is launched; a bad one raises :class:`~servelab.errors.KernelInputError`.
+    Checks that depend only on the layout of the caches, the scratch and the query are
+    remembered by the scratch (``scratch.checks``) and skipped when a call repeats them;
+    lengths, block ids and scalars are checked on every call.
     """
-    chunk_blocks = _validate(
-        query,
-        cpu_cache,
-        cpu_block_table,
-        cpu_len,
-        gpu_cache,
-        gpu_block_table,
-        gpu_len,
-        scratch=scratch,
-        chunk_tokens=chunk_tokens,
-        scale=scale,
-        window=window,
-        softcap=softcap,
-        out=out,
-        out_lse=out_lse,
-    )
+    args = _Args(
+        query, cpu_cache, cpu_block_table, cpu_len, gpu_cache, gpu_block_table, gpu_len,
+        scratch, chunk_tokens, scale, window, softcap, out, out_lse,
+    )  # fmt: skip
+    chunk_blocks, checked = _check(args, strategy, gather_kernel, step)
     if gather_programs is not None:
         require_int("gather_programs", gather_programs, minimum=1)
-    use_triton = _resolve_step(step, query, cpu_cache.dtype)
+    use_triton, resolved, kernel = checked.use_triton, checked.strategy, checked.kernel
     device = query.device
     num_q, num_heads, head_size = query.shape
     sm_scale = 1.0 / math.sqrt(head_size) if scale is None else scale
     q_start = cpu_len + gpu_len - num_q
-    resolved = resolve_strategy(strategy, cpu_cache.key, device)
     bs = cpu_cache.block_size
     chunks = tuple(
         c
@@ -235,18 +233,28 @@ def cpu_paged_attention(
     pack_done: list[Any] = [None] * buffers
     staged: list[Any] = [None] * len(chunks)
     pack = resolved is GatherStrategy.CPU_PACK and device.type != "cpu"
-    ids_host = cpu_block_table[: chunks[-1].block_end].to(torch.int64) if chunks else None
-    ids_dev = None
-    if chunks and resolved is GatherStrategy.GPU_GATHER:
-        assert ids_host is not None  # narrowing for the type checker, set just above
-        ids_dev = ids_host.to(device)
+    cuda_gather = resolved is GatherStrategy.GPU_GATHER and kernel is GatherKernel.CUDA
+    ids_host = ids_dev = None
+    ring_slot = 0
+    if chunks and cuda_gather:
+        # The kernel reads the ids from a pinned buffer when it runs: no device copy, and a
+        # ring buffer no pending launch still reads (its guard: the last staging event).
+        n_ids = chunks[-1].block_end
+        ring_slot, ring_buf = scratch.id_ring.acquire(n_ids)
+        ids_host = ring_buf[:n_ids]
+        ids_host.copy_(cpu_block_table[:n_ids])
+    elif chunks:
+        ids_host = cpu_block_table[: chunks[-1].block_end].to(torch.int64)
+        if resolved is GatherStrategy.GPU_GATHER:
+            ids_dev = ids_host.to(device)
     if chunks:
         streams.copy_waits_compute()
 
     def stage(j: int) -> None:
         c, slot = chunks[j], j % buffers
         assert ids_host is not None  # narrowing: only called when there are chunks
-        with streams.on_copy():
+        # The CUDA gather takes the copy stream's handle: no switch of torch's current stream.
+        with contextlib.nullcontext() if cuda_gather else streams.on_copy():
             streams.wait(streams.copy, slot_free[slot])
             if pack and pack_done[slot] is not None:
                 pack_done[slot].synchronize()  # the host rewrites this pack slot next
@@ -261,8 +269,12 @@ def cpu_paged_attention(
                 pack_key=None if scratch.pack_key is None else scratch.pack_key[slot],
                 pack_value=None if scratch.pack_value is None else scratch.pack_value[slot],
                 programs=gather_programs,
+                kernel=GatherKernel.CUDA if cuda_gather else GatherKernel.TRITON,
+                stream=streams.copy,
             )
             staged[j] = streams.record(streams.copy)
+        if cuda_gather:
+            scratch.id_ring.guard(ring_slot, staged[j])
         if pack:
             pack_done[slot] = staged[j]
 
@@ -411,24 +423,147 @@ class _TritonSteps:
         out.copy_(tmp)
 
 
-def _validate(
-    query: torch.Tensor,
-    cpu_cache: PagedKVCache,
-    cpu_block_table: torch.Tensor,
-    cpu_len: int,
-    gpu_cache: PagedKVCache,
-    gpu_block_table: torch.Tensor,
-    gpu_len: int,
-    *,
-    scratch: StagingScratch,
-    chunk_tokens: int | None,
-    scale: float | None,
-    window: int | None,
-    softcap: float | None,
-    out: torch.Tensor | None,
-    out_lse: torch.Tensor | None,
-) -> int:
+@dataclass(frozen=True)
+class _Args:
+    """The arguments of one call that the checks look at."""
+
+    query: torch.Tensor
+    cpu_cache: PagedKVCache
+    cpu_block_table: torch.Tensor
+    cpu_len: int
+    gpu_cache: PagedKVCache
+    gpu_block_table: torch.Tensor
+    gpu_len: int
+    scratch: StagingScratch
+    chunk_tokens: int | None
+    scale: float | None
+    window: int | None
+    softcap: float | None
+    out: torch.Tensor | None
+    out_lse: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the layout checks resolved: the chunk step, the strategy, the gather kernel."""
+
+    use_triton: bool
+    strategy: GatherStrategy
+    kernel: GatherKernel | None
+
+
+def _shape_of(t: torch.Tensor | None) -> tuple[object, ...] | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _memo_key(
+    a: _Args, strategy: object, gather_kernel: object, step: object
+) -> tuple[tuple[torch.Tensor, ...], tuple[object, ...]] | None:
+    """The tensors and extras that the layout checks depend on; None if a check must run
+    anyway (an argument of the wrong type, which the full checks name)."""
+    if not (
+        all(isinstance(x, str | enum.Enum) for x in (strategy, gather_kernel, step))
+        and all(t is None or isinstance(t, torch.Tensor) for t in (a.out, a.out_lse))
+        and isinstance(a.query, torch.Tensor)
+        and isinstance(a.cpu_cache, PagedKVCache)
+        and isinstance(a.gpu_cache, PagedKVCache)
+        and isinstance(a.scratch, StagingScratch)
+        and all(
+            isinstance(t, torch.Tensor)
+            for t in (a.cpu_cache.key, a.cpu_cache.value, a.gpu_cache.key, a.gpu_cache.value)
+        )
+    ):
+        return None
+    sc = a.scratch
+    tensors = (
+        a.cpu_cache.key, a.cpu_cache.value, a.gpu_cache.key, a.gpu_cache.value, sc.key, sc.value,
+        *(p for p in (sc.pack_key, sc.pack_value) if p is not None),
+    )  # fmt: skip
+    extra = (_shape_of(a.query), _shape_of(a.out), _shape_of(a.out_lse), strategy,
+             gather_kernel, step)  # fmt: skip
+    return tensors, extra
+
+
+def _check(
+    a: _Args, strategy: str | GatherStrategy, gather_kernel: str | GatherKernel, step: str
+) -> tuple[int, _Checked]:
+    """Every check of the call, before anything is launched; the layout checks only the first
+    time these caches, scratch and query shape come together. Returns the chunk size in
+    blocks and what the layout checks resolved."""
+    key = _memo_key(a, strategy, gather_kernel, step)
+    memo = a.scratch.checks if key is not None else None
+    if key is not None and memo is not None:
+        hit = memo.get(*key)
+        if isinstance(hit, _Checked):
+            # Same order as _validate, minus what cannot have changed: the first failing
+            # check is the one the full validation would have named.
+            _check_lengths_and_tables(a)
+            return _chunk_blocks_and_scalars(a), hit
+    chunk_blocks = _validate(a)
+    use_triton = _resolve_step(step, a.query, a.cpu_cache.dtype)
+    device = a.query.device
+    resolved = resolve_strategy(strategy, a.cpu_cache.key, device)
+    kernel = None
+    if resolved is GatherStrategy.GPU_GATHER:
+        kernel = resolve_gather_kernel(gather_kernel, a.cpu_cache.key, device)
+        if kernel is GatherKernel.CUDA:
+            gather_cuda.launcher(device)  # nvcc runs here, if at all: before any launch
+    checked = _Checked(use_triton, resolved, kernel)
+    if key is not None and memo is not None:
+        memo.put(*key, checked)
+    return chunk_blocks, checked
+
+
+def _check_lengths_and_tables(a: _Args) -> None:
+    require_int("cpu_len", a.cpu_len)
+    require_int("gpu_len", a.gpu_len)
+    check_block_ids(
+        "cpu_block_table",
+        a.cpu_block_table,
+        a.cpu_cache.num_blocks,
+        blocks_for(a.cpu_len, a.cpu_cache.block_size),
+    )
+    check_block_ids(
+        "gpu_block_table",
+        a.gpu_block_table,
+        a.gpu_cache.num_blocks,
+        blocks_for(a.gpu_len, a.gpu_cache.block_size),
+    )
+
+
+def _chunk_blocks_and_scalars(a: _Args) -> int:
+    scratch, chunk_tokens, block_size = a.scratch, a.chunk_tokens, a.cpu_cache.block_size
+    chunk_blocks = scratch.chunk_blocks
+    if chunk_tokens is not None:
+        require_int("chunk_tokens", chunk_tokens, minimum=1)
+        wanted = chunk_tokens // block_size
+        if wanted < 1:
+            raise KernelInputError(
+                f"chunk_tokens={chunk_tokens} is smaller than one block "
+                f"({block_size} tokens); chunks are whole blocks"
+            )
+        if wanted > scratch.chunk_blocks:
+            raise KernelInputError(
+                f"scratch too small for one chunk: chunk_tokens={chunk_tokens} needs "
+                f"{wanted} blocks per slot but the scratch holds {scratch.chunk_blocks} "
+                f"({scratch.chunk_tokens} tokens); allocate a larger scratch or pass a "
+                "smaller chunk_tokens"
+            )
+        chunk_blocks = wanted
+    require_optional_positive("scale", a.scale)
+    require_optional_positive("softcap", a.softcap)
+    window = a.window
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise KernelInputError(f"window must be None or an int >= 1, got {window!r}")
+    return chunk_blocks
+
+
+def _validate(a: _Args) -> int:
     """Check every argument on the host; return the chunk size in blocks."""
+    query, cpu_cache, gpu_cache, scratch = a.query, a.cpu_cache, a.gpu_cache, a.scratch
+    out, out_lse = a.out, a.out_lse
     if not isinstance(query, torch.Tensor):
         raise KernelInputError("query must be a torch.Tensor [T, Hq, D]")
     require_ndim("query", query, 3, "[T, Hq, D]")
@@ -464,20 +599,7 @@ def _validate(
             f"gpu_cache KV heads ({gpu_cache.num_kv_heads}) must equal cpu_cache KV heads "
             f"({cpu_cache.num_kv_heads})"
         )
-    require_int("cpu_len", cpu_len)
-    require_int("gpu_len", gpu_len)
-    check_block_ids(
-        "cpu_block_table",
-        cpu_block_table,
-        cpu_cache.num_blocks,
-        blocks_for(cpu_len, cpu_cache.block_size),
-    )
-    check_block_ids(
-        "gpu_block_table",
-        gpu_block_table,
-        gpu_cache.num_blocks,
-        blocks_for(gpu_len, gpu_cache.block_size),
-    )
+    _check_lengths_and_tables(a)
     if not isinstance(scratch, StagingScratch):
         raise KernelInputError(
             f"scratch must be a StagingScratch (StagingScratch.allocate), got "
@@ -491,29 +613,7 @@ def _validate(
             f"scratch blocks must be [block_size, Hkv, D] = {expected} of dtype "
             f"{cpu_cache.dtype} like cpu_cache; got {describe(scratch.key)}"
         )
-    chunk_blocks = scratch.chunk_blocks
-    if chunk_tokens is not None:
-        require_int("chunk_tokens", chunk_tokens, minimum=1)
-        wanted = chunk_tokens // cpu_cache.block_size
-        if wanted < 1:
-            raise KernelInputError(
-                f"chunk_tokens={chunk_tokens} is smaller than one block "
-                f"({cpu_cache.block_size} tokens); chunks are whole blocks"
-            )
-        if wanted > scratch.chunk_blocks:
-            raise KernelInputError(
-                f"scratch too small for one chunk: chunk_tokens={chunk_tokens} needs "
-                f"{wanted} blocks per slot but the scratch holds {scratch.chunk_blocks} "
-                f"({scratch.chunk_tokens} tokens); allocate a larger scratch or pass a "
-                "smaller chunk_tokens"
-            )
-        chunk_blocks = wanted
-    require_optional_positive("scale", scale)
-    require_optional_positive("softcap", softcap)
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise KernelInputError(f"window must be None or an int >= 1, got {window!r}")
+    chunk_blocks = _chunk_blocks_and_scalars(a)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise KernelInputError("out must be a torch.Tensor")

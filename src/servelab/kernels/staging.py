@@ -12,30 +12,38 @@ Four gather strategies, chosen by measurement (docs/kernels-paged.md):
 ``cpu_pack``
     ``index_select`` on the host into a pinned pack buffer, then one copy. CPU-bound.
 ``gpu_gather``
-    A Triton kernel on the device reads the blocks straight out of pinned host memory
-    (mapped into the device's address space) and writes them densely into the scratch: one
-    launch per chunk whatever the block size or order. CUDA only.
+    A kernel on the device reads the blocks straight out of pinned host memory (mapped into
+    the device's address space) and writes them densely into the scratch: one launch per
+    chunk whatever the block size or order. CUDA only. Two kernels (:class:`GatherKernel`):
+    the CUDA one (``gather_cuda.py``, built with nvcc, launched through ctypes, reading the
+    block ids from pinned host memory) where ``cuda_ext.enabled`` says it can be built, else
+    the Triton one (``gather_triton.py``, block ids on the device).
 
-``auto`` picks ``gpu_gather`` where it can run (CUDA, Triton importable, pinned source),
-else ``cpu_pack`` on a CPU device (which packs straight into the scratch) and ``coalesced``
+``auto`` picks ``gpu_gather`` where it can run (CUDA, pinned source, nvcc or Triton), else
+``cpu_pack`` on a CPU device (which packs straight into the scratch) and ``coalesced``
 elsewhere (XPU, pageable sources).
 
-Copies are enqueued on the caller's current stream; the pipeline in ``paged.py`` decides
-which stream that is. Block ids come in as a host ``int64`` tensor; ``gpu_gather`` also
-needs them on the device.
+Copies are enqueued on the caller's current stream (or, for the CUDA gather, the stream
+passed in); the pipeline in ``paged.py`` decides which stream that is. Block ids come in as
+a host ``int64`` tensor; the Triton gather also needs them on the device, the CUDA gather
+needs them in pinned memory.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from servelab.errors import KernelInputError
+from servelab.kernels import cuda_ext, gather_cuda
+from servelab.kernels.gather_cuda import IdRing
 from servelab.kernels.validation import (
     KV_DTYPES,
+    CheckMemo,
     describe,
     require_dtype,
     require_int,
@@ -73,7 +81,50 @@ def is_pinned(t: torch.Tensor) -> bool:
 
 
 def gpu_gather_supported(src: torch.Tensor, device: torch.device) -> bool:
-    return device.type == "cuda" and triton_available() and is_pinned(src)
+    return (
+        device.type == "cuda"
+        and is_pinned(src)
+        and (cuda_ext.enabled(device) or triton_available())
+    )
+
+
+class GatherKernel(enum.Enum):
+    """Which kernel serves the ``gpu_gather`` strategy."""
+
+    AUTO = "auto"
+    CUDA = "cuda"
+    TRITON = "triton"
+
+
+def resolve_gather_kernel(
+    kernel: str | GatherKernel, src: torch.Tensor, device: torch.device
+) -> GatherKernel:
+    """The concrete gather kernel (CUDA or TRITON) for ``gpu_gather`` from ``src`` to
+    ``device``: ``auto`` is the CUDA one where :func:`gather_cuda.available` says it can
+    run, else Triton."""
+    if isinstance(kernel, GatherKernel):
+        chosen = kernel
+    else:
+        try:
+            chosen = GatherKernel(kernel)
+        except ValueError:
+            names = ", ".join(k.value for k in GatherKernel)
+            raise KernelInputError(
+                f"gather_kernel must be one of [{names}]; got {kernel!r}"
+            ) from None
+    cuda_ok = gather_cuda.available(src, device)
+    if chosen is GatherKernel.AUTO:
+        return GatherKernel.CUDA if cuda_ok else GatherKernel.TRITON
+    if chosen is GatherKernel.CUDA and not cuda_ok:
+        raise KernelInputError(
+            "gather_kernel='cuda' needs a CUDA device, nvcc (CUDA_HOME, /usr/local/cuda or "
+            "PATH; SERVELAB_NO_CUDA_EXT unset) and a pinned host cache; got device "
+            f"{device}, nvcc {'found' if cuda_ext.find_nvcc() else 'missing'}, cache "
+            f"pinned={is_pinned(src)}. Use gather_kernel='auto' or 'triton'"
+        )
+    if chosen is GatherKernel.TRITON and not triton_available():
+        raise KernelInputError("gather_kernel='triton' needs Triton; use 'auto' or 'cuda'")
+    return chosen
 
 
 def resolve_strategy(
@@ -89,9 +140,10 @@ def resolve_strategy(
         return GatherStrategy.COALESCED
     if chosen is GatherStrategy.GPU_GATHER and not gpu_gather_supported(src, device):
         raise KernelInputError(
-            "strategy 'gpu_gather' needs a CUDA device, Triton, and a pinned host cache; "
-            f"got device {device}, triton {'present' if triton_available() else 'missing'}, "
-            f"cache pinned={is_pinned(src)}. Use strategy='auto' or 'coalesced'"
+            "strategy 'gpu_gather' needs a CUDA device, nvcc or Triton, and a pinned host "
+            f"cache; got device {device}, triton "
+            f"{'present' if triton_available() else 'missing'}, cache pinned={is_pinned(src)}."
+            " Use strategy='auto' or 'coalesced'"
         )
     return chosen
 
@@ -124,12 +176,18 @@ class StagingScratch:
     ``key``/``value`` are ``[buffers, chunk_blocks, block_size, Hkv, D]`` on the device;
     ``pack_key``/``pack_value`` the pinned host pack buffers of the ``cpu_pack`` strategy
     (``None`` unless asked for, and never needed on a CPU device).
+
+    Host-side state that belongs to whoever calls with this scratch: ``id_ring``, the pinned
+    block-id buffers of the CUDA gather (allocated on first use), and ``checks``, the
+    argument checks already passed by the caches used with it (``paged.py``).
     """
 
     key: torch.Tensor
     value: torch.Tensor
     pack_key: torch.Tensor | None = None
     pack_value: torch.Tensor | None = None
+    id_ring: IdRing = field(default_factory=IdRing, compare=False, repr=False)
+    checks: CheckMemo = field(default_factory=CheckMemo, compare=False, repr=False)
 
     @classmethod
     def allocate(
@@ -226,16 +284,27 @@ def stage_blocks(
     pack_key: torch.Tensor | None = None,
     pack_value: torch.Tensor | None = None,
     programs: int | None = None,
+    kernel: GatherKernel = GatherKernel.TRITON,
+    stream: Any = None,
 ) -> None:
     """Enqueue on the current stream: ``dst[i] = src[block_ids[i]]`` for K and V.
 
     ``strategy`` must already be resolved (not AUTO). Arguments are trusted: the public
     entry points validate them. ``block_ids`` is a host int64 tensor; ``device_ids`` the
-    same ids on the device (``gpu_gather``); ``pack_*`` host pack buffers (``cpu_pack``
-    with an accelerator); ``programs`` caps the ``gpu_gather`` grid (None: its default).
+    same ids on the device (``gpu_gather`` with the Triton kernel); ``pack_*`` host pack
+    buffers (``cpu_pack`` with an accelerator); ``programs`` caps the ``gpu_gather`` grid
+    (None: its default). ``kernel`` (resolved, not AUTO) picks the ``gpu_gather`` kernel:
+    with :attr:`GatherKernel.CUDA`, ``block_ids`` must be a contiguous *pinned* int64 tensor
+    left unchanged until the launch has run, and the launch goes to ``stream`` (a
+    ``torch.cuda.Stream``; None: the current one) without switching torch's current stream.
     """
     n = int(block_ids.numel())
     if n == 0:
+        return
+    if strategy is GatherStrategy.GPU_GATHER and kernel is GatherKernel.CUDA:
+        gather_cuda.gather_kv_blocks_from_host(
+            src_key, src_value, block_ids, dst_key, dst_value, programs=programs, stream=stream
+        )
         return
     if strategy is GatherStrategy.GPU_GATHER:
         from servelab.kernels.gather_triton import gather_kv_blocks_from_host

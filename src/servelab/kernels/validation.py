@@ -6,7 +6,8 @@ the call without reading the kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -111,8 +112,8 @@ def check_block_ids(name: str, table: torch.Tensor, num_blocks: int, needed: int
             f"{name} holds {table.numel()} block ids but the length needs {needed}"
         )
     if needed:
-        used = table[:needed]
-        lo, hi = int(used.min()), int(used.max())
+        lo_t, hi_t = torch.aminmax(table[:needed])  # one pass: this check runs every call
+        lo, hi = int(lo_t), int(hi_t)
         if lo < 0 or hi >= num_blocks:
             raise KernelInputError(
                 f"{name} has block ids in [{lo}, {hi}] but the cache holds blocks "
@@ -128,3 +129,59 @@ def check_cache_tensor(name: str, t: object) -> torch.Tensor:
     require_dtype(name, t, KV_DTYPES)
     require_inner_contiguous(name, t, 3, "each block dense: [block_size, Hkv, D] row-major")
     return t
+
+
+def layout(t: torch.Tensor) -> tuple[object, ...]:
+    """What a check of ``t`` may depend on besides its values: identity, address, shape,
+    strides, dtype, device. In-place ``resize_``/``set_``/``as_strided_`` change it."""
+    return (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+class CheckMemo:
+    """Results of checks that cannot change while the tensors keep their layout, so a call
+    repeated on the same caches skips them (pinnedness, for one, is a driver call).
+
+    Keys hold :func:`layout` of the tensors plus any hashable extras; an entry is used only
+    while every tensor it was made from is still alive (held by weak reference, so an
+    ``id`` cannot be reused by a new tensor meanwhile) and the memo keeps at most
+    ``capacity`` entries (one per layer's caches, typically), dropping the oldest.
+
+    >>> memo = CheckMemo()
+    >>> t = torch.zeros(2)
+    >>> memo.get((t,), "x") is None
+    True
+    >>> memo.put((t,), "x", 42)
+    >>> memo.get((t,), "x"), memo.get((t.view(1, 2),), "x")
+    (42, None)
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._capacity = capacity
+        self._entries: dict[
+            tuple[object, ...], tuple[tuple[weakref.ref[torch.Tensor], ...], object]
+        ] = {}
+
+    @staticmethod
+    def _key(tensors: Sequence[torch.Tensor], extra: Hashable) -> tuple[object, ...]:
+        return (extra, *(layout(t) for t in tensors))
+
+    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable) -> object | None:
+        """The value stored for these tensors in this layout, or None."""
+        key = self._key(tensors, extra)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        refs, value = entry
+        if any(r() is not t for r, t in zip(refs, tensors, strict=True)):
+            del self._entries[key]
+            return None
+        return value
+
+    def put(self, tensors: Sequence[torch.Tensor], extra: Hashable, value: object) -> None:
+        if len(self._entries) >= self._capacity:
+            del self._entries[next(iter(self._entries))]
+        refs = tuple(weakref.ref(t) for t in tensors)
+        self._entries[self._key(tensors, extra)] = (refs, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
