@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     rows = []
     for warps in (4, 8):
         base = sm_splits[warps]
-        for splits in (base, 2 * base, 4 * base):
+        for splits in (base, 2 * base):
             for precise in (True, False):
                 cfg = LaunchConfig(backend="cuda", cuda_warps=warps, num_splits=splits,
                                    precise_table=precise)  # fmt: skip
@@ -79,17 +80,54 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     best_f = min((r for r in rows if not r["precise"]), key=lambda r: r["ms"])
     res["cuda_precise_best"] = best_p
     res["cuda_fast_best"] = best_f
+    best_cfg = LaunchConfig(backend="cuda", cuda_warps=best_p["warps"], num_splits=best_p["splits"])
+    res["cuda_precise_kernels_us"] = kernel_breakdown(lambda: tq(best_cfg))
+    print(json.dumps({"tokens": tokens, "kernels_us": res["cuda_precise_kernels_us"]}), flush=True)
     return res
+
+
+def kernel_breakdown(fn: Callable[[], Any], calls: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
+        if us > 0:
+            out[ev.key[:60]] = round(us / calls, 2)
+    return out
+
+
+def once(tokens: int) -> None:
+    """Three calls of the default configuration (for an external profiler)."""
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    codec = KVCodec.build(PRESET, D)
+    cache = codec.encode(k, k.flip(2))
+    for _ in range(3):
+        fused_decode_attention(q, cache, codec, config=LaunchConfig(backend="cuda"))
+    torch.cuda.synchronize()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[65536, 131072])
+    ap.add_argument("--once", action="store_true", help="three calls at the first size, no timing")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not cuda_ext.enabled(torch.device("cuda")):
         print("needs a CUDA device and nvcc", file=sys.stderr)
         return 2
+    if args.once:
+        once(args.tokens[0])
+        return 0
     dev = torch.device("cuda")
     t0 = time.perf_counter()
     library(dev)

@@ -44,11 +44,19 @@ __device__ __forceinline__ __half2 as_half2(uint32_t u) { return *reinterpret_ca
 __device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A 32-bit shared-memory load at a shared-window byte address. volatile keeps it after the
+// barrier that publishes the tables (volatile asm statements keep their order).
+__device__ __forceinline__ uint32_t lds(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
 }
 
 // Value codes of two tokens, byte-interleaved (x: low half token a, high half token b, four
@@ -120,22 +128,26 @@ struct Args {
   float qk_scale; int split_len; int num_splits; int group;
 };
 
+// Offsets inside one (sequence, KV head) slice of a plane fit 32 bits (checked on the host),
+// so a token's address is one 32-bit multiply-add and one 64-bit add.
 template <int D>
 __device__ __forceinline__ void load_tile(const Args& a, const uint8_t* kb, const __half* ksb,
                                           const uint8_t* vb, const __half* szb, int tile0,
-                                          int end, int g, int t, Tile<D>& f) {
+                                          int last, int g, int t, Tile<D>& f) {
+  const unsigned skt = (unsigned)a.skt, svt = (unsigned)a.svt;
+  const unsigned skst = (unsigned)a.skst, szt = (unsigned)a.szt;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    int tok = min(tile0 + 8 * j + g, end - 1);
-    KRow<D>::load(kb + tok * a.skt + (D / 8) * t, f.k[j]);
+    const unsigned tok = (unsigned)min(tile0 + 8 * j + g, last);
+    KRow<D>::load(kb + (tok * skt + (D / 8) * t), f.k[j]);
   }
   const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    int tok = min(tile0 + toks[i], end - 1);
-    VRow<D>::load(vb + tok * a.svt + (D / 16) * g, f.v[i]);
-    f.ks[i] = ksb[tok * a.skst];
-    f.sz[i] = __ldcs(reinterpret_cast<const unsigned int*>(szb + tok * a.szt));
+    const unsigned tok = (unsigned)min(tile0 + toks[i], last);
+    VRow<D>::load(vb + (tok * svt + (D / 16) * g), f.v[i]);
+    f.ks[i] = ksb[tok * skst];
+    f.sz[i] = __ldcs(reinterpret_cast<const unsigned int*>(szb + tok * szt));
   }
 }
 
@@ -189,22 +201,18 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
   const __half* ksb = a.ks + b * a.sksb + kvh * a.sksh;
   const uint8_t* vb = a.vc + b * a.svb + kvh * a.svh;
   const __half* szb = a.vsz + b * a.szb + kvh * a.szh;
-  const uint32_t* thi = smem + lane;
-  const uint32_t* tres = smem + TABLE + lane;
+  // This lane's column of the tables, as a shared-window byte address; a byte value v is
+  // 128·v further on, the residue table 4·TABLE bytes further.
+  const uint32_t tab = (uint32_t)__cvta_generic_to_shared(smem) + 4u * lane;
 
   float m = -INFINITY, l = 0.f, z = 0.f;
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
-  int tile0 = start + warp * TILE;
-  Tile<D> cur;
-  if (tile0 < end) load_tile<D>(a, kb, ksb, vb, szb, tile0, end, g, t, cur);
-  for (; tile0 < end; tile0 += NW * TILE) {
-    Tile<D> nxt;
-    const int next0 = tile0 + NW * TILE;
-    if (next0 < end) load_tile<D>(a, kb, ksb, vb, szb, next0, end, g, t, nxt);
-
+  // Tiles alternate between two register buffers: the next tile's loads are in flight while
+  // this one is attended, with no copies between the buffers.
+  auto attend = [&](const Tile<D>& cur, const int tile0) {
     // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo).
     float sc[2][4];
 #pragma unroll
@@ -215,10 +223,10 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
         const uint32_t word = cur.k[j][w];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // k-step 2w + h: bytes 2h (b0) and 2h + 1 (b1)
-          const uint32_t i0 = ((word >> (16 * h)) & 0xFFu) << 5;
-          const uint32_t i1 = ((word >> (16 * h + 8)) & 0xFFu) << 5;
-          mma16816(sc[j], qa[2 * w + h], thi[i0], thi[i1]);
-          if (PRECISE) mma16816(sc[j], qa[2 * w + h], tres[i0], tres[i1]);
+          const uint32_t a0 = tab + 128u * __byte_perm(word, 0u, 0x4440u + 2 * h);
+          const uint32_t a1 = tab + 128u * __byte_perm(word, 0u, 0x4441u + 2 * h);
+          mma16816(sc[j], qa[2 * w + h], lds(a0), lds(a1));
+          if (PRECISE) mma16816(sc[j], qa[2 * w + h], lds(a0 + 4 * TABLE), lds(a1 + 4 * TABLE));
         }
       }
     }
@@ -284,7 +292,19 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
         for (int c = 0; c < 4; ++c) mma16816(acc[8 * u + 4 * half + c], pa, b0[c], b1[c]);
       }
     }
-    cur = nxt;
+  };
+  constexpr int STEP = NW * TILE;
+  int tile0 = start + warp * TILE;
+  Tile<D> fa, fb;
+  if (tile0 < end) load_tile<D>(a, kb, ksb, vb, szb, tile0, end - 1, g, t, fa);
+  while (tile0 < end) {
+    if (tile0 + STEP < end) load_tile<D>(a, kb, ksb, vb, szb, tile0 + STEP, end - 1, g, t, fb);
+    attend(fa, tile0);
+    tile0 += STEP;
+    if (tile0 >= end) break;
+    if (tile0 + STEP < end) load_tile<D>(a, kb, ksb, vb, szb, tile0 + STEP, end - 1, g, t, fa);
+    attend(fb, tile0);
+    tile0 += STEP;
   }
 
   // Fold the four lanes of a row group, then the warps of the CTA (tables are done).
@@ -341,23 +361,39 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// One CTA per query row: the split weights exp2(lse - max) go to shared memory once, then
+// each thread sums its coordinate over the splits with independent loads in flight.
 template <typename T>
 __global__ void merge_kernel(const float* part_o, const float* part_l, T* out, long long sob,
                              long long soh, long long sod, int hq, int num_splits, int d_all) {
+  extern __shared__ float wts[];  // num_splits weights, then one slot per warp
+  float* red = wts + num_splits;
   const int row = blockIdx.x;  // b·hq + h
   const int b = row / hq, h = row % hq;
   const long long base = (long long)row * num_splits;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   float mm = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, part_l[base + s]);
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
+    const float v = part_l[base + s];
+    wts[s] = v;
+    mm = fmaxf(mm, v);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+  if (lane == 0) red[warp] = mm;
+  __syncthreads();
+  mm = red[0];
+  for (int w = 1; w < nwarps; ++w) mm = fmaxf(mm, red[w]);
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x)
+    wts[s] = mm == -INFINITY ? 0.f : exp2f(wts[s] - mm);
+  __syncthreads();
+  float den = 0.f;
+  for (int s = 0; s < num_splits; ++s) den += wts[s];
   for (int d = threadIdx.x; d < d_all; d += blockDim.x) {
-    float o = 0.f, den = 0.f;
-    if (mm != -INFINITY) {
-      for (int s = 0; s < num_splits; ++s) {
-        const float w = exp2f(part_l[base + s] - mm);
-        o += w * part_o[(base + s) * d_all + d];
-        den += w;
-      }
-    }
+    float o = 0.f;
+    const float* col = part_o + base * d_all + d;
+#pragma unroll 8
+    for (int s = 0; s < num_splits; ++s) o += wts[s] * __ldcg(col + (long long)s * d_all);
     out[b * sob + h * soh + d * sod] = from_float<T>(den > 0.f ? o / den : 0.f);
   }
 }
@@ -416,14 +452,15 @@ int tq4_merge(const float* part_o, const float* part_l, void* out, long long sob
               void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int threads = head_size < 128 ? head_size : 128;
+  const size_t smem = (num_splits + 32) * sizeof(float);
   if (dtype == 0)
-    merge_kernel<float><<<rows, threads, 0, s>>>(part_o, part_l, static_cast<float*>(out), sob,
+    merge_kernel<float><<<rows, threads, smem, s>>>(part_o, part_l, static_cast<float*>(out), sob,
                                                  soh, sod, hq, num_splits, head_size);
   else if (dtype == 1)
-    merge_kernel<__half><<<rows, threads, 0, s>>>(part_o, part_l, static_cast<__half*>(out), sob,
+    merge_kernel<__half><<<rows, threads, smem, s>>>(part_o, part_l, static_cast<__half*>(out), sob,
                                                   soh, sod, hq, num_splits, head_size);
   else if (dtype == 2)
-    merge_kernel<__nv_bfloat16><<<rows, threads, 0, s>>>(
+    merge_kernel<__nv_bfloat16><<<rows, threads, smem, s>>>(
         part_o, part_l, static_cast<__nv_bfloat16*>(out), sob, soh, sod, hq, num_splits,
         head_size);
   else
