@@ -63,6 +63,7 @@ def unsupported(
     group: int,
     d: int,
     key_codes: torch.Tensor,
+    key_scales: torch.Tensor,
     value_codes: torch.Tensor,
     value_scale_zero: torch.Tensor,
     out: torch.Tensor,
@@ -80,6 +81,14 @@ def unsupported(
         return f"value code rows must be contiguous and {d // 16}-byte aligned"
     if value_scale_zero.stride(-1) != 1 or not _aligned(value_scale_zero, 4):
         return "value (scale, zero) pairs must be contiguous and 4-byte aligned"
+    for name, plane in (
+        ("key codes", key_codes),
+        ("key scales", key_scales),
+        ("value codes", value_codes),
+        ("value scale/zero", value_scale_zero),
+    ):
+        if (int(plane.shape[2]) - 1) * abs(plane.stride(2)) >= 2**31:
+            return f"{name}: token offsets within a (sequence, head) slice exceed 31 bits"
     if out.dtype not in OUT_DTYPES:
         return f"output dtype {out.dtype} is not float32, float16 or bfloat16"
     return None

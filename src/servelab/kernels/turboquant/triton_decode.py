@@ -327,7 +327,17 @@ def _cuda_kernel(
     error naming the reason."""
     if cfg.backend == "triton":
         return False
-    reason = unsupported(group, d, cache.key_codes, cache.value_codes, cache.value_scale_zero, out)
+    if cache.key_scales is None:
+        return False
+    reason = unsupported(
+        group,
+        d,
+        cache.key_codes,
+        cache.key_scales,
+        cache.value_codes,
+        cache.value_scale_zero,
+        out,
+    )
     if reason is not None and cfg.backend == "cuda":
         raise KernelInputError(f"{where}: backend='cuda' cannot run here: {reason}")
     return reason is None
