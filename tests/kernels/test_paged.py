@@ -11,6 +11,7 @@ hold NaN, so an unwritten element or a wrong block id shows up as NaN or a large
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -19,11 +20,19 @@ import pytest
 import torch
 
 from servelab.errors import KernelInputError
+from servelab.kernels import gather_cuda
 from servelab.kernels.attention import attend_range, chunk_fully_masked
+from servelab.kernels.gather_cuda import IdRing
 from servelab.kernels.paged import Chunk, check_plan, cpu_paged_attention, plan_chunks
 from servelab.kernels.paged_cache import PagedKVCache, blocks_for
 from servelab.kernels.reference import reference_attention
-from servelab.kernels.staging import GatherStrategy, StagingScratch, gpu_gather_supported
+from servelab.kernels.staging import (
+    GatherKernel,
+    GatherStrategy,
+    StagingScratch,
+    gpu_gather_supported,
+    triton_available,
+)
 from servelab.kernels.tolerance import check_attention
 
 pytestmark = pytest.mark.kernels
@@ -179,6 +188,7 @@ def run(
     overlap: bool = True,
     step: str = "auto",
     gather_programs: int | None = None,
+    gather_kernel: str | GatherKernel = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.full_like(sc.query, NAN, memory_format=torch.contiguous_format)
     lse = torch.full(sc.query.shape[:2], NAN, dtype=torch.float32, device=sc.query.device)
@@ -198,6 +208,7 @@ def run(
         overlap=overlap,
         step=step,
         gather_programs=gather_programs,
+        gather_kernel=gather_kernel,
         out=out,
         out_lse=lse,
     )
@@ -223,10 +234,16 @@ def test_matches_reference(
     assert report.ok, report.explain()
 
 
-def _strategies(device: torch.device, src: torch.Tensor) -> list[GatherStrategy]:
-    found = [GatherStrategy.PER_BLOCK, GatherStrategy.COALESCED, GatherStrategy.CPU_PACK]
-    if gpu_gather_supported(src, device):
-        found.append(GatherStrategy.GPU_GATHER)
+def _strategies(device: torch.device, src: torch.Tensor) -> list[tuple[GatherStrategy, str]]:
+    """Every strategy that runs here, ``gpu_gather`` once per gather kernel that runs."""
+    found = [
+        (s, "auto")
+        for s in (GatherStrategy.PER_BLOCK, GatherStrategy.COALESCED, GatherStrategy.CPU_PACK)
+    ]
+    if gpu_gather_supported(src, device) and triton_available():
+        found.append((GatherStrategy.GPU_GATHER, "triton"))
+    if gather_cuda.available(src, device):
+        found.append((GatherStrategy.GPU_GATHER, "cuda"))
     return found
 
 
@@ -238,12 +255,73 @@ def test_strategies_and_overlap_give_identical_results(
     case = Case(16, 4, 64, 2, 700, 9, 160, interleaved=interleaved)
     sc = build(case, device, torch_gen)
     want, want_lse = run(sc, case, GatherStrategy.PER_BLOCK, overlap=False)
-    for strategy in _strategies(device, sc.cpu_cache.key):
+    for strategy, kernel in _strategies(device, sc.cpu_cache.key):
         for overlap in (False, True):
             _poison(sc.scratch.key, sc.scratch.value)
-            out, lse = run(sc, case, strategy, overlap)
-            assert torch.equal(out, want), (strategy, overlap)
-            assert torch.equal(lse, want_lse), (strategy, overlap)
+            out, lse = run(sc, case, strategy, overlap, gather_kernel=kernel)
+            assert torch.equal(out, want), (strategy, kernel, overlap)
+            assert torch.equal(lse, want_lse), (strategy, kernel, overlap)
+
+
+@pytest.mark.parametrize("slots", [1, 8])
+def test_cuda_gather_back_to_back_calls_with_changing_tables(
+    device: torch.device, torch_gen: torch.Generator, slots: int
+) -> None:
+    """Calls issued without a sync between them, each with its own block table: a pinned id
+    buffer rewritten before the launch that reads it had run would stage another call's
+    blocks. One ring slot forces every call to wait for the previous one's staging."""
+    case = Case(16, 4, 64, 1, 700, 9, 160)
+    sc = build(case, device, torch_gen)
+    if not gather_cuda.available(sc.cpu_cache.key, device):
+        pytest.skip("needs the CUDA gather: a CUDA device, nvcc and a pinned host cache")
+    sc = dataclasses.replace(sc, scratch=dataclasses.replace(sc.scratch, id_ring=IdRing(slots)))
+    # Tables: the same blocks in other orders, with the cache rewritten to match, so that
+    # every call attends the same tokens only if it staged its own table's blocks.
+    nb = blocks_for(case.cpu_len, case.block)
+    layouts = []
+    for _ in range(6):
+        perm = torch.randperm(sc.cpu_cache.num_blocks, generator=torch_gen)[:nb].to(torch.int32)
+        cache = PagedKVCache.allocate(
+            num_blocks=sc.cpu_cache.num_blocks, block_size=case.block, num_kv_heads=case.hkv,
+            head_size=case.head, dtype=case.dtype, device="cpu", pin_memory=True,
+        )  # fmt: skip
+        _poison(cache.key, cache.value)
+        cache.write(perm, sc.key[: case.cpu_len], sc.value[: case.cpu_len])
+        layouts.append((cache, perm))
+    want, want_lse = run(sc, case, gather_kernel="triton")
+    outs = []
+    for cache, perm in layouts:
+        outs.append(
+            run(dataclasses.replace(sc, cpu_cache=cache, cpu_table=perm), case, "gpu_gather")
+        )
+    torch.cuda.synchronize()
+    for i, (out, lse) in enumerate(outs):
+        assert torch.equal(out, want) and torch.equal(lse, want_lse), i
+
+
+def test_bad_values_raise_after_a_good_call(
+    device: torch.device, torch_gen: torch.Generator
+) -> None:
+    """The checks a scratch remembers are the layout ones: lengths, block ids and scalars
+    are still checked on every call, and a changed cache layout is checked again."""
+    case = Case(16, 2, 64, 2, 100, 20, 64)
+    sc = build(case, device, torch_gen)
+    run(sc, case)  # fills scratch.checks
+    bad_table = sc.cpu_table.clone()
+    bad_table[1] = -1
+    with pytest.raises(KernelInputError, match=r"cpu_block_table has block ids in \[-1"):
+        run(dataclasses.replace(sc, cpu_table=bad_table), case)
+    with pytest.raises(KernelInputError, match="cpu_block_table holds 2 block ids"):
+        run(dataclasses.replace(sc, cpu_table=sc.cpu_table[:2]), case)
+    with pytest.raises(KernelInputError, match="scratch too small for one chunk"):
+        run(sc, dataclasses.replace(case, chunk=10 * case.chunk))
+    with pytest.raises(KernelInputError, match="window must be None or an int >= 1"):
+        run(sc, dataclasses.replace(case, window=0))
+    # The same cache object, its tensors swapped in place for a non-dense view.
+    wide = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16)
+    sc.cpu_cache.key.set_(wide[..., ::2])  # type: ignore[call-overload]
+    with pytest.raises(KernelInputError, match=r"cpu_cache\.key must be contiguous"):
+        run(sc, case)
 
 
 def test_pageable_host_cache(device: torch.device, torch_gen: torch.Generator) -> None:

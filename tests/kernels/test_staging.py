@@ -6,16 +6,21 @@ import pytest
 import torch
 
 from servelab.errors import KernelInputError
+from servelab.kernels import cuda_ext, gather_cuda
+from servelab.kernels.gather_cuda import IdRing
 from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.staging import (
+    GatherKernel,
     GatherStrategy,
     StagingScratch,
     block_runs,
     gpu_gather_supported,
+    resolve_gather_kernel,
     resolve_strategy,
     stage_blocks,
+    triton_available,
 )
-from servelab.kernels.validation import check_block_ids
+from servelab.kernels.validation import CheckMemo, check_block_ids
 
 pytestmark = pytest.mark.kernels
 
@@ -104,29 +109,225 @@ def test_round_trip_is_byte_exact(
         buffers=1,
         with_pack=True,
     )
-    strategies = [GatherStrategy.PER_BLOCK, GatherStrategy.COALESCED, GatherStrategy.CPU_PACK]
-    if gpu_gather_supported(cache.key, device):
-        strategies.append(GatherStrategy.GPU_GATHER)
+    runs = [
+        (s, GatherKernel.TRITON)
+        for s in (GatherStrategy.PER_BLOCK, GatherStrategy.COALESCED, GatherStrategy.CPU_PACK)
+    ]
+    if gpu_gather_supported(cache.key, device) and triton_available():
+        runs.append((GatherStrategy.GPU_GATHER, GatherKernel.TRITON))
+    if gather_cuda.available(cache.key, device):
+        runs.append((GatherStrategy.GPU_GATHER, GatherKernel.CUDA))
     want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
-    for strategy in strategies:
+    for strategy, kernel in runs:
         scratch.key.fill_(float("nan"))
         scratch.value.fill_(float("nan"))
         stage_blocks(
             cache.key,
             cache.value,
-            ids,
+            _pinned(ids) if kernel is GatherKernel.CUDA else ids,
             scratch.key[0],
             scratch.value[0],
             strategy=strategy,
             device_ids=ids.to(device),
             pack_key=None if scratch.pack_key is None else scratch.pack_key[0],
             pack_value=None if scratch.pack_value is None else scratch.pack_value[0],
+            kernel=kernel,
         )
-        got_k, got_v = _bits(scratch.key[0, : len(ids)]), _bits(scratch.value[0, : len(ids)])
-        assert torch.equal(got_k, want_k), strategy
-        assert torch.equal(got_v, want_v), strategy
-        # Blocks past the staged ones stay untouched.
-        assert torch.isnan(scratch.key[0, len(ids) :]).all(), strategy
+        _assert_staged(scratch, want_k, want_v, len(ids), (strategy, kernel))
+
+
+def _pinned(ids: torch.Tensor) -> torch.Tensor:
+    return ids.to(torch.int64).pin_memory()
+
+
+def _assert_staged(
+    scratch: StagingScratch, want_k: torch.Tensor, want_v: torch.Tensor, n: int, what: object
+) -> None:
+    got_k, got_v = _bits(scratch.key[0, :n]), _bits(scratch.value[0, :n])
+    assert torch.equal(got_k, want_k), what
+    assert torch.equal(got_v, want_v), what
+    # Blocks past the staged ones stay untouched.
+    assert torch.isnan(scratch.key[0, n:]).all(), what
+    assert torch.isnan(scratch.value[0, n:]).all(), what
+
+
+def _cuda_gather_reason(device: torch.device) -> str | None:
+    """Why the CUDA gather cannot run here (None: it can)."""
+    if device.type != "cuda":
+        return f"the CUDA gather needs a CUDA device; the test device is {device}"
+    if not cuda_ext.enabled(device):
+        return "the CUDA gather needs nvcc ($CUDA_HOME/bin, /usr/local/cuda/bin or PATH)"
+    return None
+
+
+CUDA_CASES = [
+    # block, heads, head, dtype, interleaved, table, blocks in the cache, ids taken
+    (16, 2, 64, torch.bfloat16, False, "random", 40, 23),
+    (32, 2, 64, torch.float16, True, "random", 40, 23),
+    (256, 8, 128, torch.bfloat16, False, "runs", 24, 17),
+    (16, 2, 64, torch.float32, True, "reversed", 40, 23),
+    (1, 1, 8, torch.float16, False, "random", 5000, 4500),  # 16-byte blocks; 2 launches
+]
+
+
+@pytest.mark.parametrize(
+    ("block", "heads", "head", "dtype", "interleaved", "table", "num_blocks", "take"),
+    CUDA_CASES,
+    ids=[
+        f"bs{c[0]}-h{c[1]}-d{c[2]}-{str(c[3]).removeprefix('torch.')}-"
+        f"{'kvi' if c[4] else 'split'}-{c[5]}-n{c[7]}"
+        for c in CUDA_CASES
+    ],
+)
+@pytest.mark.parametrize(("programs", "threads"), [(None, gather_cuda.THREADS), (1, 32), (7, 512)])
+def test_cuda_gather_round_trip_is_byte_exact(
+    device: torch.device,
+    torch_gen: torch.Generator,
+    block: int,
+    heads: int,
+    head: int,
+    dtype: torch.dtype,
+    interleaved: bool,
+    table: str,
+    num_blocks: int,
+    take: int,
+    programs: int | None,
+    threads: int,
+) -> None:
+    """Random bit patterns through the CUDA gather, split and interleaved layouts; more ids
+    than one launch takes (4096) in the last case; every grid and CTA size."""
+    reason = _cuda_gather_reason(device)
+    if reason:
+        pytest.skip(reason)
+    cache = _random_bits_cache(torch_gen, num_blocks, block, heads, head, dtype, True, interleaved)
+    ids = _table(torch_gen, table, num_blocks, take)
+    scratch = StagingScratch.allocate(
+        chunk_blocks=take + 2, block_size=block, num_kv_heads=heads, head_size=head,
+        dtype=dtype, device=device, buffers=1,
+    )  # fmt: skip
+    scratch.key.fill_(float("nan"))
+    scratch.value.fill_(float("nan"))
+    gather_cuda.gather_kv_blocks_from_host(
+        cache.key, cache.value, _pinned(ids), scratch.key[0], scratch.value[0],
+        programs=programs, threads=threads,
+    )  # fmt: skip
+    want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
+    _assert_staged(scratch, want_k, want_v, take, (programs, threads))
+    assert gather_cuda.vector_bytes(cache.key, cache.value, scratch.key[0], scratch.value[0]) == 16
+
+
+def _table(gen: torch.Generator, kind: str, num_blocks: int, take: int) -> torch.Tensor:
+    if kind == "random":
+        ids = torch.randperm(num_blocks, generator=gen)[:take]
+    elif kind == "runs":  # a few runs of consecutive ids, as a real allocator leaves them
+        starts = torch.randperm(num_blocks - 6, generator=gen)[:4].tolist()
+        ids = torch.tensor([s + j for s in starts for j in range(5)][:take])
+    else:
+        ids = torch.arange(num_blocks - 1, num_blocks - 1 - take, -1)
+    return ids.to(torch.int64)
+
+
+@pytest.mark.parametrize("offset", [2, 4, 8], ids=lambda o: f"align{o}")
+def test_cuda_gather_narrow_vectors_on_unaligned_memory(
+    device: torch.device, torch_gen: torch.Generator, offset: int
+) -> None:
+    """Source and destination shifted by ``offset`` bytes: the kernel drops to ``offset``-byte
+    loads and stays byte-exact."""
+    reason = _cuda_gather_reason(device)
+    if reason:
+        pytest.skip(reason)
+    num_blocks, block, heads, head, take = 30, 16, 2, 64, 19
+    shape = (num_blocks, block, heads, head)
+    numel = num_blocks * block * heads * head
+    raw = torch.empty(2 * (2 * numel + 16), dtype=torch.uint8).pin_memory()
+    bits = torch.randint(0, 256, (raw.numel(),), generator=torch_gen, dtype=torch.int64)
+    raw.copy_(bits.to(torch.uint8))
+    both = raw[offset : offset + 4 * numel].view(torch.float16)
+    key, value = both[:numel].view(shape), both[numel:].view(shape)
+    dst_raw = torch.full((2 * (2 * take * block * heads * head) + 16,), 0xFF, dtype=torch.uint8,
+                         device=device)  # fmt: skip
+    n = take * block * heads * head
+    dst = dst_raw[offset : offset + 4 * n].view(torch.float16)
+    dst_k, dst_v = dst[:n].view(take, block, heads, head), dst[n:].view(take, block, heads, head)
+    ids = torch.randperm(num_blocks, generator=torch_gen)[:take]
+    assert gather_cuda.vector_bytes(key, value, dst_k, dst_v) == offset
+    gather_cuda.gather_kv_blocks_from_host(key, value, _pinned(ids), dst_k, dst_v)
+    assert torch.equal(_bits(dst_k), _bits(key[ids]))
+    assert torch.equal(_bits(dst_v), _bits(value[ids]))
+
+
+def test_resolve_gather_kernel(device: torch.device) -> None:
+    host = torch.zeros(4, 16, 2, 8)
+    with pytest.raises(KernelInputError, match="gather_kernel must be one of"):
+        resolve_gather_kernel("ptx", host, device)
+    # A pageable source never takes the CUDA gather (its pointer is not mapped).
+    assert resolve_gather_kernel("auto", host, device) is GatherKernel.TRITON
+    with pytest.raises(KernelInputError, match="gather_kernel='cuda' needs a CUDA device"):
+        resolve_gather_kernel("cuda", host, device)
+
+
+class _FakeGuard:
+    """An event that records whether the ring waited on it."""
+
+    def __init__(self) -> None:
+        self.waited = 0
+
+    def synchronize(self) -> None:
+        self.waited += 1
+
+
+def test_id_ring_waits_before_reuse_and_grows() -> None:
+    allocated: list[int] = []
+
+    def allocate(n: int) -> torch.Tensor:
+        allocated.append(n)
+        return torch.empty(n, dtype=torch.int64)
+
+    ring = IdRing(slots=2, allocate=allocate)
+    s0, b0 = ring.acquire(10)
+    g0 = _FakeGuard()
+    ring.guard(s0, g0)
+    s1, b1 = ring.acquire(10)
+    assert (s0, s1) == (0, 1) and b0.data_ptr() != b1.data_ptr()
+    assert g0.waited == 0, "a slot is waited on only when it comes round again"
+    ring.guard(s1, _FakeGuard())
+    later = _FakeGuard()
+    ring.guard(s0, later)  # a later launch read slot 0 too: that is the event to wait on
+    s2, b2 = ring.acquire(10)
+    assert s2 == 0 and b2.data_ptr() == b0.data_ptr()
+    assert later.waited == 1 and g0.waited == 0
+    s3, _ = ring.acquire(10)
+    assert s3 == 1
+    # Growing a slot: the old buffer is dropped only after its guard was waited on.
+    g = _FakeGuard()
+    ring.guard(0, g)
+    s4, b4 = ring.acquire(1000)
+    assert s4 == 0 and g.waited == 1 and b4.numel() >= 1000
+    assert allocated == [256, 256, 1000]
+    # A guard is waited on once; an unguarded slot (no launch read it) is handed out at once.
+    ring.acquire(1)
+    ring.acquire(1)
+    assert g.waited == 1
+    with pytest.raises(ValueError, match="at least one slot"):
+        IdRing(slots=0)
+
+
+def test_check_memo_sees_identity_and_layout() -> None:
+    memo = CheckMemo(capacity=2)
+    a = torch.zeros(4, 4)
+    memo.put((a,), "k", "ok")
+    assert memo.get((a,), "k") == "ok"
+    assert memo.get((a,), "other") is None
+    assert memo.get((a.clone(),), "k") is None  # another tensor, same layout
+    a.resize_(2, 8)  # same object, new shape
+    assert memo.get((a,), "k") is None
+    b, c = torch.zeros(1), torch.zeros(1)
+    memo.put((a,), "k", 1)
+    memo.put((b,), "k", 2)
+    memo.put((c,), "k", 3)  # capacity 2: the oldest entry goes
+    assert memo.get((a,), "k") is None and memo.get((b,), "k") == 2
+    memo.clear()
+    assert memo.get((b,), "k") is None
 
 
 def test_block_runs() -> None:
