@@ -44,7 +44,13 @@ from servelab.kernels import attention as step_new
 from servelab.kernels.attention import finalize, new_state
 from servelab.kernels.paged import cpu_paged_attention, plan_chunks
 from servelab.kernels.paged_cache import PagedKVCache
-from servelab.kernels.staging import GatherStrategy, StagingScratch, stage_blocks
+from servelab.kernels.staging import (
+    GatherKernel,
+    GatherStrategy,
+    StagingScratch,
+    resolve_gather_kernel,
+    stage_blocks,
+)
 
 GB = 1e9
 MiB = 1 << 20
@@ -267,6 +273,7 @@ def bench_decode(
     step: str = "new",
     chunk_step: str = "auto",
     steady: bool = False,
+    gather_kernel: str = "auto",
 ) -> Figure:
     cache = host.cache(block)
     dev = torch.device("cuda")
@@ -306,6 +313,7 @@ def bench_decode(
             strategy=strategy,
             overlap=overlap,
             gather_programs=programs,
+            gather_kernel=gather_kernel,
             step=chunk_step,
             out=out,
             out_lse=lse,
@@ -319,6 +327,7 @@ def bench_decode(
         "chunk_step": chunk_step,
         "host_issue_ms": round(issue, 3),
         "programs": programs,
+        "gather_kernel": gather_kernel,
         "ctx": ctx,
         "block": block,
         "strategy": strategy,
@@ -364,12 +373,16 @@ def bench_split(
     *,
     programs: int | None = None,
     steps: tuple[str, ...] = ("new",),
+    kernel: str = "auto",
 ) -> list[Figure]:
-    """The decode chunk loop with only the staging (gpu_gather) or only the attention."""
+    """The decode chunk loop with only the staging (gpu_gather; ``kernel`` as the call's
+    ``gather_kernel``) or only the attention."""
     cache = host.cache(block)
     dev = torch.device("cuda")
     table = random_table(cache.num_blocks, ctx // block, 2)
     ids_dev = table.to(dev)
+    gkernel = resolve_gather_kernel(kernel, cache.key, dev)
+    ids_src = table.pin_memory() if gkernel is GatherKernel.CUDA else table
     nb = chunk_tokens // block
     scratch = StagingScratch.allocate(
         chunk_blocks=nb, block_size=block, num_kv_heads=HKV, head_size=HEAD, dtype=DTYPE, device=dev
@@ -382,12 +395,13 @@ def bench_split(
             stage_blocks(
                 cache.key,
                 cache.value,
-                table[c.block_start : c.block_end],
+                ids_src[c.block_start : c.block_end],
                 scratch.key[slot],
                 scratch.value[slot],
                 strategy=GatherStrategy.GPU_GATHER,
                 device_ids=ids_dev[c.block_start : c.block_end],
                 programs=programs,
+                kernel=gkernel,
             )
 
     gen = torch.Generator().manual_seed(4)
@@ -420,7 +434,7 @@ def bench_split(
     figs = [
         figure(
             "stage_only",
-            {**params, "programs": programs},
+            {**params, "programs": programs, "gather_kernel": gkernel.value},
             time_cuda(stage_only, reps),
             kv_bytes(ctx),
         )
@@ -526,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         "triton": _triton_version(),
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
         "mm_out_dtype": step_new._HAS_OUT_DTYPE,
+        "gather_kernel": resolve_gather_kernel(
+            "auto", torch.empty(1, 1, 1, 1, pin_memory=True), torch.device("cuda")
+        ).value,
     }
     print(json.dumps(env), flush=True)
     reps = 5 if args.quick else 10
@@ -727,6 +744,10 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
             f = bench_split(host, ctx, 256, chunk, r, programs=32, steps=())[0]
             figs.append(f)
             row[f"stage_c{chunk // 1024}k"] = f
+        # The Triton gather beside the default (the CUDA one where nvcc is found).
+        f = bench_split(host, ctx, 256, 32768, r, programs=32, steps=(), kernel="triton")[0]
+        figs.append(f)
+        row["stage_c32k_tgather"] = f
         for key, block, step, chunk, steady in configs:
             f = bench_decode(
                 host, ctx, block, "auto", True, chunk, r, programs=32, chunk_step=step,
@@ -734,15 +755,22 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
             )  # fmt: skip
             figs.append(f)
             row[key] = f
+        f = bench_decode(
+            host, ctx, 256, "auto", True, 32768, r, programs=32, chunk_step="triton",
+            gather_kernel="triton",
+        )  # fmt: skip
+        figs.append(f)
+        row["triton_c32k_tgather"] = f
         summary.append(row)
         _progress(figs, t0)
     save_run(out_dir, "paged_steps", env, copy_rate, accuracy, figs)
-    keys = ["stage_c32k", "stage_c8k"] + [c[0] for c in configs]
+    keys = ["stage_c32k", "stage_c8k", "stage_c32k_tgather"] + [c[0] for c in configs]
+    keys.append("triton_c32k_tgather")
     lines = [
         f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
         "decode ms (% of the copy rate measured just before the row) [host issue ms]; bf16, "
         "8 KV / 64 q heads, d 128, 1 query token, random table, gather 32 programs, bs256 "
-        "unless named",
+        f"unless named; gather kernel {env.get('gather_kernel')} unless _tgather (Triton)",
         "| ctx | row copy GB/s | " + " | ".join(keys) + " |",
         "|---" * (len(keys) + 2) + "|",
     ]

@@ -1,7 +1,12 @@
 """Host time of each step before the first copy of a CPU-paged decode call is launched.
 
 Replays, in order, what :func:`cpu_paged_attention` does before its first staging launch,
-with a clock between steps (no profiler; medians over repeats), then times whole calls.
+with a clock between steps (no profiler; medians over repeats), once per gather kernel:
+``triton`` (ids copied to the device, the launch inside a copy-stream context) and ``cuda``
+(ids written to the scratch's pinned ring, a ctypes launch on the copy stream's handle).
+``check`` is the call's checks as a repeated call runs them (layout checks remembered by the
+scratch); ``validate_full`` beside it is the full check a first call runs. Then times whole
+calls (host issue time, launches enqueued, not finished) with each kernel.
 
     PYTHONPATH=src python3 benchmarks/kernels/paged_host_phases.py [ctx] [chunk]
 """
@@ -12,67 +17,126 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from paged_inputs import BLOCK, DecodeInputs
 
-from servelab.kernels import paged
-from servelab.kernels.staging import GatherStrategy, resolve_strategy, stage_blocks
+from servelab.kernels import gather_cuda, paged
+from servelab.kernels.staging import GatherKernel, GatherStrategy, stage_blocks
+
+REPS = 60
+
+
+def _phases(inputs: DecodeInputs, kernel: GatherKernel) -> dict[str, float]:
+    ctx, dev, scratch = inputs.ctx, torch.device("cuda"), inputs.scratch
+    cache, table = inputs.cache, inputs.table
+    args = paged._Args(
+        inputs.query, cache, table, ctx, inputs.gpu, inputs.gpu_table, BLOCK, scratch, None,
+        None, None, None, inputs.out, inputs.lse,
+    )  # fmt: skip
+    steps: dict[str, list[float]] = {}
+
+    def clock(name: str, t: int) -> int:
+        now = time.perf_counter_ns()
+        steps.setdefault(name, []).append((now - t) / 1e3)
+        return now
+
+    for rep in range(REPS):
+        torch.cuda.synchronize()
+        t = time.perf_counter_ns()
+        paged._validate(args)
+        t = clock("validate_full", t)  # not on the path of a repeated call: left out of sum
+        chunk_blocks, checked = paged._check(args, "auto", kernel.value, "auto")
+        t = clock("check", t)
+        assert checked.strategy is GatherStrategy.GPU_GATHER and checked.kernel is kernel
+        chunks = paged.plan_chunks(ctx, BLOCK, chunk_blocks)
+        t = clock("plan_chunks", t)
+        streams = paged._Streams(dev, True)
+        t = clock("streams", t)
+        c = chunks[0]
+        if kernel is GatherKernel.CUDA:
+            n_ids = chunks[-1].block_end
+            slot, buf = scratch.id_ring.acquire(n_ids)
+            ids_host = buf[:n_ids]
+            ids_host.copy_(table[:n_ids])
+            t = clock("ids_to_pinned_ring", t)
+            streams.copy_waits_compute()
+            t = clock("copy_waits_compute", t)
+            stage_blocks(
+                cache.key, cache.value, ids_host[c.block_start : c.block_end],
+                scratch.key[0], scratch.value[0], strategy=checked.strategy,
+                kernel=GatherKernel.CUDA, stream=streams.copy,
+            )  # fmt: skip
+            t = clock("first_gather_launch", t)
+            scratch.id_ring.guard(slot, streams.record(streams.copy))
+            t = clock("record_event", t)
+        else:
+            ids_host = table[: chunks[-1].block_end].to(torch.int64)
+            t = clock("ids_int64", t)
+            ids_dev = ids_host.to(dev)
+            t = clock("ids_to_device", t)
+            streams.copy_waits_compute()
+            t = clock("copy_waits_compute", t)
+            with streams.on_copy():
+                t = clock("enter_copy_stream", t)
+                stage_blocks(
+                    cache.key, cache.value, ids_host[c.block_start : c.block_end],
+                    scratch.key[0], scratch.value[0], strategy=checked.strategy,
+                    device_ids=ids_dev[c.block_start : c.block_end],
+                )  # fmt: skip
+                t = clock("first_gather_launch", t)
+                streams.record(streams.copy)
+                t = clock("record_event", t)
+            clock("leave_copy_stream", t)
+        if rep == 0:
+            steps.clear()  # the first pass compiles and warms caches
+    out = {k: round(statistics.median(v), 1) for k, v in steps.items()}
+    skip = ("validate_full", "record_event", "leave_copy_stream")
+    out["sum_to_first_launch"] = round(sum(v for k, v in out.items() if k not in skip), 1)
+    return out
+
+
+def _issue_us(fn: Callable[[], None], reps: int = 30) -> float:
+    """Median host time to return from a whole call (launches enqueued, not finished)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t) / 1e3)
+    torch.cuda.synchronize()
+    return round(statistics.median(times), 1)
 
 
 def main() -> int:
     ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
-    dev = torch.device("cuda")
     inputs = DecodeInputs.build(ctx, chunk)
-    cache, table, gpu, gtable = inputs.cache, inputs.table, inputs.gpu, inputs.gpu_table
-    scratch, query = inputs.scratch, inputs.query
-    steps: dict[str, list[float]] = {}
-
-    def clock(name: str, t: float) -> float:
-        now = time.perf_counter()
-        steps.setdefault(name, []).append((now - t) * 1e6)
-        return now
-
-    for rep in range(60):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        chunk_blocks = paged._validate(
-            query, cache, table, ctx, gpu, gtable, BLOCK, scratch=scratch, chunk_tokens=None,
-            scale=None, window=None, softcap=None, out=None, out_lse=None,
-        )  # fmt: skip
-        t = clock("validate", t)
-        paged._resolve_step("auto", query, cache.dtype)
-        t = clock("resolve_step", t)
-        strat = resolve_strategy("auto", cache.key, dev)
-        t = clock("resolve_strategy", t)
-        chunks = paged.plan_chunks(ctx, BLOCK, chunk_blocks)
-        t = clock("plan_chunks", t)
-        streams = paged._Streams(dev, True)
-        t = clock("streams", t)
-        ids_host = table[: chunks[-1].block_end].to(torch.int64)
-        t = clock("ids_int64", t)
-        ids_dev = ids_host.to(dev)
-        t = clock("ids_to_device", t)
-        streams.copy_waits_compute()
-        t = clock("copy_waits_compute", t)
-        with streams.on_copy():
-            t = clock("enter_copy_stream", t)
-            c = chunks[0]
-            assert strat is GatherStrategy.GPU_GATHER
-            stage_blocks(
-                cache.key, cache.value, ids_host[c.block_start : c.block_end],
-                scratch.key[0], scratch.value[0], strategy=strat,
-                device_ids=ids_dev[c.block_start : c.block_end],
-            )  # fmt: skip
-            t = clock("first_gather_launch", t)
-            streams.record(streams.copy)
-            t = clock("record_event", t)
-        if rep == 0:
-            steps.clear()  # the first pass compiles and warms caches
-    out = {k: round(statistics.median(v), 1) for k, v in steps.items()}
-    out["sum_to_first_launch"] = round(sum(v for k, v in out.items() if k != "record_event"), 1)
-    print(json.dumps({"ctx": ctx, "chunk": chunk, "host_us_median": out}))
+    kernels = [GatherKernel.TRITON]
+    if gather_cuda.available(inputs.cache.key, torch.device("cuda")):
+        kernels.append(GatherKernel.CUDA)
+    else:
+        print("CUDA gather unavailable (no nvcc?): Triton only", file=sys.stderr)
+    result: dict[str, object] = {"ctx": ctx, "chunk": chunk}
+    for kernel in kernels:
+        result[f"host_us_median_{kernel.value}"] = _phases(inputs, kernel)
+        result[f"call_issue_us_{kernel.value}"] = _issue_us(
+            lambda k=kernel.value: inputs.call(gather_kernel=k)  # type: ignore[misc]
+        )
+    print(json.dumps(result))
+    cells = []
+    for kernel in kernels:
+        ph = result[f"host_us_median_{kernel.value}"]
+        assert isinstance(ph, dict)
+        cells.append(
+            f"{kernel.value}: to first launch {ph['sum_to_first_launch']:.0f} us (check "
+            f"{ph['check']:.0f}, full validate {ph['validate_full']:.0f}, launch "
+            f"{ph['first_gather_launch']:.0f}), whole call issue "
+            f"{result[f'call_issue_us_{kernel.value}']:.0f} us"
+        )
+    print(f"HOST ctx {ctx // 1024}K chunk {chunk // 1024}K | " + " | ".join(cells))
     return 0
 
 
