@@ -517,18 +517,11 @@ def _check(
 def _check_lengths_and_tables(a: _Args) -> None:
     require_int("cpu_len", a.cpu_len)
     require_int("gpu_len", a.gpu_len)
-    check_block_ids(
-        "cpu_block_table",
-        a.cpu_block_table,
-        a.cpu_cache.num_blocks,
-        blocks_for(a.cpu_len, a.cpu_cache.block_size),
-    )
-    check_block_ids(
-        "gpu_block_table",
-        a.gpu_block_table,
-        a.gpu_cache.num_blocks,
-        blocks_for(a.gpu_len, a.gpu_cache.block_size),
-    )
+    for name, table, cache, length in (
+        ("cpu_block_table", a.cpu_block_table, a.cpu_cache, a.cpu_len),
+        ("gpu_block_table", a.gpu_block_table, a.gpu_cache, a.gpu_len),
+    ):
+        check_block_ids(name, table, cache.num_blocks, blocks_for(length, cache.block_size))
 
 
 def _chunk_blocks_and_scalars(a: _Args) -> int:
