@@ -28,6 +28,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <stddef.h>
 #include <stdint.h>
 
 namespace {
@@ -72,48 +73,40 @@ __device__ __forceinline__ void value_pairs(uint32_t x, uint32_t* out) {
   out[3] = as_u32(__hfma2(as_half2((y & 0x00F000F0u) | 0x64006400u), k16th, km64));
 }
 
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src) {
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// One warp's ring slot for one 16-token tile, field-major so that the lanes' reads of a
+// field are consecutive (no bank conflicts): each lane copies, then reads back, only its own
+// bytes, so the ring needs no barrier, only each thread's cp.async.wait_group.
 template <int D>
-struct KRow;  // one thread's key bytes of one token
-template <>
-struct KRow<128> {
-  static constexpr int WORDS = 4;
-  __device__ static void load(const uint8_t* p, uint32_t* w) {
-    uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-  }
-};
-template <>
-struct KRow<64> {
-  static constexpr int WORDS = 2;
-  __device__ static void load(const uint8_t* p, uint32_t* w) {
-    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-    w[0] = v.x; w[1] = v.y;
-  }
-};
-template <int D>
-struct VRow;  // one thread's value bytes of one token
-template <>
-struct VRow<128> {
-  static constexpr int WORDS = 2;
-  __device__ static void load(const uint8_t* p, uint32_t* w) {
-    uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-    w[0] = v.x; w[1] = v.y;
-  }
-};
-template <>
-struct VRow<64> {
-  static constexpr int WORDS = 1;
-  __device__ static void load(const uint8_t* p, uint32_t* w) {
-    w[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
-  }
+struct Stage {
+  static constexpr int KB = D / 8;   // key bytes per lane and token (a 16-byte copy at D = 128)
+  static constexpr int VB = D / 16;  // value bytes per lane and token
+  static constexpr int K0 = 0;                   // 2 fields: tokens 8j + g
+  static constexpr int V0 = K0 + 2 * 32 * KB;    // 4 fields: tokens 2t, 2t+1, 2t+8, 2t+9
+  static constexpr int KS0 = V0 + 4 * 32 * VB;   // 4 fields: the 4-byte word holding a key scale
+  static constexpr int SZ0 = KS0 + 4 * 32 * 4;   // 4 fields: (scale, zero)
+  static constexpr int BYTES = SZ0 + 4 * 32 * 4;
 };
 
 template <int D>
-struct Tile {  // what one thread loads for one 16-token tile
-  uint32_t k[2][KRow<D>::WORDS];  // n-tile j: token 8j + g
-  uint32_t v[4][VRow<D>::WORDS];  // tokens 2t, 2t+1, 2t+8, 2t+9
-  __half ks[4];                   // key scales of tokens 8j + 2t + e (index 2j + e)
-  uint32_t sz[4];                 // (scale, zero) of the same tokens, fp16x2
+struct Tile {  // what one thread holds of one 16-token tile
+  static constexpr int KW = D / 32, VW = D / 64;  // 32-bit words per lane and token
+  uint32_t k[2][KW];  // n-tile j: token 8j + g
+  uint32_t v[4][VW];  // tokens 2t, 2t+1, 2t+8, 2t+9
+  __half ks[4];       // key scales of tokens 8j + 2t + e (index 2j + e)
+  uint32_t sz[4];     // (scale, zero) of the same tokens, fp16x2
 };
 
 struct Args {
@@ -129,33 +122,73 @@ struct Args {
 };
 
 // Offsets inside one (sequence, KV head) slice of a plane fit 32 bits (checked on the host),
-// so a token's address is one 32-bit multiply-add and one 64-bit add.
+// so a token's address is one 32-bit multiply-add and one 64-bit add. Tokens past the split's
+// end are clamped to its last token (their scores are masked).
 template <int D>
-__device__ __forceinline__ void load_tile(const Args& a, const uint8_t* kb, const __half* ksb,
-                                          const uint8_t* vb, const __half* szb, int tile0,
-                                          int last, int g, int t, Tile<D>& f) {
+__device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, const __half* ksb,
+                                           const uint8_t* vb, const __half* szb, int tile0,
+                                           int last, int g, int t, int lane, uint32_t st) {
+  using S = Stage<D>;
   const unsigned skt = (unsigned)a.skt, svt = (unsigned)a.svt;
   const unsigned skst = (unsigned)a.skst, szt = (unsigned)a.szt;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const unsigned tok = (unsigned)min(tile0 + 8 * j + g, last);
-    KRow<D>::load(kb + (tok * skt + (D / 8) * t), f.k[j]);
+    cp_async<S::KB>(st + S::K0 + (j * 32 + lane) * S::KB, kb + (tok * skt + S::KB * t));
   }
   const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const unsigned tok = (unsigned)min(tile0 + toks[i], last);
-    VRow<D>::load(vb + (tok * svt + (D / 16) * g), f.v[i]);
-    f.ks[i] = ksb[tok * skst];
-    f.sz[i] = __ldcs(reinterpret_cast<const unsigned int*>(szb + tok * szt));
+    cp_async<S::VB>(st + S::V0 + (i * 32 + lane) * S::VB, vb + (tok * svt + S::VB * g));
+    // The aligned word holding the fp16 scale (any element stride; never outside the
+    // allocation, which is at least 4-byte aligned).
+    const uintptr_t kp = reinterpret_cast<uintptr_t>(ksb + tok * skst);
+    cp_async<4>(st + S::KS0 + (i * 32 + lane) * 4, reinterpret_cast<const void*>(kp & ~uintptr_t(3)));
+    cp_async<4>(st + S::SZ0 + (i * 32 + lane) * 4, szb + tok * szt);
   }
 }
 
-template <int D, int NW, bool PRECISE>
+template <int D>
+__device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, unsigned skst,
+                                          int tile0, int last, int t, int lane, Tile<D>& f) {
+  using S = Stage<D>;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t* p = reinterpret_cast<const uint32_t*>(st + S::K0 + (j * 32 + lane) * S::KB);
+    if constexpr (Tile<D>::KW == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      f.k[j][0] = v.x; f.k[j][1] = v.y; f.k[j][2] = v.z; f.k[j][3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      f.k[j][0] = v.x; f.k[j][1] = v.y;
+    }
+  }
+  const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t* p = reinterpret_cast<const uint32_t*>(st + S::V0 + (i * 32 + lane) * S::VB);
+    if constexpr (Tile<D>::VW == 2) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      f.v[i][0] = v.x; f.v[i][1] = v.y;
+    } else {
+      f.v[i][0] = *p;
+    }
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + (i * 32 + lane) * 4);
+    const unsigned tok = (unsigned)min(tile0 + toks[i], last);
+    const bool high = (reinterpret_cast<uintptr_t>(ksb + tok * skst) & 2) != 0;
+    const unsigned short bits = (unsigned short)(high ? (w >> 16) : (w & 0xFFFFu));
+    f.ks[i] = __ushort_as_half(bits);
+    f.sz[i] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + (i * 32 + lane) * 4);
+  }
+}
+
+template <int D, int NW, bool PRECISE, int STAGES>
 __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
   constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
   constexpr int NT = D / 8;       // n-tiles of the output MMA
   constexpr int TABLE = 256 * 32; // u32 entries per replicated table
+  constexpr int TABLE_BYTES = (PRECISE ? 2 : 1) * TABLE * 4;
   extern __shared__ uint32_t smem[];
   __shared__ __half cent[32];
 
@@ -219,7 +252,7 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
     for (int j = 0; j < 2; ++j) {
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
-      for (int w = 0; w < KRow<D>::WORDS; ++w) {
+      for (int w = 0; w < Tile<D>::KW; ++w) {
         const uint32_t word = cur.k[j][w];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // k-step 2w + h: bytes 2h (b0) and 2h + 1 (b1)
@@ -281,7 +314,7 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
     // P·V: b0 from tokens (2t, 2t+1), b1 from (2t+8, 2t+9); n-tile 8u + c ↔ coordinate
     // D/8·g + 8u + c of this thread's value bytes.
 #pragma unroll
-    for (int u = 0; u < VRow<D>::WORDS; ++u) {
+    for (int u = 0; u < Tile<D>::VW; ++u) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const uint32_t sel = half ? 0x7632u : 0x5410u;
@@ -293,19 +326,33 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
       }
     }
   };
+  // Each warp streams its tiles through a ring of STAGES slots: STAGES - 1 tiles are in
+  // flight (cp.async, no registers held) while one is attended.
   constexpr int STEP = NW * TILE;
+  constexpr int SB = Stage<D>::BYTES;
+  const uint32_t ring = (uint32_t)__cvta_generic_to_shared(smem) + TABLE_BYTES + warp * STAGES * SB;
+  const uint8_t* ring_p = reinterpret_cast<const uint8_t*>(smem) + TABLE_BYTES + warp * STAGES * SB;
+  const int last = end - 1;
   int tile0 = start + warp * TILE;
-  Tile<D> fa, fb;
-  if (tile0 < end) load_tile<D>(a, kb, ksb, vb, szb, tile0, end - 1, g, t, fa);
-  while (tile0 < end) {
-    if (tile0 + STEP < end) load_tile<D>(a, kb, ksb, vb, szb, tile0 + STEP, end - 1, g, t, fb);
-    attend(fa, tile0);
-    tile0 += STEP;
-    if (tile0 >= end) break;
-    if (tile0 + STEP < end) load_tile<D>(a, kb, ksb, vb, szb, tile0 + STEP, end - 1, g, t, fa);
-    attend(fb, tile0);
-    tile0 += STEP;
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    const int t0 = tile0 + i * STEP;
+    if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
+    cp_commit();
   }
+  int slot = 0;
+  for (; tile0 < end; tile0 += STEP) {
+    const int ahead = tile0 + (STAGES - 1) * STEP;
+    const int fill = slot == 0 ? STAGES - 1 : slot - 1;  // the slot attended last time
+    if (ahead < end) issue_tile<D>(a, kb, ksb, vb, szb, ahead, last, g, t, lane, ring + fill * SB);
+    cp_commit();
+    cp_wait<STAGES - 1>();
+    Tile<D> cur;
+    read_tile<D>(ring_p + slot * SB, ksb, (unsigned)a.skst, tile0, last, t, lane, cur);
+    attend(cur, tile0);
+    slot = slot == STAGES - 1 ? 0 : slot + 1;
+  }
+  cp_wait<0>();
 
   // Fold the four lanes of a row group, then the warps of the CTA (tables are done).
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -398,12 +445,43 @@ __global__ void merge_kernel(const float* part_o, const float* part_l, T* out, l
   }
 }
 
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+// qk[row] = q[row] · Πᵀ in fp32 (rot_t row-major [D][D]), one CTA per query row: the
+// rotated query the split kernel reads.
+template <typename T>
+__global__ void rotate_kernel(const T* q, long long sqb, long long sqh, long long sqd,
+                              const float* rot_t, float* qk, int hq, int d_all) {
+  extern __shared__ float qs[];
+  const int row = blockIdx.x, b = row / hq, h = row % hq;
+  for (int i = threadIdx.x; i < d_all; i += blockDim.x)
+    qs[i] = to_float<T>(q[b * sqb + h * sqh + i * sqd]);
+  __syncthreads();
+  for (int i = threadIdx.x; i < d_all; i += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < d_all; ++j) acc = fmaf(qs[j], __ldg(rot_t + (long long)j * d_all + i), acc);
+    qk[(long long)row * d_all + i] = acc;
+  }
+}
+
 template <int D, int NW, bool PRECISE>
 int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
+  constexpr int STAGES = 4;
   const size_t table = (PRECISE ? 2 : 1) * 256 * 32 * sizeof(uint32_t);
+  const size_t main = table + (size_t)NW * STAGES * Stage<D>::BYTES;
   const size_t fold = (NW * 8 * D + 2 * NW * 8) * sizeof(float);
-  const size_t bytes = table > fold ? table : fold;
-  auto kernel = tq4_split_kernel<D, NW, PRECISE>;
+  const size_t bytes = main > fold ? main : fold;
+  auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES>;
   static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)
   if (!attribute_set) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -444,6 +522,26 @@ int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t
   SERVELAB_TQ4(64, 8)
 #undef SERVELAB_TQ4
   return 1002;
+}
+
+// dtype of q: 0 float32, 1 float16, 2 bfloat16.
+int tq4_rotate(const void* q, long long sqb, long long sqh, long long sqd, const float* rot_t,
+               float* qk, int rows, int hq, int head_size, int dtype, void* stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const int threads = head_size < 128 ? head_size : 128;
+  const size_t smem = head_size * sizeof(float);
+  if (dtype == 0)
+    rotate_kernel<float><<<rows, threads, smem, s>>>(static_cast<const float*>(q), sqb, sqh, sqd,
+                                                     rot_t, qk, hq, head_size);
+  else if (dtype == 1)
+    rotate_kernel<__half><<<rows, threads, smem, s>>>(static_cast<const __half*>(q), sqb, sqh,
+                                                      sqd, rot_t, qk, hq, head_size);
+  else if (dtype == 2)
+    rotate_kernel<__nv_bfloat16><<<rows, threads, smem, s>>>(
+        static_cast<const __nv_bfloat16*>(q), sqb, sqh, sqd, rot_t, qk, hq, head_size);
+  else
+    return 1003;
+  return (int)cudaGetLastError();
 }
 
 // dtype: 0 float32, 1 float16, 2 bfloat16.

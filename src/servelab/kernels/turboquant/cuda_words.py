@@ -4,7 +4,8 @@ The kernel dequantizes 4-bit keys and values straight into the matrix unit's reg
 fragments (what Triton cannot express, see docs/kernels-turboquant.md) and is the default for
 4-bit keys and values on CUDA where nvcc is present (``LaunchConfig.backend``). It takes head
 sizes 64 and 128, GQA groups up to 8 and code planes whose rows are aligned for vector loads
-(16 bytes for keys, 8 for values at d = 128); :func:`unsupported` names what it refuses, and
+(16 bytes for keys, 8 for values at d = 128); the query rotation and the split merge are
+its own small kernels, so a call is three launches; :func:`unsupported` names what it refuses, and
 ``backend="auto"`` falls back to the Triton word kernel then.
 
 Arguments are trusted here: ``triton_decode.fused_decode_attention`` has validated them.
@@ -17,13 +18,14 @@ import ctypes
 import torch
 
 from servelab.kernels import cuda_ext
+from servelab.kernels.turboquant.kvcache import PackedKVCache
 from servelab.kernels.turboquant.triton_words import split_plan
 
 TILE = 16  # tokens per warp step in the kernel
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 8
 WARPS = (4, 8)
-OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _LIBS: dict[str, ctypes.CDLL] = {}
 _P = ctypes.c_void_p
@@ -48,6 +50,8 @@ def library(device: torch.device) -> ctypes.CDLL:
             _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
             _P,  # stream
         ]  # fmt: skip
+        lib.tq4_rotate.restype = _I
+        lib.tq4_rotate.argtypes = [_P, _L, _L, _L, _P, _P, _I, _I, _I, _I, _P]
         lib.tq4_merge.restype = _I
         lib.tq4_merge.argtypes = [_P, _P, _P, _L, _L, _L, _I, _I, _I, _I, _I, _P]
         _LIBS[arch] = lib
@@ -59,38 +63,31 @@ def _aligned(t: torch.Tensor, nbytes: int) -> bool:
     return t.data_ptr() % nbytes == 0 and all((s * size) % nbytes == 0 for s in t.stride()[:-1])
 
 
-def unsupported(
-    group: int,
-    d: int,
-    key_codes: torch.Tensor,
-    key_scales: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_scale_zero: torch.Tensor,
-    out: torch.Tensor,
-) -> str | None:
+def unsupported(q: torch.Tensor, d: int, cache: PackedKVCache, out: torch.Tensor) -> str | None:
     """Why the CUDA kernel cannot take these inputs, or None if it can."""
-    if not cuda_ext.enabled(key_codes.device):
+    if not cuda_ext.enabled(q.device):
         return "it needs a CUDA device and nvcc (SERVELAB_NO_CUDA_EXT unset)"
     if d not in HEAD_SIZES:
         return f"head size {d} is not one of {HEAD_SIZES}"
+    group = int(q.shape[1]) // cache.kv_heads
     if group > MAX_GROUP:
         return f"{group} query heads per KV head exceed {MAX_GROUP}"
-    if key_codes.stride(-1) != 1 or not _aligned(key_codes, d // 8):
+    if cache.key_scales is None:
+        return "it needs Lloyd–Max keys with a key_scales plane"
+    if cache.key_codes.stride(-1) != 1 or not _aligned(cache.key_codes, d // 8):
         return f"key code rows must be contiguous and {d // 8}-byte aligned"
-    if value_codes.stride(-1) != 1 or not _aligned(value_codes, d // 16):
+    if cache.value_codes.stride(-1) != 1 or not _aligned(cache.value_codes, d // 16):
         return f"value code rows must be contiguous and {d // 16}-byte aligned"
-    if value_scale_zero.stride(-1) != 1 or not _aligned(value_scale_zero, 4):
+    if cache.value_scale_zero.stride(-1) != 1 or not _aligned(cache.value_scale_zero, 4):
         return "value (scale, zero) pairs must be contiguous and 4-byte aligned"
-    for name, plane in (
-        ("key codes", key_codes),
-        ("key scales", key_scales),
-        ("value codes", value_codes),
-        ("value scale/zero", value_scale_zero),
-    ):
+    for plane_name, plane in zip(("key codes", "key scales", "value codes", "value scale/zero"),
+                                 cache.planes(), strict=True):  # fmt: skip
         if (int(plane.shape[2]) - 1) * abs(plane.stride(2)) >= 2**31:
-            return f"{name}: token offsets within a (sequence, head) slice exceed 31 bits"
-    if out.dtype not in OUT_DTYPES:
+            return f"{plane_name}: token offsets within a (sequence, head) slice exceed 31 bits"
+    if out.dtype not in DTYPES:
         return f"output dtype {out.dtype} is not float32, float16 or bfloat16"
+    if q.dtype not in DTYPES:
+        return f"query dtype {q.dtype} is not float32, float16 or bfloat16"
     return None
 
 
@@ -102,35 +99,39 @@ def default_splits(device: torch.device, warps: int, b: int, hkv: int) -> int:
 
 
 def launch_cuda_words(
-    qk: torch.Tensor,
-    key_codes: torch.Tensor,
-    key_scales: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_scale_zero: torch.Tensor,
+    q: torch.Tensor,
+    rotation_t: torch.Tensor,
+    cache: PackedKVCache,
     cent: torch.Tensor,
     seq_lens: torch.Tensor,
     qk_scale: float,
     out: torch.Tensor,
-    tokens: int,
     *,
     warps: int,
     num_splits: int | None,
     precise: bool,
 ) -> torch.Tensor:
-    """Enqueue the split kernel and the merge on the current stream. ``qk`` is the rotated
-    query, float32 ``[B, Hq, d]`` contiguous; the planes are as ``PackedKVCache`` holds them;
-    ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues)."""
-    dev = qk.device
+    """Enqueue the query rotation, the split kernel and the merge on the current stream.
+    ``q`` is ``[B, Hq, d]`` (any strides), ``rotation_t`` Πᵀ as float32 ``[d, d]``
+    contiguous, ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues)."""
+    dev = q.device
     lib = library(dev)
-    b, hq, d = (int(s) for s in qk.shape)
-    hkv = int(key_codes.shape[1])
-    group = hq // hkv
+    b, hq, d = (int(s) for s in q.shape)
+    hkv, tokens = cache.kv_heads, cache.tokens
+    if cache.key_scales is None:  # unsupported() refused this already
+        raise RuntimeError("launch_cuda_words: the cache has no key_scales plane")
     want = num_splits if num_splits is not None else default_splits(dev, warps, b, hkv)
     split_len, splits = split_plan(tokens, TILE * warps, want)
+    qk = torch.empty((b, hq, d), dtype=torch.float32, device=dev)
     part_o = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
     part_l = torch.empty((b * hq * splits,), dtype=torch.float32, device=dev)
     stream = cuda_ext.stream_of(dev)
-    kc, ks, vc, sz = key_codes, key_scales, value_codes, value_scale_zero
+    rc = lib.tq4_rotate(
+        q.data_ptr(), *q.stride(), rotation_t.data_ptr(), qk.data_ptr(), b * hq, hq, d,
+        DTYPES[q.dtype], stream,
+    )  # fmt: skip
+    cuda_ext.check(lib, rc, "tq4_rotate")
+    kc, ks, vc, sz = cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scale_zero
     rc = lib.tq4_decode_split(
         qk.data_ptr(), qk.stride(0), qk.stride(1),
         kc.data_ptr(), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -138,12 +139,12 @@ def launch_cuda_words(
         vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
         sz.data_ptr(), sz.stride(0), sz.stride(1), sz.stride(2),
         cent.data_ptr(), seq_lens.data_ptr(), part_o.data_ptr(), part_l.data_ptr(),
-        qk_scale, split_len, splits, group, hkv, b, d, warps, int(precise), stream,
+        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise), stream,
     )  # fmt: skip
     cuda_ext.check(lib, rc, "tq4_decode_split")
     rc = lib.tq4_merge(
         part_o.data_ptr(), part_l.data_ptr(), out.data_ptr(), *out.stride(),
-        b * hq, hq, splits, d, OUT_DTYPES[out.dtype], stream,
+        b * hq, hq, splits, d, DTYPES[out.dtype], stream,
     )  # fmt: skip
     cuda_ext.check(lib, rc, "tq4_merge")
     return out

@@ -321,23 +321,18 @@ def _check_backend(cfg: LaunchConfig, where: str) -> None:
 
 
 def _cuda_kernel(
-    cfg: LaunchConfig, group: int, d: int, cache: PackedKVCache, out: torch.Tensor, where: str
+    cfg: LaunchConfig,
+    q: torch.Tensor,
+    d: int,
+    cache: PackedKVCache,
+    out: torch.Tensor,
+    where: str,
 ) -> bool:
     """Whether the CUDA kernel takes this call; ``backend="cuda"`` turns a refusal into an
     error naming the reason."""
     if cfg.backend == "triton":
         return False
-    if cache.key_scales is None:
-        return False
-    reason = unsupported(
-        group,
-        d,
-        cache.key_codes,
-        cache.key_scales,
-        cache.value_codes,
-        cache.value_scale_zero,
-        out,
-    )
+    reason = unsupported(q, d, cache, out)
     if reason is not None and cfg.backend == "cuda":
         raise KernelInputError(f"{where}: backend='cuda' cannot run here: {reason}")
     return reason is None
@@ -461,7 +456,7 @@ def fused_decode_attention(
     has validated them upstream passes False.
     """
     where = "fused_decode_attention"
-    b, hq, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
+    b, _, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
     codec.check_cache(cache, where)
     _check_backend(config, where)
     _check_head_size(d, where)
@@ -473,33 +468,31 @@ def fused_decode_attention(
     consts = constants if constants is not None else DecodeConstants.build(codec, dev)
     sm = 1.0 / math.sqrt(d) if scale is None else scale
     p = codec.preset
+    word_kernel = p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4
     if p.key_format == "fp8":
         qk, kmode, kbits, cent = q, KMODE_FP8, 8, None
         qk_scale = sm * LOG2E
     else:
         if consts.rotation_t is None or consts.centroids is None:
             raise KernelInputError(f"{where}: constants were built for a codec without codebook")
-        qk = q.float() @ consts.rotation_t.to(dev)  # Πq for each head, once per step
+        rot = consts.rotation_t.to(dev)
         kmode, kbits, cent = KMODE_CODEBOOK, p.key_bits, consts.centroids
         qk_scale = sm * LOG2E / math.sqrt(d)
-    word_kernel = p.key_format == "lloyd_max" and p.key_bits == 4 and p.value_bits == 4
-    if word_kernel and not config.generic and cache.key_scales is not None:
-        if cent is not None and _cuda_kernel(config, hq // hkv, d, cache, out, where):
+        if word_kernel and not config.generic and _cuda_kernel(config, q, d, cache, out, where):
             return launch_cuda_words(
-                qk.contiguous(),
-                cache.key_codes,
-                cache.key_scales,
-                cache.value_codes,
-                cache.value_scale_zero,
-                cent,
+                q,
+                rot,
+                cache,
+                consts.centroids,
                 lens,
                 qk_scale,
                 out,
-                t,
                 warps=config.cuda_warps,
                 num_splits=config.num_splits,
                 precise=config.precise_table,
             )
+        qk = q.float() @ rot  # Πq for each head, once per step
+    if word_kernel and not config.generic and cache.key_scales is not None:
         return launch_words(
             qk.contiguous(),
             _as_words(cache.key_codes),
