@@ -190,7 +190,10 @@ def test_cuda_kernel_shapes(accel: torch.device, shape: tuple) -> None:  # type:
     assert bool(torch.isfinite(got).all()), "every output element must be written"
     # bf16 output: its rounding (2^-9 relative) is the bound here.
     torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)
-    got32 = triton_decode.fused_decode_attention(q, cache, codec, seq_lens=lens, config=cfg)
+    out32 = torch.full((b, hq, d), float("nan"), device=accel)
+    got32 = triton_decode.fused_decode_attention(
+        q, cache, codec, seq_lens=lens, out=out32, config=cfg
+    )
     torch.testing.assert_close(got32.double(), want, atol=2e-5, rtol=2e-5)
 
 

@@ -246,11 +246,15 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
   // Tiles alternate between two register buffers: the next tile's loads are in flight while
   // this one is attended, with no copies between the buffers.
   auto attend = [&](const Tile<D>& cur, const int tile0) {
-    // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo).
+    // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo). Four accumulators per
+    // n-tile (even and odd k-steps; centroid and residue) keep the MMA chains 4 deep
+    // instead of 16: the matrix unit's latency, not its rate, bounds this loop.
     float sc[2][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+      float part[4][4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) part[c][0] = part[c][1] = part[c][2] = part[c][3] = 0.f;
 #pragma unroll
       for (int w = 0; w < Tile<D>::KW; ++w) {
         const uint32_t word = cur.k[j][w];
@@ -258,10 +262,12 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
         for (int h = 0; h < 2; ++h) {  // k-step 2w + h: bytes 2h (b0) and 2h + 1 (b1)
           const uint32_t a0 = tab + 128u * __byte_perm(word, 0u, 0x4440u + 2 * h);
           const uint32_t a1 = tab + 128u * __byte_perm(word, 0u, 0x4441u + 2 * h);
-          mma16816(sc[j], qa[2 * w + h], lds(a0), lds(a1));
-          if (PRECISE) mma16816(sc[j], qa[2 * w + h], lds(a0 + 4 * TABLE), lds(a1 + 4 * TABLE));
+          mma16816(part[h], qa[2 * w + h], lds(a0), lds(a1));
+          if (PRECISE) mma16816(part[2 + h], qa[2 * w + h], lds(a0 + 4 * TABLE), lds(a1 + 4 * TABLE));
         }
       }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[j][e] = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
     }
     float s[4];  // index 2j + e
     float mx = -INFINITY;
@@ -456,22 +462,40 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
 
-// qk[row] = q[row] · Πᵀ in fp32 (rot_t row-major [D][D]), one CTA per query row: the
-// rotated query the split kernel reads.
-template <typename T>
-__global__ void rotate_kernel(const T* q, long long sqb, long long sqh, long long sqd,
-                              const float* rot_t, float* qk, int hq, int d_all) {
-  extern __shared__ float qs[];
+// qk[row] = q[row] · Πᵀ in fp32 (rot_t row-major [D][D]): the rotated query the split kernel
+// reads. One CTA per (query row, 32 output coordinates); its four warps each sum a quarter of
+// the inner dimension with all their loads in flight, then add up through shared memory.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) rotate_kernel(const T* q, long long sqb, long long sqh,
+                                                     long long sqd, const float* rot_t, float* qk,
+                                                     int hq) {
+  __shared__ float qs[D];
+  __shared__ float part[4][32];
   const int row = blockIdx.x, b = row / hq, h = row % hq;
-  for (int i = threadIdx.x; i < d_all; i += blockDim.x)
+  for (int i = threadIdx.x; i < D; i += blockDim.x)
     qs[i] = to_float<T>(q[b * sqb + h * sqh + i * sqd]);
   __syncthreads();
-  for (int i = threadIdx.x; i < d_all; i += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int j = 0; j < d_all; ++j) acc = fmaf(qs[j], __ldg(rot_t + (long long)j * d_all + i), acc);
-    qk[(long long)row * d_all + i] = acc;
-  }
+  const int c = threadIdx.x & 31, k = threadIdx.x >> 5;
+  const int col = blockIdx.y * 32 + c;
+  float acc = 0.f;
+#pragma unroll
+  for (int j = k * (D / 4); j < (k + 1) * (D / 4); ++j) acc = fmaf(qs[j], __ldg(rot_t + j * D + col), acc);
+  part[k][c] = acc;
+  __syncthreads();
+  if (k == 0) qk[(long long)row * D + col] = (part[0][c] + part[1][c]) + (part[2][c] + part[3][c]);
+}
+
+template <typename T>
+int rotate(const void* q, long long sqb, long long sqh, long long sqd, const float* rot_t,
+           float* qk, int rows, int hq, int head_size, cudaStream_t s) {
+  const T* qt = static_cast<const T*>(q);
+  if (head_size == 128)
+    rotate_kernel<T, 128><<<dim3(rows, 4), 128, 0, s>>>(qt, sqb, sqh, sqd, rot_t, qk, hq);
+  else if (head_size == 64)
+    rotate_kernel<T, 64><<<dim3(rows, 2), 128, 0, s>>>(qt, sqb, sqh, sqd, rot_t, qk, hq);
+  else
+    return 1002;
+  return (int)cudaGetLastError();
 }
 
 template <int D, int NW, bool PRECISE>
@@ -528,20 +552,11 @@ int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t
 int tq4_rotate(const void* q, long long sqb, long long sqh, long long sqd, const float* rot_t,
                float* qk, int rows, int hq, int head_size, int dtype, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const int threads = head_size < 128 ? head_size : 128;
-  const size_t smem = head_size * sizeof(float);
-  if (dtype == 0)
-    rotate_kernel<float><<<rows, threads, smem, s>>>(static_cast<const float*>(q), sqb, sqh, sqd,
-                                                     rot_t, qk, hq, head_size);
-  else if (dtype == 1)
-    rotate_kernel<__half><<<rows, threads, smem, s>>>(static_cast<const __half*>(q), sqb, sqh,
-                                                      sqd, rot_t, qk, hq, head_size);
-  else if (dtype == 2)
-    rotate_kernel<__nv_bfloat16><<<rows, threads, smem, s>>>(
-        static_cast<const __nv_bfloat16*>(q), sqb, sqh, sqd, rot_t, qk, hq, head_size);
-  else
-    return 1003;
-  return (int)cudaGetLastError();
+  if (dtype == 0) return rotate<float>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
+  if (dtype == 1) return rotate<__half>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
+  if (dtype == 2)
+    return rotate<__nv_bfloat16>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
+  return 1003;
 }
 
 // dtype: 0 float32, 1 float16, 2 bfloat16.
