@@ -64,7 +64,7 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     )
     res["triton_tq4_graph_ms"] = graph_bench(lambda: tq(triton_cfg))
     rows = []
-    for warps in (4, 8):
+    for warps in (8, 16):
         base = sm_splits[warps]
         for splits in (base, 2 * base):
             for precise in (True, False):
@@ -147,7 +147,7 @@ def main() -> int:
     }
     meta["copy_bw_GBps"] = copy_bandwidth()
     print(json.dumps(meta), flush=True)
-    sm_splits = {w: default_splits(dev, w, 1, HKV) for w in (4, 8)}
+    sm_splits = {w: default_splits(dev, w, 1, HKV) for w in (8, 16)}
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
     for t in args.tokens:

@@ -111,9 +111,9 @@ VARIANTS = {  # (generic, precise_table, backend, cuda_warps)
     "generic-precise": (True, True, "triton", 4),
     "generic-fast": (True, False, "triton", 4),
     "words-precise": (False, True, "triton", 4),
-    "cuda-precise": (False, True, "cuda", 4),
+    "cuda-precise": (False, True, "cuda", 16),
     "cuda-precise-8warps": (False, True, "cuda", 8),
-    "cuda-fast": (False, False, "cuda", 4),
+    "cuda-fast": (False, False, "cuda", 16),
 }
 TIGHT = {  # the precise paths' own bound, far under §2.8's 1e-3
     "generic-precise": 2e-5,  # < 2e-5 on the H100
@@ -158,11 +158,12 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
 
 
 CUDA_SHAPES = [  # (batch, q_heads, kv_heads, seq_lens, head_size, splits, warps)
-    (1, 32, 8, (1,), 128, None, 4),
+    (1, 32, 8, (1,), 128, None, 16),
     (1, 8, 1, (4099,), 128, 3, 8),  # group of 8, a ragged last tile
-    (2, 14, 2, (5000, 17), 128, 64, 4),  # the short sequence leaves 63 splits empty
+    (2, 14, 2, (5000, 17), 128, 64, 16),  # the short sequence leaves 63 splits empty
     (3, 3, 3, (300, 1, 64), 64, None, 8),  # group of 1, head size 64
-    (1, 20, 4, (2048,), 64, 5, 4),  # group of 5
+    (1, 20, 4, (2048,), 64, 5, 16),  # group of 5
+    (2, 16, 4, (3000, 2999), 128, 7, 8),  # group of 4, two CTAs per SM
 ]
 
 

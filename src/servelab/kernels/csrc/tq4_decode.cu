@@ -86,18 +86,19 @@ __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// One warp's ring slot for one 16-token tile, field-major so that the lanes' reads of a
-// field are consecutive (no bank conflicts): each lane copies, then reads back, only its own
-// bytes, so the ring needs no barrier, only each thread's cp.async.wait_group.
+// One warp's ring slot for one 16-token tile. Code bytes are field-major (consecutive lanes
+// read consecutive bytes: no bank conflicts) and each lane reads back only the code bytes it
+// copied; the tile's 16 key-scale words and 16 (scale, zero) pairs are copied once per warp
+// (lanes 0..15 and 16..31) and read by every lane, so the slot is published by __syncwarp.
 template <int D>
 struct Stage {
   static constexpr int KB = D / 8;   // key bytes per lane and token (a 16-byte copy at D = 128)
   static constexpr int VB = D / 16;  // value bytes per lane and token
-  static constexpr int K0 = 0;                   // 2 fields: tokens 8j + g
-  static constexpr int V0 = K0 + 2 * 32 * KB;    // 4 fields: tokens 2t, 2t+1, 2t+8, 2t+9
-  static constexpr int KS0 = V0 + 4 * 32 * VB;   // 4 fields: the 4-byte word holding a key scale
-  static constexpr int SZ0 = KS0 + 4 * 32 * 4;   // 4 fields: (scale, zero)
-  static constexpr int BYTES = SZ0 + 4 * 32 * 4;
+  static constexpr int K0 = 0;                  // 2 fields: tokens 8j + g
+  static constexpr int V0 = K0 + 2 * 32 * KB;   // 4 fields: tokens 2t, 2t+1, 2t+8, 2t+9
+  static constexpr int KS0 = V0 + 4 * 32 * VB;  // 16 words: the aligned word holding a key scale
+  static constexpr int SZ0 = KS0 + 16 * 4;      // 16 words: (scale, zero)
+  static constexpr int BYTES = SZ0 + 16 * 4;
 };
 
 template <int D>
@@ -105,7 +106,7 @@ struct Tile {  // what one thread holds of one 16-token tile
   static constexpr int KW = D / 32, VW = D / 64;  // 32-bit words per lane and token
   uint32_t k[2][KW];  // n-tile j: token 8j + g
   uint32_t v[4][VW];  // tokens 2t, 2t+1, 2t+8, 2t+9
-  __half ks[4];       // key scales of tokens 8j + 2t + e (index 2j + e)
+  float ks[4];        // key scales of tokens 8j + 2t + e (index 2j + e)
   uint32_t sz[4];     // (scale, zero) of the same tokens, fp16x2
 };
 
@@ -130,7 +131,6 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
                                            int last, int g, int t, int lane, uint32_t st) {
   using S = Stage<D>;
   const unsigned skt = (unsigned)a.skt, svt = (unsigned)a.svt;
-  const unsigned skst = (unsigned)a.skst, szt = (unsigned)a.szt;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const unsigned tok = (unsigned)min(tile0 + 8 * j + g, last);
@@ -141,12 +141,15 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
   for (int i = 0; i < 4; ++i) {
     const unsigned tok = (unsigned)min(tile0 + toks[i], last);
     cp_async<S::VB>(st + S::V0 + (i * 32 + lane) * S::VB, vb + (tok * svt + S::VB * g));
-    // The aligned word holding the fp16 scale (any element stride; never outside the
-    // allocation, which is at least 4-byte aligned).
-    const uintptr_t kp = reinterpret_cast<uintptr_t>(ksb + tok * skst);
-    cp_async<4>(st + S::KS0 + (i * 32 + lane) * 4, reinterpret_cast<const void*>(kp & ~uintptr_t(3)));
-    cp_async<4>(st + S::SZ0 + (i * 32 + lane) * 4, szb + tok * szt);
   }
+  // Lanes 0..15: the aligned word holding token lane's fp16 key scale (any element stride;
+  // never outside the allocation, which is at least 4-byte aligned); lanes 16..31: the
+  // (scale, zero) pair of token lane - 16.
+  const unsigned tok = (unsigned)min(tile0 + (lane & 15), last);
+  const uintptr_t kp = reinterpret_cast<uintptr_t>(ksb + tok * (unsigned)a.skst) & ~uintptr_t(3);
+  const uintptr_t zp = reinterpret_cast<uintptr_t>(szb + tok * (unsigned)a.szt);
+  cp_async<4>(st + (lane < 16 ? S::KS0 : S::SZ0) + 4 * (lane & 15),
+              reinterpret_cast<const void*>(lane < 16 ? kp : zp));
 }
 
 template <int D>
@@ -155,7 +158,7 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, 
   using S = Stage<D>;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(st + S::K0 + (j * 32 + lane) * S::KB);
+    const uint8_t* p = st + S::K0 + (j * 32 + lane) * S::KB;
     if constexpr (Tile<D>::KW == 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(p);
       f.k[j][0] = v.x; f.k[j][1] = v.y; f.k[j][2] = v.z; f.k[j][3] = v.w;
@@ -167,29 +170,46 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, 
   const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(st + S::V0 + (i * 32 + lane) * S::VB);
+    const uint8_t* p = st + S::V0 + (i * 32 + lane) * S::VB;
     if constexpr (Tile<D>::VW == 2) {
       const uint2 v = *reinterpret_cast<const uint2*>(p);
       f.v[i][0] = v.x; f.v[i][1] = v.y;
     } else {
-      f.v[i][0] = *p;
+      f.v[i][0] = *reinterpret_cast<const uint32_t*>(p);
     }
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + (i * 32 + lane) * 4);
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * toks[i]);
     const unsigned tok = (unsigned)min(tile0 + toks[i], last);
     const bool high = (reinterpret_cast<uintptr_t>(ksb + tok * skst) & 2) != 0;
-    const unsigned short bits = (unsigned short)(high ? (w >> 16) : (w & 0xFFFFu));
-    f.ks[i] = __ushort_as_half(bits);
-    f.sz[i] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + (i * 32 + lane) * 4);
+    f.ks[i] = __half2float(__ushort_as_half((unsigned short)(high ? (w >> 16) : (w & 0xFFFFu))));
+    f.sz[i] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * toks[i]);
   }
 }
 
-template <int D, int NW, bool PRECISE, int STAGES>
-__global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
+// Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane, (c[v & 15], c[v >> 4])
+// in fp16 at 4·lane and their fp16 residues at 128 + 4·lane] [q fragments: KSTEPS × 32 lanes
+// × 16 bytes] [ring: NW warps × STAGES slots]. The fold at the end reuses it from the start.
+template <int D, int NW, int STAGES>
+struct Smem {
+  static constexpr int TABLES = 256 * 256;
+  static constexpr int QF = TABLES;
+  static constexpr int RING = QF + (D / 16) * 32 * 16;
+  static constexpr int MAIN = RING + NW * STAGES * Stage<D>::BYTES;
+  static constexpr int FOLD = (NW * 8 * D + 3 * NW * 8) * 4;
+  static constexpr int BYTES = MAIN > FOLD ? MAIN : FOLD;
+};
+
+// GP query rows per KV head (4 or 8; the group is padded to it). Output MMA O^T = V^T·P^T:
+// M = coordinates, N = GP rows of p·scale in fp16 then GP rows of its residue × 2048, K = 16
+// tokens; the value fragments come from the same byte-interleaved pairs as before, the P
+// fragments are the score fragments of this lane's own row (lo rows at GP = 4 from the lane
+// 16 places away).
+template <int D, int NW, bool PRECISE, int STAGES, int GP>
+__global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(const Args a) {
   constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
-  constexpr int NT = D / 8;       // n-tiles of the output MMA
-  constexpr int TABLE = 256 * 32; // u32 entries per replicated table
-  constexpr int TABLE_BYTES = (PRECISE ? 2 : 1) * TABLE * 4;
-  extern __shared__ uint32_t smem[];
+  constexpr int MT = D / 16;      // m-tiles of the output MMA
+  constexpr int NTP = GP / 4;     // n-tiles of the output MMA (hi and lo columns)
+  using SM = Smem<D, NW, STAGES>;
+  extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __half cent[32];
 
   const int hkv = gridDim.x;
@@ -201,19 +221,37 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
   const int start = split * a.split_len;
   const int end = min(start + a.split_len, seq_len);
 
-  // Tables: entry (byte value v, lane l) at v·32 + l holds (c[v & 15], c[v >> 4]).
-  if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
-  __syncthreads();
-  for (int i = threadIdx.x; i < TABLE; i += NW * 32) {
-    int v = i >> 5;
-    __half2 h = __halves2half2(cent[v & 15], cent[v >> 4]);
-    smem[i] = as_u32(h);
-    if (PRECISE) smem[TABLE + i] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+  const uint8_t* kb = a.kc + b * a.skb + kvh * a.skh;
+  const __half* ksb = a.ks + b * a.sksb + kvh * a.sksh;
+  const uint8_t* vb = a.vc + b * a.svb + kvh * a.svh;
+  const __half* szb = a.vsz + b * a.szb + kvh * a.szh;
+  constexpr int STEP = NW * TILE;
+  constexpr int SB = Stage<D>::BYTES;
+  const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t ring = base + SM::RING + warp * STAGES * SB;
+  const uint8_t* ring_p = smem + SM::RING + warp * STAGES * SB;
+  const int last = end - 1;
+  int tile0 = start + warp * TILE;
+  // The first tiles' copies go out before the tables are built.
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    const int t0 = tile0 + i * STEP;
+    if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
+    cp_commit();
   }
 
-  // q fragments: row g (query head kvh·group + g), coordinates D/4·t + 4s + {0,1 | 2,3}.
-  uint32_t qa[KSTEPS][4];
-  {
+  if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256 * 32; i += NW * 32) {
+    const int v = i >> 5, l = i & 31;
+    uint32_t* row = reinterpret_cast<uint32_t*>(smem + v * 256);
+    row[l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
+    if (PRECISE) row[32 + l] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+  }
+  // q fragments of row g (query head kvh·group + g), coordinates D/4·t + 4s + {0,1 | 2,3}: q in
+  // fp16 for rows 0..7 of the A operand, its residue × 2048 for rows 8..15; in shared memory,
+  // one 16-byte read per k-step.
+  if (warp == 0) {
     const bool valid = g < a.group;
     const float* qrow = a.q + b * a.sqb + (long long)(kvh * a.group + (valid ? g : 0)) * a.sqh;
 #pragma unroll
@@ -222,52 +260,45 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
                        : make_float4(0.f, 0.f, 0.f, 0.f);
       __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
       float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
-      qa[s][0] = as_u32(h01);
-      qa[s][1] = pack_half2((x.x - f01.x) * 2048.f, (x.y - f01.y) * 2048.f);
-      qa[s][2] = as_u32(h23);
-      qa[s][3] = pack_half2((x.z - f23.x) * 2048.f, (x.w - f23.y) * 2048.f);
+      uint4 fr;
+      fr.x = as_u32(h01);
+      fr.y = pack_half2((x.x - f01.x) * 2048.f, (x.y - f01.y) * 2048.f);
+      fr.z = as_u32(h23);
+      fr.w = pack_half2((x.z - f23.x) * 2048.f, (x.w - f23.y) * 2048.f);
+      *reinterpret_cast<uint4*>(smem + SM::QF + (s * 32 + lane) * 16) = fr;
     }
   }
   __syncthreads();
-
-  const uint8_t* kb = a.kc + b * a.skb + kvh * a.skh;
-  const __half* ksb = a.ks + b * a.sksb + kvh * a.sksh;
-  const uint8_t* vb = a.vc + b * a.svb + kvh * a.svh;
-  const __half* szb = a.vsz + b * a.szb + kvh * a.szh;
-  // This lane's column of the tables, as a shared-window byte address; a byte value v is
-  // 128·v further on, the residue table 4·TABLE bytes further.
-  const uint32_t tab = (uint32_t)__cvta_generic_to_shared(smem) + 4u * lane;
+  const uint8_t* qf = smem + SM::QF + lane * 16;
 
   float m = -INFINITY, l = 0.f, z = 0.f;
-  float acc[NT][4];
+  float acc[MT][NTP][4];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int n = 0; n < NTP; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
 
-  // Tiles alternate between two register buffers: the next tile's loads are in flight while
-  // this one is attended, with no copies between the buffers.
   auto attend = [&](const Tile<D>& cur, const int tile0) {
     // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo). Four accumulators per
-    // n-tile (even and odd k-steps; centroid and residue) keep the MMA chains 4 deep
-    // instead of 16: the matrix unit's latency, not its rate, bounds this loop.
-    float sc[2][4];
+    // n-tile (even and odd k-steps; centroid and residue) keep the MMA chains short.
+    float part[2][4][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float part[4][4];
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) part[c][0] = part[c][1] = part[c][2] = part[c][3] = 0.f;
+      for (int c = 0; c < 4; ++c) part[j][c][0] = part[j][c][1] = part[j][c][2] = part[j][c][3] = 0.f;
 #pragma unroll
-      for (int w = 0; w < Tile<D>::KW; ++w) {
-        const uint32_t word = cur.k[j][w];
+    for (int s = 0; s < KSTEPS; ++s) {
+      const uint4 q4 = *reinterpret_cast<const uint4*>(qf + s * 32 * 16);
+      const uint32_t qa[4] = {q4.x, q4.y, q4.z, q4.w};
+      const int w = s >> 1, h = s & 1;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // k-step 2w + h: bytes 2h (b0) and 2h + 1 (b1)
-          const uint32_t a0 = tab + 128u * __byte_perm(word, 0u, 0x4440u + 2 * h);
-          const uint32_t a1 = tab + 128u * __byte_perm(word, 0u, 0x4441u + 2 * h);
-          mma16816(part[h], qa[2 * w + h], lds(a0), lds(a1));
-          if (PRECISE) mma16816(part[2 + h], qa[2 * w + h], lds(a0 + 4 * TABLE), lds(a1 + 4 * TABLE));
-        }
+      for (int j = 0; j < 2; ++j) {
+        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 4·lane directly.
+        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5504u + 0x20u * h);
+        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5514u + 0x20u * h);
+        mma16816(part[j][h], qa, lds(a0), lds(a1));
+        if (PRECISE) mma16816(part[j][2 + h], qa, lds(a0 + 128), lds(a1 + 128));
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[j][e] = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
     }
     float s[4];  // index 2j + e
     float mx = -INFINITY;
@@ -275,10 +306,11 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
+        const float hi = (part[j][0][e] + part[j][1][e]) + (part[j][2][e] + part[j][3][e]);
+        const float lo = (part[j][0][2 + e] + part[j][1][2 + e]) + (part[j][2][2 + e] + part[j][3][2 + e]);
         const int tok = tile0 + 8 * j + 2 * t + e;
-        float v = (sc[j][e] + sc[j][2 + e] * (1.0f / 2048.f)) * __half2float(cur.ks[2 * j + e]) *
-                  a.qk_scale;
-        v = tok < end ? v : -INFINITY;
+        float v = (hi + lo * (1.0f / 2048.f)) * cur.ks[2 * j + e] * a.qk_scale;
+        v = tok <= last ? v : -INFINITY;
         s[2 * j + e] = v;
         mx = fmaxf(mx, v);
       }
@@ -289,16 +321,24 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
     const float alpha = exp2f(m - m_new);
     m = m_new;
     if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+      // Column c of the output holds row c mod GP, whose alpha lives in lanes 4·row.
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][0] *= alpha; acc[n][1] *= alpha; acc[n][2] *= alpha; acc[n][3] *= alpha;
+      for (int e = 0; e < 2; ++e) {
+        const float al = __shfl_sync(0xffffffffu, alpha, ((2 * t + e) % GP) * 4);
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int n = 0; n < NTP; ++n) {
+            acc[i][n][e] *= al;
+            acc[i][n][2 + e] *= al;
+          }
       }
     }
     float lsum = 0.f, zsum = 0.f;
-    uint32_t pa[4];
+    uint32_t hi2[2], lo2[2];  // this row's p·scale (fp16) and residue × 2048, tile j
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      float r[2], rl[2];
+      float r[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float p = exp2f(s[2 * j + e] - m_new);
@@ -309,50 +349,50 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
       }
       const __half2 rh = __floats2half2_rn(r[0], r[1]);
       const float2 rf = __half22float2(rh);
-      rl[0] = (r[0] - rf.x) * 2048.f;
-      rl[1] = (r[1] - rf.y) * 2048.f;
-      pa[2 * j] = as_u32(rh);                 // row g, tokens 8j + 2t, +1
-      pa[2 * j + 1] = pack_half2(rl[0], rl[1]);  // row g + 8
+      hi2[j] = as_u32(rh);
+      lo2[j] = pack_half2((r[0] - rf.x) * 2048.f, (r[1] - rf.y) * 2048.f);
     }
     l = l * alpha + lsum;
     z = z * alpha + zsum;
-
-    // P·V: b0 from tokens (2t, 2t+1), b1 from (2t+8, 2t+9); n-tile 8u + c ↔ coordinate
-    // D/8·g + 8u + c of this thread's value bytes.
+    uint32_t pb[NTP][2];
+    if constexpr (GP == 4) {  // columns 0..3: hi of rows 0..3; 4..7: lo, from lane - 16
+      const uint32_t x0 = __shfl_xor_sync(0xffffffffu, lo2[0], 16);
+      const uint32_t x1 = __shfl_xor_sync(0xffffffffu, lo2[1], 16);
+      pb[0][0] = g < 4 ? hi2[0] : x0;
+      pb[0][1] = g < 4 ? hi2[1] : x1;
+    } else {
+      pb[0][0] = hi2[0]; pb[0][1] = hi2[1];
+      pb[NTP - 1][0] = lo2[0]; pb[NTP - 1][1] = lo2[1];
+    }
+    // m-tile 4u + 2·half + q: rows g and g + 8 are coordinates D/8·g + 8u + 4·half + 2q + {0, 1}.
 #pragma unroll
     for (int u = 0; u < Tile<D>::VW; ++u) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const uint32_t sel = half ? 0x7632u : 0x5410u;
-        uint32_t b0[4], b1[4];
-        value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), b0);
-        value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), b1);
+        uint32_t v01[4], v89[4];
+        value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), v01);
+        value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), v89);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) mma16816(acc[8 * u + 4 * half + c], pa, b0[c], b1[c]);
+        for (int q = 0; q < 2; ++q) {
+          const uint32_t av[4] = {v01[2 * q], v01[2 * q + 1], v89[2 * q], v89[2 * q + 1]};
+#pragma unroll
+          for (int n = 0; n < NTP; ++n)
+            mma16816(acc[4 * u + 2 * half + q][n], av, pb[n][0], pb[n][1]);
+        }
       }
     }
   };
-  // Each warp streams its tiles through a ring of STAGES slots: STAGES - 1 tiles are in
-  // flight (cp.async, no registers held) while one is attended.
-  constexpr int STEP = NW * TILE;
-  constexpr int SB = Stage<D>::BYTES;
-  const uint32_t ring = (uint32_t)__cvta_generic_to_shared(smem) + TABLE_BYTES + warp * STAGES * SB;
-  const uint8_t* ring_p = reinterpret_cast<const uint8_t*>(smem) + TABLE_BYTES + warp * STAGES * SB;
-  const int last = end - 1;
-  int tile0 = start + warp * TILE;
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    const int t0 = tile0 + i * STEP;
-    if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
-    cp_commit();
-  }
+
   int slot = 0;
   for (; tile0 < end; tile0 += STEP) {
     const int ahead = tile0 + (STAGES - 1) * STEP;
     const int fill = slot == 0 ? STAGES - 1 : slot - 1;  // the slot attended last time
+    __syncwarp();  // every lane is done reading it
     if (ahead < end) issue_tile<D>(a, kb, ksb, vb, szb, ahead, last, g, t, lane, ring + fill * SB);
     cp_commit();
     cp_wait<STAGES - 1>();
+    __syncwarp();  // the lanes' copies of this tile are visible to the warp
     Tile<D> cur;
     read_tile<D>(ring_p + slot * SB, ksb, (unsigned)a.skst, tile0, last, t, lane, cur);
     attend(cur, tile0);
@@ -366,20 +406,31 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
   z += __shfl_xor_sync(0xffffffffu, z, 1);
   z += __shfl_xor_sync(0xffffffffu, z, 2);
   __syncthreads();
-  float* so = reinterpret_cast<float*>(smem);  // [NW][8][D]
+  float* so = reinterpret_cast<float*>(smem);  // [NW][8][D], without the zero-point term
   float* sm = so + NW * 8 * D;                 // [NW][8]
   float* sl = sm + NW * 8;                     // [NW][8]
+  float* szr = sl + NW * 8;                    // [NW][8]
+  // Output column 2t + e is row (2t + e) mod GP, hi part in n-tile 0 (or columns < GP), lo
+  // part in n-tile 1 (or the lane two places away, columns ≥ GP).
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int d = (D / 8) * (2 * t + e) + n;
-      so[(warp * 8 + g) * D + d] = acc[n][e] + acc[n][2 + e] * (1.0f / 2048.f) + z;
+    for (int c = 0; c < 4; ++c) {
+      float v = acc[i][0][c];
+      if constexpr (GP == 4) {
+        v += __shfl_xor_sync(0xffffffffu, v, 2) * (1.0f / 2048.f);
+      } else {
+        v += acc[i][NTP - 1][c] * (1.0f / 2048.f);
+      }
+      const int row = 2 * t + (c & 1);
+      const int d = (D / 8) * g + 2 * i + (c >> 1);
+      if (row < GP) so[(warp * 8 + row) * D + d] = v;
     }
   }
   if (t == 0) {
     sm[warp * 8 + g] = m;
     sl[warp * 8 + g] = l;
+    szr[warp * 8 + g] = z;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
@@ -392,7 +443,7 @@ __global__ void __launch_bounds__(NW * 32, 1) tq4_split_kernel(const Args a) {
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
         const float wt = exp2f(sm[w * 8 + row] - mm);
-        o += wt * so[(w * 8 + row) * D + d];
+        o += wt * (so[(w * 8 + row) * D + d] + szr[w * 8 + row]);
         den += wt * sl[w * 8 + row];
       }
     }
@@ -498,14 +549,11 @@ int rotate(const void* q, long long sqb, long long sqh, long long sqd, const flo
   return (int)cudaGetLastError();
 }
 
-template <int D, int NW, bool PRECISE>
+template <int D, int NW, bool PRECISE, int GP>
 int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
-  constexpr int STAGES = 4;
-  const size_t table = (PRECISE ? 2 : 1) * 256 * 32 * sizeof(uint32_t);
-  const size_t main = table + (size_t)NW * STAGES * Stage<D>::BYTES;
-  const size_t fold = (NW * 8 * D + 2 * NW * 8) * sizeof(float);
-  const size_t bytes = main > fold ? main : fold;
-  auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES>;
+  constexpr int STAGES = NW >= 16 ? 3 : 2;  // 16 warps: one CTA per SM; 8: two
+  const size_t bytes = Smem<D, NW, STAGES>::BYTES;
+  auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP>;
   static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)
   if (!attribute_set) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -537,13 +585,17 @@ int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (group < 1 || group > 8) return 1001;
 #define SERVELAB_TQ4(Dv, NWv)                                                              \
-  if (head_size == Dv && warps == NWv)                                                      \
-    return precise ? launch<Dv, NWv, true>(a, hkv, num_splits, batch, s)                    \
-                   : launch<Dv, NWv, false>(a, hkv, num_splits, batch, s);
-  SERVELAB_TQ4(128, 4)
+  if (head_size == Dv && warps == NWv) {                                                    \
+    if (group <= 4)                                                                         \
+      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, s)               \
+                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, s);             \
+    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, s)                 \
+                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, s);               \
+  }
   SERVELAB_TQ4(128, 8)
-  SERVELAB_TQ4(64, 4)
+  SERVELAB_TQ4(128, 16)
   SERVELAB_TQ4(64, 8)
+  SERVELAB_TQ4(64, 16)
 #undef SERVELAB_TQ4
   return 1002;
 }

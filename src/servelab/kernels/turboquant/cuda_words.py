@@ -24,7 +24,7 @@ from servelab.kernels.turboquant.triton_words import split_plan
 TILE = 16  # tokens per warp step in the kernel
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 8
-WARPS = (4, 8)
+WARPS = (8, 16)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _LIBS: dict[str, ctypes.CDLL] = {}
@@ -92,8 +92,9 @@ def unsupported(q: torch.Tensor, d: int, cache: PackedKVCache, out: torch.Tensor
 
 
 def default_splits(device: torch.device, warps: int, b: int, hkv: int) -> int:
-    """Every CTA resident at once: two per multiprocessor at 4 warps, one at 8 (registers)."""
-    per_sm = 2 if warps == 4 else 1
+    """Every CTA resident at once: one per multiprocessor at 16 warps, two at 8 (shared
+    memory: the tables, the query fragments and the warps' rings)."""
+    per_sm = 1 if warps == 16 else 2
     sms = int(torch.cuda.get_device_properties(device).multi_processor_count)
     return max(1, (per_sm * sms) // (b * hkv))
 

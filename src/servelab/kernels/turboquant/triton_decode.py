@@ -251,7 +251,7 @@ class LaunchConfig:
     # "triton" never builds it. Its own knob: warps per CTA (4 or 8); num_splits and
     # precise_table apply to it too.
     backend: str = "auto"
-    cuda_warps: int = 4
+    cuda_warps: int = 16
 
 
 def _sm_count(device: torch.device) -> int:
