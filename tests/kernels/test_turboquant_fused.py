@@ -108,9 +108,9 @@ def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str, sha
 
 
 VARIANTS = {  # (generic, precise_table, backend, cuda_warps)
-    "generic-precise": (True, True, "triton", 4),
-    "generic-fast": (True, False, "triton", 4),
-    "words-precise": (False, True, "triton", 4),
+    "generic-precise": (True, True, "triton", 16),
+    "generic-fast": (True, False, "triton", 16),
+    "words-precise": (False, True, "triton", 16),
     "cuda-precise": (False, True, "cuda", 16),
     "cuda-precise-8warps": (False, True, "cuda", 8),
     "cuda-fast": (False, False, "cuda", 16),
