@@ -1,30 +1,29 @@
-// Split-KV decode attention over TurboQuant 4-bit keys and values (turboquant_4bit_nc),
+// Decode attention over TurboQuant 4-bit keys and values (turboquant_4bit_nc) in one launch,
 // dequantized straight into the matrix unit's register fragments (mma.sync m16n8k16).
 //
 // Layout (kvcache.py / packing.py): per (batch, KV head, token) a row of D/2 bytes of key
 // codes (low nibble = lower coordinate), an fp16 key scale, a row of D/2 bytes of value codes
-// and an fp16 (scale, zero) pair. q is the rotated query, fp32 [B, Hq, D].
+// and an fp16 (scale, zero) pair. q is [B, Hq, D] in fp32, fp16 or bf16, any strides.
 //
-// One CTA per (KV head, split, sequence); its warps take 16-token tiles in turn and keep
-// their own online softmax; the CTA folds its warps at the end and writes one partial
-// (out, base-2 LSE) per query head, rows ordered (b, h, split), for the merge.
+// One CTA per (KV head, split, sequence). It rotates its query rows itself (q·Πᵀ in fp32), its
+// warps stream 16-token tiles through per-warp cp.async rings and keep their own online
+// softmax, the CTA folds its warps into one partial (out, base-2 LSE) per query head, and the
+// last CTA of a (sequence, KV head) to finish merges all its splits into the output.
 //
 // Scores S = Q·Kᵀ (M = query rows, N = tokens, K = coordinates). The coordinates are summed
 // over, so their order inside the MMA is free: a thread (group g, lane-in-group t) loads
-// bytes [D/8·t, D/8·t + D/8) of token g's key row (one 16-byte load at D = 128) and feeds
-// them to k-steps in order; it loads q at the same coordinates. Rows 0..7 of the A operand
-// are q in fp16, rows 8..15 the fp16 rounding residue of q times 2048, so one MMA gives both
-// terms (GQA groups up to 8). Keys: one shared-memory lookup per code byte in a 256-entry
-// table of fp16 pairs (c[lo nibble], c[hi nibble]), replicated per lane so no two lanes of a
-// warp share a bank; a second table holds the centroids' fp16 rounding residue (PRECISE).
+// bytes [D/8·t, D/8·t + D/8) of token g's key row (one 16-byte copy at D = 128) and feeds
+// them to k-steps in order, with q at the same coordinates. Rows 0..7 of the A operand are q
+// in fp16, rows 8..15 its fp16 rounding residue times 2048, so one MMA gives both terms
+// (GQA groups up to 8). Keys: one 8-byte shared-memory load per code byte from a 256-row
+// table of fp16 pairs (c[lo nibble], c[hi nibble]) and their fp16 residues, replicated per
+// lane so no two lanes of a warp share a bank; one byte permute makes the address.
 //
-// O = P·V (M = query rows, K = tokens, N = coordinates). Rows 0..7 of P are p·scale in fp16,
-// rows 8..15 its residue times 2048, taken from the score fragments in place (the C fragment
-// of two 8-token score tiles is the A fragment of one 16-token P tile). The value codes of
-// tokens 2t and 2t+1 are byte-interleaved with one byte permute and become exact fp16
-// integers with an AND/OR (0x6400 | n is 1024 + n) and one fp16 subtraction (or an FMA for
-// the high nibble); the zero point adds Σ p·zero per row. Output coordinates are permuted
-// the same way on the way out.
+// Output O^T = V^T·P^T (M = coordinates, N = query rows: p·scale in fp16, then its residue
+// times 2048, K = 16 tokens). The P fragments are this lane's own score fragments; the value
+// codes of tokens 2t and 2t+1 are byte-interleaved with one byte permute and become exact
+// fp16 integers with an AND/OR (0x6400 | n is 1024 + n) and one fp16 subtraction (or an FMA
+// for the high nibble); the zero point adds Σ p·zero per row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,6 +56,12 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
 __device__ __forceinline__ uint32_t lds(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint2 lds2(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
 
@@ -111,16 +116,32 @@ struct Tile {  // what one thread holds of one 16-token tile
 };
 
 struct Args {
-  const float* q; long long sqb, sqh;
+  const void* q; long long sqb, sqh, sqd; int qdtype;  // 0 fp32, 1 fp16, 2 bf16
+  const float* rot;  // Πᵀ, fp32 [D][D] row-major: the rotated query is q·Πᵀ
   const uint8_t* kc; long long skb, skh, skt;
   const __half* ks; long long sksb, sksh, skst;
   const uint8_t* vc; long long svb, svh, svt;
   const __half* vsz; long long szb, szh, szt;
   const __half* cent;  // 16 fp16 centroids (√d-scaled), then their 16 fp16 residues
-  const int* seq_lens;
-  float* part_o; float* part_l;
+  const int* seq_lens;  // null: every sequence holds `tokens`
+  int tokens;
+  float* part_o; float* part_l;  // [B·Hq·splits, D], [B·Hq·splits]
+  int* counters;  // [B·Hkv], zero between calls: splits finished per (sequence, KV head)
+  void* out; long long sob, soh, sod; int odtype;  // 0 fp32, 1 fp16, 2 bf16
   float qk_scale; int split_len; int num_splits; int group;
 };
+
+__device__ __forceinline__ float load_as_float(const void* p, long long i, int dtype) {
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dtype == 2) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void store_float(void* p, long long i, int dtype, float x) {
+  if (dtype == 1) static_cast<__half*>(p)[i] = __float2half_rn(x);
+  else if (dtype == 2) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+  else static_cast<float*>(p)[i] = x;
+}
 
 // Offsets inside one (sequence, KV head) slice of a plane fit 32 bits (checked on the host),
 // so a token's address is one 32-bit multiply-add and one 64-bit add. Tokens past the split's
@@ -185,18 +206,23 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, 
   }
 }
 
-// Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane, (c[v & 15], c[v >> 4])
-// in fp16 at 4·lane and their fp16 residues at 128 + 4·lane] [q fragments: KSTEPS × 32 lanes
-// × 16 bytes] [ring: NW warps × STAGES slots]. The fold at the end reuses it from the start.
+// Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane l, (c[v & 15],
+// c[v >> 4]) in fp16 at 8l and their fp16 residues at 8l + 4] [q fragments: KSTEPS × 32 lanes
+// × 16 bytes] [q rows and rotated q rows: 2 × 8 × D fp32] [ring: NW warps × STAGES slots].
+// The fold and the merge at the end reuse it from the start.
 template <int D, int NW, int STAGES>
 struct Smem {
   static constexpr int TABLES = 256 * 256;
   static constexpr int QF = TABLES;
-  static constexpr int RING = QF + (D / 16) * 32 * 16;
+  static constexpr int QROWS = QF + (D / 16) * 32 * 16;
+  static constexpr int RING = QROWS + 2 * 8 * D * 4;
   static constexpr int MAIN = RING + NW * STAGES * Stage<D>::BYTES;
   static constexpr int FOLD = (NW * 8 * D + 3 * NW * 8) * 4;
   static constexpr int BYTES = MAIN > FOLD ? MAIN : FOLD;
 };
+
+// Splits the fused merge takes (its weights live in shared memory: group × splits floats).
+constexpr int MAX_MERGE_SPLITS = 2048;
 
 // GP query rows per KV head (4 or 8; the group is padded to it). Output MMA O^T = V^T·P^T:
 // M = coordinates, N = GP rows of p·scale in fp16 then GP rows of its residue × 2048, K = 16
@@ -212,12 +238,13 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __half cent[32];
 
+  __shared__ int is_last;
   const int hkv = gridDim.x;
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int hq = hkv * a.group;
-  const int seq_len = a.seq_lens[b];
+  const int seq_len = a.seq_lens != nullptr ? a.seq_lens[b] : a.tokens;
   const int start = split * a.split_len;
   const int end = min(start + a.split_len, seq_len);
 
@@ -230,33 +257,52 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t ring = base + SM::RING + warp * STAGES * SB;
   const uint8_t* ring_p = smem + SM::RING + warp * STAGES * SB;
+  float* qrows = reinterpret_cast<float*>(smem + SM::QROWS);  // [8][D]: q, then q·Πᵀ
+  float* qrot = qrows + 8 * D;
   const int last = end - 1;
   int tile0 = start + warp * TILE;
-  // The first tiles' copies go out before the tables are built.
+
+  // The query rows' loads go out first, then the first tiles' copies, then the tables.
+  for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+    const int r = i / D, c = i % D;
+    qrows[i] = r < a.group ? load_as_float(a.q, b * a.sqb + (kvh * a.group + r) * a.sqh +
+                                                    c * a.sqd, a.qdtype)
+                           : 0.f;
+  }
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     const int t0 = tile0 + i * STEP;
     if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
     cp_commit();
   }
-
   if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
   __syncthreads();
   for (int i = threadIdx.x; i < 256 * 32; i += NW * 32) {
     const int v = i >> 5, l = i & 31;
     uint32_t* row = reinterpret_cast<uint32_t*>(smem + v * 256);
-    row[l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
-    if (PRECISE) row[32 + l] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+    row[2 * l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
+    if (PRECISE) row[2 * l + 1] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
   }
-  // q fragments of row g (query head kvh·group + g), coordinates D/4·t + 4s + {0,1 | 2,3}: q in
-  // fp16 for rows 0..7 of the A operand, its residue × 2048 for rows 8..15; in shared memory,
-  // one 16-byte read per k-step.
+  // q·Πᵀ in fp32 for the group's rows: thread (row, column) pairs, Πᵀ read from L2.
+  for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
+    const int r = i / D, c = i % D;
+    const float* qr = qrows + r * D;
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll 16
+    for (int j = 0; j < D; j += 2) {
+      s0 = fmaf(qr[j], __ldg(a.rot + j * D + c), s0);
+      s1 = fmaf(qr[j + 1], __ldg(a.rot + (j + 1) * D + c), s1);
+    }
+    qrot[i] = s0 + s1;
+  }
+  __syncthreads();
+  // q fragments of row g, coordinates D/4·t + 4s + {0,1 | 2,3}: q in fp16 for rows 0..7 of
+  // the A operand, its residue × 2048 for rows 8..15; one 16-byte read per k-step later.
   if (warp == 0) {
     const bool valid = g < a.group;
-    const float* qrow = a.q + b * a.sqb + (long long)(kvh * a.group + (valid ? g : 0)) * a.sqh;
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
-      float4 x = valid ? *reinterpret_cast<const float4*>(qrow + (D / 4) * t + 4 * s)
+      float4 x = valid ? *reinterpret_cast<const float4*>(qrot + g * D + (D / 4) * t + 4 * s)
                        : make_float4(0.f, 0.f, 0.f, 0.f);
       __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
       float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
@@ -293,11 +339,16 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       const int w = s >> 1, h = s & 1;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 4·lane directly.
-        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5504u + 0x20u * h);
-        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5514u + 0x20u * h);
-        mma16816(part[j][h], qa, lds(a0), lds(a1));
-        if (PRECISE) mma16816(part[j][2 + h], qa, lds(a0 + 128), lds(a1 + 128));
+        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 8·lane directly.
+        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 8u * lane, 0x5504u + 0x20u * h);
+        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 8u * lane, 0x5514u + 0x20u * h);
+        if (PRECISE) {
+          const uint2 e0 = lds2(a0), e1 = lds2(a1);
+          mma16816(part[j][h], qa, e0.x, e1.x);
+          mma16816(part[j][2 + h], qa, e0.y, e1.y);
+        } else {
+          mma16816(part[j][h], qa, lds(a0), lds(a1));
+        }
       }
     }
     float s[4];  // index 2j + e
@@ -451,102 +502,58 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     a.part_o[out_row * D + d] = den > 0.f ? o / den : 0.f;
     if (d == 0) a.part_l[out_row] = den > 0.f ? mm + log2f(den) : -INFINITY;
   }
-}
 
-// Merge per-split partials (rows (b, h, split), base-2 LSE) into out [B, Hq, D] with strides.
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// One CTA per query row: the split weights exp2(lse - max) go to shared memory once, then
-// each thread sums its coordinate over the splits with independent loads in flight.
-template <typename T>
-__global__ void merge_kernel(const float* part_o, const float* part_l, T* out, long long sob,
-                             long long soh, long long sod, int hq, int num_splits, int d_all) {
-  extern __shared__ float wts[];  // num_splits weights, then one slot per warp
-  float* red = wts + num_splits;
-  const int row = blockIdx.x;  // b·hq + h
-  const int b = row / hq, h = row % hq;
-  const long long base = (long long)row * num_splits;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  float mm = -INFINITY;
-  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
-    const float v = part_l[base + s];
-    wts[s] = v;
-    mm = fmaxf(mm, v);
+  // The last CTA of this (sequence, KV head) to finish merges every split of its query rows
+  // (threadfence reduction: publish the partials, count, and only the last one reads them).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(a.counters + b * hkv + kvh, 1);
+    is_last = done == a.num_splits - 1;
   }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int S = a.num_splits;
+  float* wts = reinterpret_cast<float*>(smem);  // [group][S] split weights, then [group] sums
+  float* wsum = wts + a.group * S;
+  const long long row0 = (long long)b * hq + kvh * a.group;
+  for (int r = warp; r < a.group; r += NW) {  // one warp per row: max, weights, their sum
+    float mm = -INFINITY;
+    for (int sp = lane; sp < S; sp += 32) {
+      const float v = __ldcg(a.part_l + (row0 + r) * S + sp);
+      wts[r * S + sp] = v;
+      mm = fmaxf(mm, v);
+    }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-  if (lane == 0) red[warp] = mm;
-  __syncthreads();
-  mm = red[0];
-  for (int w = 1; w < nwarps; ++w) mm = fmaxf(mm, red[w]);
-  for (int s = threadIdx.x; s < num_splits; s += blockDim.x)
-    wts[s] = mm == -INFINITY ? 0.f : exp2f(wts[s] - mm);
-  __syncthreads();
-  float den = 0.f;
-  for (int s = 0; s < num_splits; ++s) den += wts[s];
-  for (int d = threadIdx.x; d < d_all; d += blockDim.x) {
-    float o = 0.f;
-    const float* col = part_o + base * d_all + d;
-#pragma unroll 8
-    for (int s = 0; s < num_splits; ++s) o += wts[s] * __ldcg(col + (long long)s * d_all);
-    out[b * sob + h * soh + d * sod] = from_float<T>(den > 0.f ? o / den : 0.f);
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    float sum = 0.f;
+    for (int sp = lane; sp < S; sp += 32) {
+      const float w = mm == -INFINITY ? 0.f : exp2f(wts[r * S + sp] - mm);
+      wts[r * S + sp] = w;
+      sum += w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) wsum[r] = sum;
   }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-// qk[row] = q[row] · Πᵀ in fp32 (rot_t row-major [D][D]): the rotated query the split kernel
-// reads. One CTA per (query row, 32 output coordinates); its four warps each sum a quarter of
-// the inner dimension with all their loads in flight, then add up through shared memory.
-template <typename T, int D>
-__global__ void __launch_bounds__(128) rotate_kernel(const T* q, long long sqb, long long sqh,
-                                                     long long sqd, const float* rot_t, float* qk,
-                                                     int hq) {
-  __shared__ float qs[D];
-  __shared__ float part[4][32];
-  const int row = blockIdx.x, b = row / hq, h = row % hq;
-  for (int i = threadIdx.x; i < D; i += blockDim.x)
-    qs[i] = to_float<T>(q[b * sqb + h * sqh + i * sqd]);
   __syncthreads();
-  const int c = threadIdx.x & 31, k = threadIdx.x >> 5;
-  const int col = blockIdx.y * 32 + c;
-  float acc = 0.f;
-#pragma unroll
-  for (int j = k * (D / 4); j < (k + 1) * (D / 4); ++j) acc = fmaf(qs[j], __ldg(rot_t + j * D + col), acc);
-  part[k][c] = acc;
-  __syncthreads();
-  if (k == 0) qk[(long long)row * D + col] = (part[0][c] + part[1][c]) + (part[2][c] + part[3][c]);
-}
-
-template <typename T>
-int rotate(const void* q, long long sqb, long long sqh, long long sqd, const float* rot_t,
-           float* qk, int rows, int hq, int head_size, cudaStream_t s) {
-  const T* qt = static_cast<const T*>(q);
-  if (head_size == 128)
-    rotate_kernel<T, 128><<<dim3(rows, 4), 128, 0, s>>>(qt, sqb, sqh, sqd, rot_t, qk, hq);
-  else if (head_size == 64)
-    rotate_kernel<T, 64><<<dim3(rows, 2), 128, 0, s>>>(qt, sqb, sqh, sqd, rot_t, qk, hq);
-  else
-    return 1002;
-  return (int)cudaGetLastError();
+  for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
+    const int r = i / D, d = i % D;
+    const float* col = a.part_o + (row0 + r) * S * D + d;
+    const float* w = wts + r * S;
+    float o0 = 0.f, o1 = 0.f;
+    int sp = 0;
+    for (; sp + 1 < S; sp += 2) {
+      o0 = fmaf(w[sp], __ldcg(col + (long long)sp * D), o0);
+      o1 = fmaf(w[sp + 1], __ldcg(col + (long long)(sp + 1) * D), o1);
+    }
+    if (sp < S) o0 = fmaf(w[sp], __ldcg(col + (long long)sp * D), o0);
+    const float den = wsum[r];
+    const int h = kvh * a.group + r;
+    store_float(a.out, b * a.sob + h * a.soh + d * a.sod, a.odtype, den > 0.f ? (o0 + o1) / den : 0.f);
+  }
+  if (threadIdx.x == 0) a.counters[b * hkv + kvh] = 0;  // ready for the next call
 }
 
 template <int D, int NW, bool PRECISE, int GP>
@@ -572,18 +579,22 @@ extern "C" {
 const char* servelab_cuda_error(int e) { return cudaGetErrorString((cudaError_t)e); }
 
 // Returns a cudaError_t; 1000 + n for an unsupported configuration n (checked in Python first).
-int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t* kc,
-                     long long skb, long long skh, long long skt, const __half* ks,
-                     long long sksb, long long sksh, long long skst, const uint8_t* vc,
-                     long long svb, long long svh, long long svt, const __half* vsz,
-                     long long szb, long long szh, long long szt, const __half* cent,
-                     const int* seq_lens, float* part_o, float* part_l, float qk_scale,
-                     int split_len, int num_splits, int group, int hkv, int batch, int head_size,
-                     int warps, int precise, void* stream) {
-  Args a{q, sqb, sqh, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh, svt, vsz, szb, szh,
-         szt, cent, seq_lens, part_o, part_l, qk_scale, split_len, num_splits, group};
+int tq4_decode(const void* q, long long sqb, long long sqh, long long sqd, int qdtype,
+               const float* rot, const uint8_t* kc, long long skb, long long skh, long long skt,
+               const __half* ks, long long sksb, long long sksh, long long skst,
+               const uint8_t* vc, long long svb, long long svh, long long svt,
+               const __half* vsz, long long szb, long long szh, long long szt,
+               const __half* cent, const int* seq_lens, int tokens, float* part_o,
+               float* part_l, int* counters, void* out, long long sob, long long soh,
+               long long sod, int odtype, float qk_scale, int split_len, int num_splits,
+               int group, int hkv, int batch, int head_size, int warps, int precise,
+               void* stream) {
+  Args a{q, sqb, sqh, sqd, qdtype, rot, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh,
+         svt, vsz, szb, szh, szt, cent, seq_lens, tokens, part_o, part_l, counters, out, sob, soh,
+         sod, odtype, qk_scale, split_len, num_splits, group};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (group < 1 || group > 8) return 1001;
+  if (num_splits > MAX_MERGE_SPLITS) return 1004;
 #define SERVELAB_TQ4(Dv, NWv)                                                              \
   if (head_size == Dv && warps == NWv) {                                                    \
     if (group <= 4)                                                                         \
@@ -598,39 +609,6 @@ int tq4_decode_split(const float* q, long long sqb, long long sqh, const uint8_t
   SERVELAB_TQ4(64, 16)
 #undef SERVELAB_TQ4
   return 1002;
-}
-
-// dtype of q: 0 float32, 1 float16, 2 bfloat16.
-int tq4_rotate(const void* q, long long sqb, long long sqh, long long sqd, const float* rot_t,
-               float* qk, int rows, int hq, int head_size, int dtype, void* stream) {
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == 0) return rotate<float>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
-  if (dtype == 1) return rotate<__half>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
-  if (dtype == 2)
-    return rotate<__nv_bfloat16>(q, sqb, sqh, sqd, rot_t, qk, rows, hq, head_size, s);
-  return 1003;
-}
-
-// dtype: 0 float32, 1 float16, 2 bfloat16.
-int tq4_merge(const float* part_o, const float* part_l, void* out, long long sob, long long soh,
-              long long sod, int rows, int hq, int num_splits, int head_size, int dtype,
-              void* stream) {
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const int threads = head_size < 128 ? head_size : 128;
-  const size_t smem = (num_splits + 32) * sizeof(float);
-  if (dtype == 0)
-    merge_kernel<float><<<rows, threads, smem, s>>>(part_o, part_l, static_cast<float*>(out), sob,
-                                                 soh, sod, hq, num_splits, head_size);
-  else if (dtype == 1)
-    merge_kernel<__half><<<rows, threads, smem, s>>>(part_o, part_l, static_cast<__half*>(out), sob,
-                                                  soh, sod, hq, num_splits, head_size);
-  else if (dtype == 2)
-    merge_kernel<__nv_bfloat16><<<rows, threads, smem, s>>>(
-        part_o, part_l, static_cast<__nv_bfloat16*>(out), sob, soh, sod, hq, num_splits,
-        head_size);
-  else
-    return 1003;
-  return (int)cudaGetLastError();
 }
 
 }  // extern "C"

@@ -4,9 +4,10 @@ The kernel dequantizes 4-bit keys and values straight into the matrix unit's reg
 fragments (what Triton cannot express, see docs/kernels-turboquant.md) and is the default for
 4-bit keys and values on CUDA where nvcc is present (``LaunchConfig.backend``). It takes head
 sizes 64 and 128, GQA groups up to 8 and code planes whose rows are aligned for vector loads
-(16 bytes for keys, 8 for values at d = 128); the query rotation and the split merge are
-its own small kernels, so a call is three launches; :func:`unsupported` names what it refuses, and
-``backend="auto"`` falls back to the Triton word kernel then.
+(16 bytes for keys, 8 for values at d = 128). A call is one launch: each CTA rotates its
+query rows, and the last CTA of each (sequence, KV head) merges the splits.
+:func:`unsupported` names what it refuses, and ``backend="auto"`` falls back to the Triton
+word kernel then.
 
 Arguments are trusted here: ``triton_decode.fused_decode_attention`` has validated them.
 """
@@ -28,6 +29,8 @@ WARPS = (8, 16)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _LIBS: dict[str, ctypes.CDLL] = {}
+_COUNTERS: dict[tuple[int | None, int], torch.Tensor] = {}
+MAX_SPLITS = 2048  # the fused merge keeps group × splits weights in shared memory
 _P = ctypes.c_void_p
 _L = ctypes.c_longlong
 _I = ctypes.c_int
@@ -38,24 +41,33 @@ def library(device: torch.device) -> ctypes.CDLL:
     arch = cuda_ext.arch_flag(device)
     if arch not in _LIBS:
         lib = cuda_ext.build("tq4_decode", cuda_ext.source("tq4_decode.cu"), arch).lib
-        lib.tq4_decode_split.restype = _I
-        lib.tq4_decode_split.argtypes = [
-            _P, _L, _L,  # q
+        lib.tq4_decode.restype = _I
+        lib.tq4_decode.argtypes = [
+            _P, _L, _L, _L, _I, _P,  # q (strides, dtype), rotation
             _P, _L, _L, _L,  # key codes
             _P, _L, _L, _L,  # key scales
             _P, _L, _L, _L,  # value codes
             _P, _L, _L, _L,  # value scale/zero
-            _P, _P, _P, _P,  # centroids, seq_lens, part_o, part_l
+            _P, _P, _I,  # centroids, seq_lens (or null), tokens
+            _P, _P, _P,  # part_o, part_l, counters
+            _P, _L, _L, _L, _I,  # out (strides, dtype)
             _F, _I, _I,  # qk_scale, split_len, splits
             _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
             _P,  # stream
         ]  # fmt: skip
-        lib.tq4_rotate.restype = _I
-        lib.tq4_rotate.argtypes = [_P, _L, _L, _L, _P, _P, _I, _I, _I, _I, _P]
-        lib.tq4_merge.restype = _I
-        lib.tq4_merge.argtypes = [_P, _P, _P, _L, _L, _L, _I, _I, _I, _I, _I, _P]
         _LIBS[arch] = lib
     return _LIBS[arch]
+
+
+def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    """Per (device, stream) split counters, zero between calls (the kernel's last CTA of each
+    (sequence, KV head) resets its own); kept so that a call launches no memset."""
+    key = (device.index, stream)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
 
 
 def _aligned(t: torch.Tensor, nbytes: int) -> bool:
@@ -104,7 +116,7 @@ def launch_cuda_words(
     rotation_t: torch.Tensor,
     cache: PackedKVCache,
     cent: torch.Tensor,
-    seq_lens: torch.Tensor,
+    seq_lens: torch.Tensor | None,
     qk_scale: float,
     out: torch.Tensor,
     *,
@@ -112,9 +124,10 @@ def launch_cuda_words(
     num_splits: int | None,
     precise: bool,
 ) -> torch.Tensor:
-    """Enqueue the query rotation, the split kernel and the merge on the current stream.
+    """Enqueue the one launch (query rotation, split attention, merge) on the current stream.
     ``q`` is ``[B, Hq, d]`` (any strides), ``rotation_t`` Πᵀ as float32 ``[d, d]``
-    contiguous, ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues)."""
+    contiguous, ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues),
+    ``seq_lens`` int32 ``[B]`` or None (every sequence full)."""
     dev = q.device
     lib = library(dev)
     b, hq, d = (int(s) for s in q.shape)
@@ -122,30 +135,23 @@ def launch_cuda_words(
     if cache.key_scales is None:  # unsupported() refused this already
         raise RuntimeError("launch_cuda_words: the cache has no key_scales plane")
     want = num_splits if num_splits is not None else default_splits(dev, warps, b, hkv)
-    split_len, splits = split_plan(tokens, TILE * warps, want)
-    qk = torch.empty((b, hq, d), dtype=torch.float32, device=dev)
+    split_len, splits = split_plan(tokens, TILE * warps, min(want, MAX_SPLITS))
     part_o = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
     part_l = torch.empty((b * hq * splits,), dtype=torch.float32, device=dev)
-    stream = cuda_ext.stream_of(dev)
-    rc = lib.tq4_rotate(
-        q.data_ptr(), *q.stride(), rotation_t.data_ptr(), qk.data_ptr(), b * hq, hq, d,
-        DTYPES[q.dtype], stream,
-    )  # fmt: skip
-    cuda_ext.check(lib, rc, "tq4_rotate")
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    counters = _counters(dev, stream, b * hkv)
     kc, ks, vc, sz = cache.key_codes, cache.key_scales, cache.value_codes, cache.value_scale_zero
-    rc = lib.tq4_decode_split(
-        qk.data_ptr(), qk.stride(0), qk.stride(1),
+    rc = lib.tq4_decode(
+        q.data_ptr(), *q.stride(), DTYPES[q.dtype], rotation_t.data_ptr(),
         kc.data_ptr(), kc.stride(0), kc.stride(1), kc.stride(2),
         ks.data_ptr(), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
         sz.data_ptr(), sz.stride(0), sz.stride(1), sz.stride(2),
-        cent.data_ptr(), seq_lens.data_ptr(), part_o.data_ptr(), part_l.data_ptr(),
-        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise), stream,
+        cent.data_ptr(), None if seq_lens is None else seq_lens.data_ptr(), tokens,
+        part_o.data_ptr(), part_l.data_ptr(), counters.data_ptr(),
+        out.data_ptr(), *out.stride(), DTYPES[out.dtype],
+        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise),
+        ctypes.c_void_p(stream),
     )  # fmt: skip
-    cuda_ext.check(lib, rc, "tq4_decode_split")
-    rc = lib.tq4_merge(
-        part_o.data_ptr(), part_l.data_ptr(), out.data_ptr(), *out.stride(),
-        b * hq, hq, splits, d, DTYPES[out.dtype], stream,
-    )  # fmt: skip
-    cuda_ext.check(lib, rc, "tq4_merge")
+    cuda_ext.check(lib, rc, "tq4_decode")
     return out

@@ -288,8 +288,16 @@ def _check_out(out: torch.Tensor | None, q: torch.Tensor, where: str) -> torch.T
 def _seq_lens(
     seq_lens: torch.Tensor | None, b: int, t: int, dev: torch.device, check_values: bool, where: str
 ) -> torch.Tensor:
+    given = _given_lens(seq_lens, b, t, dev, check_values, where)
+    return given if given is not None else torch.full((b,), t, dtype=torch.int32, device=dev)
+
+
+def _given_lens(
+    seq_lens: torch.Tensor | None, b: int, t: int, dev: torch.device, check_values: bool, where: str
+) -> torch.Tensor | None:
+    """The caller's seq_lens as int32, checked; None when every sequence is full."""
     if seq_lens is None:
-        return torch.full((b,), t, dtype=torch.int32, device=dev)
+        return None
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise KernelInputError(
             f"{where}: seq_lens must be int32/int64 of shape ({b},), got {seq_lens.dtype} "
@@ -462,7 +470,7 @@ def fused_decode_attention(
     _check_head_size(d, where)
     dev = _check_device([q, *cache.planes()], where)
     out = _check_out(out, q, where)
-    lens = _seq_lens(seq_lens, b, t, dev, check_values, where)
+    given = _given_lens(seq_lens, b, t, dev, check_values, where)
     if check_values and not bool(torch.isfinite(q).all()):
         raise KernelInputError(f"{where}: q holds NaN or infinite values")
     consts = constants if constants is not None else DecodeConstants.build(codec, dev)
@@ -484,7 +492,7 @@ def fused_decode_attention(
                 rot,
                 cache,
                 consts.centroids,
-                lens,
+                given,
                 qk_scale,
                 out,
                 warps=config.cuda_warps,
@@ -492,6 +500,7 @@ def fused_decode_attention(
                 precise=config.precise_table,
             )
         qk = q.float() @ rot  # Πq for each head, once per step
+    lens = given if given is not None else torch.full((b,), t, dtype=torch.int32, device=dev)
     if word_kernel and not config.generic and cache.key_scales is not None:
         return launch_words(
             qk.contiguous(),
