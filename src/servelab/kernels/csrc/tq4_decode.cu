@@ -15,9 +15,10 @@
 // bytes [D/8·t, D/8·t + D/8) of token g's key row (one 16-byte copy at D = 128) and feeds
 // them to k-steps in order, with q at the same coordinates. Rows 0..7 of the A operand are q
 // in fp16, rows 8..15 its fp16 rounding residue times 2048, so one MMA gives both terms
-// (GQA groups up to 8). Keys: one 8-byte shared-memory load per code byte from a 256-row
-// table of fp16 pairs (c[lo nibble], c[hi nibble]) and their fp16 residues, replicated per
-// lane so no two lanes of a warp share a bank; one byte permute makes the address.
+// (GQA groups up to 8). Keys: one shared-memory load per code byte from a 256-row table of
+// fp16 pairs (c[lo nibble], c[hi nibble]) and one from the table of their fp16 residues,
+// replicated per lane so no two lanes of a warp share a bank; one byte permute makes the
+// address.
 //
 // Output O^T = V^T·P^T (M = coordinates, N = query rows: p·scale in fp16, then its residue
 // times 2048, K = 16 tokens). The P fragments are this lane's own score fragments; the value
@@ -56,12 +57,6 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
 __device__ __forceinline__ uint32_t lds(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint2 lds2(uint32_t addr) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
 
@@ -173,9 +168,12 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
               reinterpret_cast<const void*>(lane < 16 ? kp : zp));
 }
 
+// ks_sel[i]: the byte-permute selector that takes token toks[i]'s fp16 scale out of its
+// aligned word (which half depends only on the lane: tiles start at multiples of 16 tokens,
+// and a clamped token past the end is masked anyway).
 template <int D>
-__device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, unsigned skst,
-                                          int tile0, int last, int t, int lane, Tile<D>& f) {
+__device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_sel, int t,
+                                          int lane, Tile<D>& f) {
   using S = Stage<D>;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -199,15 +197,13 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const __half* ksb, 
       f.v[i][0] = *reinterpret_cast<const uint32_t*>(p);
     }
     const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * toks[i]);
-    const unsigned tok = (unsigned)min(tile0 + toks[i], last);
-    const bool high = (reinterpret_cast<uintptr_t>(ksb + tok * skst) & 2) != 0;
-    f.ks[i] = __half2float(__ushort_as_half((unsigned short)(high ? (w >> 16) : (w & 0xFFFFu))));
+    f.ks[i] = __half2float(__ushort_as_half((unsigned short)__byte_perm(w, 0u, ks_sel[i])));
     f.sz[i] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * toks[i]);
   }
 }
 
 // Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane l, (c[v & 15],
-// c[v >> 4]) in fp16 at 8l and their fp16 residues at 8l + 4] [q fragments: KSTEPS × 32 lanes
+// c[v >> 4]) in fp16 at 4l and their fp16 residues at 128 + 4l] [q fragments: KSTEPS × 32 lanes
 // × 16 bytes] [q rows and rotated q rows: 2 × 8 × D fp32] [ring: NW warps × STAGES slots].
 // The fold and the merge at the end reuse it from the start.
 template <int D, int NW, int STAGES>
@@ -280,8 +276,8 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   for (int i = threadIdx.x; i < 256 * 32; i += NW * 32) {
     const int v = i >> 5, l = i & 31;
     uint32_t* row = reinterpret_cast<uint32_t*>(smem + v * 256);
-    row[2 * l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
-    if (PRECISE) row[2 * l + 1] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+    row[l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
+    if (PRECISE) row[32 + l] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
   }
   // q·Πᵀ in fp32 for the group's rows: thread (row, column) pairs, Πᵀ read from L2.
   for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
@@ -339,16 +335,13 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       const int w = s >> 1, h = s & 1;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 8·lane directly.
-        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 8u * lane, 0x5504u + 0x20u * h);
-        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 8u * lane, 0x5514u + 0x20u * h);
-        if (PRECISE) {
-          const uint2 e0 = lds2(a0), e1 = lds2(a1);
-          mma16816(part[j][h], qa, e0.x, e1.x);
-          mma16816(part[j][2 + h], qa, e0.y, e1.y);
-        } else {
-          mma16816(part[j][h], qa, lds(a0), lds(a1));
-        }
+        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 4·lane directly.
+        // (One 8-byte load of centroid and residue side by side cost more register moves
+        // than the second load it saved.)
+        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5504u + 0x20u * h);
+        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5514u + 0x20u * h);
+        mma16816(part[j][h], qa, lds(a0), lds(a1));
+        if (PRECISE) mma16816(part[j][2 + h], qa, lds(a0 + 128), lds(a1 + 128));
       }
     }
     float s[4];  // index 2j + e
@@ -435,6 +428,15 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     }
   };
 
+  uint32_t ks_sel[4];
+  {
+    const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(ksb + (unsigned)toks[i] * (unsigned)a.skst);
+      ks_sel[i] = (addr & 2) ? 0x4432u : 0x4410u;
+    }
+  }
   int slot = 0;
   for (; tile0 < end; tile0 += STEP) {
     const int ahead = tile0 + (STAGES - 1) * STEP;
@@ -445,7 +447,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     cp_wait<STAGES - 1>();
     __syncwarp();  // the lanes' copies of this tile are visible to the warp
     Tile<D> cur;
-    read_tile<D>(ring_p + slot * SB, ksb, (unsigned)a.skst, tile0, last, t, lane, cur);
+    read_tile<D>(ring_p + slot * SB, ks_sel, t, lane, cur);
     attend(cur, tile0);
     slot = slot == STAGES - 1 ? 0 : slot + 1;
   }
