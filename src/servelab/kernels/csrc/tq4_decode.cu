@@ -204,14 +204,15 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_
 
 // Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane l, (c[v & 15],
 // c[v >> 4]) in fp16 at 4l and their fp16 residues at 128 + 4l] [q fragments: KSTEPS × 32 lanes
-// × 16 bytes] [q rows and rotated q rows: 2 × 8 × D fp32] [ring: NW warps × STAGES slots].
-// The fold and the merge at the end reuse it from the start.
-template <int D, int NW, int STAGES>
+// × 16 bytes] [q rows: GP × D fp32, then 16/GP partial sums of q·Πᵀ, each GP × D]
+// [ring: NW warps × STAGES slots]. The fold and the merge at the end reuse it from the start.
+template <int D, int NW, int STAGES, int GP>
 struct Smem {
+  static constexpr int PARTS = 16 / GP;  // the rotation's inner dimension in PARTS pieces
   static constexpr int TABLES = 256 * 256;
   static constexpr int QF = TABLES;
   static constexpr int QROWS = QF + (D / 16) * 32 * 16;
-  static constexpr int RING = QROWS + 2 * 8 * D * 4;
+  static constexpr int RING = QROWS + (1 + PARTS) * GP * D * 4;
   static constexpr int MAIN = RING + NW * STAGES * Stage<D>::BYTES;
   static constexpr int FOLD = (NW * 8 * D + 3 * NW * 8) * 4;
   static constexpr int BYTES = MAIN > FOLD ? MAIN : FOLD;
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
   constexpr int MT = D / 16;      // m-tiles of the output MMA
   constexpr int NTP = GP / 4;     // n-tiles of the output MMA (hi and lo columns)
-  using SM = Smem<D, NW, STAGES>;
+  using SM = Smem<D, NW, STAGES, GP>;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __half cent[32];
 
@@ -253,13 +254,13 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t ring = base + SM::RING + warp * STAGES * SB;
   const uint8_t* ring_p = smem + SM::RING + warp * STAGES * SB;
-  float* qrows = reinterpret_cast<float*>(smem + SM::QROWS);  // [8][D]: q, then q·Πᵀ
-  float* qrot = qrows + 8 * D;
+  float* qrows = reinterpret_cast<float*>(smem + SM::QROWS);  // [GP][D]
+  float* qparts = qrows + GP * D;                             // [PARTS][GP][D]
   const int last = end - 1;
   int tile0 = start + warp * TILE;
 
   // The query rows' loads go out first, then the first tiles' copies, then the tables.
-  for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+  for (int i = threadIdx.x; i < GP * D; i += NW * 32) {
     const int r = i / D, c = i % D;
     qrows[i] = r < a.group ? load_as_float(a.q, b * a.sqb + (kvh * a.group + r) * a.sqh +
                                                     c * a.sqd, a.qdtype)
@@ -279,17 +280,18 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     row[l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
     if (PRECISE) row[32 + l] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
   }
-  // q·Πᵀ in fp32 for the group's rows: thread (row, column) pairs, Πᵀ read from L2.
-  for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
-    const int r = i / D, c = i % D;
-    const float* qr = qrows + r * D;
-    float s0 = 0.f, s1 = 0.f;
-#pragma unroll 16
-    for (int j = 0; j < D; j += 2) {
-      s0 = fmaf(qr[j], __ldg(a.rot + j * D + c), s0);
-      s1 = fmaf(qr[j + 1], __ldg(a.rot + (j + 1) * D + c), s1);
-    }
-    qrot[i] = s0 + s1;
+  // q·Πᵀ in fp32 for the group's rows, Πᵀ read from L2: one item per (piece of the inner
+  // dimension, row, column), all its loads in flight at once; the pieces add up below.
+  constexpr int PARTS = SM::PARTS, JL = D / PARTS;
+  for (int i = threadIdx.x; i < PARTS * a.group * D; i += NW * 32) {
+    const int k = i / (a.group * D), rem = i % (a.group * D);
+    const int r = rem / D, c = rem % D;
+    const float* qr = qrows + r * D + k * JL;
+    const float* rp = a.rot + (k * JL) * D + c;
+    float acc0 = 0.f;
+#pragma unroll
+    for (int j = 0; j < JL; ++j) acc0 = fmaf(qr[j], __ldg(rp + j * D), acc0);
+    qparts[(k * GP + r) * D + c] = acc0;
   }
   __syncthreads();
   // q fragments of row g, coordinates D/4·t + 4s + {0,1 | 2,3}: q in fp16 for rows 0..7 of
@@ -298,8 +300,15 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     const bool valid = g < a.group;
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
-      float4 x = valid ? *reinterpret_cast<const float4*>(qrot + g * D + (D / 4) * t + 4 * s)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (valid) {
+#pragma unroll
+        for (int k = 0; k < PARTS; ++k) {
+          const float4 y =
+              *reinterpret_cast<const float4*>(qparts + (k * GP + g) * D + (D / 4) * t + 4 * s);
+          x.x += y.x; x.y += y.y; x.z += y.z; x.w += y.w;
+        }
+      }
       __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
       float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
       uint4 fr;
@@ -544,16 +553,12 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     const int r = i / D, d = i % D;
     const float* col = a.part_o + (row0 + r) * S * D + d;
     const float* w = wts + r * S;
-    float o0 = 0.f, o1 = 0.f;
-    int sp = 0;
-    for (; sp + 1 < S; sp += 2) {
-      o0 = fmaf(w[sp], __ldcg(col + (long long)sp * D), o0);
-      o1 = fmaf(w[sp + 1], __ldcg(col + (long long)(sp + 1) * D), o1);
-    }
-    if (sp < S) o0 = fmaf(w[sp], __ldcg(col + (long long)sp * D), o0);
+    float o = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < S; ++sp) o = fmaf(w[sp], __ldcg(col + (long long)sp * D), o);
     const float den = wsum[r];
     const int h = kvh * a.group + r;
-    store_float(a.out, b * a.sob + h * a.soh + d * a.sod, a.odtype, den > 0.f ? (o0 + o1) / den : 0.f);
+    store_float(a.out, b * a.sob + h * a.soh + d * a.sod, a.odtype, den > 0.f ? o / den : 0.f);
   }
   if (threadIdx.x == 0) a.counters[b * hkv + kvh] = 0;  // ready for the next call
 }
@@ -561,7 +566,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 template <int D, int NW, bool PRECISE, int GP>
 int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
   constexpr int STAGES = NW >= 16 ? 3 : 2;  // 16 warps: one CTA per SM; 8: two
-  const size_t bytes = Smem<D, NW, STAGES>::BYTES;
+  const size_t bytes = Smem<D, NW, STAGES, GP>::BYTES;
   auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP>;
   static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)
   if (!attribute_set) {
