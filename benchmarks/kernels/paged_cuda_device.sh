@@ -6,19 +6,7 @@
 # the default where nvcc is found; one row keeps the Triton gather). Logs and JSON land in
 # OUTDIR; short summaries are printed.
 # Usage (repo root, on the GPU machine): bash benchmarks/kernels/paged_cuda_device.sh OUTDIR
-set -u -o pipefail
-out=${1:?output folder}
-export PYTHONUNBUFFERED=1
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current \
-  --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
-date -u +%FT%TZ | tee "$out/date.txt"
-command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-nvcc --version 2>&1 | tail -1 | tee "$out/nvcc.txt"
-if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; then
-  echo "pip install -e failed (see pip.log); falling back to PYTHONPATH=src"
-  export PYTHONPATH=src
-fi
+source "$(dirname "$0")/device_prelude.sh" "${1:-}"
 # -p no:servelab: see paged_compare.sh (the device's pytest and the plugin's option).
 timeout 150 python3 -m pytest -q -m kernels tests/kernels/test_staging.py \
   tests/kernels/test_paged.py -p no:cacheprovider -p no:servelab -x -rs \

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from turboquant_decode import HKV, HQ, PRESET, D, copy_bandwidth, graph_bench
+from turboquant_decode import HKV, HQ, PRESET, D, bench_inputs, copy_bandwidth, graph_bench
 
 from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
@@ -39,10 +39,7 @@ from servelab.kernels.turboquant.triton_decode import (
 
 
 def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
-    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
-    v = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    q, k, v = bench_inputs(tokens)
     codec = KVCodec.build(PRESET, D)
     cache = codec.encode(k, v)
     consts = DecodeConstants.build(codec, q.device)
@@ -106,11 +103,9 @@ def kernel_breakdown(fn: Callable[[], Any], calls: int = 20) -> dict[str, float]
 
 def once(tokens: int) -> None:
     """Three calls of the default configuration (for an external profiler)."""
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
-    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    q, k, v = bench_inputs(tokens)
     codec = KVCodec.build(PRESET, D)
-    cache = codec.encode(k, k.flip(2))
+    cache = codec.encode(k, v)
     for _ in range(3):
         fused_decode_attention(q, cache, codec, config=LaunchConfig(backend="cuda"))
     torch.cuda.synchronize()

@@ -129,11 +129,17 @@ def sweep(
     return best[0], best[1], rows
 
 
-def run(tokens: int, hbm: float, sm: int) -> dict[str, Any]:
+def bench_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 q [1, HQ, D] and K, V [1, HKV, tokens, D] (never zeros), seeded by tokens."""
     g = torch.Generator(device="cuda").manual_seed(tokens)
     q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
     k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
     v = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
+def run(tokens: int, hbm: float, sm: int) -> dict[str, Any]:
+    q, k, v = bench_inputs(tokens)
     codec = KVCodec.build(PRESET, D)
     res: dict[str, Any] = {"tokens": tokens}
 

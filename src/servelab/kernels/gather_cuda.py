@@ -108,18 +108,12 @@ def gather_kv_blocks_from_host(
     lau = launcher(dst_key.device)
     if stream is None:
         stream = torch.cuda.current_stream(dst_key.device)
-    elem, block_bytes = _block_geometry(src_key)
+    ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
     rc = lau.gather(
-        src_key.data_ptr(),
-        src_value.data_ptr(),
-        dst_key.data_ptr(),
-        dst_value.data_ptr(),
+        *ptrs,
         host_ids.data_ptr(),
         n,
-        block_bytes,
-        src_key.stride(0) * elem,
-        src_value.stride(0) * elem,
-        dst_key.stride(0) * elem,
+        *geometry,
         PROGRAMS if programs is None else min(programs, 1 << 30),
         threads,
         stream.cuda_stream,
@@ -132,19 +126,19 @@ def vector_bytes(
     src_key: torch.Tensor, src_value: torch.Tensor, dst_key: torch.Tensor, dst_value: torch.Tensor
 ) -> int:
     """The load width (16, 8, 4, 2 or 1 bytes) the kernel picks for these tensors."""
+    ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
+    return int(launcher(dst_key.device).vector_bytes(*ptrs, *geometry))
+
+
+def _layout(
+    src_key: torch.Tensor, src_value: torch.Tensor, dst_key: torch.Tensor, dst_value: torch.Tensor
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The four base pointers, then (block bytes, source key / source value / destination
+    block strides in bytes), in the order both launchers take them."""
     elem, block_bytes = _block_geometry(src_key)
-    return int(
-        launcher(dst_key.device).vector_bytes(
-            src_key.data_ptr(),
-            src_value.data_ptr(),
-            dst_key.data_ptr(),
-            dst_value.data_ptr(),
-            block_bytes,
-            src_key.stride(0) * elem,
-            src_value.stride(0) * elem,
-            dst_key.stride(0) * elem,
-        )
-    )
+    ptrs = (src_key.data_ptr(), src_value.data_ptr(), dst_key.data_ptr(), dst_value.data_ptr())
+    strides = (src_key.stride(0) * elem, src_value.stride(0) * elem, dst_key.stride(0) * elem)
+    return ptrs, (block_bytes, *strides)
 
 
 class Guard(Protocol):
