@@ -1,0 +1,132 @@
+"""Staging alone, three ways, side by side in one run: the pinned copy rate (one contiguous
+``copy_``), the CUDA gather (SM loads from mapped pinned memory, csrc/paged_gather.cu) and the
+copy engines (one ``cudaMemcpyAsync`` per run of consecutive block ids, issued from C).
+
+Host KV cache ``[N, 256, 8, 128]`` bf16 pinned (512 KiB per K or V block), a random block
+table of ``tokens / 256`` blocks drawn from a pool twice that size, a dense device scratch.
+The three are timed in rotation (so drift hits each alike), each with CUDA events around
+the call, ``--reps`` rounds; medians and min–max are printed, GB/s over K+V bytes.
+
+    python benchmarks/kernels/paged_copy_engine.py --out DIR [--tokens 32768 131072] [--reps 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from servelab.kernels import cuda_ext, gather_cuda
+
+BLOCK, HKV, HEAD = 256, 8, 128
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return float(start.elapsed_time(stop))
+
+
+def run(tokens: int, reps: int, lib: ctypes.CDLL) -> dict[str, Any]:
+    n = tokens // BLOCK
+    shape = (2 * n, BLOCK, HKV, HEAD)
+    k_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
+    v_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
+    ids = torch.randperm(2 * n, generator=torch.Generator().manual_seed(tokens))[:n]
+    ids = ids.to(torch.int64).contiguous().pin_memory()
+    k_dst = torch.empty((n, BLOCK, HKV, HEAD), dtype=torch.bfloat16, device="cuda")
+    v_dst = torch.empty_like(k_dst)
+    flat = torch.empty(2 * k_dst.numel(), dtype=torch.bfloat16).pin_memory()
+    flat_dst = torch.empty(flat.numel(), dtype=torch.bfloat16, device="cuda")
+    block_bytes = BLOCK * HKV * HEAD * 2
+    nbytes = 2 * n * block_bytes
+    stream = torch.cuda.current_stream()
+
+    def gather() -> None:
+        gather_cuda.gather_kv_blocks_from_host(k_src, v_src, ids, k_dst, v_dst)
+
+    def engines() -> None:
+        rc = lib.paged_copy_blocks(
+            k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(),
+            ids.data_ptr(), n, block_bytes, block_bytes, block_bytes, block_bytes,
+            ctypes.c_void_p(stream.cuda_stream),
+        )  # fmt: skip
+        cuda_ext.check(lib, rc, "paged_copy_blocks")
+
+    ways: dict[str, Callable[[], None]] = {
+        "copy_rate": lambda: flat_dst.copy_(flat, non_blocking=True),
+        "cuda_gather": gather,
+        "copy_engines": engines,
+    }
+    for fn in ways.values():  # warm-up (builds, first touches)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            times[name].append(timed(fn))
+    torch.testing.assert_close(k_dst[3].cpu(), k_src[int(ids[3])])  # the engines ran last
+    torch.testing.assert_close(v_dst[-1].cpu(), v_src[int(ids[-1])])
+    out: dict[str, Any] = {"tokens": tokens, "blocks": n, "bytes": nbytes}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {
+            "ms_median": med,
+            "ms_min": min(ts),
+            "ms_max": max(ts),
+            "GBps_median": nbytes / med / 1e6,
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    if not torch.cuda.is_available() or not cuda_ext.enabled(dev):
+        print("needs a CUDA device and nvcc", file=sys.stderr)
+        return 2
+    lib = gather_cuda.launcher(dev).lib
+    lib.paged_copy_blocks.restype = ctypes.c_int
+    vp, ll = ctypes.c_void_p, ctypes.c_longlong
+    lib.paged_copy_blocks.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, vp]
+    meta = {
+        "card": torch.cuda.get_device_name(0),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "shape": f"bf16, {BLOCK}-token blocks, {HKV} KV heads, head {HEAD}, random table",
+    }
+    results = [run(t, args.reps, lib) for t in args.tokens]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "paged_copy_engine.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    print(json.dumps(meta))
+    print("| tokens | copy rate GB/s | CUDA gather GB/s (%) | copy engines GB/s (%) |")
+    print("|---|---|---|---|")
+    for r in results:
+        rate = r["copy_rate"]["GBps_median"]
+        g, e = r["cuda_gather"]["GBps_median"], r["copy_engines"]["GBps_median"]
+        print(
+            f"| {r['tokens']} | {rate:.1f} | {g:.1f} ({100 * g / rate:.0f} %) | "
+            f"{e:.1f} ({100 * e / rate:.0f} %) |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
