@@ -7,8 +7,8 @@ caller's stream (``torch.cuda.current_stream().cuda_stream``), so launches land 
 stream and are captured by CUDA graphs like any other kernel.
 
 The library is cached under ``$SERVELAB_CACHE/cuda`` (default ``~/.cache/servelab/cuda``),
-keyed by the sources, the flags, the target architecture and nvcc's version; nvcc's register
-report is kept beside it (``<name>-<key>.log``). nvcc is looked up in ``$CUDA_HOME/bin``,
+keyed by the source and the headers beside it (``*.cuh``), the flags, the target architecture
+and nvcc's version; nvcc's register report is kept beside it (``<name>-<key>.log``). nvcc is looked up in ``$CUDA_HOME/bin``,
 ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin`` and ``PATH``. ``SERVELAB_NO_CUDA_EXT=1`` turns the
 CUDA kernels off (callers fall back to Triton).
 """
@@ -93,6 +93,8 @@ def build(name: str, source: Path, arch: str, extra_flags: tuple[str, ...] = ())
     )  # fmt: skip
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.cuh")):  # what the source may include
+        digest.update(header.name.encode() + b"\0" + header.read_bytes())
     digest.update("\0".join((*flags, _nvcc_version(nvcc))).encode())
     key = digest.hexdigest()[:16]
     root = cache_root()
