@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from paged_inputs import BLOCK, DecodeInputs
 
-from servelab.kernels import gather_cuda, paged
+from servelab.kernels import gather_cuda, paged, paged_args
 from servelab.kernels.staging import GatherKernel, GatherStrategy, stage_blocks
 
 REPS = 60
@@ -31,7 +31,7 @@ REPS = 60
 def _phases(inputs: DecodeInputs, kernel: GatherKernel) -> dict[str, float]:
     ctx, dev, scratch = inputs.ctx, torch.device("cuda"), inputs.scratch
     cache, table = inputs.cache, inputs.table
-    args = paged._Args(
+    args = paged_args.CallArgs(
         inputs.query, cache, table, ctx, inputs.gpu, inputs.gpu_table, BLOCK, scratch, None,
         None, None, None, inputs.out, inputs.lse,
     )  # fmt: skip
@@ -45,9 +45,9 @@ def _phases(inputs: DecodeInputs, kernel: GatherKernel) -> dict[str, float]:
     for rep in range(REPS):
         torch.cuda.synchronize()
         t = time.perf_counter_ns()
-        paged._validate(args)
+        paged_args.validate(args)
         t = clock("validate_full", t)  # not on the path of a repeated call: left out of sum
-        chunk_blocks, checked = paged._check(args, "auto", kernel.value, "auto")
+        chunk_blocks, checked = paged_args.check_call(args, "auto", kernel.value, "auto")
         t = clock("check", t)
         assert checked.strategy is GatherStrategy.GPU_GATHER and checked.kernel is kernel
         chunks = paged.plan_chunks(ctx, BLOCK, chunk_blocks)

@@ -8,9 +8,9 @@ stream and are captured by CUDA graphs like any other kernel.
 
 The library is cached under ``$SERVELAB_CACHE/cuda`` (default ``~/.cache/servelab/cuda``),
 keyed by the source and the headers beside it (``*.cuh``), the flags, the target architecture
-and nvcc's version; nvcc's register report is kept beside it (``<name>-<key>.log``). nvcc is looked up in ``$CUDA_HOME/bin``,
-``$CUDA_PATH/bin``, ``/usr/local/cuda/bin`` and ``PATH``. ``SERVELAB_NO_CUDA_EXT=1`` turns the
-CUDA kernels off (callers fall back to Triton).
+and nvcc's version; nvcc's register report is kept beside it (``<name>-<key>.log``). nvcc is
+looked up in ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin`` and ``PATH``.
+``SERVELAB_NO_CUDA_EXT=1`` turns the CUDA kernels off (callers fall back to Triton).
 """
 
 from __future__ import annotations
