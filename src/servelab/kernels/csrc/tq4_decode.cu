@@ -56,7 +56,7 @@ constexpr int MAX_MERGE_SPLITS = 2048;
 
 // GP query rows per KV head (4 or 8; the group is padded to it). Output MMA O^T = V^T·P^T:
 // M = coordinates, N = GP rows of p·scale in fp16 then GP rows of its residue × 2048, K = 16
-// tokens; the value fragments come from the same byte-interleaved pairs as before, the P
+// tokens; the value fragments are the byte-interleaved token pairs of value_pairs, the P
 // fragments are the score fragments of this lane's own row (lo rows at GP = 4 from the lane
 // 16 places away).
 template <int D, int NW, bool PRECISE, int STAGES, int GP>
