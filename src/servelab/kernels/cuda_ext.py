@@ -134,11 +134,3 @@ def check(lib: ctypes.CDLL, rc: int, where: str) -> None:
 def source(name: str) -> Path:
     """A .cu file shipped in ``servelab/kernels/csrc``."""
     return Path(__file__).resolve().parent / "csrc" / name
-
-
-def ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def stream_of(device: torch.device) -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
