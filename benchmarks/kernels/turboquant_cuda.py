@@ -19,13 +19,21 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from turboquant_decode import HKV, HQ, PRESET, D, bench_inputs, copy_bandwidth, graph_bench
+from turboquant_decode import (
+    HKV,
+    HQ,
+    PRESET,
+    D,
+    bench_inputs,
+    copy_bandwidth,
+    graph_bench,
+    kernel_breakdown,
+)
 
 from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
@@ -81,24 +89,6 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     res["cuda_precise_kernels_us"] = kernel_breakdown(lambda: tq(best_cfg))
     print(json.dumps({"tokens": tokens, "kernels_us": res["cuda_precise_kernels_us"]}), flush=True)
     return res
-
-
-def kernel_breakdown(fn: Callable[[], Any], calls: int = 20) -> dict[str, float]:
-    """Mean device microseconds per call of every kernel ``fn`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        us = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
-        if us > 0:
-            out[ev.key[:60]] = round(us / calls, 2)
-    return out
 
 
 def once(tokens: int) -> None:

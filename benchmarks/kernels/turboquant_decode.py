@@ -76,6 +76,24 @@ def graph_bench(fn: Callable[[], Any]) -> float:
     return bench(g.replay)
 
 
+def kernel_breakdown(fn: Callable[[], Any], calls: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of every kernel ``fn`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
+        if us > 0:
+            out[ev.key[:60]] = round(us / calls, 2)
+    return out
+
+
 def copy_bandwidth() -> float:
     """GB/s of a device-to-device copy, bytes read plus written (the practical ceiling)."""
     x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB

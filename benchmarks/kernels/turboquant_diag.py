@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 
 import torch
 from triton.testing import do_bench
+from turboquant_decode import PRESET, D, bench_inputs, kernel_breakdown
 
 from servelab.kernels.turboquant import (
     KVCodec,
@@ -26,8 +26,6 @@ from servelab.kernels.turboquant.triton_decode import (
     fused_decode_attention_dense,
 )
 
-HQ, HKV, D = 32, 8, 128
-
 
 def compiled(fn: object) -> list[dict[str, object]]:
     rows = []
@@ -41,34 +39,13 @@ def compiled(fn: object) -> list[dict[str, object]]:
     return rows
 
 
-def kernel_breakdown(fn: Callable[[], object], reps: int = 20) -> None:
-    """Mean device µs per call of each kernel the call launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    for ev in prof.key_averages():
-        if ev.device_time_total > 0:
-            name = ev.key[:60]
-            print(
-                json.dumps({"kernel": name, "us_per_call": round(ev.device_time_total / reps, 2)})
-            )
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(1, HQ, D, device="cuda", generator=g).to(torch.bfloat16)
-    k = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
-    v = torch.randn(1, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
-    codec = KVCodec.build("turboquant_4bit_nc", D)
+    q, k, v = bench_inputs(tokens)
+    codec = KVCodec.build(PRESET, D)
     cache = codec.encode(k, v)
     consts = DecodeConstants.build(codec, q.device)
     want = unfused_decode_attention(q, cache, codec)
@@ -102,12 +79,14 @@ def main() -> int:
         print(json.dumps({"dense_words": [cfg.block_n, cfg.num_warps, cfg.num_stages,
                                           cfg.num_splits], "ms": round(ms, 4)}))  # fmt: skip
     best = LaunchConfig(64, 4, 2, 264)
-    kernel_breakdown(
+    for fn in (
         lambda: fused_decode_attention(
             q, cache, codec, constants=consts, config=best, check_values=False
-        )
-    )
-    kernel_breakdown(lambda: fused_decode_attention_dense(q, k, v, config=best, check_values=False))
+        ),
+        lambda: fused_decode_attention_dense(q, k, v, config=best, check_values=False),
+    ):
+        for name, us in kernel_breakdown(fn).items():
+            print(json.dumps({"kernel": name, "us_per_call": us}))
     for row in compiled(triton_words.decode_split_words_kernel) + compiled(
         triton_decode._decode_split_kernel
     ):

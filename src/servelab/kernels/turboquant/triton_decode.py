@@ -288,7 +288,11 @@ def _check_out(out: torch.Tensor | None, q: torch.Tensor, where: str) -> torch.T
 def _seq_lens(
     seq_lens: torch.Tensor | None, b: int, t: int, dev: torch.device, check_values: bool, where: str
 ) -> torch.Tensor:
-    given = _given_lens(seq_lens, b, t, dev, check_values, where)
+    return _or_full(_given_lens(seq_lens, b, t, dev, check_values, where), b, t, dev)
+
+
+def _or_full(given: torch.Tensor | None, b: int, t: int, dev: torch.device) -> torch.Tensor:
+    """``given``, or int32 lengths of ``t`` for every sequence."""
     return given if given is not None else torch.full((b,), t, dtype=torch.int32, device=dev)
 
 
@@ -500,7 +504,7 @@ def fused_decode_attention(
                 precise=config.precise_table,
             )
         qk = q.float() @ rot  # Πq for each head, once per step
-    lens = given if given is not None else torch.full((b,), t, dtype=torch.int32, device=dev)
+    lens = _or_full(given, b, t, dev)
     if word_kernel and not config.generic and cache.key_scales is not None:
         return launch_words(
             qk.contiguous(),
