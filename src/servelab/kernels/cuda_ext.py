@@ -16,6 +16,7 @@ looked up in ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin`` and
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -44,13 +45,20 @@ class Library:
 
 
 def find_nvcc() -> str | None:
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(env)
+    """nvcc's path, looked up once per setting of the variables that steer the search
+    (``enabled`` runs on every decode call)."""
+    env = os.environ
+    return _find_nvcc(env.get("CUDA_HOME"), env.get("CUDA_PATH"), env.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _find_nvcc(cuda_home: str | None, cuda_path: str | None, path: str | None) -> str | None:
+    for root in (cuda_home, cuda_path):
         if root and (Path(root) / "bin" / "nvcc").is_file():
             return str(Path(root) / "bin" / "nvcc")
     if Path("/usr/local/cuda/bin/nvcc").is_file():
         return "/usr/local/cuda/bin/nvcc"
-    return shutil.which("nvcc")
+    return shutil.which("nvcc", path=path)
 
 
 def enabled(device: torch.device) -> bool:

@@ -15,6 +15,7 @@ Arguments are trusted here: ``triton_decode.fused_decode_attention`` has validat
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -28,7 +29,6 @@ MAX_GROUP = 8
 WARPS = (8, 16)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-_LIBS: dict[str, ctypes.CDLL] = {}
 _COUNTERS: dict[tuple[int | None, int], torch.Tensor] = {}
 MAX_SPLITS = 2048  # the fused merge keeps group × splits weights in shared memory
 _P = ctypes.c_void_p
@@ -38,25 +38,29 @@ _F = ctypes.c_float
 
 
 def library(device: torch.device) -> ctypes.CDLL:
-    arch = cuda_ext.arch_flag(device)
-    if arch not in _LIBS:
-        lib = cuda_ext.build("tq4_decode", cuda_ext.source("tq4_decode.cu"), arch).lib
-        lib.tq4_decode.restype = _I
-        lib.tq4_decode.argtypes = [
-            _P, _L, _L, _L, _I, _P,  # q (strides, dtype), rotation
-            _P, _L, _L, _L,  # key codes
-            _P, _L, _L, _L,  # key scales
-            _P, _L, _L, _L,  # value codes
-            _P, _L, _L, _L,  # value scale/zero
-            _P, _P, _I,  # centroids, seq_lens (or null), tokens
-            _P, _P, _P,  # part_o, part_l, counters
-            _P, _L, _L, _L, _I,  # out (strides, dtype)
-            _F, _I, _I,  # qk_scale, split_len, splits
-            _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
-            _P,  # stream
-        ]  # fmt: skip
-        _LIBS[arch] = lib
-    return _LIBS[arch]
+    """The loaded library for ``device`` (built with nvcc on first use, then cached)."""
+    return _load(cuda_ext.arch_flag(device))
+
+
+@functools.cache
+def _load(arch: str) -> ctypes.CDLL:
+    # Memoized per process, as gather_cuda's: cuda_ext.build hashes the sources on every call.
+    lib = cuda_ext.build("tq4_decode", cuda_ext.source("tq4_decode.cu"), arch).lib
+    lib.tq4_decode.restype = _I
+    lib.tq4_decode.argtypes = [
+        _P, _L, _L, _L, _I, _P,  # q (strides, dtype), rotation
+        _P, _L, _L, _L,  # key codes
+        _P, _L, _L, _L,  # key scales
+        _P, _L, _L, _L,  # value codes
+        _P, _L, _L, _L,  # value scale/zero
+        _P, _P, _I,  # centroids, seq_lens (or null), tokens
+        _P, _P, _P,  # part_o, part_l, counters
+        _P, _L, _L, _L, _I,  # out (strides, dtype)
+        _F, _I, _I,  # qk_scale, split_len, splits
+        _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
+        _P,  # stream
+    ]  # fmt: skip
+    return lib
 
 
 def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
