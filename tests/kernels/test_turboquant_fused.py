@@ -164,6 +164,7 @@ CUDA_SHAPES = [  # (batch, q_heads, kv_heads, seq_lens, head_size, splits, warps
     (3, 3, 3, (300, 1, 64), 64, None, 8),  # group of 1, head size 64
     (1, 20, 4, (2048,), 64, 5, 16),  # group of 5
     (2, 16, 4, (3000, 2999), 128, 7, 8),  # group of 4, two CTAs per SM
+    (1, 16, 2, (9000,), 128, 37, 16),  # group of 8, the merge's last batch of splits partial
 ]
 
 

@@ -10,21 +10,25 @@
 // softmax, the CTA folds its warps into one partial (out, base-2 LSE) per query head, and the
 // last CTA of a (sequence, KV head) to finish merges all its splits into the output.
 //
-// Scores S = Q·Kᵀ (M = query rows, N = tokens, K = coordinates). The coordinates are summed
-// over, so their order inside the MMA is free: a thread (group g, lane-in-group t) loads
-// bytes [D/8·t, D/8·t + D/8) of token g's key row (one 16-byte copy at D = 128) and feeds
-// them to k-steps in order, with q at the same coordinates. Rows 0..7 of the A operand are q
-// in fp16, rows 8..15 its fp16 rounding residue times 2048, so one MMA gives both terms
-// (GQA groups up to 8). Keys: one shared-memory load per code byte from a 256-row table of
-// fp16 pairs (c[lo nibble], c[hi nibble]) and one from the table of their fp16 residues,
-// replicated per lane so no two lanes of a warp share a bank; one byte permute makes the
-// address.
+// Scores Sᵀ = K·Qᵀ (M = 16 tokens, N = 8 query columns, K = coordinates). The coordinates are
+// summed over, so their order inside the MMA is free: a thread (group g, lane-in-group t)
+// loads bytes [D/8·t, D/8·t + D/8) of the key rows of tokens g and g + 8 (one 16-byte copy
+// each at D = 128) and feeds them to k-steps in order, with q at the same coordinates. Keys:
+// one shared-memory load per code byte from a 256-row table of fp16 pairs (c[lo nibble],
+// c[hi nibble]) and one from the table of their fp16 residues, replicated per lane so no two
+// lanes of a warp share a bank; one byte permute makes the address. Query columns come in
+// pairs: column 2h is head h in fp16, column 2h + 1 its rounding residue times 2048, so a lane
+// (g, t) ends a tile holding both terms of head t's scores for tokens g and g + 8 (four heads
+// an n-tile; GQA groups up to 8 take two).
 //
-// Output O^T = V^T·P^T (M = coordinates, N = query rows: p·scale in fp16, then its residue
-// times 2048, K = 16 tokens). The P fragments are this lane's own score fragments; the value
-// codes of tokens 2t and 2t+1 are byte-interleaved with one byte permute and become exact
-// fp16 integers with an AND/OR (0x6400 | n is 1024 + n) and one fp16 subtraction (or an FMA
-// for the high nibble); the zero point adds Σ p·zero per row.
+// Output O^T = V^T·P^T (M = coordinates, N = the same column pairs: p·scale in fp16 and its
+// residue times 2048, K = 16 tokens). Each lane packs its own (p·scale, residue) of tokens g
+// and g + 8 into the C layout of P (16 tokens × 8 columns), and one 8×8 transpose (movmatrix)
+// per half turns that into the B fragment of P^T; the value codes of tokens 2t and 2t+1 are
+// byte-interleaved with one byte permute and become exact fp16 integers with an AND/OR (0x6400
+// | n is 1024 + n) and one fp16 subtraction (or an FMA for the high nibble); the zero point
+// adds Σ p·zero per head. Every accumulator of a lane belongs to its own heads, so the online
+// softmax rescales without shuffles.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,35 +40,36 @@
 namespace {
 
 // Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane l, (c[v & 15],
-// c[v >> 4]) in fp16 at 4l and their fp16 residues at 128 + 4l] [q fragments: KSTEPS × 32 lanes
-// × 16 bytes] [q rows: GP × D fp32, then 16/GP partial sums of q·Πᵀ, each GP × D]
-// [ring: NW warps × STAGES slots]. The fold and the merge at the end reuse it from the start.
+// c[v >> 4]) in fp16 at 4l and their fp16 residues at 128 + 4l] [q fragments: KSTEPS × NQ
+// n-tiles × 32 lanes × 8 bytes] [q rows: GP × D fp32, then PARTS partial products q·Πᵀ, each
+// GP × D] [ring: NW warps × STAGES slots]. The fold at the end reuses it from the start.
 template <int D, int NW, int STAGES, int GP>
 struct Smem {
-  static constexpr int PARTS = 16 / GP;  // the rotation's inner dimension in PARTS pieces
+  static constexpr int NQ = GP / 4;  // n-tiles of query columns (four heads each)
+  // The rotation's inner dimension in PARTS pieces: one (piece, column) item a thread.
+  static constexpr int PARTS = NW * 32 / D;
   static constexpr int TABLES = 256 * 256;
   static constexpr int QF = TABLES;
-  static constexpr int QROWS = QF + (D / 16) * 32 * 16;
+  static constexpr int QROWS = QF + (D / 16) * NQ * 32 * 8;
   static constexpr int RING = QROWS + (1 + PARTS) * GP * D * 4;
   static constexpr int MAIN = RING + NW * STAGES * Stage<D>::BYTES;
   static constexpr int FOLD = (NW * 8 * D + 3 * NW * 8) * 4;
   static constexpr int BYTES = MAIN > FOLD ? MAIN : FOLD;
 };
 
-// Splits the fused merge takes (its weights live in shared memory: group × splits floats).
-constexpr int MAX_MERGE_SPLITS = 2048;
+// The fused merge takes the splits in batches of this many loads in flight per thread.
+constexpr int MERGE_BATCH = 16;
 
-// GP query rows per KV head (4 or 8; the group is padded to it). Output MMA O^T = V^T·P^T:
-// M = coordinates, N = GP rows of p·scale in fp16 then GP rows of its residue × 2048, K = 16
-// tokens; the value fragments are the byte-interleaved token pairs of value_pairs, the P
-// fragments are the score fragments of this lane's own row (lo rows at GP = 4 from the lane
-// 16 places away).
+// GP query heads per KV head (4 or 8; the group is padded to it), NQ = GP/4 n-tiles of query
+// columns: column 2h of n-tile n is head 4n + h (fp16), column 2h + 1 its residue × 2048. A lane
+// (g, t) owns head 4n + t of every n-tile: its scores (tokens g and g + 8 of a tile), its
+// online-softmax state and its output accumulators.
 template <int D, int NW, bool PRECISE, int STAGES, int GP>
 __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(const Args a) {
   constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
   constexpr int MT = D / 16;      // m-tiles of the output MMA
-  constexpr int NTP = GP / 4;     // n-tiles of the output MMA (hi and lo columns)
   using SM = Smem<D, NW, STAGES, GP>;
+  constexpr int NQ = SM::NQ;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __half cent[32];
 
@@ -107,177 +112,174 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   }
   if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
   __syncthreads();
-  for (int i = threadIdx.x; i < 256 * 32; i += NW * 32) {
-    const int v = i >> 5, l = i & 31;
-    uint32_t* row = reinterpret_cast<uint32_t*>(smem + v * 256);
-    row[l] = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
-    if (PRECISE) row[32 + l] = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+  // Table rows: every lane's copy of an entry is the same word, so four lanes' copies are one
+  // 16-byte store.
+  for (int i = threadIdx.x; i < 256 * 8; i += NW * 32) {
+    const int v = i >> 3, l4 = i & 7;
+    uint4* row = reinterpret_cast<uint4*>(smem + v * 256);
+    const uint32_t c = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
+    row[l4] = make_uint4(c, c, c, c);
+    if (PRECISE) {
+      const uint32_t r = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+      row[8 + l4] = make_uint4(r, r, r, r);
+    }
   }
-  // q·Πᵀ in fp32 for the group's rows, Πᵀ read from L2: one item per (piece of the inner
-  // dimension, row, column), all its loads in flight at once; the pieces add up below.
+  // q·Πᵀ in fp32, Πᵀ read from L2 once per CTA: one item per (piece of the inner dimension,
+  // column), all its loads in flight at once, every row of the group from each load; the
+  // pieces add up below.
   constexpr int PARTS = SM::PARTS, JL = D / PARTS;
-  for (int i = threadIdx.x; i < PARTS * a.group * D; i += NW * 32) {
-    const int k = i / (a.group * D), rem = i % (a.group * D);
-    const int r = rem / D, c = rem % D;
-    const float* qr = qrows + r * D + k * JL;
+  for (int i = threadIdx.x; i < PARTS * D; i += NW * 32) {
+    const int k = i / D, c = i % D;
     const float* rp = a.rot + (k * JL) * D + c;
-    float acc0 = 0.f;
+    float rv[JL];
 #pragma unroll
-    for (int j = 0; j < JL; ++j) acc0 = fmaf(qr[j], __ldg(rp + j * D), acc0);
-    qparts[(k * GP + r) * D + c] = acc0;
-  }
-  __syncthreads();
-  // q fragments of row g, coordinates D/4·t + 4s + {0,1 | 2,3}: q in fp16 for rows 0..7 of
-  // the A operand, its residue × 2048 for rows 8..15; one 16-byte read per k-step later.
-  if (warp == 0) {
-    const bool valid = g < a.group;
+    for (int j = 0; j < JL; ++j) rv[j] = __ldg(rp + j * D);
 #pragma unroll
-    for (int s = 0; s < KSTEPS; ++s) {
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (valid) {
+    for (int r = 0; r < GP; ++r) {
+      const float* qr = qrows + r * D + k * JL;
+      float acc0 = 0.f;
 #pragma unroll
-        for (int k = 0; k < PARTS; ++k) {
-          const float4 y =
-              *reinterpret_cast<const float4*>(qparts + (k * GP + g) * D + (D / 4) * t + 4 * s);
-          x.x += y.x; x.y += y.y; x.z += y.z; x.w += y.w;
-        }
-      }
-      __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
-      float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
-      uint4 fr;
-      fr.x = as_u32(h01);
-      fr.y = pack_half2((x.x - f01.x) * 2048.f, (x.y - f01.y) * 2048.f);
-      fr.z = as_u32(h23);
-      fr.w = pack_half2((x.z - f23.x) * 2048.f, (x.w - f23.y) * 2048.f);
-      *reinterpret_cast<uint4*>(smem + SM::QF + (s * 32 + lane) * 16) = fr;
+      for (int j = 0; j < JL; ++j) acc0 = fmaf(qr[j], rv[j], acc0);
+      qparts[(k * GP + r) * D + c] = acc0;
     }
   }
   __syncthreads();
-  const uint8_t* qf = smem + SM::QF + lane * 16;
+  // B fragments of the query columns: lane (g, t) of n-tile n holds head 4n + g/2 (fp16 if g
+  // is even, its residue × 2048 if odd) at coordinates D/4·t + 4s + {0,1} (b0) and {2,3} (b1)
+  // of k-step s; one 8-byte read per k-step and n-tile later.
+  for (int i = threadIdx.x; i < KSTEPS * NQ * 32; i += NW * 32) {
+    const int s = i / (NQ * 32), n = (i / 32) % NQ, ln = i % 32;
+    const int gg = ln >> 2, tt = ln & 3;
+    const int r = 4 * n + (gg >> 1);
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < a.group) {
+#pragma unroll
+      for (int k = 0; k < PARTS; ++k) {
+        const float4 y =
+            *reinterpret_cast<const float4*>(qparts + (k * GP + r) * D + (D / 4) * tt + 4 * s);
+        x.x += y.x; x.y += y.y; x.z += y.z; x.w += y.w;
+      }
+    }
+    const __half2 h01 = __floats2half2_rn(x.x, x.y), h23 = __floats2half2_rn(x.z, x.w);
+    uint2 fr;
+    if (gg & 1) {
+      const float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
+      fr.x = pack_half2((x.x - f01.x) * 2048.f, (x.y - f01.y) * 2048.f);
+      fr.y = pack_half2((x.z - f23.x) * 2048.f, (x.w - f23.y) * 2048.f);
+    } else {
+      fr.x = as_u32(h01);
+      fr.y = as_u32(h23);
+    }
+    *reinterpret_cast<uint2*>(smem + SM::QF + i * 8) = fr;
+  }
+  __syncthreads();
+  const uint8_t* qf = smem + SM::QF + lane * 8;
 
-  float m = -INFINITY, l = 0.f, z = 0.f;
-  float acc[MT][NTP][4];
+  float m[NQ], l[NQ], z[NQ];
+  float acc[MT][NQ][4];
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
+  for (int n = 0; n < NQ; ++n) {
+    m[n] = -INFINITY;
+    l[n] = z[n] = 0.f;
 #pragma unroll
-    for (int n = 0; n < NTP; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
+    for (int i = 0; i < MT; ++i) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
+  }
 
   auto attend = [&](const Tile<D>& cur, const int tile0) {
-    // Scores of tokens 8j + 2t + e for rows g (hi) and g + 8 (lo). Four accumulators per
-    // n-tile (even and odd k-steps; centroid and residue) keep the MMA chains short.
-    float part[2][4][4];
+    // Scores of tokens g (c0, c1) and g + 8 (c2, c3), head 4n + t. Independent accumulators
+    // keep the MMA chains short: centroid and residue, and at one n-tile even and odd k-steps
+    // (two n-tiles interleave by themselves, and their registers are needed elsewhere).
+    constexpr int EO = NQ == 1 ? 2 : 1, CH = 2 * EO;
+    float part[NQ][CH][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int n = 0; n < NQ; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) part[j][c][0] = part[j][c][1] = part[j][c][2] = part[j][c][3] = 0.f;
+      for (int c = 0; c < CH; ++c) part[n][c][0] = part[n][c][1] = part[n][c][2] = part[n][c][3] = 0.f;
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
-      const uint4 q4 = *reinterpret_cast<const uint4*>(qf + s * 32 * 16);
-      const uint32_t qa[4] = {q4.x, q4.y, q4.z, q4.w};
       const int w = s >> 1, h = s & 1;
+      // byte 2h → k pair 2t, byte 2h + 1 → k pair 2t + 8; rows g (j = 0) and g + 8 (j = 1).
+      // The permute yields 256·byte + 4·lane directly.
+      const uint32_t x0 = base + __byte_perm(cur.k[0][w], 4u * lane, 0x5504u + 0x20u * h);
+      const uint32_t x1 = base + __byte_perm(cur.k[1][w], 4u * lane, 0x5504u + 0x20u * h);
+      const uint32_t y0 = base + __byte_perm(cur.k[0][w], 4u * lane, 0x5514u + 0x20u * h);
+      const uint32_t y1 = base + __byte_perm(cur.k[1][w], 4u * lane, 0x5514u + 0x20u * h);
+      const uint32_t ka[4] = {lds(x0), lds(x1), lds(y0), lds(y1)};
+      uint32_t kr[4];
+      if (PRECISE) {
+        kr[0] = lds(x0 + 128); kr[1] = lds(x1 + 128); kr[2] = lds(y0 + 128); kr[3] = lds(y1 + 128);
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        // byte 2h → b0, byte 2h + 1 → b1; the permute yields 256·byte + 4·lane directly.
-        // (One 8-byte load of centroid and residue side by side cost more register moves
-        // than the second load it saved.)
-        const uint32_t a0 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5504u + 0x20u * h);
-        const uint32_t a1 = base + __byte_perm(cur.k[j][w], 4u * lane, 0x5514u + 0x20u * h);
-        mma16816(part[j][h], qa, lds(a0), lds(a1));
-        if (PRECISE) mma16816(part[j][2 + h], qa, lds(a0 + 128), lds(a1 + 128));
+      for (int n = 0; n < NQ; ++n) {
+        const uint2 qb = *reinterpret_cast<const uint2*>(qf + (s * NQ + n) * 256);
+        mma16816(part[n][EO == 2 ? h : 0], ka, qb.x, qb.y);
+        if (PRECISE) mma16816(part[n][EO + (EO == 2 ? h : 0)], kr, qb.x, qb.y);
       }
     }
-    float s[4];  // index 2j + e
-    float mx = -INFINITY;
+    const float2 sz0 = __half22float2(as_half2(cur.sz[0]));
+    const float2 sz1 = __half22float2(as_half2(cur.sz[1]));
+    const bool ok0 = tile0 + g <= last, ok1 = tile0 + 8 + g <= last;
+    uint32_t pb[NQ][2];  // B fragments of P^T: tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of column g
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int n = 0; n < NQ; ++n) {
+      float c[4];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float hi = (part[j][0][e] + part[j][1][e]) + (part[j][2][e] + part[j][3][e]);
-        const float lo = (part[j][0][2 + e] + part[j][1][2 + e]) + (part[j][2][2 + e] + part[j][3][2 + e]);
-        const int tok = tile0 + 8 * j + 2 * t + e;
-        float v = (hi + lo * (1.0f / 2048.f)) * cur.ks[2 * j + e] * a.qk_scale;
-        v = tok <= last ? v : -INFINITY;
-        s[2 * j + e] = v;
-        mx = fmaxf(mx, v);
+      for (int e = 0; e < 4; ++e) {
+        c[e] = part[n][0][e];
+#pragma unroll
+        for (int k = 1; k < (PRECISE ? CH : EO); ++k) c[e] += part[n][k][e];
       }
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);  // finite: the tile holds at least one token
-    const float alpha = exp2f(m - m_new);
-    m = m_new;
-    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
-      // Column c of the output holds row c mod GP, whose alpha lives in lanes 4·row.
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float al = __shfl_sync(0xffffffffu, alpha, ((2 * t + e) % GP) * 4);
+      const float s0 = ok0 ? (c[0] + c[1] * (1.0f / 2048.f)) * cur.ks[0] * a.qk_scale : -INFINITY;
+      const float s1 = ok1 ? (c[2] + c[3] * (1.0f / 2048.f)) * cur.ks[1] * a.qk_scale : -INFINITY;
+      float mx = fmaxf(s0, s1);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float m_new = fmaxf(m[n], mx);  // finite: the tile holds at least one token
+      const float alpha = exp2f(m[n] - m_new);
+      m[n] = m_new;
+      if (alpha != 1.0f) {  // this lane's accumulators are all head 4n + t's
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-          for (int n = 0; n < NTP; ++n) {
-            acc[i][n][e] *= al;
-            acc[i][n][2 + e] *= al;
-          }
+          for (int e = 0; e < 4; ++e) acc[i][n][e] *= alpha;
       }
-    }
-    float lsum = 0.f, zsum = 0.f;
-    uint32_t hi2[2], lo2[2];  // this row's p·scale (fp16) and residue × 2048, tile j
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float r[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float p = exp2f(s[2 * j + e] - m_new);
-        const float2 sz = __half22float2(as_half2(cur.sz[2 * j + e]));
-        lsum += p;
-        zsum += p * sz.y;
-        r[e] = p * sz.x;
-      }
-      const __half2 rh = __floats2half2_rn(r[0], r[1]);
-      const float2 rf = __half22float2(rh);
-      hi2[j] = as_u32(rh);
-      lo2[j] = pack_half2((r[0] - rf.x) * 2048.f, (r[1] - rf.y) * 2048.f);
-    }
-    l = l * alpha + lsum;
-    z = z * alpha + zsum;
-    uint32_t pb[NTP][2];
-    if constexpr (GP == 4) {  // columns 0..3: hi of rows 0..3; 4..7: lo, from lane - 16
-      const uint32_t x0 = __shfl_xor_sync(0xffffffffu, lo2[0], 16);
-      const uint32_t x1 = __shfl_xor_sync(0xffffffffu, lo2[1], 16);
-      pb[0][0] = g < 4 ? hi2[0] : x0;
-      pb[0][1] = g < 4 ? hi2[1] : x1;
-    } else {
-      pb[0][0] = hi2[0]; pb[0][1] = hi2[1];
-      pb[NTP - 1][0] = lo2[0]; pb[NTP - 1][1] = lo2[1];
+      const float p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
+      l[n] = l[n] * alpha + (p0 + p1);
+      z[n] = z[n] * alpha + fmaf(p0, sz0.y, p1 * sz1.y);
+      const float r0 = p0 * sz0.x, r1 = p1 * sz1.x;
+      const __half h0 = __float2half_rn(r0), h1 = __float2half_rn(r1);
+      // P in the C layout (token g or g + 8, columns 2t and 2t + 1), then transposed into the
+      // B fragment of P^T (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of column g).
+      const uint32_t pk0 = as_u32(__halves2half2(h0, __float2half_rn((r0 - __half2float(h0)) * 2048.f)));
+      const uint32_t pk1 = as_u32(__halves2half2(h1, __float2half_rn((r1 - __half2float(h1)) * 2048.f)));
+      pb[n][0] = transpose8x8(pk0);
+      pb[n][1] = transpose8x8(pk1);
     }
     // m-tile 4u + 2·half + q: rows g and g + 8 are coordinates D/8·g + 8u + 4·half + 2q + {0, 1}.
 #pragma unroll
-    for (int u = 0; u < Tile<D>::VW; ++u) {
+      for (int u = 0; u < Tile<D>::VW; ++u) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t sel = half ? 0x7632u : 0x5410u;
-        uint32_t v01[4], v89[4];
-        value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), v01);
-        value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), v89);
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t sel = half ? 0x7632u : 0x5410u;
+          uint32_t v01[4], v89[4];
+          value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), a.lo_mask, a.hi_mask, v01);
+          value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), a.lo_mask, a.hi_mask, v89);
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const uint32_t av[4] = {v01[2 * q], v01[2 * q + 1], v89[2 * q], v89[2 * q + 1]};
+          for (int q = 0; q < 2; ++q) {
+            const uint32_t av[4] = {v01[2 * q], v01[2 * q + 1], v89[2 * q], v89[2 * q + 1]};
 #pragma unroll
-          for (int n = 0; n < NTP; ++n)
-            mma16816(acc[4 * u + 2 * half + q][n], av, pb[n][0], pb[n][1]);
+            for (int n = 0; n < NQ; ++n) mma16816(acc[4 * u + 2 * half + q][n], av, pb[n][0], pb[n][1]);
+          }
         }
       }
-    }
   };
 
-  uint32_t ks_sel[4];
-  {
-    const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  uint32_t ks_sel[2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uintptr_t addr = reinterpret_cast<uintptr_t>(ksb + (unsigned)toks[i] * (unsigned)a.skst);
-      ks_sel[i] = (addr & 2) ? 0x4432u : 0x4410u;
-    }
+  for (int j = 0; j < 2; ++j) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(ksb + (unsigned)(g + 8 * j) * (unsigned)a.skst);
+    ks_sel[j] = (addr & 2) ? 0x4432u : 0x4410u;
   }
   int slot = 0;
   for (; tile0 < end; tile0 += STEP) {
@@ -289,43 +291,42 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     cp_wait<STAGES - 1>();
     __syncwarp();  // the lanes' copies of this tile are visible to the warp
     Tile<D> cur;
-    read_tile<D>(ring_p + slot * SB, ks_sel, t, lane, cur);
+    read_tile<D>(ring_p + slot * SB, ks_sel, g, lane, cur);
     attend(cur, tile0);
     slot = slot == STAGES - 1 ? 0 : slot + 1;
   }
   cp_wait<0>();
 
-  // Fold the four lanes of a row group, then the warps of the CTA (tables are done).
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  z += __shfl_xor_sync(0xffffffffu, z, 1);
-  z += __shfl_xor_sync(0xffffffffu, z, 2);
+  // Fold the eight lanes of a head (groups g), then the warps of the CTA (tables are done).
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      l[n] += __shfl_xor_sync(0xffffffffu, l[n], o);
+      z[n] += __shfl_xor_sync(0xffffffffu, z[n], o);
+    }
+  }
   __syncthreads();
   float* so = reinterpret_cast<float*>(smem);  // [NW][8][D], without the zero-point term
   float* sm = so + NW * 8 * D;                 // [NW][8]
   float* sl = sm + NW * 8;                     // [NW][8]
   float* szr = sl + NW * 8;                    // [NW][8]
-  // Output column 2t + e is row (2t + e) mod GP, hi part in n-tile 0 (or columns < GP), lo
-  // part in n-tile 1 (or the lane two places away, columns ≥ GP).
+  // Accumulator c of m-tile i, n-tile n: head 4n + t, coordinate D/8·g + 2i + (c >> 1); odd c
+  // holds the residue part.
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
+  for (int n = 0; n < NQ; ++n) {
+    const int row = 4 * n + t;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      float v = acc[i][0][c];
-      if constexpr (GP == 4) {
-        v += __shfl_xor_sync(0xffffffffu, v, 2) * (1.0f / 2048.f);
-      } else {
-        v += acc[i][NTP - 1][c] * (1.0f / 2048.f);
-      }
-      const int row = 2 * t + (c & 1);
-      const int d = (D / 8) * g + 2 * i + (c >> 1);
-      if (row < GP) so[(warp * 8 + row) * D + d] = v;
+    for (int i = 0; i < MT; ++i) {
+      const int d = (D / 8) * g + 2 * i;
+      so[(warp * 8 + row) * D + d] = acc[i][n][0] + acc[i][n][1] * (1.0f / 2048.f);
+      so[(warp * 8 + row) * D + d + 1] = acc[i][n][2] + acc[i][n][3] * (1.0f / 2048.f);
     }
-  }
-  if (t == 0) {
-    sm[warp * 8 + g] = m;
-    sl[warp * 8 + g] = l;
-    szr[warp * 8 + g] = z;
+    if (g == 0) {
+      sm[warp * 8 + row] = m[n];
+      sl[warp * 8 + row] = l[n];
+      szr[warp * 8 + row] = z[n];
+    }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
@@ -358,38 +359,38 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  // One (row, coordinate) a thread: its row's LSEs and its column of partial outputs, a batch
+  // of splits in flight at once, merged with a running maximum (no barrier, no shared memory).
   const int S = a.num_splits;
-  float* wts = reinterpret_cast<float*>(smem);  // [group][S] split weights, then [group] sums
-  float* wsum = wts + a.group * S;
   const long long row0 = (long long)b * hq + kvh * a.group;
-  for (int r = warp; r < a.group; r += NW) {  // one warp per row: max, weights, their sum
-    float mm = -INFINITY;
-    for (int sp = lane; sp < S; sp += 32) {
-      const float v = __ldcg(a.part_l + (row0 + r) * S + sp);
-      wts[r * S + sp] = v;
-      mm = fmaxf(mm, v);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-    float sum = 0.f;
-    for (int sp = lane; sp < S; sp += 32) {
-      const float w = mm == -INFINITY ? 0.f : exp2f(wts[r * S + sp] - mm);
-      wts[r * S + sp] = w;
-      sum += w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) wsum[r] = sum;
-  }
-  __syncthreads();
   for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
     const int r = i / D, d = i % D;
+    const float* lrow = a.part_l + (row0 + r) * S;
     const float* col = a.part_o + (row0 + r) * S * D + d;
-    const float* w = wts + r * S;
-    float o = 0.f;
-#pragma unroll 8
-    for (int sp = 0; sp < S; ++sp) o = fmaf(w[sp], __ldcg(col + (long long)sp * D), o);
-    const float den = wsum[r];
+    float mm = -INFINITY, o = 0.f, den = 0.f;
+    for (int s0 = 0; s0 < S; s0 += MERGE_BATCH) {
+      float lv[MERGE_BATCH], ov[MERGE_BATCH];
+#pragma unroll
+      for (int k = 0; k < MERGE_BATCH; ++k) {
+        const int sp = s0 + k;
+        lv[k] = sp < S ? __ldcg(lrow + sp) : -INFINITY;
+        ov[k] = sp < S ? __ldcg(col + (long long)sp * D) : 0.f;
+      }
+      float cm = mm;
+#pragma unroll
+      for (int k = 0; k < MERGE_BATCH; ++k) cm = fmaxf(cm, lv[k]);
+      if (cm == -INFINITY) continue;  // every split so far is empty
+      const float sc = exp2f(mm - cm);
+      o *= sc;
+      den *= sc;
+#pragma unroll
+      for (int k = 0; k < MERGE_BATCH; ++k) {
+        const float w = exp2f(lv[k] - cm);
+        o = fmaf(w, ov[k], o);
+        den += w;
+      }
+      mm = cm;
+    }
     const int h = kvh * a.group + r;
     store_float(a.out, b * a.sob + h * a.soh + d * a.sod, a.odtype, den > 0.f ? o / den : 0.f);
   }
@@ -431,10 +432,9 @@ int tq4_decode(const void* q, long long sqb, long long sqh, long long sqd, int q
                void* stream) {
   Args a{q, sqb, sqh, sqd, qdtype, rot, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh,
          svt, vsz, szb, szh, szt, cent, seq_lens, tokens, part_o, part_l, counters, out, sob, soh,
-         sod, odtype, qk_scale, split_len, num_splits, group};
+         sod, odtype, qk_scale, split_len, num_splits, group, 0x000F000Fu, 0x00F000F0u};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (group < 1 || group > 8) return 1001;
-  if (num_splits > MAX_MERGE_SPLITS) return 1004;
 #define SERVELAB_TQ4(Dv, NWv)                                                              \
   if (head_size == Dv && warps == NWv) {                                                    \
     if (group <= 4)                                                                         \

@@ -29,6 +29,14 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The transpose of an 8×8 matrix of 16-bit elements held one fragment register a lane (lane
+// 4r + c holds row r, columns 2c and 2c + 1; so does the result, of the transpose).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // A 32-bit shared-memory load at a shared-window byte address. volatile keeps it after the
 // barrier that publishes the tables (volatile asm statements keep their order).
 __device__ __forceinline__ uint32_t lds(uint32_t addr) {
@@ -38,16 +46,20 @@ __device__ __forceinline__ uint32_t lds(uint32_t addr) {
 }
 
 // Value codes of two tokens, byte-interleaved (x: low half token a, high half token b, four
-// nibbles each), to four fp16x2 registers: coordinates +0..+3, (a, b) per register.
-__device__ __forceinline__ void value_pairs(uint32_t x, uint32_t* out) {
+// nibbles each), to four fp16x2 registers: coordinates +0..+3, (a, b) per register. The two
+// nibble masks come from the kernel's arguments (0x000F000F, 0x00F000F0): read from the
+// constant bank, each AND/OR is one LOP3 with no register for a second constant (as
+// literals, the compiler re-materialized them with a MOV at every use under register pressure).
+__device__ __forceinline__ void value_pairs(uint32_t x, uint32_t lo_mask, uint32_t hi_mask,
+                                            uint32_t* out) {
   const __half2 k1024 = __float2half2_rn(1024.0f);
   const __half2 k16th = __float2half2_rn(0.0625f);
   const __half2 km64 = __float2half2_rn(-64.0f);
   uint32_t y = x >> 8;
-  out[0] = as_u32(__hsub2(as_half2((x & 0x000F000Fu) | 0x64006400u), k1024));
-  out[1] = as_u32(__hfma2(as_half2((x & 0x00F000F0u) | 0x64006400u), k16th, km64));
-  out[2] = as_u32(__hsub2(as_half2((y & 0x000F000Fu) | 0x64006400u), k1024));
-  out[3] = as_u32(__hfma2(as_half2((y & 0x00F000F0u) | 0x64006400u), k16th, km64));
+  out[0] = as_u32(__hsub2(as_half2((x & lo_mask) | 0x64006400u), k1024));
+  out[1] = as_u32(__hfma2(as_half2((x & hi_mask) | 0x64006400u), k16th, km64));
+  out[2] = as_u32(__hsub2(as_half2((y & lo_mask) | 0x64006400u), k1024));
+  out[3] = as_u32(__hfma2(as_half2((y & hi_mask) | 0x64006400u), k16th, km64));
 }
 
 template <int BYTES>
@@ -81,10 +93,10 @@ struct Stage {
 template <int D>
 struct Tile {  // what one thread holds of one 16-token tile
   static constexpr int KW = D / 32, VW = D / 64;  // 32-bit words per lane and token
-  uint32_t k[2][KW];  // n-tile j: token 8j + g
+  uint32_t k[2][KW];  // tokens g (j = 0) and g + 8 (j = 1): rows g, g + 8 of the score MMA
   uint32_t v[4][VW];  // tokens 2t, 2t+1, 2t+8, 2t+9
-  float ks[4];        // key scales of tokens 8j + 2t + e (index 2j + e)
-  uint32_t sz[4];     // (scale, zero) of the same tokens, fp16x2
+  float ks[2];        // key scales of tokens g and g + 8
+  uint32_t sz[2];     // (scale, zero) of the same tokens, fp16x2
 };
 
 struct Args {
@@ -101,6 +113,7 @@ struct Args {
   int* counters;  // [B·Hkv], zero between calls: splits finished per (sequence, KV head)
   void* out; long long sob, soh, sod; int odtype;  // 0 fp32, 1 fp16, 2 bf16
   float qk_scale; int split_len; int num_splits; int group;
+  uint32_t lo_mask, hi_mask;  // 0x000F000F, 0x00F000F0: set by the launcher (see value_pairs)
 };
 
 __device__ __forceinline__ float load_as_float(const void* p, long long i, int dtype) {
@@ -145,11 +158,11 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
               reinterpret_cast<const void*>(lane < 16 ? kp : zp));
 }
 
-// ks_sel[i]: the byte-permute selector that takes token toks[i]'s fp16 scale out of its
+// ks_sel[j]: the byte-permute selector that takes token g + 8j's fp16 scale out of its
 // aligned word (which half depends only on the lane: tiles start at multiples of 16 tokens,
 // and a clamped token past the end is masked anyway).
 template <int D>
-__device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_sel, int t,
+__device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_sel, int g,
                                           int lane, Tile<D>& f) {
   using S = Stage<D>;
 #pragma unroll
@@ -162,8 +175,10 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_
       const uint2 v = *reinterpret_cast<const uint2*>(p);
       f.k[j][0] = v.x; f.k[j][1] = v.y;
     }
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * (g + 8 * j));
+    f.ks[j] = __half2float(__ushort_as_half((unsigned short)__byte_perm(w, 0u, ks_sel[j])));
+    f.sz[j] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * (g + 8 * j));
   }
-  const int toks[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint8_t* p = st + S::V0 + (i * 32 + lane) * S::VB;
@@ -173,9 +188,6 @@ __device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_
     } else {
       f.v[i][0] = *reinterpret_cast<const uint32_t*>(p);
     }
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * toks[i]);
-    f.ks[i] = __half2float(__ushort_as_half((unsigned short)__byte_perm(w, 0u, ks_sel[i])));
-    f.sz[i] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * toks[i]);
   }
 }
 

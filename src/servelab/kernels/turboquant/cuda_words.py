@@ -30,7 +30,7 @@ WARPS = (8, 16)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _COUNTERS: dict[tuple[int | None, int], torch.Tensor] = {}
-MAX_SPLITS = 2048  # the fused merge keeps group × splits weights in shared memory
+MAX_SPLITS = 2048  # more splits add merge work and no parallelism (one CTA per SM already)
 _P = ctypes.c_void_p
 _L = ctypes.c_longlong
 _I = ctypes.c_int
