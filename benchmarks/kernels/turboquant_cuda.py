@@ -5,7 +5,9 @@ One query token, batch 1, 32 query heads over 8 KV heads, head size 128, ``turbo
 every time is the median of triton.testing.do_bench over CUDA-graph replays of the whole call
 (query rotation, split kernel, merge), L2 flushed before each. The CUDA kernel is swept over
 warps per CTA and split counts; its errors against the dequantized cache are measured on the
-timed inputs.
+timed inputs. Also, for the best CUDA configuration, SDPA and the Triton bf16 kernel: the
+device time of their kernels alone (torch.profiler), and the per-call time inside one graph
+of 8 calls over 8 layers' own K/V (one launch for all, as a model's decode step).
 
     python benchmarks/kernels/turboquant_cuda.py --out DIR [--tokens 65536 131072]
 
@@ -44,6 +46,8 @@ from servelab.kernels.turboquant.triton_decode import (
     fused_decode_attention,
     fused_decode_attention_dense,
 )
+
+LAYERS = 8  # calls per graph in the layers timing
 
 
 def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
@@ -86,9 +90,52 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     res["cuda_precise_best"] = best_p
     res["cuda_fast_best"] = best_f
     best_cfg = LaunchConfig(backend="cuda", cuda_warps=best_p["warps"], num_splits=best_p["splits"])
+    # Device time of the kernels alone (no launch): every kernel of one call, summed.
     res["cuda_precise_kernels_us"] = kernel_breakdown(lambda: tq(best_cfg))
-    print(json.dumps({"tokens": tokens, "kernels_us": res["cuda_precise_kernels_us"]}), flush=True)
+    res["sdpa_kernels_us"] = kernel_breakdown(
+        lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    )
+    res["triton_bf16_kernels_us"] = kernel_breakdown(
+        lambda: fused_decode_attention_dense(q, k, v, config=triton_cfg, check_values=False)
+    )
+    for key in ("cuda_precise", "sdpa", "triton_bf16"):
+        res[f"{key}_kernel_ms"] = sum(res[f"{key}_kernels_us"].values()) / 1e3
+    print(json.dumps({"tokens": tokens, **{k: v for k, v in res.items() if "kernel" in k}}),
+          flush=True)  # fmt: skip
+    res.update(layers(tokens, best_cfg))
     return res
+
+
+def layers(tokens: int, cfg: LaunchConfig, n: int = LAYERS) -> dict[str, float]:
+    """Per-call milliseconds inside one CUDA graph of ``n`` calls, one per layer, each over its
+    own K/V (as a model's decode step runs its layers): one graph launch for all of them, no
+    cache reuse between calls (L2 flushed before each replay; each layer's data is new)."""
+    codec = KVCodec.build(PRESET, D)
+    qs, kvs, caches = [], [], []
+    for _ in range(n):
+        q, k, v = bench_inputs(tokens)
+        qs.append(q)
+        kvs.append((k, v))
+    consts = DecodeConstants.build(codec, qs[0].device)
+    out: dict[str, float] = {}
+
+    def sdpa_all() -> None:
+        for q, (k, v) in zip(qs, kvs, strict=True):
+            F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)
+
+    out["sdpa_layers_graph_ms"] = graph_bench(sdpa_all) / n
+    for k, v in kvs:
+        caches.append(codec.encode(k, v))
+    kvs.clear()
+
+    def tq_all() -> None:
+        for q, cache in zip(qs, caches, strict=True):
+            fused_decode_attention(q, cache, codec, constants=consts, config=cfg,
+                                   check_values=False)  # fmt: skip
+
+    out["cuda_precise_layers_graph_ms"] = graph_bench(tq_all) / n
+    print(json.dumps({"tokens": tokens, "layers": n, **out}), flush=True)
+    return out
 
 
 def once(tokens: int) -> None:
@@ -147,6 +194,7 @@ def main() -> int:
         "err precise / fast | CUDA TQ4 GB/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for r in results:
         p, f = r["cuda_precise_best"], r["cuda_fast_best"]
         print(
@@ -157,6 +205,20 @@ def main() -> int:
             f"{p['err_vs_unfused_maxabs']:.1e} / {f['err_vs_unfused_maxabs']:.1e} | "
             f"{r['bytes_tq'] / p['ms'] / 1e6:.0f} |"
         )
+        rows.append(
+            f"| {r['tokens']} | {r['sdpa_kernel_ms']:.4f} | {r['triton_bf16_kernel_ms']:.4f} | "
+            f"{r['cuda_precise_kernel_ms']:.4f} | "
+            f"{r['sdpa_kernel_ms'] / r['cuda_precise_kernel_ms']:.2f}x | "
+            f"{r['sdpa_layers_graph_ms']:.4f} | {r['cuda_precise_layers_graph_ms']:.4f} | "
+            f"{r['sdpa_layers_graph_ms'] / r['cuda_precise_layers_graph_ms']:.2f}x |"
+        )
+    print(
+        f"\n| tokens | SDPA kernels (ms) | Triton bf16 kernels | CUDA TQ4 precise kernel | "
+        f"kernel ratio | SDPA, {LAYERS}-layer graph (ms/call) | CUDA TQ4, {LAYERS}-layer graph | "
+        "graph ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
     return 0
 
 

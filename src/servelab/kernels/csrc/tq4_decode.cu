@@ -39,8 +39,8 @@
 
 namespace {
 
-// Shared memory: [tables: 256 rows of 256 bytes; row v holds, per lane l, (c[v & 15],
-// c[v >> 4]) in fp16 at 4l and their fp16 residues at 128 + 4l] [q fragments: KSTEPS × NQ
+// Shared memory: [tables: 256 rows of 128 bytes; row v holds (c[v & 15], c[v >> 4]) in fp16
+// and (precise) their fp16 residues, one copy per lane or per half-warp lane] [q fragments: KSTEPS × NQ
 // n-tiles × 32 lanes × 8 bytes] [q rows: GP × D fp32, then PARTS partial products q·Πᵀ, each
 // GP × D] [ring: NW warps × STAGES slots]. The fold at the end reuses it from the start.
 template <int D, int NW, int STAGES, int GP>
@@ -48,7 +48,7 @@ struct Smem {
   static constexpr int NQ = GP / 4;  // n-tiles of query columns (four heads each)
   // The rotation's inner dimension in PARTS pieces: one (piece, column) item a thread.
   static constexpr int PARTS = NW * 32 / D;
-  static constexpr int TABLES = 256 * 256;
+  static constexpr int TABLES = 256 * 128;
   static constexpr int QF = TABLES;
   static constexpr int QROWS = QF + (D / 16) * NQ * 32 * 8;
   static constexpr int RING = QROWS + (1 + PARTS) * GP * D * 4;
@@ -112,16 +112,19 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   }
   if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
   __syncthreads();
-  // Table rows: every lane's copy of an entry is the same word, so four lanes' copies are one
-  // 16-byte store.
+  // Table rows of 128 bytes. Precise: (centroid pair, residue pair) at 8·(lane mod 16), one
+  // 8-byte load for both (a 64-bit load is served a half-warp at a time, so 16 copies keep
+  // the banks apart); fast: the centroid pair at 4·lane. Every copy of an entry is the same,
+  // so the copies of two (four) lanes are one 16-byte store.
   for (int i = threadIdx.x; i < 256 * 8; i += NW * 32) {
     const int v = i >> 3, l4 = i & 7;
-    uint4* row = reinterpret_cast<uint4*>(smem + v * 256);
+    uint4* row = reinterpret_cast<uint4*>(smem + v * 128);
     const uint32_t c = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
-    row[l4] = make_uint4(c, c, c, c);
     if (PRECISE) {
       const uint32_t r = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
-      row[8 + l4] = make_uint4(r, r, r, r);
+      row[l4] = make_uint4(c, r, c, r);
+    } else {
+      row[l4] = make_uint4(c, c, c, c);
     }
   }
   // q·Πᵀ in fp32, Πᵀ read from L2 once per CTA: one item per (piece of the inner dimension,
@@ -185,52 +188,87 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     for (int i = 0; i < MT; ++i) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
   }
 
-  auto attend = [&](const Tile<D>& cur, const int tile0) {
-    // Scores of tokens g (c0, c1) and g + 8 (c2, c3), head 4n + t. Independent accumulators
-    // keep the MMA chains short: centroid and residue, and at one n-tile even and odd k-steps
-    // (two n-tiles interleave by themselves, and their registers are needed elsewhere).
-    constexpr int EO = NQ == 1 ? 2 : 1, CH = 2 * EO;
-    float part[NQ][CH][4];
+  // Phase A of a tile: its scores (head 4n + t, tokens g and g + 8) into part, from the key
+  // codes in ring slot st. Precise: one MMA per 8 tokens, rows g of the A operand the token's
+  // centroid pairs and rows g + 8 their residues (one 8-byte table load fills both), so C
+  // holds (centroid · q, centroid · q residue, residue · q, residue · q residue). Fast: one MMA
+  // per 16 tokens, rows g and g + 8 the two tokens' centroids. Independent accumulators keep
+  // the MMA chains short (even and odd k-steps at one n-tile; two n-tiles interleave by
+  // themselves, and their registers are needed elsewhere).
+  constexpr int EO = NQ == 1 ? 2 : 1;
+  using Part = float[NQ][2 * EO][4];
+  const uint32_t tab = base + (PRECISE ? 8u * (lane & 15) : 4u * lane);  // this lane's column
+  auto scores = [&](const uint8_t* st, Part& part) {
+    uint32_t kw[2][Tile<D>::KW];
+    read_keys<D>(st, lane, kw);
 #pragma unroll
     for (int n = 0; n < NQ; ++n)
 #pragma unroll
-      for (int c = 0; c < CH; ++c) part[n][c][0] = part[n][c][1] = part[n][c][2] = part[n][c][3] = 0.f;
+      for (int c = 0; c < 2 * EO; ++c) part[n][c][0] = part[n][c][1] = part[n][c][2] = part[n][c][3] = 0.f;
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
-      const int w = s >> 1, h = s & 1;
-      // byte 2h → k pair 2t, byte 2h + 1 → k pair 2t + 8; rows g (j = 0) and g + 8 (j = 1).
-      // The permute yields 256·byte + 4·lane directly.
-      const uint32_t x0 = base + __byte_perm(cur.k[0][w], 4u * lane, 0x5504u + 0x20u * h);
-      const uint32_t x1 = base + __byte_perm(cur.k[1][w], 4u * lane, 0x5504u + 0x20u * h);
-      const uint32_t y0 = base + __byte_perm(cur.k[0][w], 4u * lane, 0x5514u + 0x20u * h);
-      const uint32_t y1 = base + __byte_perm(cur.k[1][w], 4u * lane, 0x5514u + 0x20u * h);
-      const uint32_t ka[4] = {lds(x0), lds(x1), lds(y0), lds(y1)};
-      uint32_t kr[4];
-      if (PRECISE) {
-        kr[0] = lds(x0 + 128); kr[1] = lds(x1 + 128); kr[2] = lds(y0 + 128); kr[3] = lds(y1 + 128);
-      }
+      const int w = s >> 1, h = s & 1, eo = EO == 2 ? h : 0;
+      // byte 2h → k pair 2t, byte 2h + 1 → k pair 2t + 8; token g (j = 0) and g + 8 (j = 1).
+      uint2 qb[NQ];
 #pragma unroll
-      for (int n = 0; n < NQ; ++n) {
-        const uint2 qb = *reinterpret_cast<const uint2*>(qf + (s * NQ + n) * 256);
-        mma16816(part[n][EO == 2 ? h : 0], ka, qb.x, qb.y);
-        if (PRECISE) mma16816(part[n][EO + (EO == 2 ? h : 0)], kr, qb.x, qb.y);
+      for (int n = 0; n < NQ; ++n) qb[n] = *reinterpret_cast<const uint2*>(qf + (s * NQ + n) * 256);
+      if constexpr (PRECISE) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const uint2 x = lds64(tab + 128u * code_byte(kw[j][w], 2 * h));
+          const uint2 y = lds64(tab + 128u * code_byte(kw[j][w], 2 * h + 1));
+          const uint32_t ka[4] = {x.x, x.y, y.x, y.y};
+#pragma unroll
+          for (int n = 0; n < NQ; ++n) mma16816(part[n][j * EO + eo], ka, qb[n].x, qb[n].y);
+        }
+      } else {
+        const uint32_t ka[4] = {lds(tab + 128u * code_byte(kw[0][w], 2 * h)),
+                                lds(tab + 128u * code_byte(kw[1][w], 2 * h)),
+                                lds(tab + 128u * code_byte(kw[0][w], 2 * h + 1)),
+                                lds(tab + 128u * code_byte(kw[1][w], 2 * h + 1))};
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) mma16816(part[n][eo], ka, qb[n].x, qb[n].y);
       }
     }
-    const float2 sz0 = __half22float2(as_half2(cur.sz[0]));
-    const float2 sz1 = __half22float2(as_half2(cur.sz[1]));
+  };
+
+  uint32_t ks_sel[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(ksb + (unsigned)(g + 8 * j) * (unsigned)a.skst);
+    ks_sel[j] = (addr & 2) ? 0x4432u : 0x4410u;
+  }
+
+  // Phase B of a tile: the online softmax of its scores and the output MMAs, from the scales
+  // and value codes in ring slot st.
+  auto consume = [&](const uint8_t* st, const Part& part, const int tile0) {
+    float ks[2];
+    uint32_t szw[2];
+    read_scales<D>(st, ks_sel, g, ks, szw);
+    const float2 sz0 = __half22float2(as_half2(szw[0]));
+    const float2 sz1 = __half22float2(as_half2(szw[1]));
     const bool ok0 = tile0 + g <= last, ok1 = tile0 + 8 + g <= last;
     uint32_t pb[NQ][2];  // B fragments of P^T: tokens 2t, 2t + 1 | 2t + 8, 2t + 9 of column g
 #pragma unroll
     for (int n = 0; n < NQ; ++n) {
-      float c[4];
+      float hi0, lo0, hi1, lo1;  // q and q-residue terms of tokens g and g + 8
+      if constexpr (PRECISE) {
+        float c[2][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        c[e] = part[n][0][e];
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int k = 1; k < (PRECISE ? CH : EO); ++k) c[e] += part[n][k][e];
+          for (int e = 0; e < 4; ++e)
+            c[j][e] = EO == 2 ? part[n][2 * j][e] + part[n][2 * j + 1][e] : part[n][j][e];
+        hi0 = c[0][0] + c[0][2]; lo0 = c[0][1] + c[0][3];
+        hi1 = c[1][0] + c[1][2]; lo1 = c[1][1] + c[1][3];
+      } else {
+        float c[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[e] = EO == 2 ? part[n][0][e] + part[n][1][e] : part[n][0][e];
+        hi0 = c[0]; lo0 = c[1]; hi1 = c[2]; lo1 = c[3];
       }
-      const float s0 = ok0 ? (c[0] + c[1] * (1.0f / 2048.f)) * cur.ks[0] * a.qk_scale : -INFINITY;
-      const float s1 = ok1 ? (c[2] + c[3] * (1.0f / 2048.f)) * cur.ks[1] * a.qk_scale : -INFINITY;
+      const float s0 = ok0 ? (hi0 + lo0 * (1.0f / 2048.f)) * ks[0] * a.qk_scale : -INFINITY;
+      const float s1 = ok1 ? (hi1 + lo1 * (1.0f / 2048.f)) * ks[1] * a.qk_scale : -INFINITY;
       float mx = fmaxf(s0, s1);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
@@ -256,44 +294,62 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       pb[n][0] = transpose8x8(pk0);
       pb[n][1] = transpose8x8(pk1);
     }
+    uint32_t v[4][Tile<D>::VW];
+    read_values<D>(st, lane, v);
     // m-tile 4u + 2·half + q: rows g and g + 8 are coordinates D/8·g + 8u + 4·half + 2q + {0, 1}.
 #pragma unroll
-      for (int u = 0; u < Tile<D>::VW; ++u) {
+    for (int u = 0; u < Tile<D>::VW; ++u) {
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t sel = half ? 0x7632u : 0x5410u;
-          uint32_t v01[4], v89[4];
-          value_pairs(__byte_perm(cur.v[0][u], cur.v[1][u], sel), a.lo_mask, a.hi_mask, v01);
-          value_pairs(__byte_perm(cur.v[2][u], cur.v[3][u], sel), a.lo_mask, a.hi_mask, v89);
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t sel = half ? 0x7632u : 0x5410u;
+        uint32_t v01[4], v89[4];
+        value_pairs(__byte_perm(v[0][u], v[1][u], sel), a.lo_mask, a.hi_mask, v01);
+        value_pairs(__byte_perm(v[2][u], v[3][u], sel), a.lo_mask, a.hi_mask, v89);
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const uint32_t av[4] = {v01[2 * q], v01[2 * q + 1], v89[2 * q], v89[2 * q + 1]};
+        for (int q = 0; q < 2; ++q) {
+          const uint32_t av[4] = {v01[2 * q], v01[2 * q + 1], v89[2 * q], v89[2 * q + 1]};
 #pragma unroll
-            for (int n = 0; n < NQ; ++n) mma16816(acc[4 * u + 2 * half + q][n], av, pb[n][0], pb[n][1]);
-          }
+          for (int n = 0; n < NQ; ++n) mma16816(acc[4 * u + 2 * half + q][n], av, pb[n][0], pb[n][1]);
         }
       }
+    }
   };
 
-  uint32_t ks_sel[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(ksb + (unsigned)(g + 8 * j) * (unsigned)a.skst);
-    ks_sel[j] = (addr & 2) ? 0x4432u : 0x4410u;
-  }
-  int slot = 0;
-  for (; tile0 < end; tile0 += STEP) {
+  // At one n-tile, software-pipelined over tiles k = 0, 1, ...: one step issues the copies of
+  // tile k + STAGES - 1 (into the slot of tile k - 1), waits for tile k + 1, then runs phase A
+  // of tile k + 1 and phase B of tile k, which are independent, so their latencies overlap.
+  // Phase A past the split's end reads a stale slot; its scores are never used. Two steps per
+  // loop trip swap the score buffers without copies. At two n-tiles (GQA groups over 4) the
+  // second score buffer would spill, so a step runs both phases of tile k.
+  constexpr bool PIPE = NQ == 1;
+  auto step = [&](int& slot, const int tile0, Part& cur, Part& next) {
     const int ahead = tile0 + (STAGES - 1) * STEP;
-    const int fill = slot == 0 ? STAGES - 1 : slot - 1;  // the slot attended last time
+    const int fill = slot == 0 ? STAGES - 1 : slot - 1;  // tile k - 1's, consumed last step
     __syncwarp();  // every lane is done reading it
     if (ahead < end) issue_tile<D>(a, kb, ksb, vb, szb, ahead, last, g, t, lane, ring + fill * SB);
     cp_commit();
-    cp_wait<STAGES - 1>();
-    __syncwarp();  // the lanes' copies of this tile are visible to the warp
-    Tile<D> cur;
-    read_tile<D>(ring_p + slot * SB, ks_sel, g, lane, cur);
-    attend(cur, tile0);
-    slot = slot == STAGES - 1 ? 0 : slot + 1;
+    cp_wait<PIPE ? STAGES - 2 : STAGES - 1>();  // tile k + 1 (k) has landed
+    __syncwarp();  // the lanes' copies of it are visible to the warp
+    const int nslot = slot == STAGES - 1 ? 0 : slot + 1;
+    if constexpr (PIPE) {
+      scores(ring_p + nslot * SB, next);
+    } else {
+      scores(ring_p + slot * SB, cur);
+    }
+    consume(ring_p + slot * SB, cur, tile0);
+    slot = nslot;
+  };
+  int slot = 0;
+  Part sc0, sc1;  // score buffers
+  if constexpr (PIPE) {
+    cp_wait<STAGES - 2>();  // tile 0 has landed
+    __syncwarp();
+    scores(ring_p, sc0);
+  }
+  for (; tile0 < end; tile0 += 2 * STEP) {
+    step(slot, tile0, sc0, sc1);
+    if (tile0 + STEP >= end) break;
+    step(slot, tile0 + STEP, sc1, sc0);
   }
   cp_wait<0>();
 
@@ -399,7 +455,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 
 template <int D, int NW, bool PRECISE, int GP>
 int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
-  constexpr int STAGES = NW >= 16 ? 3 : 2;  // 16 warps: one CTA per SM; 8: two
+  constexpr int STAGES = NW >= 16 ? 4 : 3;  // 16 warps: one CTA per SM; 8: two
   const size_t bytes = Smem<D, NW, STAGES, GP>::BYTES;
   auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP>;
   static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)

@@ -29,6 +29,13 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// A 64-bit shared-memory load (volatile, as lds).
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
 // The transpose of an 8×8 matrix of 16-bit elements held one fragment register a lane (lane
 // 4r + c holds row r, columns 2c and 2c + 1; so does the result, of the transpose).
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
@@ -91,13 +98,14 @@ struct Stage {
 };
 
 template <int D>
-struct Tile {  // what one thread holds of one 16-token tile
-  static constexpr int KW = D / 32, VW = D / 64;  // 32-bit words per lane and token
-  uint32_t k[2][KW];  // tokens g (j = 0) and g + 8 (j = 1): rows g, g + 8 of the score MMA
-  uint32_t v[4][VW];  // tokens 2t, 2t+1, 2t+8, 2t+9
-  float ks[2];        // key scales of tokens g and g + 8
-  uint32_t sz[2];     // (scale, zero) of the same tokens, fp16x2
+struct Tile {  // 32-bit words per lane and token of a tile's code rows
+  static constexpr int KW = D / 32, VW = D / 64;
 };
+
+// Byte b (0..3) of x, zero-extended.
+__device__ __forceinline__ uint32_t code_byte(uint32_t x, int b) {
+  return __byte_perm(x, 0u, 0x4440u + (uint32_t)b);
+}
 
 struct Args {
   const void* q; long long sqb, sqh, sqd; int qdtype;  // 0 fp32, 1 fp16, 2 bf16
@@ -158,35 +166,52 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
               reinterpret_cast<const void*>(lane < 16 ? kp : zp));
 }
 
-// ks_sel[j]: the byte-permute selector that takes token g + 8j's fp16 scale out of its
-// aligned word (which half depends only on the lane: tiles start at multiples of 16 tokens,
-// and a clamped token past the end is masked anyway).
+// This lane's key-code words of tokens g (kw[0]) and g + 8 (kw[1]) from a ring slot.
 template <int D>
-__device__ __forceinline__ void read_tile(const uint8_t* st, const uint32_t* ks_sel, int g,
-                                          int lane, Tile<D>& f) {
+__device__ __forceinline__ void read_keys(const uint8_t* st, int lane, uint32_t (&kw)[2][D / 32]) {
   using S = Stage<D>;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const uint8_t* p = st + S::K0 + (j * 32 + lane) * S::KB;
-    if constexpr (Tile<D>::KW == 4) {
+    if constexpr (D / 32 == 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(p);
-      f.k[j][0] = v.x; f.k[j][1] = v.y; f.k[j][2] = v.z; f.k[j][3] = v.w;
+      kw[j][0] = v.x; kw[j][1] = v.y; kw[j][2] = v.z; kw[j][3] = v.w;
     } else {
       const uint2 v = *reinterpret_cast<const uint2*>(p);
-      f.k[j][0] = v.x; f.k[j][1] = v.y;
+      kw[j][0] = v.x; kw[j][1] = v.y;
     }
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * (g + 8 * j));
-    f.ks[j] = __half2float(__ushort_as_half((unsigned short)__byte_perm(w, 0u, ks_sel[j])));
-    f.sz[j] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * (g + 8 * j));
   }
+}
+
+// Key scales and (scale, zero) pairs of tokens g and g + 8. ks_sel[j] is the byte-permute
+// selector that takes token g + 8j's fp16 scale out of its aligned word (which half depends
+// only on the lane: tiles start at multiples of 16 tokens, and a clamped token past the end
+// is masked anyway).
+template <int D>
+__device__ __forceinline__ void read_scales(const uint8_t* st, const uint32_t* ks_sel, int g,
+                                            float (&ks)[2], uint32_t (&sz)[2]) {
+  using S = Stage<D>;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(st + S::KS0 + 4 * (g + 8 * j));
+    ks[j] = __half2float(__ushort_as_half((unsigned short)__byte_perm(w, 0u, ks_sel[j])));
+    sz[j] = *reinterpret_cast<const uint32_t*>(st + S::SZ0 + 4 * (g + 8 * j));
+  }
+}
+
+// This lane's value-code words of tokens 2t, 2t + 1, 2t + 8, 2t + 9.
+template <int D>
+__device__ __forceinline__ void read_values(const uint8_t* st, int lane,
+                                            uint32_t (&v)[4][D / 64]) {
+  using S = Stage<D>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint8_t* p = st + S::V0 + (i * 32 + lane) * S::VB;
-    if constexpr (Tile<D>::VW == 2) {
-      const uint2 v = *reinterpret_cast<const uint2*>(p);
-      f.v[i][0] = v.x; f.v[i][1] = v.y;
+    if constexpr (D / 64 == 2) {
+      const uint2 x = *reinterpret_cast<const uint2*>(p);
+      v[i][0] = x.x; v[i][1] = x.y;
     } else {
-      f.v[i][0] = *reinterpret_cast<const uint32_t*>(p);
+      v[i][0] = *reinterpret_cast<const uint32_t*>(p);
     }
   }
 }
