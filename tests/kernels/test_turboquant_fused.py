@@ -200,6 +200,36 @@ def test_cuda_kernel_shapes(accel: torch.device, shape: tuple) -> None:  # type:
 
 
 @pytest.mark.cuda
+def test_cuda_kernel_back_to_back_calls_with_and_without_pdl(accel: torch.device) -> None:
+    """Calls queued back to back, each over its own cache with its own split count, share the
+    stream's split counters and (with programmatic dependent launch) overlap the previous
+    call's tail: each output must still be its own, and launching without PDL must give the
+    same bits."""
+    needs_cuda_kernel("cuda")
+    codec = KVCodec.build("turboquant_4bit_nc", 128)
+    g = gen(accel, 77)
+    calls = []
+    for i, tokens in enumerate((5000, 300, 9000, 17)):
+        k = torch.randn(1, 4, tokens, 128, device=accel, generator=g)
+        v = torch.randn(1, 4, tokens, 128, device=accel, generator=g) * (1 + i)
+        q = torch.randn(1, 16, 128, device=accel, generator=g)
+        calls.append((q, codec.encode(k, v), (None, 3, 64, 1)[i]))
+    got = {}
+    for pdl in (True, False):
+        outs = []
+        for q, cache, splits in calls:  # queued without a synchronize between them
+            cfg = triton_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_pdl=pdl)
+            out = torch.full((1, 16, 128), float("nan"), device=accel)
+            outs.append(triton_decode.fused_decode_attention(q, cache, codec, out=out, config=cfg))
+        torch.cuda.synchronize(accel)
+        got[pdl] = outs
+    for (q, cache, _), with_pdl, without in zip(calls, got[True], got[False], strict=True):
+        want = unfused_decode_attention(q, cache, codec)
+        torch.testing.assert_close(with_pdl.double(), want, atol=2e-5, rtol=2e-5)
+        assert torch.equal(with_pdl, without)
+
+
+@pytest.mark.cuda
 def test_backend_cuda_names_what_it_cannot_take(accel: torch.device) -> None:
     needs_cuda_kernel("cuda")
     codec = KVCodec.build("turboquant_4bit_nc", 256)

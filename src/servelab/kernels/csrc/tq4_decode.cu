@@ -71,7 +71,6 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   using SM = Smem<D, NW, STAGES, GP>;
   constexpr int NQ = SM::NQ;
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ __half cent[32];
 
   __shared__ int is_last;
   const int hkv = gridDim.x;
@@ -79,6 +78,10 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int hq = hkv * a.group;
+  // Launched with programmatic dependent launch (sm_90+): this grid may start while the
+  // previous kernel on the stream is still finishing, so nothing in global memory is read
+  // before that kernel has completed and its writes are visible.
+  grid_dependency_wait();
   const int seq_len = a.seq_lens != nullptr ? a.seq_lens[b] : a.tokens;
   const int start = split * a.split_len;
   const int end = min(start + a.split_len, seq_len);
@@ -97,54 +100,68 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   const int last = end - 1;
   int tile0 = start + warp * TILE;
 
-  // The query rows' loads go out first, then the first tiles' copies, then the tables.
-  for (int i = threadIdx.x; i < GP * D; i += NW * 32) {
-    const int r = i / D, c = i % D;
-    qrows[i] = r < a.group ? load_as_float(a.q, b * a.sqb + (kvh * a.group + r) * a.sqh +
-                                                    c * a.sqd, a.qdtype)
-                           : 0.f;
-  }
+  // The small loads first, all in flight at once: this thread's column of Πᵀ for the
+  // rotation below (one (piece of the inner dimension, column) item a thread), the query
+  // rows, the centroids. The first tile's copies go out only once they have landed, the
+  // next tiles' once the tables and the query fragments are built: queued behind the whole
+  // GPU's copies, a cold fetch of Πᵀ took microseconds, and the copies' issue held up the
+  // shared-memory work (per-CTA timeline on an H100, 2026-11-26: the prologue took 7.5–10
+  // µs with every copy first, 4.5–8 with the small loads first).
+  constexpr int PARTS = SM::PARTS, JL = D / PARTS;
+  static_assert(PARTS * D == NW * 32, "one rotation item a thread");
+  const int rk = threadIdx.x / D, rc = threadIdx.x % D;
+  float rv[JL];
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    const int t0 = tile0 + i * STEP;
-    if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
-    cp_commit();
+  for (int j = 0; j < JL; ++j) rv[j] = __ldg(a.rot + (rk * JL + j) * D + rc);
+  constexpr int QPT = (GP * D + NW * 32 - 1) / (NW * 32);  // query elements a thread
+  float qv[QPT];
+#pragma unroll
+  for (int k = 0; k < QPT; ++k) {
+    const int i = threadIdx.x + k * NW * 32, r = i / D, c = i % D;
+    qv[k] = i < GP * D && r < a.group
+                ? load_as_float(a.q, b * a.sqb + (kvh * a.group + r) * a.sqh + c * a.sqd, a.qdtype)
+                : 0.f;
   }
-  if (threadIdx.x < 32) cent[threadIdx.x] = a.cent[threadIdx.x];
-  __syncthreads();
   // Table rows of 128 bytes. Precise: (centroid pair, residue pair) at 8·(lane mod 16), one
   // 8-byte load for both (a 64-bit load is served a half-warp at a time, so 16 copies keep
   // the banks apart); fast: the centroid pair at 4·lane. Every copy of an entry is the same,
-  // so the copies of two (four) lanes are one 16-byte store.
+  // so the copies of two (four) lanes are one 16-byte store. Built while the loads above are
+  // in flight (its centroids come from L1).
   for (int i = threadIdx.x; i < 256 * 8; i += NW * 32) {
     const int v = i >> 3, l4 = i & 7;
     uint4* row = reinterpret_cast<uint4*>(smem + v * 128);
-    const uint32_t c = as_u32(__halves2half2(cent[v & 15], cent[v >> 4]));
+    const uint32_t c = as_u32(__halves2half2(__ldg(a.cent + (v & 15)), __ldg(a.cent + (v >> 4))));
     if (PRECISE) {
-      const uint32_t r = as_u32(__halves2half2(cent[16 + (v & 15)], cent[16 + (v >> 4)]));
+      const uint32_t r = as_u32(__halves2half2(__ldg(a.cent + 16 + (v & 15)), __ldg(a.cent + 16 + (v >> 4))));
       row[l4] = make_uint4(c, r, c, r);
     } else {
       row[l4] = make_uint4(c, c, c, c);
     }
   }
-  // q·Πᵀ in fp32, Πᵀ read from L2 once per CTA: one item per (piece of the inner dimension,
-  // column), all its loads in flight at once, every row of the group from each load; the
+#pragma unroll
+  for (int k = 0; k < QPT; ++k)
+    if (threadIdx.x + k * NW * 32 < GP * D) qrows[threadIdx.x + k * NW * 32] = qv[k];
+#pragma unroll
+  for (int j = 0; j < JL; ++j) asm volatile("" ::"f"(rv[j]));  // landed (volatile: in order)
+  asm volatile("" ::: "memory");  // and the query rows' stores, which wait for their loads
+  if (tile0 < end) issue_tile<D>(a, kb, ksb, vb, szb, tile0, last, g, t, lane, ring);
+  cp_commit();
+  __syncthreads();
+  // q·Πᵀ in fp32, Πᵀ read from L2 once per CTA, every row of the group from each load; the
   // pieces add up below.
-  constexpr int PARTS = SM::PARTS, JL = D / PARTS;
-  for (int i = threadIdx.x; i < PARTS * D; i += NW * 32) {
-    const int k = i / D, c = i % D;
-    const float* rp = a.rot + (k * JL) * D + c;
-    float rv[JL];
 #pragma unroll
-    for (int j = 0; j < JL; ++j) rv[j] = __ldg(rp + j * D);
+  for (int r = 0; r < GP; ++r) {
+    const float4* qr = reinterpret_cast<const float4*>(qrows + r * D + rk * JL);
+    float acc0 = 0.f;
 #pragma unroll
-    for (int r = 0; r < GP; ++r) {
-      const float* qr = qrows + r * D + k * JL;
-      float acc0 = 0.f;
-#pragma unroll
-      for (int j = 0; j < JL; ++j) acc0 = fmaf(qr[j], rv[j], acc0);
-      qparts[(k * GP + r) * D + c] = acc0;
+    for (int j = 0; j < JL / 4; ++j) {
+      const float4 x = qr[j];
+      acc0 = fmaf(x.x, rv[4 * j], acc0);
+      acc0 = fmaf(x.y, rv[4 * j + 1], acc0);
+      acc0 = fmaf(x.z, rv[4 * j + 2], acc0);
+      acc0 = fmaf(x.w, rv[4 * j + 3], acc0);
     }
+    qparts[(rk * GP + r) * D + rc] = acc0;
   }
   __syncthreads();
   // B fragments of the query columns: lane (g, t) of n-tile n holds head 4n + g/2 (fp16 if g
@@ -174,6 +191,12 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       fr.y = as_u32(h23);
     }
     *reinterpret_cast<uint2*>(smem + SM::QF + i * 8) = fr;
+  }
+#pragma unroll
+  for (int i = 1; i < STAGES - 1; ++i) {
+    const int t0 = tile0 + i * STEP;
+    if (t0 < end) issue_tile<D>(a, kb, ksb, vb, szb, t0, last, g, t, lane, ring + i * SB);
+    cp_commit();
   }
   __syncthreads();
   const uint8_t* qf = smem + SM::QF + lane * 8;
@@ -274,7 +297,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
       const float m_new = fmaxf(m[n], mx);  // finite: the tile holds at least one token
-      const float alpha = exp2f(m[n] - m_new);
+      const float alpha = fast_exp2(m[n] - m_new);
       m[n] = m_new;
       if (alpha != 1.0f) {  // this lane's accumulators are all head 4n + t's
 #pragma unroll
@@ -282,7 +305,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[i][n][e] *= alpha;
       }
-      const float p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
+      const float p0 = fast_exp2(s0 - m_new), p1 = fast_exp2(s1 - m_new);
       l[n] = l[n] * alpha + (p0 + p1);
       z[n] = z[n] * alpha + fmaf(p0, sz0.y, p1 * sz1.y);
       const float r0 = p0 * sz0.x, r1 = p1 * sz1.x;
@@ -352,6 +375,9 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     step(slot, tile0 + STEP, sc1, sc0);
   }
   cp_wait<0>();
+  // The next kernel on the stream may launch now (it waits for this grid to complete before
+  // reading anything; its CTAs take the multiprocessors this grid's CTAs leave).
+  launch_dependents();
 
   // Fold the eight lanes of a head (groups g), then the warps of the CTA (tables are done).
 #pragma unroll
@@ -394,7 +420,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     if (mm != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
-        const float wt = exp2f(sm[w * 8 + row] - mm);
+        const float wt = fast_exp2(sm[w * 8 + row] - mm);
         o += wt * (so[(w * 8 + row) * D + d] + szr[w * 8 + row]);
         den += wt * sl[w * 8 + row];
       }
@@ -404,17 +430,17 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
     if (d == 0) a.part_l[out_row] = den > 0.f ? mm + log2f(den) : -INFINITY;
   }
 
-  // The last CTA of this (sequence, KV head) to finish merges every split of its query rows
-  // (threadfence reduction: publish the partials, count, and only the last one reads them).
-  __threadfence();
+  // The last CTA of this (sequence, KV head) to finish merges every split of its query rows:
+  // the barrier orders the CTA's partials before thread 0's count, whose release publishes
+  // them and whose acquire (in the last CTA) makes every other CTA's visible to it; the
+  // second barrier orders that before the merge's reads (L2 loads, never a stale L1 line).
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int done = atomicAdd(a.counters + b * hkv + kvh, 1);
+    const int done = atomic_add_acq_rel(a.counters + b * hkv + kvh, 1);
     is_last = done == a.num_splits - 1;
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
   // One (row, coordinate) a thread: its row's LSEs and its column of partial outputs, a batch
   // of splits in flight at once, merged with a running maximum (no barrier, no shared memory).
   const int S = a.num_splits;
@@ -436,12 +462,12 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 #pragma unroll
       for (int k = 0; k < MERGE_BATCH; ++k) cm = fmaxf(cm, lv[k]);
       if (cm == -INFINITY) continue;  // every split so far is empty
-      const float sc = exp2f(mm - cm);
+      const float sc = fast_exp2(mm - cm);
       o *= sc;
       den *= sc;
 #pragma unroll
       for (int k = 0; k < MERGE_BATCH; ++k) {
-        const float w = exp2f(lv[k] - cm);
+        const float w = fast_exp2(lv[k] - cm);
         o = fmaf(w, ov[k], o);
         den += w;
       }
@@ -454,7 +480,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 }
 
 template <int D, int NW, bool PRECISE, int GP>
-int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
+int launch(const Args& a, int hkv, int splits, int batch, bool pdl, cudaStream_t stream) {
   constexpr int STAGES = NW >= 16 ? 4 : 3;  // 16 warps: one CTA per SM; 8: two
   const size_t bytes = Smem<D, NW, STAGES, GP>::BYTES;
   auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP>;
@@ -465,8 +491,17 @@ int launch(const Args& a, int hkv, int splits, int batch, cudaStream_t stream) {
     if (e != cudaSuccess) return (int)e;
     attribute_set = true;
   }
-  kernel<<<dim3(hkv, splits, batch), NW * 32, bytes, stream>>>(a);
-  return (int)cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(hkv, splits, batch);
+  cfg.blockDim = dim3(NW * 32);
+  cfg.dynamicSmemBytes = bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return (int)cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 }  // namespace
@@ -485,19 +520,28 @@ int tq4_decode(const void* q, long long sqb, long long sqh, long long sqd, int q
                float* part_l, int* counters, void* out, long long sob, long long soh,
                long long sod, int odtype, float qk_scale, int split_len, int num_splits,
                int group, int hkv, int batch, int head_size, int warps, int precise,
-               void* stream) {
+               int pdl, void* stream) {
   Args a{q, sqb, sqh, sqd, qdtype, rot, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh,
          svt, vsz, szb, szh, szt, cent, seq_lens, tokens, part_o, part_l, counters, out, sob, soh,
          sod, odtype, qk_scale, split_len, num_splits, group, 0x000F000Fu, 0x00F000F0u};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  // Programmatic dependent launch needs compute capability 9.0 (the kernel's wait and trigger
+  // compile to nothing below it).
+  int dev = 0, major = 0;
+  if (pdl) {
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return (int)e;
+  }
+  const bool use_pdl = pdl && major >= 9;
   if (group < 1 || group > 8) return 1001;
 #define SERVELAB_TQ4(Dv, NWv)                                                              \
   if (head_size == Dv && warps == NWv) {                                                    \
     if (group <= 4)                                                                         \
-      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, s)               \
-                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, s);             \
-    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, s)                 \
-                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, s);               \
+      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, use_pdl, s)               \
+                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, use_pdl, s);             \
+    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, use_pdl, s)                 \
+                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, use_pdl, s);               \
   }
   SERVELAB_TQ4(128, 8)
   SERVELAB_TQ4(128, 16)

@@ -58,7 +58,7 @@ def _load(arch: str) -> ctypes.CDLL:
         _P, _L, _L, _L, _I,  # out (strides, dtype)
         _F, _I, _I,  # qk_scale, split_len, splits
         _I, _I, _I, _I, _I, _I,  # group, hkv, batch, head size, warps, precise
-        _P,  # stream
+        _I, _P,  # programmatic dependent launch, stream
     ]  # fmt: skip
     return lib
 
@@ -127,6 +127,7 @@ def launch_cuda_words(
     warps: int,
     num_splits: int | None,
     precise: bool,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """Enqueue the one launch (query rotation, split attention, merge) on the current stream.
     ``q`` is ``[B, Hq, d]`` (any strides), ``rotation_t`` Πᵀ as float32 ``[d, d]``
@@ -154,7 +155,7 @@ def launch_cuda_words(
         cent.data_ptr(), None if seq_lens is None else seq_lens.data_ptr(), tokens,
         part_o.data_ptr(), part_l.data_ptr(), counters.data_ptr(),
         out.data_ptr(), *out.stride(), DTYPES[out.dtype],
-        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise),
+        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise), int(pdl),
         ctypes.c_void_p(stream),
     )  # fmt: skip
     cuda_ext.check(lib, rc, "tq4_decode")

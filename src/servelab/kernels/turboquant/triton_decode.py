@@ -252,6 +252,9 @@ class LaunchConfig:
     # precise_table apply to it too.
     backend: str = "auto"
     cuda_warps: int = 16
+    # CUDA kernel: programmatic dependent launch on sm_90+ (the next call's CTAs start while
+    # this one finishes; each waits for its predecessor before reading anything).
+    cuda_pdl: bool = True
 
 
 def _sm_count(device: torch.device) -> int:
@@ -502,6 +505,7 @@ def fused_decode_attention(
                 warps=config.cuda_warps,
                 num_splits=config.num_splits,
                 precise=config.precise_table,
+                pdl=config.cuda_pdl,
             )
         qk = q.float() @ rot  # Πq for each head, once per step
     lens = _or_full(given, b, t, dev)
