@@ -6,6 +6,7 @@ Needs a CUDA or XPU device; the input checks, which run before any launch, are t
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -250,6 +251,11 @@ def test_fused_refuses_an_unknown_backend() -> None:
     with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_warps is 6"):
         triton_decode.fused_decode_attention(
             q, cache, codec, config=triton_decode.LaunchConfig(cuda_warps=6)
+        )
+    not_a_bool: Any = "yes"
+    with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_pdl is 'yes'"):
+        triton_decode.fused_decode_attention(
+            q, cache, codec, config=triton_decode.LaunchConfig(cuda_pdl=not_a_bool)
         )
 
 

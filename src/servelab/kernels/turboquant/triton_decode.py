@@ -333,6 +333,10 @@ def _check_backend(cfg: LaunchConfig, where: str) -> None:
         raise KernelInputError(
             f"{where}: LaunchConfig.cuda_warps is {cfg.cuda_warps!r}; expected one of {WARPS}"
         )
+    if not isinstance(cfg.cuda_pdl, bool):
+        raise KernelInputError(
+            f"{where}: LaunchConfig.cuda_pdl is {cfg.cuda_pdl!r}; expected True or False"
+        )
 
 
 def _cuda_kernel(
