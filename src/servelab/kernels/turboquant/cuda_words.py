@@ -5,7 +5,9 @@ fragments (what Triton cannot express, see docs/kernels-turboquant.md) and is th
 4-bit keys and values on CUDA where nvcc is present (``LaunchConfig.backend``). It takes head
 sizes 64 and 128, GQA groups up to 8 and code planes whose rows are aligned for vector loads
 (16 bytes for keys, 8 for values at d = 128). A call is one launch: each CTA rotates its
-query rows, and the last CTA of each (sequence, KV head) merges the splits.
+query rows, and the last CTA of each (sequence, KV head) merges the splits. On sm_90+ it is
+launched with programmatic dependent launch (``pdl``): it may start while the previous kernel
+on the stream finishes, and reads nothing before that kernel has completed.
 :func:`unsupported` names what it refuses, and ``backend="auto"`` falls back to the Triton
 word kernel then.
 
