@@ -53,7 +53,7 @@ struct Smem {
   static constexpr int QROWS = QF + (D / 16) * NQ * 32 * 8;
   static constexpr int RING = QROWS + (1 + PARTS) * GP * D * 4;
   static constexpr int MAIN = RING + NW * STAGES * Stage<D>::BYTES;
-  static constexpr int FOLD = (NW * 8 * D + 3 * NW * 8) * 4;
+  static constexpr int FOLD = (NW * 8 * D + NW * 8) * 4;
   static constexpr int BYTES = MAIN > FOLD ? MAIN : FOLD;
 };
 
@@ -388,11 +388,18 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       z[n] += __shfl_xor_sync(0xffffffffu, z[n], o);
     }
   }
+  // Each warp's partial per head, normalized: (acc + Σ p·zero) / l, and its base-2 LSE (a
+  // warp without tokens: 0 and -inf), so the CTA fold below reads one value a warp per output
+  // and one LSE a warp per head.
+  float inv_l[NQ], lse[NQ];
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+    inv_l[n] = l[n] > 0.f ? 1.0f / l[n] : 0.f;
+    lse[n] = l[n] > 0.f ? m[n] + log2f(l[n]) : -INFINITY;
+  }
   __syncthreads();
-  float* so = reinterpret_cast<float*>(smem);  // [NW][8][D], without the zero-point term
-  float* sm = so + NW * 8 * D;                 // [NW][8]
-  float* sl = sm + NW * 8;                     // [NW][8]
-  float* szr = sl + NW * 8;                    // [NW][8]
+  float* so = reinterpret_cast<float*>(smem);  // [NW][8][D] normalized partials
+  float* slse = so + NW * 8 * D;               // [NW][8]
   // Accumulator c of m-tile i, n-tile n: head 4n + t, coordinate D/8·g + 2i + (c >> 1); odd c
   // holds the residue part.
 #pragma unroll
@@ -401,28 +408,30 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       const int d = (D / 8) * g + 2 * i;
-      so[(warp * 8 + row) * D + d] = acc[i][n][0] + acc[i][n][1] * (1.0f / 2048.f);
-      so[(warp * 8 + row) * D + d + 1] = acc[i][n][2] + acc[i][n][3] * (1.0f / 2048.f);
+      so[(warp * 8 + row) * D + d] =
+          (acc[i][n][0] + acc[i][n][1] * (1.0f / 2048.f) + z[n]) * inv_l[n];
+      so[(warp * 8 + row) * D + d + 1] =
+          (acc[i][n][2] + acc[i][n][3] * (1.0f / 2048.f) + z[n]) * inv_l[n];
     }
-    if (g == 0) {
-      sm[warp * 8 + row] = m[n];
-      sl[warp * 8 + row] = l[n];
-      szr[warp * 8 + row] = z[n];
-    }
+    if (g == 0) slse[warp * 8 + row] = lse[n];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < a.group * D; i += NW * 32) {
     const int row = i / D, d = i % D;
+    float lw[NW];
     float mm = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm[w * 8 + row]);
+    for (int w = 0; w < NW; ++w) {
+      lw[w] = slse[w * 8 + row];
+      mm = fmaxf(mm, lw[w]);
+    }
     float o = 0.f, den = 0.f;
     if (mm != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
-        const float wt = fast_exp2(sm[w * 8 + row] - mm);
-        o += wt * (so[(w * 8 + row) * D + d] + szr[w * 8 + row]);
-        den += wt * sl[w * 8 + row];
+        const float wt = fast_exp2(lw[w] - mm);
+        o = fmaf(wt, so[(w * 8 + row) * D + d], o);
+        den += wt;
       }
     }
     const long long out_row = ((long long)b * hq + kvh * a.group + row) * a.num_splits + split;
