@@ -59,11 +59,13 @@ def run(tokens: int, reps: int, lib: ctypes.CDLL) -> dict[str, Any]:
     def gather() -> None:
         gather_cuda.gather_kv_blocks_from_host(k_src, v_src, ids, k_dst, v_dst)
 
-    def engines() -> None:
+    def copy_range(lo: int, hi: int, s: torch.cuda.Stream) -> None:
+        """Blocks [lo, hi) of the table by the copy engines, issued on ``s``."""
         rc = lib.paged_copy_blocks(
-            k_src.data_ptr(), v_src.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(),
-            ids.data_ptr(), n, block_bytes, block_bytes, block_bytes, block_bytes,
-            ctypes.c_void_p(stream.cuda_stream),
+            k_src.data_ptr(), v_src.data_ptr(),
+            k_dst.data_ptr() + lo * block_bytes, v_dst.data_ptr() + lo * block_bytes,
+            ids.data_ptr() + 8 * lo, hi - lo, block_bytes, block_bytes, block_bytes, block_bytes,
+            ctypes.c_void_p(s.cuda_stream),
         )  # fmt: skip
         cuda_ext.check(lib, rc, "paged_copy_blocks")
 
@@ -77,15 +79,8 @@ def run(tokens: int, reps: int, lib: ctypes.CDLL) -> dict[str, Any]:
         def go() -> None:
             cuts = [n * i // n_streams for i in range(n_streams + 1)]
             for i, s in enumerate(side[:n_streams]):
-                lo, hi = cuts[i], cuts[i + 1]
                 s.wait_stream(stream)
-                rc = lib.paged_copy_blocks(
-                    k_src.data_ptr(), v_src.data_ptr(),
-                    k_dst.data_ptr() + lo * block_bytes, v_dst.data_ptr() + lo * block_bytes,
-                    ids.data_ptr() + 8 * lo, hi - lo, block_bytes, block_bytes, block_bytes,
-                    block_bytes, ctypes.c_void_p(s.cuda_stream),
-                )  # fmt: skip
-                cuda_ext.check(lib, rc, "paged_copy_blocks")
+                copy_range(cuts[i], cuts[i + 1], s)
             for s in side[:n_streams]:
                 stream.wait_stream(s)
 
@@ -94,7 +89,7 @@ def run(tokens: int, reps: int, lib: ctypes.CDLL) -> dict[str, Any]:
     ways: dict[str, Callable[[], None]] = {
         "copy_rate": lambda: flat_dst.copy_(flat, non_blocking=True),
         "cuda_gather": gather,
-        "copy_engines": engines,
+        "copy_engines": lambda: copy_range(0, n, stream),
     }
     for n_streams in STREAMS:
         ways[f"copy_engines_{n_streams}s"] = engines_on(n_streams)

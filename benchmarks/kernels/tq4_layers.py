@@ -36,7 +36,9 @@ from servelab.kernels.turboquant.triton_decode import (
 LAYERS = 8
 
 
-def run(tokens: int, sdpa: bool, warps8: bool) -> dict[str, float]:
+def layer_times(tokens: int, cfgs: dict[str, LaunchConfig], sdpa: bool) -> dict[str, float]:
+    """µs per call inside one CUDA graph of LAYERS calls over LAYERS layers' own K/V, for the
+    CUDA kernel under each named configuration and (``sdpa``) for torch SDPA over bf16."""
     codec = KVCodec.build(PRESET, D)
     qs, caches, kvs = [], [], []
     for _ in range(LAYERS):
@@ -46,12 +48,8 @@ def run(tokens: int, sdpa: bool, warps8: bool) -> dict[str, float]:
         if sdpa:
             kvs.append((k, v))
     consts = DecodeConstants.build(codec, qs[0].device)
-    res: dict[str, float] = {"tokens": tokens}
-    ways = [("cuda_us", True, 16), ("cuda_nopdl_us", False, 16)]
-    if warps8:
-        ways.append(("cuda_w8_us", True, 8))
-    for key, pdl, warps in ways:
-        cfg = LaunchConfig(backend="cuda", cuda_pdl=pdl, cuda_warps=warps)
+    res: dict[str, float] = {}
+    for key, cfg in cfgs.items():
 
         def tq_all(cfg: LaunchConfig = cfg) -> None:
             for q, cache in zip(qs, caches, strict=True):
@@ -66,6 +64,17 @@ def run(tokens: int, sdpa: bool, warps8: bool) -> dict[str, float]:
                 F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)
 
         res["sdpa_us"] = 1e3 * graph_bench(sdpa_all) / LAYERS
+    return res
+
+
+def run(tokens: int, sdpa: bool, warps8: bool) -> dict[str, float]:
+    cfgs = {
+        "cuda_us": LaunchConfig(backend="cuda"),
+        "cuda_nopdl_us": LaunchConfig(backend="cuda", cuda_pdl=False),
+    }
+    if warps8:
+        cfgs["cuda_w8_us"] = LaunchConfig(backend="cuda", cuda_warps=8)
+    res: dict[str, float] = {"tokens": tokens, **layer_times(tokens, cfgs, sdpa)}
     print(json.dumps(res), flush=True)
     return res
 

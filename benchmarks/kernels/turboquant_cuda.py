@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tq4_layers import LAYERS, layer_times
 from turboquant_decode import (
     HKV,
     HQ,
@@ -46,8 +47,6 @@ from servelab.kernels.turboquant.triton_decode import (
     fused_decode_attention,
     fused_decode_attention_dense,
 )
-
-LAYERS = 8  # calls per graph in the layers timing
 
 
 def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
@@ -106,35 +105,13 @@ def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:
     return res
 
 
-def layers(tokens: int, cfg: LaunchConfig, n: int = LAYERS) -> dict[str, float]:
-    """Per-call milliseconds inside one CUDA graph of ``n`` calls, one per layer, each over its
-    own K/V (as a model's decode step runs its layers): one graph launch for all of them, no
-    cache reuse between calls (L2 flushed before each replay; each layer's data is new)."""
-    codec = KVCodec.build(PRESET, D)
-    qs, kvs, caches = [], [], []
-    for _ in range(n):
-        q, k, v = bench_inputs(tokens)
-        qs.append(q)
-        kvs.append((k, v))
-    consts = DecodeConstants.build(codec, qs[0].device)
-    out: dict[str, float] = {}
-
-    def sdpa_all() -> None:
-        for q, (k, v) in zip(qs, kvs, strict=True):
-            F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)
-
-    out["sdpa_layers_graph_ms"] = graph_bench(sdpa_all) / n
-    for k, v in kvs:
-        caches.append(codec.encode(k, v))
-    kvs.clear()
-
-    def tq_all() -> None:
-        for q, cache in zip(qs, caches, strict=True):
-            fused_decode_attention(q, cache, codec, constants=consts, config=cfg,
-                                   check_values=False)  # fmt: skip
-
-    out["cuda_precise_layers_graph_ms"] = graph_bench(tq_all) / n
-    print(json.dumps({"tokens": tokens, "layers": n, **out}), flush=True)
+def layers(tokens: int, cfg: LaunchConfig) -> dict[str, float]:
+    """Per-call milliseconds inside one CUDA graph of LAYERS calls over LAYERS layers' own K/V
+    (as a model's decode step runs its layers), SDPA and the CUDA kernel (tq4_layers.py)."""
+    us = layer_times(tokens, {"cuda": cfg}, sdpa=True)
+    out = {"sdpa_layers_graph_ms": us["sdpa_us"] / 1e3,
+           "cuda_precise_layers_graph_ms": us["cuda"] / 1e3}  # fmt: skip
+    print(json.dumps({"tokens": tokens, "layers": LAYERS, **out}), flush=True)
     return out
 
 

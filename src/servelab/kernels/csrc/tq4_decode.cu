@@ -534,23 +534,16 @@ int tq4_decode(const void* q, long long sqb, long long sqh, long long sqd, int q
          svt, vsz, szb, szh, szt, cent, seq_lens, tokens, part_o, part_l, counters, out, sob, soh,
          sod, odtype, qk_scale, split_len, num_splits, group, 0x000F000Fu, 0x00F000F0u};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Programmatic dependent launch needs compute capability 9.0 (the kernel's wait and trigger
-  // compile to nothing below it).
-  int dev = 0, major = 0;
-  if (pdl) {
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (e != cudaSuccess) return (int)e;
-  }
-  const bool use_pdl = pdl && major >= 9;
+  // pdl: programmatic dependent launch, which the caller asks for only on compute capability
+  // 9.0 and up (the kernel's wait and trigger compile to nothing below it).
   if (group < 1 || group > 8) return 1001;
-#define SERVELAB_TQ4(Dv, NWv)                                                              \
-  if (head_size == Dv && warps == NWv) {                                                    \
-    if (group <= 4)                                                                         \
-      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, use_pdl, s)               \
-                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, use_pdl, s);             \
-    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, use_pdl, s)                 \
-                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, use_pdl, s);               \
+#define SERVELAB_TQ4(Dv, NWv)                                                         \
+  if (head_size == Dv && warps == NWv) {                                               \
+    if (group <= 4)                                                                    \
+      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, pdl, s)     \
+                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, pdl, s);   \
+    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, pdl, s)       \
+                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, pdl, s);     \
   }
   SERVELAB_TQ4(128, 8)
   SERVELAB_TQ4(128, 16)

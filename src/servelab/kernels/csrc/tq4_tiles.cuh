@@ -198,12 +198,13 @@ __device__ __forceinline__ void issue_tile(const Args& a, const uint8_t* kb, con
 
 // This lane's key-code words of tokens g (kw[0]) and g + 8 (kw[1]) from a ring slot.
 template <int D>
-__device__ __forceinline__ void read_keys(const uint8_t* st, int lane, uint32_t (&kw)[2][D / 32]) {
+__device__ __forceinline__ void read_keys(const uint8_t* st, int lane,
+                                          uint32_t (&kw)[2][Tile<D>::KW]) {
   using S = Stage<D>;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const uint8_t* p = st + S::K0 + (j * 32 + lane) * S::KB;
-    if constexpr (D / 32 == 4) {
+    if constexpr (Tile<D>::KW == 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(p);
       kw[j][0] = v.x; kw[j][1] = v.y; kw[j][2] = v.z; kw[j][3] = v.w;
     } else {
@@ -232,12 +233,12 @@ __device__ __forceinline__ void read_scales(const uint8_t* st, const uint32_t* k
 // This lane's value-code words of tokens 2t, 2t + 1, 2t + 8, 2t + 9.
 template <int D>
 __device__ __forceinline__ void read_values(const uint8_t* st, int lane,
-                                            uint32_t (&v)[4][D / 64]) {
+                                            uint32_t (&v)[4][Tile<D>::VW]) {
   using S = Stage<D>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint8_t* p = st + S::V0 + (i * 32 + lane) * S::VB;
-    if constexpr (D / 64 == 2) {
+    if constexpr (Tile<D>::VW == 2) {
       const uint2 x = *reinterpret_cast<const uint2*>(p);
       v[i][0] = x.x; v[i][1] = x.y;
     } else {

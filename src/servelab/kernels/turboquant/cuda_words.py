@@ -65,6 +65,12 @@ def _load(arch: str) -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def _pdl_capable(index: int | None) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (asked once per device)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
     """Per (device, stream) split counters, zero between calls (the kernel's last CTA of each
     (sequence, KV head) resets its own); kept so that a call launches no memset."""
@@ -131,7 +137,8 @@ def launch_cuda_words(
     precise: bool,
     pdl: bool = True,
 ) -> torch.Tensor:
-    """Enqueue the one launch (query rotation, split attention, merge) on the current stream.
+    """Enqueue the one launch (query rotation, split attention, merge) on the current stream,
+    with programmatic dependent launch if ``pdl`` and the device has compute capability 9.0.
     ``q`` is ``[B, Hq, d]`` (any strides), ``rotation_t`` Πᵀ as float32 ``[d, d]``
     contiguous, ``cent`` the 32 fp16 table entries (centroids, then their fp16 residues),
     ``seq_lens`` int32 ``[B]`` or None (every sequence full)."""
@@ -157,7 +164,8 @@ def launch_cuda_words(
         cent.data_ptr(), None if seq_lens is None else seq_lens.data_ptr(), tokens,
         part_o.data_ptr(), part_l.data_ptr(), counters.data_ptr(),
         out.data_ptr(), *out.stride(), DTYPES[out.dtype],
-        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise), int(pdl),
+        qk_scale, split_len, splits, hq // hkv, hkv, b, d, warps, int(precise),
+        int(pdl and _pdl_capable(dev.index)),
         ctypes.c_void_p(stream),
     )  # fmt: skip
     cuda_ext.check(lib, rc, "tq4_decode")
