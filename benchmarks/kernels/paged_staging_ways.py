@@ -1,0 +1,202 @@
+"""Staging paths against the library's CUDA gather, side by side in one run (staging alone).
+
+Ways (host KV cache ``[N, 256, 8, 128]`` bf16 pinned, 512 KiB per K or V block, a random
+block table of ``tokens / 256`` blocks from a pool twice that size, dense device scratch):
+
+- ``copy_rate``: one contiguous pinned ``copy_`` of the same bytes (the goal's reference);
+- ``gather``: the library's CUDA gather (SM loads from mapped pinned memory, 32 CTAs);
+- ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
+  of P KiB, S pieces in flight a CTA, C CTAs;
+- ``batch_F``: the copy engines, every block copy in one ``cudaMemcpyBatchAsync`` (flags F);
+- ``hybrid_X``: the gather over the first (1 - X) of the table on one stream and the copy
+  engines (one ``cudaMemcpyAsync`` a block, from C) over the rest on another, at once.
+
+Timed in rotation, CUDA events around each call on the caller's stream (side streams fork
+from and join it), ``--reps`` rounds, medians and min–max; GB/s over K+V bytes. Every way's
+bytes are checked against the source after poisoning the scratch.
+
+    python benchmarks/kernels/paged_staging_ways.py --out DIR [--tokens 32768 131072] [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from servelab.kernels import cuda_ext, gather_cuda
+
+BLOCK, HKV, HEAD = 256, 8, 128
+TMA = [(p, s, c) for p in (16, 32) for s in (4, 6) for c in (8, 16, 32, 66)] + [(8, 8, 32)]
+HYBRID = (0.1, 0.2, 0.3)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return float(start.elapsed_time(stop))
+
+
+def libraries(dev: torch.device) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    gl = gather_cuda.launcher(dev).lib
+    gl.paged_copy_blocks.restype = i32
+    gl.paged_copy_blocks.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, vp]
+    src = Path(__file__).resolve().with_name("staging_ways.cu")
+    sw = cuda_ext.build("staging_ways", src, cuda_ext.arch_flag(dev)).lib
+    sw.tma_gather_kv.restype = i32
+    sw.tma_gather_kv.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, i32, i32, i32, vp]
+    sw.copy_batch_kv.restype = i32
+    sw.copy_batch_kv.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, i32, vp]
+    return gl, sw
+
+
+def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool) -> dict[str, Any]:
+    n = tokens // BLOCK
+    shape = (2 * n, BLOCK, HKV, HEAD)
+    k_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
+    v_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
+    ids = torch.randperm(2 * n, generator=torch.Generator().manual_seed(tokens))[:n]
+    ids = ids.to(torch.int64).contiguous().pin_memory()
+    k_dst = torch.empty((n, BLOCK, HKV, HEAD), dtype=torch.bfloat16, device="cuda")
+    v_dst = torch.empty_like(k_dst)
+    flat = torch.empty(2 * k_dst.numel(), dtype=torch.bfloat16).pin_memory()
+    flat_dst = torch.empty(flat.numel(), dtype=torch.bfloat16, device="cuda")
+    bb = BLOCK * HKV * HEAD * 2
+    nbytes = 2 * n * bb
+    stream = torch.cuda.current_stream()
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+
+    def args(lo: int, hi: int) -> tuple[int, ...]:
+        kd, vd = k_dst.data_ptr() + lo * bb, v_dst.data_ptr() + lo * bb
+        return (k_src.data_ptr(), v_src.data_ptr(), kd, vd, ids.data_ptr() + 8 * lo, hi - lo,
+                bb, bb, bb, bb)  # fmt: skip
+
+    def gather(lo: int, hi: int, s: torch.cuda.Stream) -> None:
+        gather_cuda.gather_kv_blocks_from_host(
+            k_src, v_src, ids[lo:hi], k_dst[lo:hi], v_dst[lo:hi], stream=s
+        )
+
+    def engines(lo: int, hi: int, s: torch.cuda.Stream) -> None:
+        cuda_ext.check(gl, gl.paged_copy_blocks(*args(lo, hi), s.cuda_stream), "copy_blocks")
+
+    def tma(piece: int, stages: int, ctas: int) -> Callable[[], None]:
+        def go() -> None:
+            rc = sw.tma_gather_kv(*args(0, n), piece * 1024, stages, ctas, stream.cuda_stream)
+            cuda_ext.check(sw, rc, "tma_gather_kv")
+
+        return go
+
+    def batch(flags: int) -> Callable[[], None]:
+        def go() -> None:
+            cuda_ext.check(sw, sw.copy_batch_kv(*args(0, n), flags, stream.cuda_stream), "batch")
+
+        return go
+
+    def hybrid(frac: float) -> Callable[[], None]:
+        m = n - round(frac * n)
+
+        def go() -> None:
+            side.wait_stream(stream)
+            engines(m, n, side)
+            gather(0, m, stream)
+            stream.wait_stream(side)
+
+        return go
+
+    def copy_rate() -> None:
+        flat_dst.copy_(flat, non_blocking=True)
+
+    ways: dict[str, Callable[[], None]] = {
+        "copy_rate": copy_rate,
+        "gather": lambda: gather(0, n, stream),
+        "batch_0": batch(0),
+        "batch_1": batch(1),
+    }
+    for p, s, c in TMA if use_tma else []:
+        ways[f"tma_{p}_{s}_{c}"] = tma(p, s, c)
+    for x in HYBRID:
+        ways[f"hybrid_{x}"] = hybrid(x)
+    failed: dict[str, str] = {}
+    for name, fn in list(ways.items()):  # warm-up (builds, first touches); drop what fails
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            failed[name] = str(e)
+            del ways[name]
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            times[name].append(timed(fn))
+    want_k, want_v = k_src[ids], v_src[ids]
+    wrong: list[str] = []
+    for name, fn in ways.items():
+        if name == "copy_rate":
+            continue
+        k_dst.fill_(float("nan"))
+        v_dst.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        if not (torch.equal(k_dst.cpu(), want_k) and torch.equal(v_dst.cpu(), want_v)):
+            wrong.append(name)
+    out: dict[str, Any] = {"tokens": tokens, "blocks": n, "bytes": nbytes, "failed": failed,
+                           "wrong_bytes": wrong}  # fmt: skip
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"ms_median": med, "ms_min": min(ts), "ms_max": max(ts),
+                     "GBps_median": nbytes / med / 1e6}  # fmt: skip
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--skip-tma", action="store_true", help="leave the TMA ways out")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    if not torch.cuda.is_available() or not cuda_ext.enabled(dev):
+        print("needs a CUDA device and nvcc", file=sys.stderr)
+        return 2
+    gl, sw = libraries(dev)
+    meta = {
+        "card": torch.cuda.get_device_name(0),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "shape": f"bf16, {BLOCK}-token blocks, {HKV} KV heads, head {HEAD}, random table",
+    }
+    print(json.dumps(meta), flush=True)
+    results = []
+    for t in a.tokens:
+        r = run(t, a.reps, gl, sw, not a.skip_tma)
+        results.append(r)
+        rate = r["copy_rate"]["GBps_median"]
+        print(f"## {t} tokens, {r['bytes']} B K+V; failed {r['failed']}; wrong {r['wrong_bytes']}")
+        for k, v in r.items():
+            if isinstance(v, dict) and "ms_median" in v:
+                print(f"{k:16s} {v['ms_median']:8.3f} ms ({v['ms_min']:.3f}-{v['ms_max']:.3f})"
+                      f" {v['GBps_median']:6.1f} GB/s {100 * v['GBps_median'] / rate:5.1f} %",
+                      flush=True)  # fmt: skip
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "paged_staging_ways.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
