@@ -374,9 +374,11 @@ def bench_split(
     programs: int | None = None,
     steps: tuple[str, ...] = ("new",),
     kernel: str = "auto",
+    strategy: GatherStrategy = GatherStrategy.GPU_GATHER,
 ) -> list[Figure]:
-    """The decode chunk loop with only the staging (gpu_gather; ``kernel`` as the call's
-    ``gather_kernel``) or only the attention."""
+    """The decode chunk loop with only the staging (gpu_gather, ``kernel`` as the call's
+    ``gather_kernel``, or copy_batch on a side stream joined by the caller's, as the call
+    does) or only the attention."""
     cache = host.cache(block)
     dev = torch.device("cuda")
     table = random_table(cache.num_blocks, ctx // block, 2)
@@ -388,21 +390,28 @@ def bench_split(
         chunk_blocks=nb, block_size=block, num_kv_heads=HKV, head_size=HEAD, dtype=DTYPE, device=dev
     )
     chunks = plan_chunks(ctx, block, nb)
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    batch = strategy is GatherStrategy.COPY_BATCH
 
     def stage_only() -> None:
+        if batch:
+            side.wait_stream(torch.cuda.current_stream())
         for i, c in enumerate(chunks):
             slot = i % 2
             stage_blocks(
                 cache.key,
                 cache.value,
-                ids_src[c.block_start : c.block_end],
+                (table if batch else ids_src)[c.block_start : c.block_end],
                 scratch.key[slot],
                 scratch.value[slot],
-                strategy=GatherStrategy.GPU_GATHER,
+                strategy=strategy,
                 device_ids=ids_dev[c.block_start : c.block_end],
                 programs=programs,
                 kernel=gkernel,
+                stream=side if batch else None,
             )
+        if batch:
+            torch.cuda.current_stream().wait_stream(side)
 
     gen = torch.Generator().manual_seed(4)
     query = torch.randn(1, HKV * GQA, HEAD, generator=gen).to(DTYPE).to(dev)
@@ -434,7 +443,12 @@ def bench_split(
     figs = [
         figure(
             "stage_only",
-            {**params, "programs": programs, "gather_kernel": gkernel.value},
+            {
+                **params,
+                "programs": programs,
+                "gather_kernel": gkernel.value,
+                "strategy": strategy.value,
+            },
             time_cuda(stage_only, reps),
             kv_bytes(ctx),
         )
@@ -458,7 +472,7 @@ def host_issue_ms(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def check_decode_accuracy(
-    host: HostKV, ctx: int, block: int, chunk_step: str = "auto"
+    host: HostKV, ctx: int, block: int, chunk_step: str = "auto", strategy: str = "auto"
 ) -> dict[str, Any]:
     """One 32K decode against the float64 reference (sanity beside the pytest suite)."""
     from servelab.kernels.reference import reference_attention
@@ -494,6 +508,7 @@ def check_decode_accuracy(
         block,
         scratch=scratch,
         step=chunk_step,
+        strategy=strategy,
     )
     k_host, v_host = cache.read(table, ctx)
     k_all = torch.cat([k_host, ksuf])
@@ -505,6 +520,7 @@ def check_decode_accuracy(
         "ctx": ctx,
         "block": block,
         "chunk_step": chunk_step,
+        "strategy": strategy,
         "ok": rep.ok,
         "explain": rep.explain(),
     }
@@ -524,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         action="store_true",
         help="only the torch vs Triton chunk step, side by side, at 32K-512K",
+    )
+    ap.add_argument(
+        "--batch",
+        action="store_true",
+        help="only the copy engines' batch (copy_batch) against the CUDA gather at 32K-512K",
     )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -549,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         return run_compare(args.out, env, reps, t0)
     if args.steps:
-        return run_steps(args.out, env, reps, t0)
+        return run_rows(args.out, env, reps, t0, "paged_steps", STEPS_STAGES, STEPS_CONFIGS)
+    if args.batch:
+        return run_rows(args.out, env, reps, t0, "paged_batch", BATCH_STAGES, BATCH_CONFIGS)
     figs: list[Figure] = []
     sizes = [64 << 10, 256 << 10, 2 * MiB, 16 * MiB, 256 * MiB, 1024 * MiB]
     figs += bench_copies(sizes, reps=reps * 2)
@@ -711,27 +734,69 @@ def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int
     return 0
 
 
-def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
-    """The torch chunk step against the Triton one (split-K partials, one merge), same run."""
+# A decode row: key, block, chunk step, chunk tokens, steady state (back-to-back calls),
+# staging strategy, gather kernel.
+Config = tuple[str, int, str, int, bool, str, str]
+# A staging-only row: key, chunk tokens, strategy, gather kernel.
+Stage = tuple[str, int, GatherStrategy, str]
+
+STEPS_STAGES: list[Stage] = [
+    ("stage_c32k", 32768, GatherStrategy.GPU_GATHER, "auto"),
+    ("stage_c8k", 8192, GatherStrategy.GPU_GATHER, "auto"),
+    ("stage_c32k_tgather", 32768, GatherStrategy.GPU_GATHER, "triton"),
+]
+STEPS_CONFIGS: list[Config] = [
+    ("torch_c32k", 256, "torch", 32768, False, "gpu_gather", "auto"),
+    ("triton_c32k", 256, "triton", 32768, False, "gpu_gather", "auto"),
+    ("triton_c16k", 256, "triton", 16384, False, "gpu_gather", "auto"),
+    ("triton_c8k", 256, "triton", 8192, False, "gpu_gather", "auto"),
+    ("triton_bs16_c8k", 16, "triton", 8192, False, "gpu_gather", "auto"),
+    ("torch_c32k_steady", 256, "torch", 32768, True, "gpu_gather", "auto"),
+    ("triton_c32k_steady", 256, "triton", 32768, True, "gpu_gather", "auto"),
+    ("triton_c8k_steady", 256, "triton", 8192, True, "gpu_gather", "auto"),
+    ("triton_c32k_tgather", 256, "triton", 32768, False, "gpu_gather", "triton"),
+]
+# The copy engines' batch (copy_batch) against the CUDA gather, Triton step, one run.
+BATCH_STAGES: list[Stage] = [
+    ("stage_gather_c32k", 32768, GatherStrategy.GPU_GATHER, "cuda"),
+    ("stage_batch_c32k", 32768, GatherStrategy.COPY_BATCH, "auto"),
+    ("stage_batch_c8k", 8192, GatherStrategy.COPY_BATCH, "auto"),
+]
+BATCH_CONFIGS: list[Config] = [
+    ("gather_c32k", 256, "triton", 32768, False, "gpu_gather", "cuda"),
+    ("batch_c32k", 256, "triton", 32768, False, "copy_batch", "auto"),
+    ("batch_c16k", 256, "triton", 16384, False, "copy_batch", "auto"),
+    ("batch_c8k", 256, "triton", 8192, False, "copy_batch", "auto"),
+    ("batch_c4k", 256, "triton", 4096, False, "copy_batch", "auto"),
+    ("batch_bs16_c8k", 16, "triton", 8192, False, "copy_batch", "auto"),
+    ("gather_c32k_steady", 256, "triton", 32768, True, "gpu_gather", "cuda"),
+    ("batch_c32k_steady", 256, "triton", 32768, True, "copy_batch", "auto"),
+    ("batch_c8k_steady", 256, "triton", 8192, True, "copy_batch", "auto"),
+]
+
+
+def run_rows(
+    out_dir: Path,
+    env: dict[str, Any],
+    reps: int,
+    t0: float,
+    stem: str,
+    stages: list[Stage],
+    configs: list[Config],
+) -> int:
+    """Staging-only and decode rows at 32K, 128K and 512K host tokens, side by side in one
+    run, each row judged against a copy rate measured right before it; ``stem``.json/.md and
+    ``stem``_summary.md under ``out_dir``."""
     figs, copy_rate, host = _copy_rate_and_host(reps, t0)
     max_ctx = MAX_CTX
+    strategies = sorted({c[5] for c in configs})
     accuracy = [
-        check_decode_accuracy(host, 32 * 1024, block, step)
-        for step in ("triton", "torch")
+        check_decode_accuracy(host, 32 * 1024, block, step, strategy)
+        for step in sorted({c[2] for c in configs})
         for block in (256, 16)
+        for strategy in strategies
     ]
     print(json.dumps(accuracy), flush=True)
-    configs: list[tuple[str, int, str, int, bool]] = [
-        # key, block, chunk step, chunk tokens, steady state (back-to-back calls)
-        ("torch_c32k", 256, "torch", 32768, False),
-        ("triton_c32k", 256, "triton", 32768, False),
-        ("triton_c16k", 256, "triton", 16384, False),
-        ("triton_c8k", 256, "triton", 8192, False),
-        ("triton_bs16_c8k", 16, "triton", 8192, False),
-        ("torch_c32k_steady", 256, "torch", 32768, True),
-        ("triton_c32k_steady", 256, "triton", 32768, True),
-        ("triton_c8k_steady", 256, "triton", 8192, True),
-    ]
     summary = []
     for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
         r = reps if ctx < max_ctx else max(5, reps // 2)
@@ -740,37 +805,29 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
         row_copies = bench_copies([256 * MiB, 1024 * MiB], reps=reps)
         figs += row_copies
         row: dict[str, Any] = {"ctx": ctx, "copy_rate": max(f.gbps for f in row_copies)}
-        for chunk in (32768, 8192):
-            f = bench_split(host, ctx, 256, chunk, r, programs=32, steps=())[0]
+        for key, chunk, strategy, kernel in stages:
+            f = bench_split(
+                host, ctx, 256, chunk, r, programs=32, steps=(), kernel=kernel, strategy=strategy
+            )[0]
             figs.append(f)
-            row[f"stage_c{chunk // 1024}k"] = f
-        # The Triton gather beside the default (the CUDA one where nvcc is found).
-        f = bench_split(host, ctx, 256, 32768, r, programs=32, steps=(), kernel="triton")[0]
-        figs.append(f)
-        row["stage_c32k_tgather"] = f
-        for key, block, step, chunk, steady in configs:
+            row[key] = f
+        for key, block, step, chunk, steady, strat, kernel in configs:
             f = bench_decode(
-                host, ctx, block, "auto", True, chunk, r, programs=32, chunk_step=step,
-                steady=steady,
+                host, ctx, block, strat, True, chunk, r, programs=32, chunk_step=step,
+                steady=steady, gather_kernel=kernel,
             )  # fmt: skip
             figs.append(f)
             row[key] = f
-        f = bench_decode(
-            host, ctx, 256, "auto", True, 32768, r, programs=32, chunk_step="triton",
-            gather_kernel="triton",
-        )  # fmt: skip
-        figs.append(f)
-        row["triton_c32k_tgather"] = f
         summary.append(row)
         _progress(figs, t0)
-    save_run(out_dir, "paged_steps", env, copy_rate, accuracy, figs)
-    keys = ["stage_c32k", "stage_c8k", "stage_c32k_tgather"] + [c[0] for c in configs]
-    keys.append("triton_c32k_tgather")
+    save_run(out_dir, stem, env, copy_rate, accuracy, figs)
+    keys = [s[0] for s in stages] + [c[0] for c in configs]
     lines = [
         f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
         "decode ms (% of the copy rate measured just before the row) [host issue ms]; bf16, "
         "8 KV / 64 q heads, d 128, 1 query token, random table, gather 32 programs, bs256 "
-        f"unless named; gather kernel {env.get('gather_kernel')} unless _tgather (Triton)",
+        "unless named; rows and their strategy / gather kernel in "
+        f"benchmarks/kernels/paged_bench.py ({stem})",
         "| ctx | row copy GB/s | " + " | ".join(keys) + " |",
         "|---" * (len(keys) + 2) + "|",
     ]
@@ -784,7 +841,7 @@ def run_steps(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
             cells.append(f"{f.median_ms:.2f} ({100 * f.gbps / rate:.0f}%){extra}")
         lines.append(f"| {row['ctx'] // 1024}K | {rate:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out_dir / "paged_steps_summary.md").write_text(text)
+    (out_dir / f"{stem}_summary.md").write_text(text)
     print(json.dumps(accuracy))
     print(text)
     print(f"total {time.perf_counter() - t0:.1f}s")

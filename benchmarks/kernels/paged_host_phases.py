@@ -1,9 +1,11 @@
 """Host time of each step before the first copy of a CPU-paged decode call is launched.
 
 Replays, in order, what :func:`cpu_paged_attention` does before its first staging launch,
-with a clock between steps (no profiler; medians over repeats), once per gather kernel:
-``triton`` (ids copied to the device, the launch inside a copy-stream context) and ``cuda``
-(ids written to the scratch's pinned ring, a ctypes launch on the copy stream's handle).
+with a clock between steps (no profiler; medians over repeats), once per way: the
+``gpu_gather`` strategy with its ``triton`` kernel (ids copied to the device, the launch
+inside a copy-stream context) and its ``cuda`` kernel (ids written to the scratch's pinned
+ring, a ctypes launch on the copy stream's handle), and ``copy_batch`` (the host ids as they
+are, one ctypes call enqueuing the copy engines' batch on the copy stream's handle).
 ``check`` is the call's checks as a repeated call runs them (layout checks remembered by the
 scratch); ``validate_full`` beside it is the full check a first call runs. Then times whole
 calls (host issue time, launches enqueued, not finished) with each kernel.
@@ -23,12 +25,14 @@ import torch
 from paged_inputs import BLOCK, DecodeInputs
 
 from servelab.kernels import gather_cuda, paged, paged_args
-from servelab.kernels.staging import GatherKernel, GatherStrategy, stage_blocks
+from servelab.kernels.staging import GatherKernel, stage_blocks
 
 REPS = 60
 
 
-def _phases(inputs: DecodeInputs, kernel: GatherKernel) -> dict[str, float]:
+def _phases(inputs: DecodeInputs, way: str) -> dict[str, float]:
+    strategy = "copy_batch" if way == "copy_batch" else "gpu_gather"
+    kernel = GatherKernel.CUDA if way == "cuda" else GatherKernel.TRITON
     ctx, dev, scratch = inputs.ctx, torch.device("cuda"), inputs.scratch
     cache, table = inputs.cache, inputs.table
     args = paged_args.CallArgs(
@@ -47,15 +51,28 @@ def _phases(inputs: DecodeInputs, kernel: GatherKernel) -> dict[str, float]:
         t = time.perf_counter_ns()
         paged_args.validate(args)
         t = clock("validate_full", t)  # not on the path of a repeated call: left out of sum
-        chunk_blocks, checked = paged_args.check_call(args, "auto", kernel.value, "auto")
+        chunk_blocks, checked = paged_args.check_call(args, strategy, kernel.value, "auto")
         t = clock("check", t)
-        assert checked.strategy is GatherStrategy.GPU_GATHER and checked.kernel is kernel
+        assert checked.strategy.value == strategy
         chunks = paged.plan_chunks(ctx, BLOCK, chunk_blocks)
         t = clock("plan_chunks", t)
         streams = paged._Streams(dev, True)
         t = clock("streams", t)
         c = chunks[0]
-        if kernel is GatherKernel.CUDA:
+        if strategy == "copy_batch":
+            ids_host = table[: chunks[-1].block_end].to(torch.int64).contiguous()
+            t = clock("ids_int64", t)
+            streams.copy_waits_compute()
+            t = clock("copy_waits_compute", t)
+            stage_blocks(
+                cache.key, cache.value, ids_host[c.block_start : c.block_end],
+                scratch.key[0], scratch.value[0], strategy=checked.strategy,
+                stream=streams.copy,
+            )  # fmt: skip
+            t = clock("first_gather_launch", t)
+            streams.record(streams.copy)
+            t = clock("record_event", t)
+        elif kernel is GatherKernel.CUDA:
             n_ids = chunks[-1].block_end
             slot, buf = scratch.id_ring.acquire(n_ids)
             ids_host = buf[:n_ids]
@@ -114,27 +131,33 @@ def main() -> int:
     ctx = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
     inputs = DecodeInputs.build(ctx, chunk)
-    kernels = [GatherKernel.TRITON]
-    if gather_cuda.available(inputs.cache.key, torch.device("cuda")):
-        kernels.append(GatherKernel.CUDA)
+    ways = ["triton"]
+    dev = torch.device("cuda")
+    if gather_cuda.available(inputs.cache.key, dev):
+        ways.append("cuda")
     else:
         print("CUDA gather unavailable (no nvcc?): Triton only", file=sys.stderr)
+    if gather_cuda.copy_batch_available(inputs.cache.key, dev):
+        ways.append("copy_batch")
     result: dict[str, object] = {"ctx": ctx, "chunk": chunk}
-    for kernel in kernels:
-        result[f"host_us_median_{kernel.value}"] = _phases(inputs, kernel)
-        result[f"call_issue_us_{kernel.value}"] = _issue_us(
-            lambda k=kernel.value: inputs.call(gather_kernel=k)  # type: ignore[misc]
+    for way in ways:
+        result[f"host_us_median_{way}"] = _phases(inputs, way)
+        kw = (
+            {"strategy": way}
+            if way == "copy_batch"
+            else {"strategy": "gpu_gather", "gather_kernel": way}
         )
+        result[f"call_issue_us_{way}"] = _issue_us(lambda kw=kw: inputs.call(**kw))  # type: ignore[misc]
     print(json.dumps(result))
     cells = []
-    for kernel in kernels:
-        ph = result[f"host_us_median_{kernel.value}"]
+    for way in ways:
+        ph = result[f"host_us_median_{way}"]
         assert isinstance(ph, dict)
         cells.append(
-            f"{kernel.value}: to first launch {ph['sum_to_first_launch']:.0f} us (check "
+            f"{way}: to first launch {ph['sum_to_first_launch']:.0f} us (check "
             f"{ph['check']:.0f}, full validate {ph['validate_full']:.0f}, launch "
             f"{ph['first_gather_launch']:.0f}), whole call issue "
-            f"{result[f'call_issue_us_{kernel.value}']:.0f} us"
+            f"{result[f'call_issue_us_{way}']:.0f} us"
         )
     print(f"HOST ctx {ctx // 1024}K chunk {chunk // 1024}K | " + " | ".join(cells))
     return 0

@@ -54,9 +54,9 @@ class DecodeInputs:
         return cls(ctx, cache, table, gpu, torch.tensor([1]), scratch, query,
                    torch.empty_like(query), lse)  # fmt: skip
 
-    def call(self, step: str = "auto", gather_kernel: str = "auto") -> None:
+    def call(self, step: str = "auto", gather_kernel: str = "auto", strategy: str = "auto") -> None:
         cpu_paged_attention(
             self.query, self.cache, self.table, self.ctx, self.gpu, self.gpu_table, BLOCK,
-            scratch=self.scratch, step=step, gather_kernel=gather_kernel, out=self.out,
-            out_lse=self.lse,
+            scratch=self.scratch, step=step, gather_kernel=gather_kernel, strategy=strategy,
+            out=self.out, out_lse=self.lse,
         )  # fmt: skip

@@ -5,6 +5,9 @@ block table of ``tokens / 256`` blocks from a pool twice that size, dense device
 
 - ``copy_rate``: one contiguous pinned ``copy_`` of the same bytes (the goal's reference);
 - ``gather``: the library's CUDA gather (SM loads from mapped pinned memory, 32 CTAs);
+- ``*_sorted`` / ``*_seq``: the same way over the table's blocks in ascending order / over
+  the first blocks of the pool in order (contiguous host memory);
+- ``engines``: the copy engines, one ``cudaMemcpyAsync`` a run of consecutive ids (from C);
 - ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
   of P KiB, S pieces in flight a CTA, C CTAs;
 - ``batch_F``: the copy engines, every block copy in one ``cudaMemcpyBatchAsync`` (flags F);
@@ -35,7 +38,7 @@ import torch
 from servelab.kernels import cuda_ext, gather_cuda
 
 BLOCK, HKV, HEAD = 256, 8, 128
-TMA = [(p, s, c) for p in (16, 32) for s in (4, 6) for c in (8, 16, 32, 66)] + [(8, 8, 32)]
+TMA = [(32, 4, 8), (32, 4, 16), (32, 6, 16), (16, 4, 16), (64, 3, 16)]
 HYBRID = (0.1, 0.2, 0.3)
 
 
@@ -69,39 +72,51 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
     k_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
     v_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
     ids = torch.randperm(2 * n, generator=torch.Generator().manual_seed(tokens))[:n]
-    ids = ids.to(torch.int64).contiguous().pin_memory()
+    # The random table; the same blocks in ascending source order; the first n blocks of the
+    # pool in order: does the order of the reads over host memory matter?
+    tables = {
+        "": ids.to(torch.int64).contiguous().pin_memory(),
+        "sorted": ids.sort().values.to(torch.int64).contiguous().pin_memory(),
+        "seq": torch.arange(n, dtype=torch.int64).pin_memory(),
+    }
     k_dst = torch.empty((n, BLOCK, HKV, HEAD), dtype=torch.bfloat16, device="cuda")
     v_dst = torch.empty_like(k_dst)
     flat = torch.empty(2 * k_dst.numel(), dtype=torch.bfloat16).pin_memory()
     flat_dst = torch.empty(flat.numel(), dtype=torch.bfloat16, device="cuda")
     bb = BLOCK * HKV * HEAD * 2
     nbytes = 2 * n * bb
-    stream = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
-    def args(lo: int, hi: int) -> tuple[int, ...]:
+    def args(lo: int, hi: int, table: str) -> tuple[int, ...]:
         kd, vd = k_dst.data_ptr() + lo * bb, v_dst.data_ptr() + lo * bb
-        return (k_src.data_ptr(), v_src.data_ptr(), kd, vd, ids.data_ptr() + 8 * lo, hi - lo,
+        t = tables[table]
+        return (k_src.data_ptr(), v_src.data_ptr(), kd, vd, t.data_ptr() + 8 * lo, hi - lo,
                 bb, bb, bb, bb)  # fmt: skip
 
-    def gather(lo: int, hi: int, s: torch.cuda.Stream) -> None:
+    def gather(lo: int, hi: int, s: torch.cuda.Stream, table: str = "") -> None:
+        t = tables[table]
         gather_cuda.gather_kv_blocks_from_host(
-            k_src, v_src, ids[lo:hi], k_dst[lo:hi], v_dst[lo:hi], stream=s
+            k_src, v_src, t[lo:hi], k_dst[lo:hi], v_dst[lo:hi], stream=s
         )
 
-    def engines(lo: int, hi: int, s: torch.cuda.Stream) -> None:
-        cuda_ext.check(gl, gl.paged_copy_blocks(*args(lo, hi), s.cuda_stream), "copy_blocks")
+    def engines(lo: int, hi: int, s: torch.cuda.Stream, table: str = "") -> None:
+        rc = gl.paged_copy_blocks(*args(lo, hi, table), s.cuda_stream)
+        cuda_ext.check(gl, rc, "copy_blocks")
 
-    def tma(piece: int, stages: int, ctas: int) -> Callable[[], None]:
+    def tma(piece: int, stages: int, ctas: int, table: str = "") -> Callable[[], None]:
         def go() -> None:
-            rc = sw.tma_gather_kv(*args(0, n), piece * 1024, stages, ctas, stream.cuda_stream)
+            rc = sw.tma_gather_kv(
+                *args(0, n, table), piece * 1024, stages, ctas, stream.cuda_stream
+            )
             cuda_ext.check(sw, rc, "tma_gather_kv")
 
         return go
 
-    def batch(flags: int) -> Callable[[], None]:
+    def batch(flags: int, table: str = "") -> Callable[[], None]:
         def go() -> None:
-            cuda_ext.check(sw, sw.copy_batch_kv(*args(0, n), flags, stream.cuda_stream), "batch")
+            rc = sw.copy_batch_kv(*args(0, n, table), flags, stream.cuda_stream)
+            cuda_ext.check(sw, rc, "copy_batch_kv")
 
         return go
 
@@ -119,39 +134,50 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
     def copy_rate() -> None:
         flat_dst.copy_(flat, non_blocking=True)
 
-    ways: dict[str, Callable[[], None]] = {
-        "copy_rate": copy_rate,
-        "gather": lambda: gather(0, n, stream),
-        "batch_0": batch(0),
-        "batch_1": batch(1),
+    # name -> (the call, the table whose blocks it lands)
+    ways: dict[str, tuple[Callable[[], None], str]] = {
+        "copy_rate": (copy_rate, ""),
+        "gather": (lambda: gather(0, n, stream), ""),
+        "gather_sorted": (lambda: gather(0, n, stream, "sorted"), "sorted"),
+        "gather_seq": (lambda: gather(0, n, stream, "seq"), "seq"),
+        "engines": (lambda: engines(0, n, stream), ""),
+        "engines_sorted": (lambda: engines(0, n, stream, "sorted"), "sorted"),
+        "engines_seq": (lambda: engines(0, n, stream, "seq"), "seq"),
+        "batch_0": (batch(0), ""),
+        "batch_1": (batch(1), ""),
+        "batch_0_sorted": (batch(0, "sorted"), "sorted"),
     }
     for p, s, c in TMA if use_tma else []:
-        ways[f"tma_{p}_{s}_{c}"] = tma(p, s, c)
+        ways[f"tma_{p}_{s}_{c}"] = (tma(p, s, c), "")
+    if use_tma:
+        ways["tma_32_4_16_sorted"] = (tma(32, 4, 16, "sorted"), "sorted")
+        ways["tma_32_4_16_seq"] = (tma(32, 4, 16, "seq"), "seq")
     for x in HYBRID:
-        ways[f"hybrid_{x}"] = hybrid(x)
+        ways[f"hybrid_{x}"] = (hybrid(x), "")
     failed: dict[str, str] = {}
-    for name, fn in list(ways.items()):  # warm-up (builds, first touches); drop what fails
-        try:
+    with torch.cuda.stream(stream):
+        for name, (fn, _) in list(ways.items()):  # warm-up (builds, first touches)
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except RuntimeError as e:
+                failed[name] = str(e)
+                del ways[name]
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(reps):
+            for name, (fn, _) in ways.items():
+                times[name].append(timed(fn))
+        wrong: list[str] = []
+        for name, (fn, table) in ways.items():
+            if name == "copy_rate":
+                continue
+            k_dst.fill_(float("nan"))
+            v_dst.fill_(float("nan"))
             fn()
             torch.cuda.synchronize()
-        except RuntimeError as e:
-            failed[name] = str(e)
-            del ways[name]
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    for _ in range(reps):
-        for name, fn in ways.items():
-            times[name].append(timed(fn))
-    want_k, want_v = k_src[ids], v_src[ids]
-    wrong: list[str] = []
-    for name, fn in ways.items():
-        if name == "copy_rate":
-            continue
-        k_dst.fill_(float("nan"))
-        v_dst.fill_(float("nan"))
-        fn()
-        torch.cuda.synchronize()
-        if not (torch.equal(k_dst.cpu(), want_k) and torch.equal(v_dst.cpu(), want_v)):
-            wrong.append(name)
+            t = tables[table]
+            if not (torch.equal(k_dst.cpu(), k_src[t]) and torch.equal(v_dst.cpu(), v_src[t])):
+                wrong.append(name)
     out: dict[str, Any] = {"tokens": tokens, "blocks": n, "bytes": nbytes, "failed": failed,
                            "wrong_bytes": wrong}  # fmt: skip
     for name, ts in times.items():

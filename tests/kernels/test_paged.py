@@ -244,6 +244,8 @@ def _strategies(device: torch.device, src: torch.Tensor) -> list[tuple[GatherStr
         found.append((GatherStrategy.GPU_GATHER, "triton"))
     if gather_cuda.available(src, device):
         found.append((GatherStrategy.GPU_GATHER, "cuda"))
+    if gather_cuda.copy_batch_available(src, device):
+        found.append((GatherStrategy.COPY_BATCH, "auto"))
     return found
 
 
@@ -263,17 +265,23 @@ def test_strategies_and_overlap_give_identical_results(
             assert torch.equal(lse, want_lse), (strategy, kernel, overlap)
 
 
-@pytest.mark.parametrize("slots", [1, 8])
-def test_cuda_gather_back_to_back_calls_with_changing_tables(
-    device: torch.device, torch_gen: torch.Generator, slots: int
+@pytest.mark.parametrize(
+    ("strategy", "slots"), [("gpu_gather", 1), ("gpu_gather", 8), ("copy_batch", 8)]
+)
+def test_back_to_back_calls_with_changing_tables(
+    device: torch.device, torch_gen: torch.Generator, strategy: str, slots: int
 ) -> None:
     """Calls issued without a sync between them, each with its own block table: a pinned id
     buffer rewritten before the launch that reads it had run would stage another call's
-    blocks. One ring slot forces every call to wait for the previous one's staging."""
+    blocks (the CUDA gather; one ring slot forces every call to wait for the previous one's
+    staging), as would copy arrays the driver read after the next call rewrote them
+    (copy_batch)."""
     case = Case(16, 4, 64, 1, 700, 9, 160)
     sc = build(case, device, torch_gen)
-    if not gather_cuda.available(sc.cpu_cache.key, device):
+    if strategy == "gpu_gather" and not gather_cuda.available(sc.cpu_cache.key, device):
         pytest.skip("needs the CUDA gather: a CUDA device, nvcc and a pinned host cache")
+    if strategy == "copy_batch" and not gather_cuda.copy_batch_available(sc.cpu_cache.key, device):
+        pytest.skip("needs copy_batch: a CUDA device, nvcc, CUDA 12.8+ and a pinned host cache")
     sc = dataclasses.replace(sc, scratch=dataclasses.replace(sc.scratch, id_ring=IdRing(slots)))
     # Tables: the same blocks in other orders, with the cache rewritten to match, so that
     # every call attends the same tokens only if it staged its own table's blocks.
@@ -292,7 +300,7 @@ def test_cuda_gather_back_to_back_calls_with_changing_tables(
     outs = []
     for cache, perm in layouts:
         outs.append(
-            run(dataclasses.replace(sc, cpu_cache=cache, cpu_table=perm), case, "gpu_gather")
+            run(dataclasses.replace(sc, cpu_cache=cache, cpu_table=perm), case, strategy)
         )
     torch.cuda.synchronize()
     for i, (out, lse) in enumerate(outs):

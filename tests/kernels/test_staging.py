@@ -117,6 +117,8 @@ def test_round_trip_is_byte_exact(
         runs.append((GatherStrategy.GPU_GATHER, GatherKernel.TRITON))
     if gather_cuda.available(cache.key, device):
         runs.append((GatherStrategy.GPU_GATHER, GatherKernel.CUDA))
+    if gather_cuda.copy_batch_available(cache.key, device):
+        runs.append((GatherStrategy.COPY_BATCH, GatherKernel.TRITON))  # kernel: unused
     want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
     for strategy, kernel in runs:
         scratch.key.fill_(float("nan"))
@@ -214,6 +216,59 @@ def test_cuda_gather_round_trip_is_byte_exact(
     want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
     _assert_staged(scratch, want_k, want_v, take, (programs, threads))
     assert gather_cuda.vector_bytes(cache.key, cache.value, scratch.key[0], scratch.value[0]) == 16
+
+
+@pytest.mark.parametrize(
+    ("block", "heads", "head", "dtype", "interleaved", "table", "num_blocks", "take"),
+    CUDA_CASES[:4],
+    ids=[
+        f"bs{c[0]}-h{c[1]}-d{c[2]}-{str(c[3]).removeprefix('torch.')}-"
+        f"{'kvi' if c[4] else 'split'}-{c[5]}-n{c[7]}"
+        for c in CUDA_CASES[:4]
+    ],
+)
+@pytest.mark.parametrize("side_stream", [True, False], ids=["side-stream", "default-stream"])
+def test_copy_batch_round_trip_is_byte_exact(
+    device: torch.device,
+    torch_gen: torch.Generator,
+    block: int,
+    heads: int,
+    head: int,
+    dtype: torch.dtype,
+    interleaved: bool,
+    table: str,
+    num_blocks: int,
+    take: int,
+    side_stream: bool,
+) -> None:
+    """Random bit patterns through the copy engines' batch, split and interleaved layouts (runs
+    of ids merge only in a dense cache), on a side stream (one cudaMemcpyBatchAsync) and on
+    the legacy default stream (which the API refuses: one copy a run). The ids are read
+    during the call: overwriting them as soon as it returns changes nothing."""
+    reason = _cuda_gather_reason(device)
+    if reason:
+        pytest.skip(reason)
+    cache = _random_bits_cache(torch_gen, num_blocks, block, heads, head, dtype, True, interleaved)
+    if not gather_cuda.copy_batch_available(cache.key, device):
+        pytest.skip("cudaMemcpyBatchAsync is missing from this runtime or driver (CUDA < 12.8)")
+    ids = _table(torch_gen, table, num_blocks, take)
+    want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
+    scratch = StagingScratch.allocate(
+        chunk_blocks=take + 2, block_size=block, num_kv_heads=heads, head_size=head,
+        dtype=dtype, device=device, buffers=1,
+    )  # fmt: skip
+    scratch.key.fill_(float("nan"))
+    scratch.value.fill_(float("nan"))
+    stream = torch.cuda.default_stream(device)
+    if side_stream:
+        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    assert (stream.cuda_stream != 0) is side_stream
+    gather_cuda.copy_blocks_batched(
+        cache.key, cache.value, ids, scratch.key[0], scratch.value[0], stream=stream
+    )
+    ids.fill_(0)
+    stream.synchronize()
+    _assert_staged(scratch, want_k, want_v, take, (table, side_stream))
 
 
 def _table(gen: torch.Generator, kind: str, num_blocks: int, take: int) -> torch.Tensor:
@@ -347,6 +402,15 @@ def test_resolve_strategy(device: torch.device) -> None:
     if not gpu_gather_supported(host, device):
         with pytest.raises(KernelInputError, match="'gpu_gather' needs a CUDA device"):
             resolve_strategy("gpu_gather", host, device)
+    # A pageable source never takes the copy engines' batch (nor does a CPU device).
+    with pytest.raises(KernelInputError, match=r"'copy_batch' needs a CUDA device.*pinned=False"):
+        resolve_strategy("copy_batch", host, device)
+    if device.type == "cuda":
+        assert resolve_strategy("auto", host.pin_memory(), device) is (
+            GatherStrategy.COPY_BATCH
+            if gather_cuda.copy_batch_available(host.pin_memory(), device)
+            else GatherStrategy.GPU_GATHER
+        )
 
 
 def test_check_block_ids() -> None:

@@ -15,6 +15,10 @@ blocks, one launch, bytes exact), with what costs host time taken out of the lau
 Loads are 16 bytes wide where the pointers, strides and block size allow it (else 8, 4, 2
 or 1), eight per thread in flight; the persistent grid is capped (``programs``) so that most
 SMs stay free for the attention running beside the copy.
+
+The same library holds the copy-engine way of the same copy (:func:`copy_blocks_batched`,
+the ``copy_batch`` staging strategy): one ``cudaMemcpyBatchAsync`` per chunk, which runs
+nearer the link's contiguous copy rate than any SM path measured (BENCHMARKS.md §5, run 13).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ _NAME = "paged_gather"
 @dataclass(frozen=True)
 class _Launcher:
     lib: ctypes.CDLL
-    gather: Any  # the ctypes function, argtypes set
+    gather: Any  # the ctypes functions, argtypes set
     vector_bytes: Any
+    copy_batch: Any
 
 
 @functools.cache
@@ -57,7 +62,10 @@ def _load(arch: str) -> _Launcher:
     width = lib.paged_gather_vector_bytes
     width.restype = i32
     width.argtypes = [vp, vp, vp, vp, ll, ll, ll, ll]
-    return _Launcher(lib, gather, width)
+    batch = lib.paged_copy_batch
+    batch.restype = i32
+    batch.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, vp]
+    return _Launcher(lib, gather, width, batch)
 
 
 @functools.cache
@@ -67,14 +75,67 @@ def _arch(index: int) -> str:
 
 def launcher(device: torch.device) -> _Launcher:
     """The loaded library for ``device`` (built with nvcc on first use, then cached)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _load(_arch(int(index)))
+    return _load(_arch(_device_index(device)))
 
 
 def available(src: torch.Tensor, device: torch.device) -> bool:
     """Whether the CUDA gather can stage the host cache ``src`` to ``device``: a CUDA device
     with nvcc (and ``SERVELAB_NO_CUDA_EXT`` unset), and a pinned source. Builds nothing."""
     return cuda_ext.enabled(device) and src.device.type == "cpu" and bool(src.is_pinned())
+
+
+def copy_batch_available(src: torch.Tensor, device: torch.device) -> bool:
+    """Whether :func:`copy_blocks_batched` can stage the host cache ``src`` to ``device``: as
+    :func:`available`, and the runtime the library was built against and the driver both
+    take ``cudaMemcpyBatchAsync`` (CUDA 12.8+; probed once per device by a 16-byte batch).
+    Builds the library on first use."""
+    return available(src, device) and _batch_works(_device_index(device))
+
+
+def _device_index(device: torch.device) -> int:
+    return int(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _batch_works(index: int) -> bool:
+    dev = torch.device("cuda", index)
+    lau = launcher(dev)
+    src = torch.arange(16, dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(16, dtype=torch.uint8, device=dev)
+    ids = torch.zeros(1, dtype=torch.int64)
+    stream = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+    ptr = src.data_ptr()
+    rc = lau.copy_batch(ptr, ptr, dst.data_ptr(), dst.data_ptr(), ids.data_ptr(), 1, 16, 16, 16,
+                        16, stream.cuda_stream)  # fmt: skip
+    stream.synchronize()
+    return rc == 0 and torch.equal(dst.cpu(), src)
+
+
+def copy_blocks_batched(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
+    ids: torch.Tensor,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
+    *,
+    stream: Any,
+) -> None:
+    """Enqueue ``dst[i] = src[ids[i]]`` for K and V on the copy engines: one copy per run of
+    consecutive ids (merged when the host cache is dense), all of them in one
+    ``cudaMemcpyBatchAsync`` on ``stream`` (a ``torch.cuda.Stream``; on the legacy default
+    stream, which the API refuses, one ``cudaMemcpyAsync`` a run instead).
+
+    ``ids``: a contiguous host ``int64`` tensor, read during the call (it may be rewritten as
+    soon as this returns). The other arguments as :func:`gather_kv_blocks_from_host`;
+    trusted (the caller validates them)."""
+    n = int(ids.numel())
+    if n == 0:
+        return
+    lau = launcher(dst_key.device)
+    ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
+    rc = lau.copy_batch(*ptrs, ids.data_ptr(), n, *geometry, stream.cuda_stream)
+    if rc:
+        cuda_ext.check(lau.lib, rc, "paged_copy_batch")
 
 
 def _block_geometry(src: torch.Tensor) -> tuple[int, int]:

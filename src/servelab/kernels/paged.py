@@ -13,7 +13,8 @@ queries (the last T tokens of the sequence, causal, aligned bottom-right) is:
 
 Chunks are whole blocks. A chunk no query can see (sliding window) is never staged.
 Everything runs the same way on ``cpu`` (no streams), ``cuda`` and ``xpu``; only the
-``gpu_gather`` staging strategy is CUDA-only, and ``auto`` falls back from it.
+``copy_batch`` and ``gpu_gather`` staging strategies are CUDA-only, and ``auto`` falls back
+from them.
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def cpu_paged_attention(
     staged: list[Any] = [None] * len(chunks)
     pack = resolved is GatherStrategy.CPU_PACK and device.type != "cpu"
     cuda_gather = resolved is GatherStrategy.GPU_GATHER and kernel is GatherKernel.CUDA
+    # Both ways through the C library take the copy stream's handle: no switch of torch's
+    # current stream.
+    raw_stream = cuda_gather or resolved is GatherStrategy.COPY_BATCH
     ids_host = ids_dev = None
     ring_slot = 0
     if chunks and cuda_gather:
@@ -234,7 +238,8 @@ def cpu_paged_attention(
         ids_host = ring_buf[:n_ids]
         ids_host.copy_(cpu_block_table[:n_ids])
     elif chunks:
-        ids_host = cpu_block_table[: chunks[-1].block_end].to(torch.int64)
+        # copy_batch reads the ids on the host during each call: any contiguous int64 tensor.
+        ids_host = cpu_block_table[: chunks[-1].block_end].to(torch.int64).contiguous()
         if resolved is GatherStrategy.GPU_GATHER:
             ids_dev = ids_host.to(device)
     if chunks:
@@ -243,8 +248,7 @@ def cpu_paged_attention(
     def stage(j: int) -> None:
         c, slot = chunks[j], j % buffers
         assert ids_host is not None  # narrowing: only called when there are chunks
-        # The CUDA gather takes the copy stream's handle: no switch of torch's current stream.
-        with contextlib.nullcontext() if cuda_gather else streams.on_copy():
+        with contextlib.nullcontext() if raw_stream else streams.on_copy():
             streams.wait(streams.copy, slot_free[slot])
             if pack and pack_done[slot] is not None:
                 pack_done[slot].synchronize()  # the host rewrites this pack slot next
