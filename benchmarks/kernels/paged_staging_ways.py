@@ -1,7 +1,8 @@
 """Staging paths against the library's CUDA gather, side by side in one run (staging alone).
 
-Ways (host KV cache ``[N, 256, 8, 128]`` bf16 pinned, 512 KiB per K or V block, a random
-block table of ``tokens / 256`` blocks from a pool twice that size, dense device scratch):
+Ways (host KV cache ``[N, block, 8, 128]`` bf16 pinned, 512 KiB per K or V block at the
+default 256-token block, a random block table of ``tokens / block`` blocks from a pool twice
+that size, dense device scratch):
 
 - ``copy_rate``: one contiguous pinned ``copy_`` of the same bytes (the goal's reference);
 - ``gather``: the library's CUDA gather (SM loads from mapped pinned memory, 32 CTAs);
@@ -10,7 +11,8 @@ block table of ``tokens / 256`` blocks from a pool twice that size, dense device
 - ``engines``: the copy engines, one ``cudaMemcpyAsync`` a run of consecutive ids (from C);
 - ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
   of P KiB, S pieces in flight a CTA, C CTAs;
-- ``batch_F``: the copy engines, every block copy in one ``cudaMemcpyBatchAsync`` (flags F);
+- ``batch_F_B``: the library's ``copy_batch`` (the copy engines through
+  ``cudaMemcpyBatchAsync``): F copies in the first batch, B in each after it;
 - ``hybrid_X``: the gather over the first (1 - X) of the table on one stream and the copy
   engines (one ``cudaMemcpyAsync`` a block, from C) over the rest on another, at once.
 
@@ -19,6 +21,7 @@ from and join it), ``--reps`` rounds, medians and min–max; GB/s over K+V bytes
 bytes are checked against the source after poisoning the scratch.
 
     python benchmarks/kernels/paged_staging_ways.py --out DIR [--tokens 32768 131072] [--reps 7]
+        [--blocks 256 ...] [--skip-tma]
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import torch
 
 from servelab.kernels import cuda_ext, gather_cuda
 
-BLOCK, HKV, HEAD = 256, 8, 128
+HKV, HEAD = 8, 128
+# copy_batch: (copies in the first batch, in each batch after it); 1 << 20: all in one.
+BATCHES = [(1 << 20, 1 << 20), (4, 32), (4, 64), (8, 128), (2, 16)]
 TMA = [(32, 4, 8), (32, 4, 16), (32, 6, 16), (16, 4, 16), (64, 3, 16)]
 HYBRID = (0.1, 0.2, 0.3)
 
@@ -61,14 +66,14 @@ def libraries(dev: torch.device) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     sw = cuda_ext.build("staging_ways", src, cuda_ext.arch_flag(dev)).lib
     sw.tma_gather_kv.restype = i32
     sw.tma_gather_kv.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, i32, i32, i32, vp]
-    sw.copy_batch_kv.restype = i32
-    sw.copy_batch_kv.argtypes = [vp, vp, vp, vp, vp, ll, ll, ll, ll, ll, i32, vp]
     return gl, sw
 
 
-def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool) -> dict[str, Any]:
-    n = tokens // BLOCK
-    shape = (2 * n, BLOCK, HKV, HEAD)
+def run(
+    tokens: int, block: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool
+) -> dict[str, Any]:
+    n = tokens // block
+    shape = (2 * n, block, HKV, HEAD)
     k_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
     v_src = torch.randn(shape, dtype=torch.bfloat16).pin_memory()
     ids = torch.randperm(2 * n, generator=torch.Generator().manual_seed(tokens))[:n]
@@ -79,11 +84,11 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
         "sorted": ids.sort().values.to(torch.int64).contiguous().pin_memory(),
         "seq": torch.arange(n, dtype=torch.int64).pin_memory(),
     }
-    k_dst = torch.empty((n, BLOCK, HKV, HEAD), dtype=torch.bfloat16, device="cuda")
+    k_dst = torch.empty((n, block, HKV, HEAD), dtype=torch.bfloat16, device="cuda")
     v_dst = torch.empty_like(k_dst)
     flat = torch.empty(2 * k_dst.numel(), dtype=torch.bfloat16).pin_memory()
     flat_dst = torch.empty(flat.numel(), dtype=torch.bfloat16, device="cuda")
-    bb = BLOCK * HKV * HEAD * 2
+    bb = block * HKV * HEAD * 2
     nbytes = 2 * n * bb
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
@@ -113,10 +118,12 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
 
         return go
 
-    def batch(flags: int, table: str = "") -> Callable[[], None]:
+    def batch(first: int, per_batch: int, table: str = "") -> Callable[[], None]:
         def go() -> None:
-            rc = sw.copy_batch_kv(*args(0, n, table), flags, stream.cuda_stream)
-            cuda_ext.check(sw, rc, "copy_batch_kv")
+            gather_cuda.copy_blocks_batched(
+                k_src, v_src, tables[table][:n], k_dst, v_dst, stream=stream, first=first,
+                per_batch=per_batch,
+            )  # fmt: skip
 
         return go
 
@@ -143,10 +150,13 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
         "engines": (lambda: engines(0, n, stream), ""),
         "engines_sorted": (lambda: engines(0, n, stream, "sorted"), "sorted"),
         "engines_seq": (lambda: engines(0, n, stream, "seq"), "seq"),
-        "batch_0": (batch(0), ""),
-        "batch_1": (batch(1), ""),
-        "batch_0_sorted": (batch(0, "sorted"), "sorted"),
     }
+    for first, per in BATCHES:
+        ways[f"batch_{first}_{per}"] = (batch(first, per), "")
+    ways["batch_sorted"] = (
+        batch(gather_cuda.BATCH_FIRST, gather_cuda.BATCH_SIZE, "sorted"),
+        "sorted",
+    )
     for p, s, c in TMA if use_tma else []:
         ways[f"tma_{p}_{s}_{c}"] = (tma(p, s, c), "")
     if use_tma:
@@ -178,8 +188,8 @@ def run(tokens: int, reps: int, gl: ctypes.CDLL, sw: ctypes.CDLL, use_tma: bool)
             t = tables[table]
             if not (torch.equal(k_dst.cpu(), k_src[t]) and torch.equal(v_dst.cpu(), v_src[t])):
                 wrong.append(name)
-    out: dict[str, Any] = {"tokens": tokens, "blocks": n, "bytes": nbytes, "failed": failed,
-                           "wrong_bytes": wrong}  # fmt: skip
+    out: dict[str, Any] = {"tokens": tokens, "block": block, "blocks": n, "bytes": nbytes,
+                           "failed": failed, "wrong_bytes": wrong}  # fmt: skip
     for name, ts in times.items():
         med = statistics.median(ts)
         out[name] = {"ms_median": med, "ms_min": min(ts), "ms_max": max(ts),
@@ -192,6 +202,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[256], help="block sizes, tokens")
     ap.add_argument("--skip-tma", action="store_true", help="leave the TMA ways out")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -203,20 +214,25 @@ def main() -> int:
         "card": torch.cuda.get_device_name(0),
         "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "shape": f"bf16, {BLOCK}-token blocks, {HKV} KV heads, head {HEAD}, random table",
+        "shape": f"bf16, {a.blocks}-token blocks, {HKV} KV heads, head {HEAD}, random table",
     }
     print(json.dumps(meta), flush=True)
     results = []
     for t in a.tokens:
-        r = run(t, a.reps, gl, sw, not a.skip_tma)
-        results.append(r)
-        rate = r["copy_rate"]["GBps_median"]
-        print(f"## {t} tokens, {r['bytes']} B K+V; failed {r['failed']}; wrong {r['wrong_bytes']}")
-        for k, v in r.items():
-            if isinstance(v, dict) and "ms_median" in v:
-                print(f"{k:16s} {v['ms_median']:8.3f} ms ({v['ms_min']:.3f}-{v['ms_max']:.3f})"
-                      f" {v['GBps_median']:6.1f} GB/s {100 * v['GBps_median'] / rate:5.1f} %",
-                      flush=True)  # fmt: skip
+        for block in a.blocks:
+            r = run(t, block, a.reps, gl, sw, not a.skip_tma)
+            results.append(r)
+            rate = r["copy_rate"]["GBps_median"]
+            print(
+                f"## {t} tokens, block {block}, {r['bytes']} B K+V; failed {r['failed']}; "
+                f"wrong {r['wrong_bytes']}"
+            )
+            for k, v in r.items():
+                if isinstance(v, dict) and "ms_median" in v:
+                    pct = 100 * v["GBps_median"] / rate
+                    print(f"{k:16s} {v['ms_median']:8.3f} ms ({v['ms_min']:.3f}-"
+                          f"{v['ms_max']:.3f}) {v['GBps_median']:6.1f} GB/s {pct:5.1f} %",
+                          flush=True)  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "paged_staging_ways.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=1)

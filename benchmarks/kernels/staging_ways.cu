@@ -6,8 +6,8 @@
 //   memory -> device memory (cp.async.bulk.global.shared::cta), a ring of `stages` pieces a
 //   CTA. One thread issues everything; the reads leave the SM as bulk requests instead of
 //   one 16-byte load per thread.
-// - copy_batch_kv: the copy engines through one cudaMemcpyBatchAsync per call (CUDA >= 12.8),
-//   every block's K and V copy in one batch.
+// (The copy engines' batch that this file first tried is now the library's copy_batch
+// strategy, csrc/paged_gather.cu.)
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -136,31 +136,6 @@ int tma_gather_kv(const void* k_src, const void* v_src, void* k_dst, void* v_dst
       static_cast<unsigned>(block_bytes / piece), static_cast<unsigned>(piece),
       static_cast<unsigned>(stages), k_stride, v_stride, dst_stride);
   return static_cast<int>(cudaGetLastError());
-}
-
-// The copy engines, every K and V block copy of the table in one cudaMemcpyBatchAsync.
-// ids: host memory (read here). flags: 0 or cudaMemcpyFlagPreferOverlapWithCompute.
-int copy_batch_kv(const void* k_src, const void* v_src, void* k_dst, void* v_dst,
-                  const long long* ids, long long n, long long block_bytes, long long k_stride,
-                  long long v_stride, long long dst_stride, int flags, void* stream) {
-  static thread_local void* dsts[2 * MAX_IDS];
-  static thread_local const void* srcs[2 * MAX_IDS];
-  static thread_local size_t sizes[2 * MAX_IDS];
-  if (n < 1 || n > MAX_IDS) return static_cast<int>(cudaErrorInvalidValue);
-  for (long long i = 0; i < n; ++i) {
-    dsts[2 * i] = static_cast<char*>(k_dst) + i * dst_stride;
-    srcs[2 * i] = static_cast<const char*>(k_src) + ids[i] * k_stride;
-    dsts[2 * i + 1] = static_cast<char*>(v_dst) + i * dst_stride;
-    srcs[2 * i + 1] = static_cast<const char*>(v_src) + ids[i] * v_stride;
-    sizes[2 * i] = sizes[2 * i + 1] = static_cast<size_t>(block_bytes);
-  }
-  cudaMemcpyAttributes attr = {};
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.flags = static_cast<unsigned>(flags);
-  size_t idx = 0;
-  return static_cast<int>(cudaMemcpyBatchAsync(dsts, srcs, sizes, static_cast<size_t>(2 * n),
-                                               &attr, &idx, 1,
-                                               static_cast<cudaStream_t>(stream)));
 }
 
 }  // extern "C"
