@@ -12,7 +12,7 @@ that size, dense device scratch):
 - ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
   of P KiB, S pieces in flight a CTA, C CTAs;
 - ``batch_F_B``: the library's ``copy_batch`` (the copy engines through
-  ``cudaMemcpyBatchAsync``): F copies in the first batch, B in each after it;
+  ``cudaMemcpyBatchAsync``): F copies in the first batch, then batches doubling up to B;
 - ``hybrid_X``: the gather over the first (1 - X) of the table on one stream and the copy
   engines (one ``cudaMemcpyAsync`` a block, from C) over the rest on another, at once.
 
@@ -41,8 +41,9 @@ import torch
 from servelab.kernels import cuda_ext, gather_cuda
 
 HKV, HEAD = 8, 128
-# copy_batch: (copies in the first batch, in each batch after it); 1 << 20: all in one.
-BATCHES = [(1 << 20, 1 << 20), (4, 32), (4, 64), (8, 128), (2, 16)]
+# copy_batch: (copies in the first batch, the most in one; batches double in between);
+# 1 << 20: all in one.
+BATCHES = [(1 << 20, 1 << 20), (4, 64), (8, 128), (16, 256), (128, 128), (8, 512)]
 TMA = [(32, 4, 8), (32, 4, 16), (32, 6, 16), (16, 4, 16), (64, 3, 16)]
 HYBRID = (0.1, 0.2, 0.3)
 

@@ -38,9 +38,10 @@ PROGRAMS = 32
 # Threads per CTA (a multiple of 32, at most 512). With 8 loads of 16 bytes per thread in
 # flight, 32 CTAs of 256 threads keep 1 MiB of reads outstanding on the link.
 THREADS = 256
-# copy_batch: copies in the first cudaMemcpyBatchAsync of a chunk, and in each one after it.
-BATCH_FIRST = 4
-BATCH_SIZE = 32
+# copy_batch: copies in the first cudaMemcpyBatchAsync of a chunk, and the most in one batch
+# (each batch after the first doubles, up to this).
+BATCH_FIRST = 8
+BATCH_SIZE = 128
 
 _NAME = "paged_gather"
 
@@ -131,9 +132,9 @@ def copy_blocks_batched(
     stream, which the API refuses, one ``cudaMemcpyAsync`` a run instead).
 
     ``ids``: a contiguous host ``int64`` tensor, read during the call (it may be rewritten as
-    soon as this returns). The copies go in batches: ``first`` copies, then ``per_batch`` at
-    a time (the driver spends ~0.5 µs of host time a copy; a small first batch starts the
-    link early). The other arguments as :func:`gather_kv_blocks_from_host`; trusted (the
+    soon as this returns). The copies go in batches: ``first`` copies, then each batch twice
+    the one before, up to ``per_batch`` (the driver spends ~0.5 µs of host time a copy; a
+    small first batch starts the link early, large batches cost less a copy). The other arguments as :func:`gather_kv_blocks_from_host`; trusted (the
     caller validates them)."""
     n = int(ids.numel())
     if n == 0:

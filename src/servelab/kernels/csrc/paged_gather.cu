@@ -256,8 +256,9 @@ int paged_copy_batch(const void* k_src, const void* v_src, void* k_dst, void* v_
   attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the host rewrites blocks in order
   attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;   // the attention runs beside it
   // The driver takes ~0.5 us of host time a copy, so one batch of a whole chunk would keep the
-  // link idle for its first ~0.1 ms: a small first batch starts the link, and the rest follow
-  // in batches of per_batch copies, each issued while the link works on the one before.
+  // link idle for its first ~0.1 ms: a small first batch starts the link, and the batches
+  // after it double up to per_batch copies, each issued while the link works on the ones
+  // before (fewer, larger batches cost less host time a copy).
   const size_t total = runs.dst.size();
   size_t lo = 0, size = static_cast<size_t>(first);
   while (lo < total) {
@@ -275,7 +276,7 @@ int paged_copy_batch(const void* k_src, const void* v_src, void* k_dst, void* v_
 #endif
     if (e != cudaSuccess) return static_cast<int>(e);
     lo += count;
-    size = static_cast<size_t>(per_batch);
+    size = 2 * size < static_cast<size_t>(per_batch) ? 2 * size : static_cast<size_t>(per_batch);
   }
   return 0;
 #else
