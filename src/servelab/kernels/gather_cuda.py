@@ -134,8 +134,8 @@ def copy_blocks_batched(
     ``ids``: a contiguous host ``int64`` tensor, read during the call (it may be rewritten as
     soon as this returns). The copies go in batches: ``first`` copies, then each batch twice
     the one before, up to ``per_batch`` (the driver spends ~0.5 µs of host time a copy; a
-    small first batch starts the link early, large batches cost less a copy). The other arguments as :func:`gather_kv_blocks_from_host`; trusted (the
-    caller validates them)."""
+    small first batch starts the link early, large batches cost less a copy). The other
+    arguments as :func:`gather_kv_blocks_from_host`; trusted (the caller validates them)."""
     n = int(ids.numel())
     if n == 0:
         return
