@@ -17,7 +17,7 @@ or 1), eight per thread in flight; the persistent grid is capped (``programs``) 
 SMs stay free for the attention running beside the copy.
 
 The same library holds the copy-engine way of the same copy (:func:`copy_blocks_batched`,
-the ``copy_batch`` staging strategy): one ``cudaMemcpyBatchAsync`` per chunk, which runs
+the ``copy_batch`` staging strategy): a few ``cudaMemcpyBatchAsync`` calls per chunk, which run
 nearer the link's contiguous copy rate than any SM path measured (BENCHMARKS.md §5, run 13).
 """
 
@@ -127,8 +127,8 @@ def copy_blocks_batched(
     per_batch: int = BATCH_SIZE,
 ) -> None:
     """Enqueue ``dst[i] = src[ids[i]]`` for K and V on the copy engines: one copy per run of
-    consecutive ids (merged when the host cache is dense), all of them in one
-    ``cudaMemcpyBatchAsync`` on ``stream`` (a ``torch.cuda.Stream``; on the legacy default
+    consecutive ids (merged when the host cache is dense), in a few ``cudaMemcpyBatchAsync``
+    calls on ``stream`` (a ``torch.cuda.Stream``; on the legacy default
     stream, which the API refuses, one ``cudaMemcpyAsync`` a run instead).
 
     ``ids``: a contiguous host ``int64`` tensor, read during the call (it may be rewritten as

@@ -12,8 +12,8 @@ Four gather strategies, chosen by measurement (docs/kernels-paged.md):
 ``cpu_pack``
     ``index_select`` on the host into a pinned pack buffer, then one copy. CPU-bound.
 ``copy_batch``
-    The copy engines, every block copy of a chunk (one per run of consecutive ids) in one
-    ``cudaMemcpyBatchAsync`` issued from C (``gather_cuda.copy_blocks_batched``). Over a
+    The copy engines, every block copy of a chunk (one per run of consecutive ids) in a few
+    ``cudaMemcpyBatchAsync`` calls issued from C (``gather_cuda.copy_blocks_batched``). Over a
     random table of 512 KiB blocks it runs at ~95 % of one contiguous copy, where one
     ``cudaMemcpyAsync`` a block runs at ~77 % and the SM gather below at ~92 %, and it
     leaves every SM to the attention. CUDA 12.8+ with nvcc, pinned source.
