@@ -181,10 +181,11 @@ int paged_gather_kv(const void* k_src, const void* v_src, void* k_dst, void* v_d
 // v_dst[i] = v_src[ids[i]] on `stream`. `ids` is host memory, read during the call; k_src
 // and v_src pinned host memory.
 //
-// paged_copy_batch enqueues every copy in one cudaMemcpyBatchAsync (CUDA 12.8+): the staging
-// strategy "copy_batch", ~95 % of the contiguous copy rate over a random table of 512 KiB
-// blocks where one cudaMemcpyAsync a block (paged_copy_blocks, kept for the benchmarks) runs
-// at ~77 % and the SM gather above at ~92 % (BENCHMARKS.md section 5, run 13). Returns
+// paged_copy_batch enqueues the copies in a few cudaMemcpyBatchAsync calls (CUDA 12.8+): the
+// staging strategy "copy_batch", ~99 % of the contiguous copy rate over a random table of
+// 512 KiB blocks where one cudaMemcpyAsync a block (paged_copy_blocks, kept for the
+// benchmarks) runs at ~77 % and the SM gather above at ~91 % (BENCHMARKS.md section 5, runs
+// 13 and 14). Returns
 // cudaErrorNotSupported when built against an older runtime. The API refuses the legacy
 // default stream: on it (stream 0) the copies go one cudaMemcpyAsync each instead.
 namespace {
