@@ -10,9 +10,11 @@ from servelab.kernels import cuda_ext, gather_cuda
 from servelab.kernels.gather_cuda import IdRing
 from servelab.kernels.paged_cache import PagedKVCache
 from servelab.kernels.staging import (
+    COPY_BATCH_MIN_BLOCK_BYTES,
     GatherKernel,
     GatherStrategy,
     StagingScratch,
+    block_bytes,
     block_runs,
     gpu_gather_supported,
     resolve_gather_kernel,
@@ -405,10 +407,17 @@ def test_resolve_strategy(device: torch.device) -> None:
     # A pageable source never takes the copy engines' batch (nor does a CPU device).
     with pytest.raises(KernelInputError, match=r"'copy_batch' needs a CUDA device.*pinned=False"):
         resolve_strategy("copy_batch", host, device)
+    # auto: the copy engines' batch for blocks of 64 KiB and more, the gather below.
+    small = torch.zeros(2, 32, 4, 128, dtype=torch.bfloat16)  # 32 KiB blocks
+    large = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)  # 64 KiB blocks
+    assert block_bytes(small) == COPY_BATCH_MIN_BLOCK_BYTES // 2 == 32 * 1024
+    assert block_bytes(large) == COPY_BATCH_MIN_BLOCK_BYTES
     if device.type == "cuda":
-        assert resolve_strategy("auto", host.pin_memory(), device) is (
+        small, large = small.pin_memory(), large.pin_memory()
+        assert resolve_strategy("auto", small, device) is GatherStrategy.GPU_GATHER
+        assert resolve_strategy("auto", large, device) is (
             GatherStrategy.COPY_BATCH
-            if gather_cuda.copy_batch_available(host.pin_memory(), device)
+            if gather_cuda.copy_batch_available(large, device)
             else GatherStrategy.GPU_GATHER
         )
 

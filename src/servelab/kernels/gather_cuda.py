@@ -41,7 +41,7 @@ THREADS = 256
 # copy_batch: copies in the first cudaMemcpyBatchAsync of a chunk, and the most in one batch
 # (each batch after the first doubles, up to this).
 BATCH_FIRST = 8
-BATCH_SIZE = 128
+BATCH_SIZE = 512
 
 _NAME = "paged_gather"
 

@@ -14,9 +14,11 @@ Four gather strategies, chosen by measurement (docs/kernels-paged.md):
 ``copy_batch``
     The copy engines, every block copy of a chunk (one per run of consecutive ids) in a few
     ``cudaMemcpyBatchAsync`` calls issued from C (``gather_cuda.copy_blocks_batched``). Over a
-    random table of 512 KiB blocks it runs at ~95 % of one contiguous copy, where one
-    ``cudaMemcpyAsync`` a block runs at ~77 % and the SM gather below at ~92 %, and it
-    leaves every SM to the attention. CUDA 12.8+ with nvcc, pinned source.
+    random table of 512 KiB blocks it runs at 98-99 % of one contiguous copy, where one
+    ``cudaMemcpyAsync`` a block runs at ~77 % and the SM gather below at ~91 %, and it
+    leaves every SM to the attention. The driver spends ~0.5 µs of host time a copy, so
+    small blocks (32 KiB) make it host-bound: ``auto`` takes the gather for those. CUDA
+    12.8+ with nvcc, pinned source.
 ``gpu_gather``
     A kernel on the device reads the blocks straight out of pinned host memory (mapped into
     the device's address space) and writes them densely into the scratch: one launch per
@@ -25,9 +27,10 @@ Four gather strategies, chosen by measurement (docs/kernels-paged.md):
     block ids from pinned host memory) where ``cuda_ext.enabled`` says it can be built, else
     the Triton one (``gather_triton.py``, block ids on the device).
 
-``auto`` picks ``copy_batch`` where it can run, else ``gpu_gather`` where that can (CUDA,
-pinned source, nvcc or Triton), else ``cpu_pack`` on a CPU device (which packs straight into
-the scratch) and ``coalesced`` elsewhere (XPU, pageable sources).
+``auto`` picks ``copy_batch`` where it can run and blocks are at least 64 KiB, else
+``gpu_gather`` where that can (CUDA, pinned source, nvcc or Triton), else ``cpu_pack`` on a
+CPU device (which packs straight into the scratch) and ``coalesced`` elsewhere (XPU,
+pageable sources).
 
 Copies are enqueued on the caller's current stream (or, for ``copy_batch`` and the CUDA
 gather, the stream passed in); the pipeline in ``paged.py`` decides which stream that is.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,13 +138,28 @@ def resolve_gather_kernel(
     return chosen
 
 
+# ``auto`` takes ``copy_batch`` for blocks of at least this many bytes (per K or V block) and
+# the gather below it: the driver spends ~0.5 µs of host time a copy, so small blocks make
+# the copy engines host-bound. Run 15 (H100, decode, 8 KV heads, head 128, bf16): 64 KiB
+# blocks 85-93 % of the copy rate by copy_batch against 80-85 % by the CUDA gather, 32 KiB
+# blocks 67-70 % against 76-79 %.
+COPY_BATCH_MIN_BLOCK_BYTES = 64 * 1024
+
+
+def block_bytes(src: torch.Tensor) -> int:
+    """Bytes of one block of a cache ``[N, block_size, Hkv, D]`` (K or V)."""
+    return math.prod(int(x) for x in src.shape[1:]) * src.element_size()
+
+
 def resolve_strategy(
     strategy: str | GatherStrategy, src: torch.Tensor, device: torch.device
 ) -> GatherStrategy:
     """The concrete strategy for a host cache ``src`` staged to ``device``."""
     chosen = parse_strategy(strategy)
     if chosen is GatherStrategy.AUTO:
-        if gather_cuda.copy_batch_available(src, device):
+        if block_bytes(src) >= COPY_BATCH_MIN_BLOCK_BYTES and gather_cuda.copy_batch_available(
+            src, device
+        ):
             return GatherStrategy.COPY_BATCH
         if gpu_gather_supported(src, device):
             return GatherStrategy.GPU_GATHER
