@@ -59,34 +59,29 @@ def _phases(inputs: DecodeInputs, way: str) -> dict[str, float]:
         streams = paged._Streams(dev, True)
         t = clock("streams", t)
         c = chunks[0]
-        if strategy == "copy_batch":
-            ids_host = table[: chunks[-1].block_end].to(torch.int64).contiguous()
-            t = clock("ids_int64", t)
+        if strategy == "copy_batch" or kernel is GatherKernel.CUDA:
+            # Both ways through the C library: the copy stream's handle, no stream switch.
+            slot = None
+            if strategy == "copy_batch":  # the host ids as they are, read during the call
+                ids_host = table[: chunks[-1].block_end].to(torch.int64).contiguous()
+                t = clock("ids_int64", t)
+            else:  # the CUDA gather reads its ids from the pinned ring when it runs
+                n_ids = chunks[-1].block_end
+                slot, buf = scratch.id_ring.acquire(n_ids)
+                ids_host = buf[:n_ids]
+                ids_host.copy_(table[:n_ids])
+                t = clock("ids_to_pinned_ring", t)
             streams.copy_waits_compute()
             t = clock("copy_waits_compute", t)
             stage_blocks(
                 cache.key, cache.value, ids_host[c.block_start : c.block_end],
                 scratch.key[0], scratch.value[0], strategy=checked.strategy,
-                stream=streams.copy,
+                kernel=kernel, stream=streams.copy,
             )  # fmt: skip
             t = clock("first_gather_launch", t)
-            streams.record(streams.copy)
-            t = clock("record_event", t)
-        elif kernel is GatherKernel.CUDA:
-            n_ids = chunks[-1].block_end
-            slot, buf = scratch.id_ring.acquire(n_ids)
-            ids_host = buf[:n_ids]
-            ids_host.copy_(table[:n_ids])
-            t = clock("ids_to_pinned_ring", t)
-            streams.copy_waits_compute()
-            t = clock("copy_waits_compute", t)
-            stage_blocks(
-                cache.key, cache.value, ids_host[c.block_start : c.block_end],
-                scratch.key[0], scratch.value[0], strategy=checked.strategy,
-                kernel=GatherKernel.CUDA, stream=streams.copy,
-            )  # fmt: skip
-            t = clock("first_gather_launch", t)
-            scratch.id_ring.guard(slot, streams.record(streams.copy))
+            event = streams.record(streams.copy)
+            if slot is not None:
+                scratch.id_ring.guard(slot, event)
             t = clock("record_event", t)
         else:
             ids_host = table[: chunks[-1].block_end].to(torch.int64)

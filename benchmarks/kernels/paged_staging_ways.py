@@ -9,6 +9,8 @@ that size, dense device scratch):
 - ``*_sorted`` / ``*_seq``: the same way over the table's blocks in ascending order / over
   the first blocks of the pool in order (contiguous host memory);
 - ``engines``: the copy engines, one ``cudaMemcpyAsync`` a run of consecutive ids (from C);
+  ``engines_Ns``: the same split over N side streams (this script replaced
+  ``paged_copy_engine.py`` of BENCHMARKS.md §5 runs 11–12, whose ways it keeps);
 - ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
   of P KiB, S pieces in flight a CTA, C CTAs;
 - ``batch_F_B``: the library's ``copy_batch`` (the copy engines through
@@ -128,6 +130,22 @@ def run(
 
         return go
 
+    sides = [torch.cuda.Stream() for _ in range(4)]  # type: ignore[no-untyped-call]
+
+    def engines_on(n_streams: int) -> Callable[[], None]:
+        """The per-run copies split into ``n_streams`` contiguous ranges, one side stream
+        each (forked from and joined back into the caller's stream)."""
+
+        def go() -> None:
+            cuts = [n * i // n_streams for i in range(n_streams + 1)]
+            for i, s in enumerate(sides[:n_streams]):
+                s.wait_stream(stream)
+                engines(cuts[i], cuts[i + 1], s)
+            for s in sides[:n_streams]:
+                stream.wait_stream(s)
+
+        return go
+
     def hybrid(frac: float) -> Callable[[], None]:
         m = n - round(frac * n)
 
@@ -151,6 +169,8 @@ def run(
         "engines": (lambda: engines(0, n, stream), ""),
         "engines_sorted": (lambda: engines(0, n, stream, "sorted"), "sorted"),
         "engines_seq": (lambda: engines(0, n, stream, "seq"), "seq"),
+        "engines_2s": (engines_on(2), ""),
+        "engines_4s": (engines_on(4), ""),
     }
     for first, per in BATCHES:
         ways[f"batch_{first}_{per}"] = (batch(first, per), "")

@@ -299,9 +299,7 @@ def test_back_to_back_calls_with_changing_tables(
     want, want_lse = run(sc, case, gather_kernel="triton")
     outs = []
     for cache, perm in layouts:
-        outs.append(
-            run(dataclasses.replace(sc, cpu_cache=cache, cpu_table=perm), case, strategy)
-        )
+        outs.append(run(dataclasses.replace(sc, cpu_cache=cache, cpu_table=perm), case, strategy))
     torch.cuda.synchronize()
     for i, (out, lse) in enumerate(outs):
         assert torch.equal(out, want) and torch.equal(lse, want_lse), i

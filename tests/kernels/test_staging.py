@@ -174,17 +174,31 @@ CUDA_CASES = [
 ]
 
 
+def _case_id(c: tuple[object, ...]) -> str:
+    dtype = str(c[3]).removeprefix("torch.")
+    return f"bs{c[0]}-h{c[1]}-d{c[2]}-{dtype}-{'kvi' if c[4] else 'split'}-{c[5]}-n{c[7]}"
+
+
+CASE_ARGS = ("block", "heads", "head", "dtype", "interleaved", "table", "num_blocks", "take")
+
+
+# The two ways through the C library: the CUDA gather (programs, threads) and the copy engines'
+# batch (on a side stream, or on the legacy default stream, which the API refuses: there it
+# issues one copy a run).
+WAYS = [
+    ("gather", None, gather_cuda.THREADS),
+    ("gather", 1, 32),
+    ("gather", 7, 512),
+    ("batch-side-stream", None, 0),
+    ("batch-default-stream", None, 0),
+]
+
+
+@pytest.mark.parametrize(CASE_ARGS, CUDA_CASES, ids=[_case_id(c) for c in CUDA_CASES])
 @pytest.mark.parametrize(
-    ("block", "heads", "head", "dtype", "interleaved", "table", "num_blocks", "take"),
-    CUDA_CASES,
-    ids=[
-        f"bs{c[0]}-h{c[1]}-d{c[2]}-{str(c[3]).removeprefix('torch.')}-"
-        f"{'kvi' if c[4] else 'split'}-{c[5]}-n{c[7]}"
-        for c in CUDA_CASES
-    ],
+    ("way", "programs", "threads"), WAYS, ids=[f"{w}-{p}-{t}" if t else w for w, p, t in WAYS]
 )
-@pytest.mark.parametrize(("programs", "threads"), [(None, gather_cuda.THREADS), (1, 32), (7, 512)])
-def test_cuda_gather_round_trip_is_byte_exact(
+def test_cuda_staging_round_trip_is_byte_exact(
     device: torch.device,
     torch_gen: torch.Generator,
     block: int,
@@ -195,63 +209,19 @@ def test_cuda_gather_round_trip_is_byte_exact(
     table: str,
     num_blocks: int,
     take: int,
+    way: str,
     programs: int | None,
     threads: int,
 ) -> None:
-    """Random bit patterns through the CUDA gather, split and interleaved layouts; more ids
-    than one launch takes (4096) in the last case; every grid and CTA size."""
+    """Random bit patterns through the CUDA gather (every grid and CTA size; more ids than
+    one launch takes, 4096, in the last case) and the copy engines' batch (runs of ids merge
+    only in a dense cache), split and interleaved layouts. The batch reads its ids during the
+    call: overwriting them as soon as it returns changes nothing."""
     reason = _cuda_gather_reason(device)
     if reason:
         pytest.skip(reason)
     cache = _random_bits_cache(torch_gen, num_blocks, block, heads, head, dtype, True, interleaved)
-    ids = _table(torch_gen, table, num_blocks, take)
-    scratch = StagingScratch.allocate(
-        chunk_blocks=take + 2, block_size=block, num_kv_heads=heads, head_size=head,
-        dtype=dtype, device=device, buffers=1,
-    )  # fmt: skip
-    scratch.key.fill_(float("nan"))
-    scratch.value.fill_(float("nan"))
-    gather_cuda.gather_kv_blocks_from_host(
-        cache.key, cache.value, _pinned(ids), scratch.key[0], scratch.value[0],
-        programs=programs, threads=threads,
-    )  # fmt: skip
-    want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
-    _assert_staged(scratch, want_k, want_v, take, (programs, threads))
-    assert gather_cuda.vector_bytes(cache.key, cache.value, scratch.key[0], scratch.value[0]) == 16
-
-
-@pytest.mark.parametrize(
-    ("block", "heads", "head", "dtype", "interleaved", "table", "num_blocks", "take"),
-    CUDA_CASES[:4],
-    ids=[
-        f"bs{c[0]}-h{c[1]}-d{c[2]}-{str(c[3]).removeprefix('torch.')}-"
-        f"{'kvi' if c[4] else 'split'}-{c[5]}-n{c[7]}"
-        for c in CUDA_CASES[:4]
-    ],
-)
-@pytest.mark.parametrize("side_stream", [True, False], ids=["side-stream", "default-stream"])
-def test_copy_batch_round_trip_is_byte_exact(
-    device: torch.device,
-    torch_gen: torch.Generator,
-    block: int,
-    heads: int,
-    head: int,
-    dtype: torch.dtype,
-    interleaved: bool,
-    table: str,
-    num_blocks: int,
-    take: int,
-    side_stream: bool,
-) -> None:
-    """Random bit patterns through the copy engines' batch, split and interleaved layouts (runs
-    of ids merge only in a dense cache), on a side stream (one cudaMemcpyBatchAsync) and on
-    the legacy default stream (which the API refuses: one copy a run). The ids are read
-    during the call: overwriting them as soon as it returns changes nothing."""
-    reason = _cuda_gather_reason(device)
-    if reason:
-        pytest.skip(reason)
-    cache = _random_bits_cache(torch_gen, num_blocks, block, heads, head, dtype, True, interleaved)
-    if not gather_cuda.copy_batch_available(cache.key, device):
+    if way != "gather" and not gather_cuda.copy_batch_available(cache.key, device):
         pytest.skip("cudaMemcpyBatchAsync is missing from this runtime or driver (CUDA < 12.8)")
     ids = _table(torch_gen, table, num_blocks, take)
     want_k, want_v = _bits(cache.key[ids]), _bits(cache.value[ids])
@@ -261,16 +231,21 @@ def test_copy_batch_round_trip_is_byte_exact(
     )  # fmt: skip
     scratch.key.fill_(float("nan"))
     scratch.value.fill_(float("nan"))
-    stream = torch.cuda.default_stream(device)
-    if side_stream:
-        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    assert (stream.cuda_stream != 0) is side_stream
-    gather_cuda.copy_blocks_batched(
-        cache.key, cache.value, ids, scratch.key[0], scratch.value[0], stream=stream
-    )
-    ids.fill_(0)
-    stream.synchronize()
-    _assert_staged(scratch, want_k, want_v, take, (table, side_stream))
+    k_dst, v_dst = scratch.key[0], scratch.value[0]
+    if way == "gather":
+        gather_cuda.gather_kv_blocks_from_host(
+            cache.key, cache.value, _pinned(ids), k_dst, v_dst, programs=programs, threads=threads
+        )
+        assert gather_cuda.vector_bytes(cache.key, cache.value, k_dst, v_dst) == 16
+    else:
+        stream = torch.cuda.default_stream(device)
+        if way == "batch-side-stream":
+            stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        assert (stream.cuda_stream != 0) is (way == "batch-side-stream")
+        gather_cuda.copy_blocks_batched(cache.key, cache.value, ids, k_dst, v_dst, stream=stream)
+        ids.fill_(0)
+        stream.synchronize()
+    _assert_staged(scratch, want_k, want_v, take, way)
 
 
 def _table(gen: torch.Generator, kind: str, num_blocks: int, take: int) -> torch.Tensor:
