@@ -56,7 +56,7 @@ def test_cpu_paged_decode(benchmark: Any, host: Any, ctx: int, block: int) -> No
 
     from servelab.kernels.paged import cpu_paged_attention
     from servelab.kernels.paged_cache import PagedKVCache
-    from servelab.kernels.staging import StagingScratch
+    from servelab.kernels.staging import StagingScratch, resolve_strategy
 
     cache = host.cache(block)
     table = pb.random_table(cache.num_blocks, ctx // block, 2)
@@ -95,6 +95,8 @@ def test_cpu_paged_decode(benchmark: Any, host: Any, ctx: int, block: int) -> No
         ctx=ctx,
         chunk_tokens=chunk,
         block=block,
+        strategy=resolve_strategy("auto", cache.key, torch.device("cuda")).value,
+        copy_rate_note="compare with test_h2d_pinned_copy of the same run",
         bytes=nbytes,
         q_heads=pb.HKV * pb.GQA,
         kv_heads=pb.HKV,
