@@ -94,7 +94,6 @@ def run(
     bb = block * HKV * HEAD * 2
     nbytes = 2 * n * bb
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
     def args(lo: int, hi: int, table: str) -> tuple[int, ...]:
         kd, vd = k_dst.data_ptr() + lo * bb, v_dst.data_ptr() + lo * bb
@@ -131,6 +130,7 @@ def run(
         return go
 
     sides = [torch.cuda.Stream() for _ in range(4)]  # type: ignore[no-untyped-call]
+    side = sides[0]
 
     def engines_on(n_streams: int) -> Callable[[], None]:
         """The per-run copies split into ``n_streams`` contiguous ranges, one side stream

@@ -8,13 +8,12 @@ import torch
 from servelab.errors import KernelInputError
 from servelab.kernels import cuda_ext, gather_cuda
 from servelab.kernels.gather_cuda import IdRing
-from servelab.kernels.paged_cache import PagedKVCache
+from servelab.kernels.paged_cache import PagedKVCache, block_bytes
 from servelab.kernels.staging import (
     COPY_BATCH_MIN_BLOCK_BYTES,
     GatherKernel,
     GatherStrategy,
     StagingScratch,
-    block_bytes,
     block_runs,
     gpu_gather_supported,
     resolve_gather_kernel,

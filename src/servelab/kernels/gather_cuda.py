@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from servelab.kernels import cuda_ext
+from servelab.kernels.paged_cache import block_bytes
 
 # CTAs in the persistent grid: as the Triton gather (docs/kernels-paged.md, "Gather strategy").
 PROGRAMS = 32
@@ -122,14 +123,15 @@ def copy_blocks_batched(
     dst_key: torch.Tensor,
     dst_value: torch.Tensor,
     *,
-    stream: Any,
+    stream: Any = None,
     first: int = BATCH_FIRST,
     per_batch: int = BATCH_SIZE,
 ) -> None:
     """Enqueue ``dst[i] = src[ids[i]]`` for K and V on the copy engines: one copy per run of
     consecutive ids (merged when the host cache is dense), in a few ``cudaMemcpyBatchAsync``
-    calls on ``stream`` (a ``torch.cuda.Stream``; on the legacy default
-    stream, which the API refuses, one ``cudaMemcpyAsync`` a run instead).
+    calls on ``stream`` (a ``torch.cuda.Stream``, default: the current stream of ``dst_key``'s
+    device; on the legacy default stream, which the API refuses, one ``cudaMemcpyAsync`` a
+    run instead).
 
     ``ids``: a contiguous host ``int64`` tensor, read during the call (it may be rewritten as
     soon as this returns). The copies go in batches: ``first`` copies, then each batch twice
@@ -140,16 +142,12 @@ def copy_blocks_batched(
     if n == 0:
         return
     lau = launcher(dst_key.device)
+    if stream is None:
+        stream = torch.cuda.current_stream(dst_key.device)
     ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
     rc = lau.copy_batch(*ptrs, ids.data_ptr(), n, *geometry, first, per_batch, stream.cuda_stream)
     if rc:
         cuda_ext.check(lau.lib, rc, "paged_copy_batch")
-
-
-def _block_geometry(src: torch.Tensor) -> tuple[int, int]:
-    """(element size, bytes per block) of a cache ``[N, block_size, Hkv, D]``."""
-    elem = src.element_size()
-    return elem, int(src.shape[1]) * int(src.shape[2]) * int(src.shape[3]) * elem
 
 
 def gather_kv_blocks_from_host(
@@ -204,10 +202,10 @@ def _layout(
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """The four base pointers, then (block bytes, source key / source value / destination
     block strides in bytes), in the order both launchers take them."""
-    elem, block_bytes = _block_geometry(src_key)
+    elem = src_key.element_size()
     ptrs = (src_key.data_ptr(), src_value.data_ptr(), dst_key.data_ptr(), dst_value.data_ptr())
     strides = (src_key.stride(0) * elem, src_value.stride(0) * elem, dst_key.stride(0) * elem)
-    return ptrs, (block_bytes, *strides)
+    return ptrs, (block_bytes(src_key), *strides)
 
 
 class Guard(Protocol):

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from servelab.kernels.paged_cache import block_bytes
+
 # Bytes per tile: 16 KiB keeps ~128 B of loads per thread in flight at 4 warps.
 TILE_BYTES = 16384
 # Programs in the persistent grid (docs/kernels-paged.md). Each one holds an SM slot for the
@@ -86,9 +88,8 @@ def gather_kv_blocks_from_host(
     n = int(device_ids.numel())
     if n == 0:
         return
-    elem = src_key.element_size()
-    block_bytes = src_key[0].numel() * elem
-    tiles_per_block = triton.cdiv(block_bytes, tile_bytes)
+    elem, nbytes = src_key.element_size(), block_bytes(src_key)
+    tiles_per_block = triton.cdiv(nbytes, tile_bytes)
     num_tiles = n * tiles_per_block
     grid = (min(num_tiles, PROGRAMS if programs is None else programs),)
     _gather_kv_blocks_kernel[grid](
@@ -100,7 +101,7 @@ def gather_kv_blocks_from_host(
         src_key.stride(0) * elem,
         src_value.stride(0) * elem,
         dst_key.stride(0) * elem,
-        block_bytes,
+        nbytes,
         num_tiles,
         tiles_per_block,
         TILE=tile_bytes,

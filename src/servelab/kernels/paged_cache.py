@@ -22,6 +22,11 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def block_bytes(cache: torch.Tensor) -> int:
+    """Bytes of one block of a cache tensor ``[num_blocks, block_size, Hkv, D]`` (K or V)."""
+    return int(cache.shape[1]) * int(cache.shape[2]) * int(cache.shape[3]) * cache.element_size()
+
+
 @dataclass(frozen=True)
 class PagedKVCache:
     """One layer's paged KV: ``key``/``value`` ``[num_blocks, block_size, Hkv, D]``.

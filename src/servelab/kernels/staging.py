@@ -1,6 +1,6 @@
 """Staging scattered KV blocks from host memory into a device scratch.
 
-Four gather strategies, chosen by measurement (docs/kernels-paged.md):
+Five staging strategies, chosen by measurement (docs/kernels-paged.md):
 
 ``per_block``
     One ``copy_`` per block. Each copy pays a fixed cost, so 16-token blocks (64 KiB of
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import enum
 import importlib.util
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ import torch
 from servelab.errors import KernelInputError
 from servelab.kernels import cuda_ext, gather_cuda
 from servelab.kernels.gather_cuda import IdRing
+from servelab.kernels.paged_cache import block_bytes
 from servelab.kernels.validation import (
     KV_DTYPES,
     CheckMemo,
@@ -144,11 +144,6 @@ def resolve_gather_kernel(
 # blocks 85-93 % of the copy rate by copy_batch against 80-85 % by the CUDA gather, 32 KiB
 # blocks 67-70 % against 76-79 %.
 COPY_BATCH_MIN_BLOCK_BYTES = 64 * 1024
-
-
-def block_bytes(src: torch.Tensor) -> int:
-    """Bytes of one block of a cache ``[N, block_size, Hkv, D]`` (K or V)."""
-    return math.prod(int(x) for x in src.shape[1:]) * src.element_size()
 
 
 def resolve_strategy(
@@ -341,9 +336,8 @@ def stage_blocks(
         return
     if strategy is GatherStrategy.COPY_BATCH:
         gather_cuda.copy_blocks_batched(
-            src_key, src_value, block_ids, dst_key, dst_value,
-            stream=stream if stream is not None else torch.cuda.current_stream(dst_key.device),
-        )  # fmt: skip
+            src_key, src_value, block_ids, dst_key, dst_value, stream=stream
+        )
         return
     if strategy is GatherStrategy.GPU_GATHER and kernel is GatherKernel.CUDA:
         gather_cuda.gather_kv_blocks_from_host(

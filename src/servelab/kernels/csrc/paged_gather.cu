@@ -185,9 +185,8 @@ int paged_gather_kv(const void* k_src, const void* v_src, void* k_dst, void* v_d
 // staging strategy "copy_batch", ~99 % of the contiguous copy rate over a random table of
 // 512 KiB blocks where one cudaMemcpyAsync a block (paged_copy_blocks, kept for the
 // benchmarks) runs at ~77 % and the SM gather above at ~91 % (BENCHMARKS.md section 5, runs
-// 13 and 14). Returns
-// cudaErrorNotSupported when built against an older runtime. The API refuses the legacy
-// default stream: on it (stream 0) the copies go one cudaMemcpyAsync each instead.
+// 13-16). Returns cudaErrorNotSupported when built against an older runtime. The API refuses
+// the legacy default stream: on it (stream 0) the copies go one cudaMemcpyAsync each instead.
 namespace {
 
 struct Runs {
@@ -282,7 +281,7 @@ int paged_copy_batch(const void* k_src, const void* v_src, void* k_dst, void* v_
   return 0;
 #else
   (void)k_src, (void)v_src, (void)k_dst, (void)v_dst, (void)ids, (void)k_stride, (void)v_stride;
-  (void)dst_stride, (void)stream;
+  (void)dst_stride, (void)first, (void)per_batch, (void)stream;
   return static_cast<int>(cudaErrorNotSupported);
 #endif
 }
