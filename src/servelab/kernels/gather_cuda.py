@@ -138,16 +138,12 @@ def copy_blocks_batched(
     the one before, up to ``per_batch`` (the driver spends ~0.5 µs of host time a copy; a
     small first batch starts the link early, large batches cost less a copy). The other
     arguments as :func:`gather_kv_blocks_from_host`; trusted (the caller validates them)."""
-    n = int(ids.numel())
-    if n == 0:
-        return
-    lau = launcher(dst_key.device)
-    if stream is None:
-        stream = torch.cuda.current_stream(dst_key.device)
-    ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
-    rc = lau.copy_batch(*ptrs, ids.data_ptr(), n, *geometry, first, per_batch, stream.cuda_stream)
-    if rc:
-        cuda_ext.check(lau.lib, rc, "paged_copy_batch")
+    call = _call(src_key, src_value, ids, dst_key, dst_value, stream)
+    if call is not None:
+        lau, ptrs, (n, *geometry), handle = call
+        rc = lau.copy_batch(*ptrs, ids.data_ptr(), n, *geometry, first, per_batch, handle)
+        if rc:
+            cuda_ext.check(lau.lib, rc, "paged_copy_batch")
 
 
 def gather_kv_blocks_from_host(
@@ -169,24 +165,33 @@ def gather_kv_blocks_from_host(
     launch has run (see :class:`IdRing`). ``stream``: a ``torch.cuda.Stream`` (default: the
     current stream of ``dst_key``'s device). Trusted arguments (the caller validates them).
     """
-    n = int(host_ids.numel())
+    call = _call(src_key, src_value, host_ids, dst_key, dst_value, stream)
+    if call is not None:
+        lau, ptrs, (n, *geometry), handle = call
+        grid = PROGRAMS if programs is None else min(programs, 1 << 30)
+        rc = lau.gather(*ptrs, host_ids.data_ptr(), n, *geometry, grid, threads, handle)
+        if rc:
+            cuda_ext.check(lau.lib, rc, "paged_gather_kv")
+
+
+def _call(
+    src_key: torch.Tensor,
+    src_value: torch.Tensor,
+    ids: torch.Tensor,
+    dst_key: torch.Tensor,
+    dst_value: torch.Tensor,
+    stream: Any,
+) -> tuple[_Launcher, tuple[int, ...], tuple[int, ...], int] | None:
+    """What both launchers take, in their order: the library, the four base pointers, (the
+    id count, block bytes, the three block strides) and the stream's handle (default: the
+    current stream of ``dst_key``'s device); None when there are no ids."""
+    n = int(ids.numel())
     if n == 0:
-        return
-    lau = launcher(dst_key.device)
+        return None
     if stream is None:
         stream = torch.cuda.current_stream(dst_key.device)
     ptrs, geometry = _layout(src_key, src_value, dst_key, dst_value)
-    rc = lau.gather(
-        *ptrs,
-        host_ids.data_ptr(),
-        n,
-        *geometry,
-        PROGRAMS if programs is None else min(programs, 1 << 30),
-        threads,
-        stream.cuda_stream,
-    )
-    if rc:
-        cuda_ext.check(lau.lib, rc, "paged_gather_kv")
+    return launcher(dst_key.device), ptrs, (n, *geometry), int(stream.cuda_stream)
 
 
 def vector_bytes(
