@@ -39,14 +39,14 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import pytest
 
 from servelab import recall
 from servelab.errors import ClientError, QualityGateError
+from servelab.gate_report import CheckResult, GateReport, Outcome
 from servelab.server import Endpoint
 
 QUALITY_SCHEMA_VERSION = 1
@@ -240,96 +240,7 @@ def resolve_quality_path(value: str | None, profile_path: Path | None) -> Path |
 
 
 # --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One request a check sent: what it was, what came back, whether it was right."""
-
-    case: str
-    mode: str  # "sequential #1", "concurrent #2", "recall"
-    ok: bool
-    output_sha256: str | None
-    prompt_tokens: int | None
-    problem: str | None
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str  # canaries | identity | recall
-    passed: bool
-    summary: str
-    problems: tuple[str, ...] = ()
-    outcomes: tuple[Outcome, ...] = ()
-
-
-@dataclass(frozen=True)
-class GateReport:
-    target: str
-    quality_file: str | None
-    quality_file_sha256: str | None
-    seed: int
-    checks: tuple[CheckResult, ...]
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def reasons(self) -> list[str]:
-        return [
-            f"quality gate [{self.target}] {c.name}: {p}"
-            for c in self.checks
-            if not c.passed
-            for p in (c.problems or (c.summary,))
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, **asdict(self)}
-
-
-class SharedGates(Protocol):
-    """What the `servelab_gates` fixture gives (`servelab.xdist.SessionGates`): `run` returns
-    the report of the target's one gate run this session, also under pytest-xdist."""
-
-    def run(self, target: str, gate: Callable[[], GateReport]) -> GateReport: ...
-
-
-@dataclass
-class LabRecords:
-    """What the lab wiring measured in one pytest session (read by the records writer).
-
-    Kept in ``config.stash[LAB_RECORDS_KEY]``: ``gates`` per target, ``patches`` per target
-    (`servelab.patches.PatchReport`), ``metrics`` per test node id
-    (`servelab.prometheus.MetricsDelta` or the reason it is missing), ``session_cache`` per
-    target (`servelab.session_cache.SessionCacheResult`).
-    """
-
-    gates: dict[str, GateReport] = field(default_factory=dict)
-    patches: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    session_cache: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form for the session record (a ``lab`` section)."""
-        from dataclasses import is_dataclass
-
-        def plain(v: Any) -> Any:
-            if is_dataclass(v) and not isinstance(v, type):
-                return asdict(v)
-            return v
-
-        return {
-            "gates": {t: g.to_dict() for t, g in self.gates.items()},
-            "patches": {t: plain(p) for t, p in self.patches.items()},
-            "metrics": {
-                node: d if isinstance(d, str) else {**plain(d), "summary": d.describe()}
-                for node, d in self.metrics.items()
-            },
-            "session_cache": dict(self.session_cache),
-        }
-
-
-LAB_RECORDS_KEY = pytest.StashKey[LabRecords]()
+# GateReport and its parts live in servelab.gate_report (imported above).
 
 
 # --------------------------------------------------------------------------- running
