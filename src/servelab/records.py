@@ -10,7 +10,6 @@ written. Records are plain data: `servelab report` / `compare` read them back wi
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,30 +17,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from servelab.baselines import (
-    Baseline,
-    BaselineStore,
     Fingerprint,
-    Provenance,
     Verdict,
     atomic_write_text,
     figure_key,
-    judge,
-    utc_now,
 )
 from servelab.claims import claim_id, claims
-from servelab.errors import BaselineError, RecordError
+from servelab.errors import RecordError
 from servelab.figures import Figure
 from servelab.hardware import (
     HostIdentity,
     StackIdentity,
-    collect_host,
-    collect_stack,
-    patches_digest,
 )
 from servelab.redact import Redactor
+from servelab.session import SessionInfo, request_row  # noqa: F401  (request_row: re-export)
 
 if TYPE_CHECKING:
-    from servelab.profiles import Profile
+    from servelab.target import Target
 
 SCHEMA_VERSION = 1
 KIND = "servelab-record"
@@ -60,20 +52,6 @@ COMMUNITY_FIELDS = (
     "Notes",
     "Artifacts",
 )
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    started_at: float
-    finished_at: float
-    command: str
-    exit_status: int
-    interrupted: bool
-    servelab_commit: str
-    by: str
-    invalid_reasons: tuple[str, ...] = ()
-    quality_checks: tuple[str, ...] = ()
-    failed_tests: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,7 +159,7 @@ def _short(fig: Figure) -> str:
 
 
 def community_row(
-    target: TargetInfo,
+    target: TargetInfo | Target,
     host: HostIdentity,
     session: SessionInfo,
     figures: Sequence[Figure],
@@ -249,25 +227,25 @@ def jsonable(obj: Any) -> Any:
 def build_record(
     session: SessionInfo,
     host: HostIdentity,
-    targets: Sequence[TargetInfo],
-    figures: Sequence[Figure],
-    verdicts: Sequence[Verdict] = (),
+    targets: Sequence[TargetInfo] | Sequence[Target],
+    judged: Sequence[Figure | Verdict],
     artifacts: Sequence[str] = ("record.json", "record.md", "raw.jsonl", "claims/"),
     lab: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record; `lab` holds the lab wiring's extras (quality gates, patch checks,
-    /metrics deltas, session cache) as plain data."""
-    by_fig = {id(v.figure): v for v in verdicts}
+    """The record of `judged` figures (a `Verdict` carries its figure; a bare `Figure` was not
+    judged); `lab` holds the lab wiring's extras (quality gates, patch checks, /metrics
+    deltas, session cache) as plain data."""
+    pairs = [(j.figure, j) if isinstance(j, Verdict) else (j, None) for j in judged]
     results = []
     for t in targets:
-        mine = [f for f in figures if f.identity.profile == t.profile]
+        mine = [(f, v) for f, v in pairs if f.identity.profile == t.profile]
         results.append(
             {
                 "profile": t.profile,
-                "community": community_row(t, host, session, mine, artifacts),
+                "community": community_row(t, host, session, [f for f, _ in mine], artifacts),
                 "fingerprint": asdict(t.fingerprint),
                 "stack": t.stack.to_dict() if t.stack else None,
-                "figures": [figure_dict(f, by_fig.get(id(f))) for f in mine],
+                "figures": [figure_dict(f, v) for f, v in mine],
             }
         )
     return {
@@ -398,175 +376,3 @@ def session_folder(results_dir: Path, started_at: float, label: str) -> Path:
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     return folder
-
-
-# --------------------------------------------------------------------------- session
-
-
-def request_row(record: Any, **labels: Any) -> dict[str, Any]:
-    """One raw per-request row (a client RequestRecord or any dataclass) with its labels."""
-    from dataclasses import is_dataclass
-
-    body = asdict(record) if is_dataclass(record) and not isinstance(record, type) else dict(record)
-    return {**labels, **body}
-
-
-class PerfSession:
-    """The verdict and record side of one pytest session (works without pytest).
-
-    Judges each figure as it is recorded (caching host identity, stacks and baselines), and
-    at the end writes the record folder and, in update mode, the baselines.
-    """
-
-    def __init__(
-        self,
-        *,
-        baselines_dir: Path,
-        results_dir: Path,
-        profiles: Sequence[Profile] = (),
-        update: bool = False,
-        secrets: Sequence[str | None] = (),
-        headers: Sequence[Mapping[str, str]] = (),
-        host: HostIdentity | None = None,
-        weights: bool = True,
-    ) -> None:
-        self.store = BaselineStore(baselines_dir)
-        self.results_dir = results_dir
-        self.profiles = {p.name: p for p in profiles}
-        self.update = update
-        self.weights = weights
-        self._host = host
-        self._stacks: dict[str, StackIdentity] = {}
-        self._baselines: dict[tuple[str, str], Baseline | BaselineError | None] = {}
-        self.verdicts: list[Verdict] = []
-        self.redactor = Redactor.from_sources(
-            environ=os.environ,
-            envs=[p.engine.env for p in profiles],
-            headers=headers,
-            values=secrets,
-        )
-
-    @property
-    def host(self) -> HostIdentity:
-        if self._host is None:
-            self._host = collect_host()
-        return self._host
-
-    def stack(self, fig: Figure) -> StackIdentity:
-        name = fig.identity.profile
-        if name not in self._stacks:
-            self._stacks[name] = collect_stack(
-                self.profiles.get(name), fig.identity.engine, weights=self.weights
-            )
-        return self._stacks[name]
-
-    def fingerprint(self, fig: Figure) -> Fingerprint:
-        stack = self.stack(fig)
-        host = self.host
-        return Fingerprint(
-            host_key=fig.identity.host,
-            engine=fig.identity.engine,
-            model=fig.identity.model,
-            args_hash=stack.args_hash,
-            weights_sha256=stack.weights_sha256,
-            driver=host.drivers() if host.accelerators else None,
-            patches=patches_digest(stack),
-        )
-
-    def judge(self, fig: Figure) -> Verdict:
-        fp = self.fingerprint(fig)
-        key = (fp.host_key, fig.identity.profile)
-        path = self.store.path(*key)
-        if key not in self._baselines:
-            try:
-                self._baselines[key] = self.store.load(*key)
-            except BaselineError as exc:
-                self._baselines[key] = exc
-        base = self._baselines[key]
-        if isinstance(base, BaselineError):
-            verdict = Verdict(fig, "refused", f"unusable baseline: {base}")
-        else:
-            verdict = judge(fig, base, fp, path)
-        self.verdicts.append(verdict)
-        return verdict
-
-    def targets(self, figures: Sequence[Figure]) -> list[TargetInfo]:
-        out = []
-        for name in dict.fromkeys(f.identity.profile for f in figures):
-            fig = next(f for f in figures if f.identity.profile == name)
-            stack = self.stack(fig)
-            notes = () if name in self.profiles else ("external endpoint: server flags unknown",)
-            out.append(
-                TargetInfo(
-                    name,
-                    fig.identity.model,
-                    fig.identity.engine,
-                    self.fingerprint(fig),
-                    stack.quantization,
-                    stack,
-                    notes,
-                )
-            )
-        return out
-
-    def finish(
-        self,
-        *,
-        figures: Sequence[Figure],
-        session: SessionInfo,
-        requests: Sequence[Mapping[str, Any]] = (),
-        logs: Sequence[Path] = (),
-        label: str = "session",
-        lab: Mapping[str, Any] | None = None,
-    ) -> list[str]:
-        """Write the record (always, when anything was measured) and update baselines when
-        asked and allowed. Returns the lines to show the user."""
-        lines: list[str] = []
-        if figures or requests:
-            record = build_record(
-                session, self.host, self.targets(figures), figures, self.verdicts, lab=lab
-            )
-            folder = session_folder(self.results_dir, session.started_at, label)
-            paths = write_record(folder, record, self.redactor, requests=requests, logs=logs)
-            lines.append(
-                f"record written: {paths.folder} (record.json, record.md, "
-                f"{len(paths.claims)} claim(s), {len(requests)} raw request row(s))"
-            )
-        if self.update:
-            lines += self._update(figures, session)
-        return lines
-
-    def _update(self, figures: Sequence[Figure], session: SessionInfo) -> list[str]:
-        why = []
-        if session.invalid_reasons:
-            why.append("quality gate / validity failed: " + "; ".join(session.invalid_reasons))
-        if session.failed_tests:
-            why.append("failed or errored tests: " + ", ".join(session.failed_tests))
-        if session.interrupted:
-            why.append("the session was interrupted")
-        if not figures:
-            why.append("nothing was measured")
-        if why:
-            return ["baseline update REFUSED, nothing written: " + " | ".join(why)]
-        lines = []
-        for t in self.targets(figures):
-            mine = [f for f in figures if f.identity.profile == t.profile]
-            prov = Provenance(
-                utc_now(),
-                session.servelab_commit,
-                t.engine,
-                t.model,
-                session.by,
-                self.redactor.text(session.command),
-            )
-            try:
-                res = self.store.update(t.profile, t.fingerprint, prov, mine)
-            except BaselineError as exc:
-                lines.append(f"baseline update REFUSED for {t.profile}: {exc}")
-                continue
-            lines.append(
-                f"baseline updated: {res.path}"
-                + (f" (previous kept in {res.history})" if res.history else "")
-            )
-            lines += [f"  {d}" for d in res.diff]
-        return lines

@@ -1,0 +1,118 @@
+"""The end of a perf session: write its record and, in update mode, its baselines.
+
+Reads the session's merged `SessionResults` (figures already judged, targets already
+fingerprinted) and writes; nothing here measures, judges or identifies anything again.
+Works without pytest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from servelab.baselines import BaselineStore, Provenance, utc_now
+from servelab.errors import BaselineError
+from servelab.hardware import HostIdentity
+from servelab.records import build_record, session_folder, write_record
+from servelab.redact import Redactor
+from servelab.session import SessionInfo, SessionResults
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the end of the session did, for the terminal summary and the exit status."""
+
+    lines: tuple[str, ...] = ()
+    record: Path | None = None
+    update_refused: bool = False
+    errors: tuple[str, ...] = field(default_factory=tuple)
+
+
+def finish(
+    results: SessionResults,
+    info: SessionInfo,
+    *,
+    host: HostIdentity,
+    results_dir: Path,
+    baselines_dir: Path,
+    redactor: Redactor,
+    update: bool = False,
+    logs: Sequence[Path] = (),
+    label: str = "session",
+) -> Outcome:
+    """Write the record (whenever anything was measured or a gate ran) and update baselines
+    when asked and allowed."""
+    lines: list[str] = []
+    record_path = None
+    if results.has_data():
+        record = build_record(
+            info, host, list(results.targets.values()), results.verdicts, lab=results.lab()
+        )
+        folder = session_folder(results_dir, info.started_at, label)
+        paths = write_record(folder, record, redactor, requests=results.requests, logs=logs)
+        record_path = paths.folder
+        lines.append(
+            f"record written: {paths.folder} (record.json, record.md, "
+            f"{len(paths.claims)} claim(s), {len(results.requests)} raw request row(s))"
+        )
+    refused = False
+    if update:
+        more, refused = update_baselines(results, info, baselines_dir, redactor)
+        lines += more
+    return Outcome(tuple(lines), record_path, refused)
+
+
+def update_baselines(
+    results: SessionResults, info: SessionInfo, baselines_dir: Path, redactor: Redactor
+) -> tuple[list[str], bool]:
+    """The baseline update workflow: every target's figures, or nothing with the reasons.
+    Returns the lines to show and whether the update was refused (in whole or in part)."""
+    why = []
+    if info.invalid_reasons:
+        why.append("quality gate / validity failed: " + "; ".join(info.invalid_reasons))
+    if info.failed_tests:
+        why.append("failed or errored tests: " + ", ".join(info.failed_tests))
+    if info.interrupted:
+        why.append("the session was interrupted")
+    if not results.verdicts:
+        why.append("nothing was measured")
+    if why:
+        return ["baseline update REFUSED, nothing written: " + " | ".join(why)], True
+    store = BaselineStore(baselines_dir)
+    lines: list[str] = []
+    refused = False
+    for target in results.targets.values():
+        mine = [f for f in results.figures if f.identity.profile == target.profile]
+        if not mine:
+            continue
+        prov = Provenance(
+            utc_now(),
+            info.servelab_commit,
+            target.engine,
+            target.model,
+            info.by,
+            redactor.text(info.command),
+        )
+        try:
+            res = store.update(target.profile, target.fingerprint, prov, mine)
+        except BaselineError as exc:
+            lines.append(f"baseline update REFUSED for {target.profile}: {exc}")
+            refused = True
+            continue
+        lines.append(
+            f"baseline updated: {res.path}"
+            + (f" (previous kept in {res.history})" if res.history else "")
+        )
+        lines += [f"  {d}" for d in res.diff]
+    return lines, refused
+
+
+def session_redactor(
+    api_key: str | None, envs: Sequence[Mapping[str, str]] = ()
+) -> Redactor:
+    """The redactor for everything a session writes: the API key given, its bearer header,
+    and the credentials in the environment and the profiles' engine environments."""
+    headers = [{"Authorization": f"Bearer {api_key}"}] if api_key else []
+    return Redactor.from_sources(environ=os.environ, envs=envs, headers=headers, values=[api_key])
