@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +45,9 @@ class Settings:
     ignore_eos: bool = True  # force the output length (checked per request)
     workers: int = 1
     progress: bool = True
+    # Where progress goes instead of a tqdm bar on stderr (which pytest captures): the
+    # plugin passes a writer to its terminal reporter. Called with "decode runs 3/14".
+    report: Callable[[str], None] | None = None
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS
     nonce: str | None = None
     check_server_cache: bool = True  # scrape the server's prefix-cache hit counter per run
@@ -132,14 +135,25 @@ def server_cache_hits(endpoint: Endpoint, timeout_s: float = 10.0) -> float | No
     return prometheus.total(samples, PREFIX_HITS_METRIC)
 
 
-def _progress(items: Sequence[T], desc: str, enabled: bool) -> Iterable[T]:
-    """Items with a progress bar on stderr, shown only once the loop has run > 2 s."""
+def _progress(
+    items: Sequence[T], desc: str, enabled: bool, report: Callable[[str], None] | None = None
+) -> Iterable[T]:
+    """Items with a progress bar on stderr, shown only once the loop has run > 2 s; or, with
+    `report`, a line before each item."""
     if not enabled:
         return items
+    if report is not None:
+        return _reported(items, desc, report)
     from tqdm import tqdm
 
     bar: Iterable[T] = tqdm(items, desc=desc, unit="run", file=sys.stderr, delay=2.0, leave=False)
     return bar
+
+
+def _reported(items: Sequence[T], desc: str, report: Callable[[str], None]) -> Iterator[T]:
+    for i, item in enumerate(items, 1):
+        report(f"{desc} {i}/{len(items)}")
+        yield item
 
 
 def warm_up(
@@ -199,7 +213,7 @@ def decode(
     )
     return [
         _run(endpoint, [t], prompt_tokens, output_tokens, s, concurrency=1, progress=False)
-        for t in _progress(texts, "decode runs", s.progress)
+        for t in _progress(texts, "decode runs", s.progress, s.report)
     ]
 
 
@@ -229,7 +243,7 @@ def prefill_ladder(
     )
     return {
         n: _run(endpoint, plan[n], n, output_tokens, s, concurrency=1, progress=False)
-        for n in _progress(list(plan), "prefill lengths", s.progress)
+        for n in _progress(list(plan), "prefill lengths", s.progress, s.report)
     }
 
 
