@@ -9,15 +9,23 @@ Nothing is started once per worker.
 
 The same folder carries the rest of what the processes of one session share
 (`servelab.xdist`), in files read and written with `read_state` / `write_state`.
+
+While the pool has servers, SIGTERM and SIGHUP (a CI timeout or cancel, a closed terminal)
+end the session the way Ctrl-C does (`TerminationSignals`): pytest tears the fixtures down,
+the servers are stopped and the partial record says ``"interrupted": true``. A pytest killed
+outright (``kill -9``) is covered by each server's watchdog (`servelab.server`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from servelab.errors import ServerError
@@ -35,6 +43,45 @@ class Started:
     command: tuple[str, ...]
 
 
+class TerminationSignals:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread while installed.
+
+    Only the first signal raises: a second one (a CI runner repeating its SIGTERM) must not
+    cut the teardown that the first one started. `restore` puts the previous handlers back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._previous: dict[signal.Signals, Any] = {}
+        self.received: str | None = None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def install(self) -> None:
+        """Install the handlers (once; a no-op outside the main thread, where Python
+        delivers no signals)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        self.received = signal.Signals(signum).name
+        raise KeyboardInterrupt(
+            f"{self.received} received: stopping the servers and writing the partial record"
+        )
+
+
 class ServerPool:
     def __init__(
         self,
@@ -50,12 +97,14 @@ class ServerPool:
         self.startup_timeout_s = startup_timeout_s
         self._owned: dict[str, ManagedServer] = {}
         self._started: dict[str, Started] = {}
+        self.signals = TerminationSignals()
 
     # -------------------------------------------------------------- public
     def get(self, profile: Profile) -> Started:
         if profile.name in self._started:
             self.ensure_alive(profile)
             return self._started[profile.name]
+        self.signals.install()  # before the start: a signal during it must stop it too
         started = self._start(profile) if self.shared_dir is None else self._get_shared(profile)
         self._started[profile.name] = started
         return started
@@ -76,17 +125,20 @@ class ServerPool:
 
     def close(self) -> None:
         errors: list[str] = []
-        for name in list(self._started):
-            try:
-                self._release(name)
-            except ServerError as exc:
-                errors.append(str(exc))
-        self._started.clear()
-        with warnings.catch_warnings():
-            # A worker that started a shared server drops its Popen while the server runs on
-            # for the others (the controller stops it): not the leak ResourceWarning means.
-            warnings.simplefilter("ignore", ResourceWarning)
-            self._owned.clear()
+        try:
+            for name in list(self._started):
+                try:
+                    self._release(name)
+                except ServerError as exc:
+                    errors.append(str(exc))
+            self._started.clear()
+            with warnings.catch_warnings():
+                # A worker that started a shared server drops its Popens while the server runs
+                # on for the others (the controller stops it): not the leak ResourceWarning means.
+                warnings.simplefilter("ignore", ResourceWarning)
+                self._owned.clear()
+        finally:
+            self.signals.restore()
         if errors:
             raise ServerError("teardown failed: " + "; ".join(errors))
 
@@ -94,7 +146,13 @@ class ServerPool:
     def _start(self, profile: Profile) -> Started:
         model = prepare_model(profile, self.cache_dir)  # before the startup clock
         server = ManagedServer(
-            profile, model.path, self.log_dir, startup_timeout_s=self.startup_timeout_s
+            profile,
+            model.path,
+            self.log_dir,
+            startup_timeout_s=self.startup_timeout_s,
+            # A shared server outlives the worker that started it: it goes with the controller
+            # (the workers' parent process), which stops it at session end.
+            owner_pid=os.getppid() if self.shared_dir is not None else os.getpid(),
         )
         endpoint = server.start()
         self._owned[profile.name] = server

@@ -4,6 +4,11 @@ serves, and tear the whole group down again, verifying that nothing survives.
 The constructor only stores configuration; `start()` is explicit. Any failure during start
 kills the group before the error is raised (vLLM's test server leaks it when the health wait
 fails). Processes are killed by process group id, never by name.
+
+The engine runs in its own session, so nothing sent to pytest reaches it. A small watchdog
+(`WATCHDOG_SOURCE`, standard library only) beside it terminates the group when the process
+that owns the server dies without stopping it (``kill -9``, the OOM killer); a SIGTERM or
+SIGHUP to pytest is turned into an orderly teardown by `servelab.pool.TerminationSignals`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -96,7 +102,11 @@ class ManagedServer:
         python: str | None = None,
         extra_env: Mapping[str, str] | None = None,
         startup_timeout_s: float | None = None,
+        owner_pid: int | None = None,
     ) -> None:
+        """``owner_pid``: the process whose death (without `stop`) must take the server down
+        (default: the process that calls `start`; the xdist controller for a shared server).
+        """
         self.profile = profile
         self.model_path = model_path
         self.log_dir = log_dir
@@ -109,7 +119,9 @@ class ManagedServer:
         self.pid: int | None = None
         self.log_path: Path | None = None
         self.startup_seconds: float | None = None
+        self.owner_pid = owner_pid
         self._popen: object | None = None
+        self._watchdog: object | None = None
         self._log: IO[bytes] | None = None
 
     # ------------------------------------------------------------------ start
@@ -148,6 +160,12 @@ class ManagedServer:
         self.port = port
         endpoint = self.endpoint()
         try:
+            self._watchdog = start_watchdog(
+                proc.pid,
+                owner=self.owner_pid or os.getpid(),
+                grace_s=self.profile.readiness.stop_timeout_s,
+                log=self._log,
+            )
             self._wait_ready(endpoint, t0)
         except BaseException:
             self.stop()
@@ -253,6 +271,19 @@ class ManagedServer:
                 self._log.close()
                 self._log = None
             self._popen = None
+            self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        import subprocess
+
+        watchdog, self._watchdog = self._watchdog, None
+        if isinstance(watchdog, subprocess.Popen):
+            watchdog.terminate()
+            try:
+                watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+                watchdog.wait()
 
 
 def terminate_group(
@@ -293,6 +324,56 @@ def terminate_group(
         raise ServerError(f"{what}: processes {survivors} of group {pgid} survived SIGKILL")
     if port is not None and not _wait_port_free(port, host, 10.0):
         raise ServerError(f"{what}: port {port} still in use after teardown")
+
+
+#: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds).
+#: It waits on a pidfd of the owner (polls where there is none) and exits as soon as the group
+#: is gone; if the owner goes first, it SIGTERMs the group, then SIGKILLs what is left.
+WATCHDOG_SOURCE = r"""
+import os, select, signal, sys, time
+owner, pgid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def alive(pid, kill=os.kill, sig=0):
+    try:
+        kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+try:
+    fd = os.pidfd_open(owner)
+except ProcessLookupError:
+    fd = None
+except OSError:
+    fd = -1
+while fd is not None and alive(pgid, os.killpg):
+    if fd >= 0 and select.select([fd], [], [], 0.5)[0]:
+        break
+    if fd < 0 and (time.sleep(0.5) or not alive(owner)):
+        break
+if alive(pgid, os.killpg):
+    print(f"# servelab watchdog: pid {owner}, which owned this server, is gone without "
+          f"stopping it: terminating process group {pgid}", flush=True)
+    alive(pgid, os.killpg, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pgid, os.killpg) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive(pgid, os.killpg, signal.SIGKILL)
+"""
+
+
+def start_watchdog(pgid: int, *, owner: int, grace_s: float, log: IO[bytes] | None) -> object:
+    """Start the watchdog of process group ``pgid`` in its own session (a teardown of the
+    group or a Ctrl-C to pytest does not touch it); returns its Popen."""
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG_SOURCE, str(owner), str(pgid), str(grace_s)],
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
