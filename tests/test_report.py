@@ -99,7 +99,7 @@ def test_terminal_table_has_value_baseline_change_verdict(tmp_path: Path) -> Non
     store.update("cpu-smollm2", FP, prov, FIGS[:1])
     slow = Figure(**{**FIGS[0].__dict__, "runs": tuple(r * 0.8 for r in FIGS[0].runs)})
     v = judge(slow, store.load(HOST.key, "cpu-smollm2"), FP, tmp_path / "x")
-    lines = terminal_table([slow, FIGS[1]], {id(slow): v})
+    lines = terminal_table([v, FIGS[1]])
     assert lines[0].split() == [
         "metric",
         "value",

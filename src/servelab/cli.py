@@ -143,8 +143,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from servelab.report import terminal_table
 
     new = load_record(Path(args.new))
-    verdicts = {}
-    figures = []
+    verdicts = []
     if args.old is not None:
         from servelab.baselines import Baseline, MetricBaseline, Provenance, figure_key
 
@@ -166,8 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     },
                 )
             for f, _ in record_figures({"results": [res]}):
-                figures.append(f)
-                verdicts[id(f)] = judge(f, base, fp, Path(args.old), threshold=args.threshold)
+                verdicts.append(judge(f, base, fp, Path(args.old), threshold=args.threshold))
     else:
         store = BaselineStore(Path(args.baselines_dir))
         for res in new["results"]:
@@ -175,12 +173,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             path = store.path(fp.host_key, res["profile"])
             base = store.load(fp.host_key, res["profile"])
             for f, _ in record_figures({"results": [res]}):
-                figures.append(f)
-                verdicts[id(f)] = judge(f, base, fp, path, threshold=args.threshold)
-    for line in terminal_table(figures, verdicts):
+                verdicts.append(judge(f, base, fp, path, threshold=args.threshold))
+    for line in terminal_table(verdicts):
         print(line)
-    failed = [v for v in verdicts.values() if v.failed]
-    for v in verdicts.values():
+    failed = [v for v in verdicts if v.failed]
+    for v in verdicts:
         if v.status != "no change":
             print(f"{v.figure.metric} ({v.figure.shape.describe()}): {v.text}")
     return 1 if failed else 0

@@ -26,16 +26,15 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
-def terminal_rows(
-    figures: Sequence[Figure], verdicts: Mapping[int, Verdict]
-) -> list[tuple[str, str, str, str, str]]:
-    """(metric, value, baseline, change, verdict) per figure; keyed by id(figure)."""
+def terminal_rows(judged: Sequence[Figure | Verdict]) -> list[tuple[str, str, str, str, str]]:
+    """(metric, value, baseline, change, verdict) per figure (a `Verdict` carries its figure;
+    a bare `Figure` was not compared)."""
     rows = []
-    for f in figures:
+    for item in judged:
+        f, v = (item.figure, item) if isinstance(item, Verdict) else (item, None)
         state = "warm" if f.warm else "cold"
         metric = f"{f.identity.profile}: {f.title} [{f.metric}]"
         value = f"{_fmt(f.value)} {f.unit} ({f.shape.describe()}, {state}, n={len(f.runs)})"
-        v = verdicts.get(id(f))
         base = change = "-"
         status = "not compared"
         if v is not None:
@@ -49,9 +48,9 @@ def terminal_rows(
     return rows
 
 
-def terminal_table(figures: Sequence[Figure], verdicts: Mapping[int, Verdict]) -> list[str]:
+def terminal_table(judged: Sequence[Figure | Verdict]) -> list[str]:
     header = ("metric", "value (median)", "baseline (median)", "change (geomean)", "verdict")
-    rows = [header, *terminal_rows(figures, verdicts)]
+    rows = [header, *terminal_rows(judged)]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     out = []
     for i, r in enumerate(rows):

@@ -2,10 +2,11 @@
 
 The controller (the process you started) makes a shared folder and hands its path to every
 worker (`workerinput`). Workers share each target's server through it (`servelab.pool`),
-run each target's quality gate once (`run_once`, `SessionGates`) and save what they
-measured there after every test (`SessionPart`, `write_part`). At session end the controller
-merges those parts (`gather_workers`), judges the figures, and the plugin writes the
-session's one record and prints the same summary as a run without xdist.
+run each target's quality gate once (`run_once`, `SessionGates`) and save their
+`SessionResults` there after every test (`save_worker_part`). At session end the controller
+merges those parts (`collect_session`): every figure was judged where it was measured and
+travels with its verdict, so nothing is judged again; the plugin writes the session's one
+record and prints the same summary as a run without xdist.
 
 Without xdist none of this runs: `shared_folder` is None and the gate simply runs.
 
@@ -20,18 +21,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import pytest
 
 from servelab.errors import QualityGateError, RecordError, ServelabError
-from servelab.figures import Figure
-
-if TYPE_CHECKING:
-    from servelab.quality import GateReport, LabRecords
+from servelab.gate_report import GateReport
+from servelab.session import SessionResults
 
 # ------------------------------------------------------------- controller and workers
 
@@ -167,231 +165,39 @@ class SessionGates:
             return here[0]
         if "error" in saved:
             raise QualityGateError(str(saved["error"]))
-        return gate_report_from_dict(saved["report"])
-
-
-def gate_report_from_dict(d: Mapping[str, Any]) -> GateReport:
-    """The report `GateReport.to_dict` wrote (another process of the session ran the gate)."""
-    from servelab.quality import CheckResult, GateReport, Outcome
-
-    try:
-        checks = tuple(
-            CheckResult(
-                str(c["name"]),
-                bool(c["passed"]),
-                str(c["summary"]),
-                tuple(c["problems"]),
-                tuple(Outcome(**o) for o in c["outcomes"]),
-            )
-            for c in d["checks"]
-        )
-        return GateReport(
-            str(d["target"]),
-            d["quality_file"],
-            d["quality_file_sha256"],
-            int(d["seed"]),
-            checks,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QualityGateError(f"saved quality gate report is malformed ({exc!r})") from None
-
-
-def adopt_lab(lab: LabRecords, data: Mapping[str, Any]) -> None:
-    """Take the gate and patch reports from another process's `LabRecords.to_dict` (the
-    workers of a pytest-xdist session), so that `lab`'s summary shows them too."""
-    from servelab.patches import FileStatus, PatchReport, PatchStatus
-
-    try:
-        for target, gate in data.get("gates", {}).items():
-            lab.gates.setdefault(target, gate_report_from_dict(gate))
-        for target, rep in data.get("patches", {}).items():
-            if rep is not None and target not in lab.patches:
-                lab.patches[target] = PatchReport(
-                    str(rep["root"]),
-                    tuple(
-                        PatchStatus(
-                            p["name"],
-                            p["path"],
-                            p["sha256"],
-                            tuple(FileStatus(**f) for f in p["files"]),
-                        )
-                        for p in rep["patches"]
-                    ),
-                )
-    except (AttributeError, KeyError, TypeError) as exc:
-        raise QualityGateError(f"saved patch report is malformed ({exc!r})") from None
+        return GateReport.from_dict(saved["report"])
 
 
 # ------------------------------------------------------------- each worker's results
 
-PART_KIND = "servelab-session-part"
 
-
-@dataclass(frozen=True)
-class SessionPart:
-    """What one process of a pytest session measured: a pytest-xdist worker's share of the
-    session's one record, as data the controller reads back and merges (`merge_parts`)."""
-
-    worker: str
-    figures: tuple[Figure, ...] = ()
-    startup: Mapping[str, float | None] = field(default_factory=dict)
-    invalid_reasons: tuple[str, ...] = ()
-    quality_checks: tuple[str, ...] = ()
-    requests: tuple[Mapping[str, Any], ...] = ()
-    lab: Mapping[str, Any] = field(default_factory=dict)  # LabRecords.to_dict() sections
-
-    def to_dict(self) -> dict[str, Any]:
-        from servelab.records import SCHEMA_VERSION, figure_dict, jsonable
-
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": PART_KIND,
-            "worker": self.worker,
-            "figures": [figure_dict(f) for f in self.figures],
-            "startup": dict(self.startup),
-            "invalid_reasons": list(self.invalid_reasons),
-            "quality_checks": list(self.quality_checks),
-            "requests": jsonable(list(self.requests)),
-            "lab": jsonable(self.lab),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SessionPart:
-        from servelab.records import SCHEMA_VERSION, figure_from_dict
-
-        if d.get("kind") != PART_KIND or d.get("schema_version") != SCHEMA_VERSION:
-            raise RecordError(
-                f"not a servelab session part of schema {SCHEMA_VERSION} "
-                f"(kind {d.get('kind')!r}, schema_version {d.get('schema_version')!r})"
-            )
-        try:
-            return cls(
-                str(d["worker"]),
-                tuple(figure_from_dict(f) for f in d["figures"]),
-                {str(k): None if v is None else float(v) for k, v in d["startup"].items()},
-                tuple(str(r) for r in d["invalid_reasons"]),
-                tuple(str(q) for q in d["quality_checks"]),
-                tuple(dict(r) for r in d["requests"]),
-                dict(d["lab"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RecordError(
-                f"session part {d.get('worker', '?')!r}: malformed ({exc!r})"
-            ) from None
-
-
-def merge_parts(parts: Sequence[SessionPart], worker: str = "all") -> SessionPart:
-    """One session's results from its processes' parts. Figures, request rows and per-test
-    lab entries are all kept, in part order; a reason or check several workers reported
-    (each reuses the same gate outcome) appears once; a server's startup time comes from the
-    worker that started it (the others attached to it)."""
-    startup: dict[str, float | None] = {}
-    lab: dict[str, Any] = {}
-    for part in parts:
-        for name, seconds in part.startup.items():
-            if startup.get(name) is None:
-                startup[name] = seconds
-        for section, entries in part.lab.items():
-            if isinstance(entries, Mapping) and isinstance(lab.get(section, {}), dict):
-                lab.setdefault(section, {}).update(entries)
-            else:
-                lab[section] = entries
-    return SessionPart(
-        worker,
-        tuple(f for p in parts for f in p.figures),
-        startup,
-        tuple(dict.fromkeys(r for p in parts for r in p.invalid_reasons)),
-        tuple(dict.fromkeys(q for p in parts for q in p.quality_checks)),
-        tuple(r for p in parts for r in p.requests),
-        lab,
-    )
-
-
-# ------------------------------------------------------------- the plugin's session state
-
-
-class SessionState(Protocol):
-    """The part of the plugin's `RunState` that workers save and the controller merges."""
-
-    figures: list[Figure]
-    startup: dict[str, float | None]
-    invalid_reasons: list[str]
-    quality_checks: list[str]
-    requests: list[dict[str, object]]
-    messages: list[str]
-
-
-def session_part(config: pytest.Config, state: SessionState, worker: str) -> SessionPart:
-    """This process's results so far, lab section included."""
-    from servelab.quality import LAB_RECORDS_KEY
-
-    lab = config.stash.get(LAB_RECORDS_KEY, None)
-    return SessionPart(
-        worker,
-        tuple(state.figures),
-        dict(state.startup),
-        tuple(state.invalid_reasons),
-        tuple(state.quality_checks),
-        tuple(state.requests),
-        lab.to_dict() if lab is not None else {},
-    )
-
-
-def save_worker_part(config: pytest.Config, state: SessionState) -> bool:
+def save_worker_part(config: pytest.Config, results: SessionResults) -> bool:
     """On an xdist worker: save its results so far for the controller. False elsewhere."""
     workerinput = getattr(config, "workerinput", None)
     shared = shared_folder(config)
     if workerinput is None or shared is None:
         return False
-    part = session_part(config, state, f"{workerinput.get('workerid', 'worker')}-{os.getpid()}")
-    if (
-        part.figures
-        or part.requests
-        or part.invalid_reasons
-        or part.quality_checks
-        or any(part.lab.values())
-    ):
-        write_part(shared, part.worker, part.to_dict())
+    if results.has_data():
+        worker = f"{workerinput.get('workerid', 'worker')}-{os.getpid()}"
+        write_part(shared, worker, results.to_dict())
     return True
 
 
-def gather_workers(
-    config: pytest.Config, state: SessionState, shared: Path, perf_session: Callable[[], object]
-) -> dict[str, object]:
-    """On the xdist controller: merge every worker's part into this session's state (and
-    judge the figures here, for the summary and the record, with the session's
-    `PerfSession`); returns the merged lab data."""
-    from servelab.quality import LAB_RECORDS_KEY
-    from servelab.records import PerfSession
-
-    parts = [session_part(config, state, "controller")]
+def collect_session(
+    config: pytest.Config, results: SessionResults, messages: list[str]
+) -> SessionResults:
+    """On the xdist controller: this process's results merged with every worker's saved
+    part (each figure already judged where it was measured); elsewhere `results` itself. A
+    part that cannot be read is reported in `messages`, the rest is kept."""
+    shared = shared_folder(config)
+    if shared is None:
+        return results
+    parts = [results]
     for path, data in read_parts(shared):
         try:
             if data is None:
                 raise RecordError("unreadable")
-            parts.append(SessionPart.from_dict(data))
+            parts.append(SessionResults.from_dict(data))
         except RecordError as exc:
-            state.messages.append(f"servelab: worker results {path.name} lost: {exc}")
-    merged = merge_parts(parts)
-    state.figures = list(merged.figures)
-    state.startup = dict(merged.startup)
-    state.invalid_reasons = list(merged.invalid_reasons)
-    state.quality_checks = list(merged.quality_checks)
-    state.requests = [dict(r) for r in merged.requests]
-    lab = config.stash.get(LAB_RECORDS_KEY, None)
-    if lab is not None:  # for the quality gate summary
-        try:
-            adopt_lab(lab, merged.lab)
-        except ServelabError as exc:
-            state.messages.append(f"servelab: workers' quality gate results: {exc}")
-    if state.figures:
-        perf = perf_session()
-        assert isinstance(perf, PerfSession)
-        judged = {id(v.figure) for v in perf.verdicts}
-        try:
-            for fig in state.figures:
-                if id(fig) not in judged:
-                    perf.judge(fig)
-        except (ServelabError, OSError) as exc:
-            state.messages.append(f"servelab: could not judge the workers' figures: {exc}")
-    return dict(merged.lab)
+            messages.append(f"servelab: worker results {path.name} lost: {exc}")
+    return SessionResults.merge(parts)

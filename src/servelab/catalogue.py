@@ -1,0 +1,173 @@
+"""The metric catalogue: every figure the perf suite records, by family, with its title,
+unit, better direction and definition, in one place.
+
+Entries are keyed by their name template. A family's metric name may carry the shape's
+varying axis (`output_throughput_c{c}`, `ttft_ms_p{n}`); `family_of` reads the family back
+from a stored metric name, so reports group one curve per family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from servelab.figures import Direction, Figure, Identity, Shape
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # format string over the shape's axis: "output_throughput_c{c}"
+    title: str  # format string: "output throughput at concurrency {c}"
+    unit: str
+    direction: Direction
+    definition: str
+
+    def figure(
+        self,
+        runs: tuple[float, ...],
+        *,
+        shape: Shape,
+        identity: Identity,
+        warm: bool = True,
+        notes: tuple[str, ...] = (),
+        **axis: int,
+    ) -> Figure:
+        return Figure(
+            metric=self.name.format(**axis),
+            title=self.title.format(**axis),
+            unit=self.unit,
+            direction=self.direction,
+            runs=runs,
+            shape=shape,
+            warm=warm,
+            identity=identity,
+            definition=self.definition,
+            notes=notes,
+        )
+
+
+def _spec(name: str, title: str, unit: str, direction: Direction, definition: str) -> MetricSpec:
+    return MetricSpec(name, title, unit, direction, definition)
+
+
+CATALOGUE: dict[str, MetricSpec] = {
+    s.name: s
+    for s in (
+        _spec(
+            "decode_tok_s",
+            "single-stream decode rate",
+            "tok/s",
+            "higher",
+            "(N - 1) / (t_last_token_chunk - t_first_token_chunk), one request per run "
+            "(= 1000 / TPOT_ms); N = usage.completion_tokens",
+        ),
+        _spec(
+            "median_tpot_ms",
+            "time per output token (vLLM TPOT)",
+            "ms",
+            "lower",
+            "(E2EL - TTFT) / (N - 1) per request, vLLM calculate_metrics",
+        ),
+        _spec(
+            "ttft_ms_p{n}",
+            "time to first token, {n}-token prompt",
+            "ms",
+            "lower",
+            "first chunk with non-empty choices - send (vLLM TTFT); one request per value",
+        ),
+        _spec(
+            "prefill_tok_s_p{n}",
+            "prefill rate (lower bound), {n}-token prompt",
+            "tok/s",
+            "higher",
+            "usage.prompt_tokens / TTFT per request (TTFT also holds scheduling and the first "
+            "decode step, so this is a lower bound)",
+        ),
+        _spec(
+            "output_throughput_c{c}",
+            "output throughput at concurrency {c}",
+            "tok/s",
+            "higher",
+            "sum of usage.completion_tokens / run duration (vLLM output_throughput; duration = "
+            "dispatch start to last request done)",
+        ),
+        _spec(
+            "total_throughput_c{c}",
+            "total token throughput at concurrency {c}",
+            "tok/s",
+            "higher",
+            "sum of (usage.prompt_tokens + usage.completion_tokens) / run duration (vLLM "
+            "total_token_throughput)",
+        ),
+        _spec(
+            "median_tpot_ms_c{c}",
+            "median time per output token at concurrency {c}",
+            "ms",
+            "lower",
+            "median over requests of (E2EL - TTFT) / (N - 1) (vLLM TPOT)",
+        ),
+        _spec(
+            "median_ttft_ms_c{c}",
+            "median time to first token at concurrency {c}",
+            "ms",
+            "lower",
+            "median over requests of first chunk with non-empty choices - send (vLLM TTFT)",
+        ),
+        _spec(
+            "wall_aggregate_tok_s_c{c}",
+            "wall aggregate output rate at concurrency {c}",
+            "tok/s",
+            "higher",
+            "sum of completion tokens / (max end - min send) (b70 lab)",
+        ),
+        _spec(
+            "session_cold_ttft_s",
+            "session-cache cold TTFT (prefix not cached)",
+            "s",
+            "lower",
+            "median over sessions of first non-empty text - send, pass 1",
+        ),
+        _spec(
+            "session_reload_ttft_s",
+            "session-cache reload TTFT (prefix cached)",
+            "s",
+            "lower",
+            "median over sessions of first non-empty text - send, reload passes",
+        ),
+        _spec(
+            "session_reload_speedup",
+            "session-cache reload TTFT speed-up",
+            "x",
+            "higher",
+            "cold TTFT / reload TTFT",
+        ),
+        _spec(
+            "session_reload_wall_tok_s",
+            "session-cache sustained decode, reload pass",
+            "tok/s",
+            "higher",
+            "generated tokens / elapsed of the slowest request (the lab's wall tok/s)",
+        ),
+        _spec(
+            "session_reload_first_to_last_tok_s",
+            "session-cache decode, first token to last finish, reload pass",
+            "tok/s",
+            "higher",
+            "generated tokens / (last finish - first streamed text)",
+        ),
+    )
+}
+
+_AXIS = re.compile(r"^(?P<family>.+?)_(?:c|p)\d+$")
+
+
+def spec(name: str) -> MetricSpec:
+    """The catalogue entry of a name template (`"output_throughput_c{c}"`)."""
+    return CATALOGUE[name]
+
+
+def family_of(metric: str) -> str:
+    """`output_throughput_c8` -> `output_throughput`; names without an axis are their own
+    family."""
+    m = _AXIS.match(metric)
+    return m.group("family") if m else metric

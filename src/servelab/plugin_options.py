@@ -1,0 +1,189 @@
+"""The plugin's command-line options, parsed once into a frozen `Options` record.
+
+Every servelab option is defined here, in the installed plugin, so it is known wherever
+pytest runs (no option lives in a conftest.py); errors are `pytest.UsageError`s that say
+what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from servelab.errors import ServelabError
+from servelab.profiles import Profile, available_profiles, default_profile_dirs, load_named
+
+EXTERNAL = "endpoint"
+DEFAULT_PROFILE = "cpu-smollm2"
+
+
+@dataclass(frozen=True)
+class Options:
+    profiles: tuple[Profile, ...]
+    endpoint: str | None
+    model: str | None
+    api_key: str | None
+    results_dir: Path
+    baselines_dir: Path
+    update_baselines: bool
+    runs: int | None
+    startup_timeout_s: float | None
+    quality_file: Path | None = None
+    request_timeout_s: float | None = None
+    gate_timeout_s: float | None = None
+
+    def __repr__(self) -> str:
+        # Failure tracebacks print fixture values: never the API key.
+        shown = {k: v for k, v in self.__dict__.items() if k != "api_key"}
+        key = "None" if self.api_key is None else "'***'"
+        return f"Options(api_key={key}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def add_options(parser: pytest.Parser) -> None:
+    g = parser.getgroup("servelab", "servelab performance regression suite")
+    add = g.addoption
+    add(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="profile to start and measure (repeatable); default: cpu-smollm2",
+    )
+    add(
+        "--profiles-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder of profile TOML files",
+    )
+    add(
+        "--endpoint",
+        default=None,
+        metavar="URL",
+        help="measure an already running OpenAI-compatible server (no lifecycle)",
+    )
+    add(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="served model name for --endpoint (default: the first in /v1/models)",
+    )
+    add(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="bearer token for --endpoint (or SERVELAB_API_KEY); never recorded or printed",
+    )
+    add(
+        "--results-dir",
+        default="results",
+        metavar="DIR",
+        help="where records, logs and raw data go (default: results/)",
+    )
+    add(
+        "--baselines-dir",
+        default="baselines",
+        metavar="DIR",
+        help="stored baselines (default: baselines/)",
+    )
+    add(
+        "--update-baselines",
+        action="store_true",
+        default=False,
+        help="write this run's figures as the new baselines (update workflow); "
+        "a refused update fails the session",
+    )
+    add(
+        "--runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="override the number of measured runs per workload",
+    )
+    add(
+        "--startup-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="override the profile's server startup timeout, in seconds",
+    )
+    add(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="override the profile's per-request timeout (limits.request_timeout_s)",
+    )
+    add(
+        "--gate-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="bound the whole quality gate of a target, in seconds",
+    )
+    add(
+        "--quality-file",
+        default=None,
+        metavar="TOML",
+        help="quality gate file (canaries, recall style) overriding the profile's; "
+        "required with --endpoint",
+    )
+    add(
+        "--kernels-full",
+        action="store_true",
+        default=False,
+        help="run the full kernel test grid (32,768-token contexts, every axis combined)",
+    )
+
+
+def _positive(config: pytest.Config, name: str) -> float | None:
+    value = config.getoption(name)
+    if value is not None and not value > 0:
+        raise pytest.UsageError(f"{name} must be a positive number of seconds (got {value})")
+    return None if value is None else float(value)
+
+
+def _root(config: pytest.Config) -> Path:
+    """Where relative --results-dir / --baselines-dir resolve: the project's root (where its
+    pyproject.toml is), else the directory pytest was started in."""
+    inipath = config.inipath
+    return inipath.parent if inipath is not None else config.invocation_params.dir
+
+
+def parse_options(config: pytest.Config) -> Options:
+    endpoint = config.getoption("--endpoint")
+    names = list(config.getoption("--profile"))
+    if endpoint and names:
+        raise pytest.UsageError("--endpoint and --profile exclude each other: pick one target")
+    if config.getoption("--model") and not endpoint:
+        raise pytest.UsageError("--model only applies to --endpoint")
+    runs = config.getoption("--runs")
+    if runs is not None and runs < 1:
+        raise pytest.UsageError(f"--runs must be at least 1 (got {runs})")
+    root = _root(config)
+    dirs = [(config.invocation_params.dir / d) for d in config.getoption("--profiles-dir")]
+    dirs += default_profile_dirs(root) + default_profile_dirs()
+    if not names and not endpoint and available_profiles(dirs).get(DEFAULT_PROFILE):
+        names = [DEFAULT_PROFILE]
+    try:
+        profiles = load_named(names, dirs)
+    except ServelabError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    quality = config.getoption("--quality-file")
+    return Options(
+        profiles=tuple(profiles),
+        endpoint=endpoint,
+        model=config.getoption("--model"),
+        api_key=config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY"),
+        results_dir=(root / config.getoption("--results-dir")).resolve(),
+        baselines_dir=(root / config.getoption("--baselines-dir")).resolve(),
+        update_baselines=bool(config.getoption("--update-baselines")),
+        runs=runs,
+        startup_timeout_s=_positive(config, "--startup-timeout"),
+        quality_file=None if quality is None else (config.invocation_params.dir / quality),
+        request_timeout_s=_positive(config, "--request-timeout"),
+        gate_timeout_s=_positive(config, "--gate-timeout"),
+    )
