@@ -33,9 +33,7 @@ B70_TOOLS = {
     "xpu-smi discovery -d 1 -j": sample("xpu-smi-device-1.json"),
     "lscpu": sample("lscpu-threadripper.txt"),
 }
-NVIDIA_QUERY = (
-    "nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader,nounits"
-)
+NVIDIA_QUERY = f"nvidia-smi {hw.NVIDIA_QUERY} --format=csv,noheader,nounits"
 
 
 def test_xpu_smi_json_and_table_agree() -> None:
@@ -181,3 +179,81 @@ def test_torch_fallback_reads_device_properties(monkeypatch: pytest.MonkeyPatch)
         ("xpu", 1, 32 * 2**30, "torch.xpu"),
     ]
     assert hw.accelerators(fake_runner({})) == []  # torch only when asked
+
+
+# --------------------------------------------------------------------------- PCIe links
+
+
+def test_xpu_smi_device_pcie_link() -> None:
+    assert hw.parse_xpu_smi_pcie(sample("xpu-smi-device-0.json")) == (5, 16)
+    assert hw.parse_xpu_smi_pcie('{"pcie_generation": ""}') == (None, None)
+
+
+def test_b70_host_identity_keeps_the_pcie_link() -> None:
+    host = hw.collect_host(fake_runner(B70_TOOLS))
+    assert [(a.pcie_gen, a.pcie_width) for a in host.accelerators] == [(5, 16), (5, 16)]
+    assert "2x Intel(R) Arc(TM) Pro B70 Graphics (32.0 GiB) on PCIe Gen5 x16" in (
+        host.describe_hardware()
+    )
+    assert host.to_dict()["accelerators"][0]["pcie_gen"] == 5
+
+
+def test_nvidia_smi_pcie_columns_from_a_real_capture() -> None:
+    (dev,) = hw.parse_nvidia_smi_csv(sample("nvidia-smi-query-pcie.csv"))
+    assert (dev.name, dev.memory_bytes, dev.driver) == (
+        "NVIDIA H100 80GB HBM3",
+        81559 * 2**20,
+        "580.159.04",
+    )
+    assert (dev.pcie_gen, dev.pcie_width) == (5, 16)
+    host = hw.collect_host(fake_runner({NVIDIA_QUERY: sample("nvidia-smi-query-pcie.csv")}))
+    assert "1x NVIDIA H100 80GB HBM3 (79.6 GiB) on PCIe Gen5 x16" in host.describe_hardware()
+    # The older four-column capture still parses, without a link.
+    old = hw.parse_nvidia_smi_csv(sample("nvidia-smi-query.csv"))
+    assert [(a.pcie_gen, a.pcie_width) for a in old] == [(None, None), (None, None)]
+    assert hw.parse_nvidia_smi_csv("0, GPU, 1024, 1.0, [N/A], [N/A]")[0].link() is None
+
+
+def test_cards_on_different_links_are_described_apart() -> None:
+    a = hw.Accelerator("xpu", 0, "B70", 2**35, None, "xpu-smi", 5, 16)
+    b = hw.Accelerator("xpu", 1, "B70", 2**35, None, "xpu-smi", 5, 8)
+    host = hw.HostIdentity("k", "cpu", 1, 2, 2**30, "os", "k", "x86_64", (a, b))
+    assert "1x B70 (32.0 GiB) on PCIe Gen5 x16, 1x B70 (32.0 GiB) on PCIe Gen5 x8" in (
+        host.describe_hardware()
+    )
+    # The link is identity, not the baseline key (like the driver).
+    assert hw.make_host_key("c", 2, "x", [a, a]) == hw.make_host_key("c", 2, "x", [a, b])
+
+
+# --------------------------------------------------------------------------- stack
+
+
+PROFILES = FIX.parent / "profiles"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PROFILES.glob("*.toml")))
+def test_stack_command_is_rendered_with_the_profiles_values(name: str) -> None:
+    from servelab.profiles import load_profile
+
+    profile = load_profile(PROFILES / f"{name}.toml")
+    stack = hw.collect_stack(profile, "vllm", weights=False)
+    line = " ".join(stack.command)
+    for placeholder in ("{model}", "{served_name}", "{host}", "{port}", "{context_len}", "{py"):
+        assert placeholder not in line, line
+    assert f"--max-model-len {profile.model.context_len}" in line
+    assert stack.cards == profile.hardware.count
+    assert stack.accelerator == profile.hardware.accelerator
+    if profile.model.path:
+        assert profile.model.path in line
+    # The argv a started server ran wins over the rendering.
+    started = hw.collect_stack(profile, "vllm", weights=False, command=["serve", "--port", "1"])
+    assert started.command == ("serve", "--port", "1")
+
+
+def test_lab_profile_stack_says_four_cards_and_tp4() -> None:
+    from servelab.profiles import load_profile
+
+    stack = hw.collect_stack(load_profile(PROFILES / "gemma4-12b-c8.toml"), "vllm", weights=False)
+    assert (stack.accelerator, stack.cards) == ("xpu", 4)
+    assert "--tensor-parallel-size 4" in " ".join(stack.command)
+    assert '{"image":4}' in stack.command  # doubled braces render to JSON

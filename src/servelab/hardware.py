@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -52,6 +53,16 @@ class Accelerator:
     memory_bytes: int | None = None
     driver: str | None = None
     source: str = ""  # which tool reported it
+    pcie_gen: int | None = None  # PCIe generation of the card's link (None: not reported)
+    pcie_width: int | None = None  # lanes of the card's link
+
+    def link(self) -> str | None:
+        """The link as "PCIe Gen5 x16", or None when the tool did not report it."""
+        if self.pcie_gen is None and self.pcie_width is None:
+            return None
+        gen = "?" if self.pcie_gen is None else self.pcie_gen
+        width = "?" if self.pcie_width is None else self.pcie_width
+        return f"PCIe Gen{gen} x{width}"
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class HostIdentity:
         return ", ".join(found) if found else "none"
 
     def describe_hardware(self) -> str:
-        """Community-format "Hardware": cards and VRAM per card, else the CPU."""
+        """Community-format "Hardware": cards, VRAM and PCIe link per card, else the CPU."""
         cpu = f"{self.cpu_model} ({self.cpu_cores or '?'} cores / {self.cpu_threads or '?'} "
         cpu += f"threads, {_gib(self.ram_bytes)} RAM)"
         if not self.accelerators:
@@ -83,6 +94,9 @@ class HostIdentity:
         names: dict[str, int] = {}
         for a in self.accelerators:
             label = f"{a.name} ({_gib(a.memory_bytes)})"
+            link = a.link()
+            if link:
+                label += f" on {link}"
             names[label] = names.get(label, 0) + 1
         cards = ", ".join(f"{n}x {label}" for label, n in names.items())
         return f"{cards}; host {cpu}"
@@ -135,6 +149,19 @@ def parse_xpu_smi_device(text: str) -> tuple[int | None, str | None]:
     return (int(mem) if mem not in (None, "") else None, str(drv) if drv else None)
 
 
+def parse_xpu_smi_pcie(text: str) -> tuple[int | None, int | None]:
+    """PCIe generation and link width from `xpu-smi discovery -d N -j`
+    (`pcie_generation`, `pcie_max_link_width`)."""
+    data = json.loads(text)
+    gen, width = data.get("pcie_generation"), data.get("pcie_max_link_width")
+    return _int_or_none(gen), _int_or_none(width)
+
+
+def _int_or_none(value: object) -> int | None:
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() else None
+
+
 _SYCL_LINE = re.compile(
     r"^\[(?P<backend>[\w:]+):gpu\]\s*\[(?P<be2>[\w:]+):(?P<idx>\d+)\]\s*(?P<rest>.+)$"
 )
@@ -160,16 +187,27 @@ def parse_sycl_ls(text: str) -> list[Accelerator]:
     return out
 
 
+#: Link generation and width: the most this card and this slot allow (`.max`), not the link's
+#: current state (`.current`), which drops to Gen1 while an idle card saves power.
+NVIDIA_QUERY = (
+    "--query-gpu=index,name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max"
+)
+
+
 def parse_nvidia_smi_csv(text: str) -> list[Accelerator]:
-    """`nvidia-smi --query-gpu=index,name,memory.total,driver_version
-    --format=csv,noheader,nounits` (memory in MiB)."""
+    """`nvidia-smi NVIDIA_QUERY --format=csv,noheader,nounits` (memory in MiB); the older
+    four-column query (no PCIe fields) parses too."""
     out = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 4 or not parts[0].isdigit():
             continue
         mem = int(parts[2]) * 2**20 if parts[2].isdigit() else None
-        out.append(Accelerator("cuda", int(parts[0]), parts[1], mem, parts[3], "nvidia-smi"))
+        gen = _int_or_none(parts[4]) if len(parts) > 4 else None
+        width = _int_or_none(parts[5]) if len(parts) > 5 else None
+        out.append(
+            Accelerator("cuda", int(parts[0]), parts[1], mem, parts[3], "nvidia-smi", gen, width)
+        )
     return out
 
 
@@ -248,10 +286,12 @@ def intel_gpus(runner: Runner = run_tool) -> list[Accelerator]:
         for d in devs:
             info = runner(["xpu-smi", "discovery", "-d", str(d.index), "-j"])
             mem, drv = d.memory_bytes, d.driver
+            gen, width = d.pcie_gen, d.pcie_width
             if info:
                 with contextlib.suppress(ValueError):
                     mem, drv = parse_xpu_smi_device(info)
-            detailed.append(Accelerator("xpu", d.index, d.name, mem, drv, d.source))
+                    gen, width = parse_xpu_smi_pcie(info)
+            detailed.append(Accelerator("xpu", d.index, d.name, mem, drv, d.source, gen, width))
         if detailed:
             return detailed
     text = runner(["sycl-ls"])
@@ -259,13 +299,7 @@ def intel_gpus(runner: Runner = run_tool) -> list[Accelerator]:
 
 
 def nvidia_gpus(runner: Runner = run_tool) -> list[Accelerator]:
-    text = runner(
-        [
-            "nvidia-smi",
-            "--query-gpu=index,name,memory.total,driver_version",
-            "--format=csv,noheader,nounits",
-        ]
-    )
+    text = runner(["nvidia-smi", NVIDIA_QUERY, "--format=csv,noheader,nounits"])
     return parse_nvidia_smi_csv(text) if text else []
 
 
@@ -385,7 +419,9 @@ class StackIdentity:
     args_hash: str | None = None
     quantization: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    command: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()  # the server's argv, rendered (no `{placeholders}`)
+    accelerator: str | None = None  # what the profile runs on: "cpu", "xpu", "cuda"
+    cards: int | None = None  # how many the profile uses (hardware.count); None: unknown
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -426,11 +462,40 @@ def patch_hashes(files: Sequence[str], root: Path | None = None) -> tuple[tuple[
     return tuple(out)
 
 
-def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True) -> StackIdentity:
+def render_recipe(
+    profile: Profile, *, model: str | None = None, port: int | None = None
+) -> tuple[str, ...]:
+    """The profile's command line with its own values in place of the `{placeholders}`.
+
+    `model` (the served directory) and `port` are known once a server started; without them
+    the profile's model path and `$PORT` stand in, so the line still reads as a command.
+    """
+    values = {
+        "python": sys.executable,
+        "model": model or profile.model.path or profile.model.served_name,
+        "served_name": profile.model.served_name,
+        "host": "127.0.0.1",
+        "port": "$PORT" if port is None else str(port),
+        "context_len": str(profile.model.context_len),
+    }
+    return tuple(
+        part.format_map(values) for part in (*profile.engine.command, *profile.engine.args)
+    )
+
+
+def collect_stack(
+    profile: Profile | None,
+    engine: str,
+    *,
+    weights: bool = True,
+    command: Sequence[str] | None = None,
+) -> StackIdentity:
     """The serving stack a profile describes (engine build, patches, model, arguments).
 
     `weights` computes the prepared model's weights hash (verifies the cached model's
     checksums: about a second for the embedded model; only for the `smollm2-gguf` source).
+    `command` is the argv the server was started with (`pool.Started.command`); without it
+    the profile's command line is rendered with the profile's values (`render_recipe`).
     """
     if profile is None:
         name = engine.split()[0] if engine else "unknown"
@@ -438,12 +503,14 @@ def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True)
             engine=engine, engine_name=name, engine_version=None, engine_commit=None
         )
     weights_sha = None
+    model_dir = None
     if weights and profile.model.source == "smollm2-gguf":
         from servelab.errors import ModelPrepareError
         from servelab.models import prepare_model
 
         try:
-            weights_sha = prepare_model(profile).weights_sha256 or None
+            prepared = prepare_model(profile)
+            weights_sha, model_dir = prepared.weights_sha256 or None, str(prepared.path)
         except ModelPrepareError:
             weights_sha = None
     root = (
@@ -462,7 +529,9 @@ def collect_stack(profile: Profile | None, engine: str, *, weights: bool = True)
         args_hash=profile.args_hash(),
         quantization=profile.model.quantization,
         env=dict(profile.engine.env),
-        command=(*profile.engine.command, *profile.engine.args),
+        command=tuple(command) if command else render_recipe(profile, model=model_dir),
+        accelerator=profile.hardware.accelerator,
+        cards=profile.hardware.count,
     )
 
 
