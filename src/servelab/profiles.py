@@ -13,15 +13,14 @@ import hashlib
 import json
 import string
 import sys
-import tomllib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal
 
 from servelab.errors import ProfileError
+from servelab.files import read_toml
+from servelab.schema import check_version, read
 
 SCHEMA_VERSION = 1
 
@@ -215,24 +214,16 @@ def find_profile(name: str, dirs: Sequence[Path]) -> Path:
 
 
 def load_profile(path: Path) -> Profile:
-    """Parse and validate one profile file."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: profile file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
-    version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ProfileError(
-            f"{path}: field 'schema_version' must be {SCHEMA_VERSION} (got {version!r})"
-        )
-    profile = _build(Profile, raw, where=str(path), path_field=path)
+    """Parse and validate one profile file (`servelab.schema`: file, field, expected type)."""
+    raw = read_toml(path, error=ProfileError, what="profile file")
+    where = str(path)
+    check_version(raw, SCHEMA_VERSION, file=where, error=ProfileError)
+    profile = dataclasses.replace(read(Profile, raw, file=where, error=ProfileError), path=path)
     if profile.name != path.stem:
         raise ProfileError(
             f"{path}: field 'name' is {profile.name!r} but must equal the file stem {path.stem!r}"
         )
-    _check_semantics(profile, str(path))
+    _check_semantics(profile, where)
     return profile
 
 
@@ -293,102 +284,3 @@ def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
         r = w.recall
         needs.append(("recall", estimated_tokens(r.lines) + WRAPPER_TOKENS + r.max_tokens))
     return needs
-
-
-# --------------------------------------------------------------------------- typed reader
-
-T = TypeVar("T")
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (tuple, list):
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if origin in (Mapping, dict):
-        return "table of strings"
-    if tp is type(None):
-        return "absent"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
-    origin = get_origin(tp)
-    bad = ProfileError(
-        f"{where}: field {key!r} must be {_type_name(tp)} (got {type(value).__name__} {value!r})"
-    )
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in get_args(tp) if a is not type(None)]
-        for member in members:
-            try:
-                return _convert(member, value, where, key)
-            except ProfileError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise bad
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, where, prefix=f"{key}.")
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise bad
-        inner = get_args(tp)[0]
-        return tuple(_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict):
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise bad
-        return types.MappingProxyType(dict(value))
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp in (str, bool):
-        if isinstance(value, tp):
-            return value
-        raise bad
-    raise bad
-
-
-def _build(
-    cls: type[T],
-    table: Mapping[str, Any],
-    where: str,
-    prefix: str = "",
-    path_field: Path | None = None,
-) -> T:
-    hints = typing.get_type_hints(cls)
-    fields = {
-        f.name: f
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if not f.metadata.get("internal")
-    }
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ProfileError(
-            f"{where}: unknown field(s) {[prefix + u for u in unknown]}; "
-            f"allowed in this table: {sorted(prefix + k for k in fields)}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in table:
-            kwargs[name] = _convert(hints[name], table[name], where, prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProfileError(
-                f"{where}: missing field {prefix + name!r} (expected {_type_name(hints[name])})"
-            )
-    if path_field is not None:
-        kwargs["path"] = path_field
-    return cls(**kwargs)

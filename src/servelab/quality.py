@@ -15,229 +15,28 @@ fixed seed):
 A failed gate marks the session's speed results invalid (``RunState.invalid_reasons``): the
 perf suite gives no pass verdict and updates no baseline, and the record says why.
 
-Quality file format (TOML)::
-
-    schema_version = 1
-    seed = 20260607                  # request seed for every gate request
-    [recall]
-    api = "chat"                     # or "completion" (the lab's raw prompt)
-    lead_in = "The answer_word for lane {label} is"   # chat: assistant text to continue
-    session_lanes = ["B", "C"]       # lanes of the session-cache sessions (default A, B, ...)
-    [[canary]]
-    id = "capital-france"
-    api = "chat"                     # or "completion"
-    prompt = "What is the capital of France?"
-    max_tokens = 24
-    expect = "The capital of France is Paris."      # exact (surrounding whitespace ignored)
-    # match = '^\\s*7\\s*$'          # or a regular expression the whole output must match
-    # stop = ["\\n"]
+The quality file (canaries, recall style) is read by `servelab.quality_file`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from servelab import recall
-from servelab.errors import ClientError, QualityGateError
+from servelab.errors import ClientError
 from servelab.gate_report import CheckResult, GateReport, Outcome
+
+# The quality file's names, re-exported (its home is servelab.quality_file).
+from servelab.quality_file import DEFAULT_SEED as DEFAULT_SEED
+from servelab.quality_file import QUALITY_SCHEMA_VERSION as QUALITY_SCHEMA_VERSION
+from servelab.quality_file import Api as Api
+from servelab.quality_file import Canary as Canary
+from servelab.quality_file import QualitySet as QualitySet
+from servelab.quality_file import RecallStyle as RecallStyle
+from servelab.quality_file import load_quality_file as load_quality_file
+from servelab.quality_file import resolve_quality_path as resolve_quality_path
 from servelab.server import Endpoint
-
-QUALITY_SCHEMA_VERSION = 1
-DEFAULT_SEED = 20260607  # the lab's canary seed (scripts/openai-quality-canary.py)
-Api = Literal["chat", "completion"]
-_APIS = ("chat", "completion")
-
-
-# --------------------------------------------------------------------------- quality file
-
-
-@dataclass(frozen=True)
-class Canary:
-    id: str
-    api: Api
-    prompt: str
-    max_tokens: int
-    expect: str | None = None
-    match: str | None = None
-    stop: tuple[str, ...] = ()
-
-    def judge(self, text: str) -> str | None:
-        """None when `text` is right; otherwise why not."""
-        if self.expect is not None:
-            if text.strip() == self.expect:
-                return None
-            close = _norm(text) == _norm(self.expect) or self.expect.lower() in text.lower()
-            kind = "close but not exact" if close else "wrong"
-            return f"canary {self.id!r}: expected {self.expect!r}, got {text!r} ({kind})"
-        assert self.match is not None  # guaranteed by load_quality_file
-        if re.fullmatch(self.match, text):
-            return None
-        return f"canary {self.id!r}: output {text!r} does not fully match /{self.match}/"
-
-
-@dataclass(frozen=True)
-class RecallStyle:
-    api: Api = "completion"
-    lead_in: str = ""
-    #: Lanes the session-cache workload gives its sessions, in order (default A, B, C, ...).
-    session_lanes: tuple[str, ...] = ()
-
-    def messages(self, case: recall.RecallCase) -> list[dict[str, str]]:
-        msgs = [{"role": "user", "content": case.prompt}]
-        if self.lead_in:
-            msgs.append({"role": "assistant", "content": self.lead_in.format(label=case.label)})
-        return msgs
-
-
-@dataclass(frozen=True)
-class QualitySet:
-    path: Path | None
-    seed: int
-    canaries: tuple[Canary, ...]
-    recall: RecallStyle
-
-    @property
-    def sha256(self) -> str | None:
-        return None if self.path is None else _sha256_file(self.path)
-
-
-def _norm(s: str) -> str:
-    return re.sub(r"[\W_]+", " ", s).strip().lower()
-
-
-def _sha256_file(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def load_quality_file(path: Path) -> QualitySet:
-    """Parse and validate a quality file; QualityGateError names the file and the entry."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QualityGateError(f"{path}: quality file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise QualityGateError(f"{path}: invalid TOML: {exc}") from None
-    _only(raw, {"schema_version", "seed", "recall", "canary"}, f"{path}")
-    if raw.get("schema_version") != QUALITY_SCHEMA_VERSION:
-        raise QualityGateError(
-            f"{path}: field 'schema_version' must be {QUALITY_SCHEMA_VERSION} "
-            f"(got {raw.get('schema_version')!r})"
-        )
-    seed = raw.get("seed", DEFAULT_SEED)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise QualityGateError(f"{path}: field 'seed' must be an integer (got {seed!r})")
-    style = _recall_style(raw.get("recall", {}), f"{path}: [recall]")
-    entries = raw.get("canary", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise QualityGateError(f"{path}: 'canary' must be an array of tables ([[canary]])")
-    canaries: list[Canary] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(entries):
-        c = _canary(entry, f"{path}: canary #{i + 1}")
-        if c.id in seen:
-            raise QualityGateError(f"{path}: canary #{i + 1}: duplicate id {c.id!r}")
-        seen.add(c.id)
-        canaries.append(c)
-    return QualitySet(path=path, seed=seed, canaries=tuple(canaries), recall=style)
-
-
-def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise QualityGateError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-
-
-def _field(table: Mapping[str, Any], key: str, kind: type, where: str, required: bool) -> Any:
-    if key not in table:
-        if required:
-            raise QualityGateError(f"{where}: missing field {key!r} ({kind.__name__})")
-        return None
-    value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise QualityGateError(
-            f"{where}: field {key!r} must be {kind.__name__} (got {type(value).__name__} {value!r})"
-        )
-    return value
-
-
-def _recall_style(table: Any, where: str) -> RecallStyle:
-    if not isinstance(table, dict):
-        raise QualityGateError(f"{where}: must be a table")
-    _only(table, {"api", "lead_in", "session_lanes"}, where)
-    api = table.get("api", "completion")
-    if api not in _APIS:
-        raise QualityGateError(f"{where}: field 'api' must be one of {_APIS} (got {api!r})")
-    lead_in = _field(table, "lead_in", str, where, required=False) or ""
-    if lead_in and api != "chat":
-        raise QualityGateError(f"{where}: 'lead_in' applies only to api = 'chat'")
-    try:
-        lead_in.format(label="A")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise QualityGateError(
-            f"{where}: 'lead_in' {lead_in!r} may only use the placeholder {{label}} ({exc})"
-        ) from None
-    lanes = table.get("session_lanes", [])
-    if not isinstance(lanes, list) or not all(
-        isinstance(x, str) and len(x) == 1 and x.isalpha() and x.isupper() for x in lanes
-    ):
-        raise QualityGateError(
-            f"{where}: 'session_lanes' must be a list of single capital letters (got {lanes!r})"
-        )
-    if len(set(lanes)) != len(lanes):
-        raise QualityGateError(f"{where}: 'session_lanes' repeats a lane: {lanes!r}")
-    return RecallStyle(api=api, lead_in=lead_in, session_lanes=tuple(lanes))
-
-
-def _canary(entry: Mapping[str, Any], where: str) -> Canary:
-    cid = entry.get("id")
-    if isinstance(cid, str) and cid:
-        where = f"{where} ({cid!r})"
-    _only(entry, {"id", "api", "prompt", "max_tokens", "expect", "match", "stop"}, where)
-    cid = _field(entry, "id", str, where, required=True)
-    if not cid.strip():
-        raise QualityGateError(f"{where}: field 'id' must not be empty")
-    api = entry.get("api", "chat")
-    if api not in _APIS:
-        raise QualityGateError(f"{where}: field 'api' must be one of {_APIS} (got {api!r})")
-    prompt = _field(entry, "prompt", str, where, required=True)
-    if not prompt:
-        raise QualityGateError(f"{where}: field 'prompt' must not be empty")
-    max_tokens = _field(entry, "max_tokens", int, where, required=True)
-    if max_tokens < 1:
-        raise QualityGateError(f"{where}: field 'max_tokens' must be >= 1 (got {max_tokens})")
-    expect = _field(entry, "expect", str, where, required=False)
-    match = _field(entry, "match", str, where, required=False)
-    if (expect is None) == (match is None):
-        raise QualityGateError(f"{where}: give exactly one of 'expect' (exact text) or 'match'")
-    if expect is not None and expect != expect.strip():
-        raise QualityGateError(f"{where}: 'expect' has surrounding whitespace, which never counts")
-    if match is not None:
-        try:
-            re.compile(match)
-        except re.error as exc:
-            raise QualityGateError(f"{where}: 'match' is not a valid regex: {exc}") from None
-    stop = entry.get("stop", [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise QualityGateError(f"{where}: field 'stop' must be a list of non-empty strings")
-    return Canary(cid, api, prompt, max_tokens, expect, match, tuple(stop))
-
-
-def resolve_quality_path(value: str | None, profile_path: Path | None) -> Path | None:
-    """A profile's ``quality.canaries``, relative to the profile file's folder."""
-    if value is None:
-        return None
-    p = Path(value)
-    if not p.is_absolute() and profile_path is not None:
-        p = profile_path.parent / p
-    return p
-
 
 # --------------------------------------------------------------------------- results
 # GateReport and its parts live in servelab.gate_report (imported above).

@@ -1,0 +1,86 @@
+"""Verdicts: one figure judged against its stored baseline.
+
+Comparison across stacks (another host key, engine, model, argument set, profile, unit or
+direction) is refused with the differing fields. The statistics are `servelab.stats`'s:
+`judge` hands it the baseline's runs and this run's, nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from servelab.baselines.schema import (
+    CREATE_HINT,
+    Baseline,
+    Fingerprint,
+    MetricBaseline,
+    figure_key,
+)
+from servelab.figures import Figure
+from servelab.stats import Comparison, compare_runs
+
+Status = Literal["regression", "improvement", "no change", "inconclusive", "no baseline", "refused"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    figure: Figure
+    status: Status
+    text: str
+    baseline: MetricBaseline | None = None
+    comparison: Comparison | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("regression", "refused")
+
+
+def judge(
+    fig: Figure,
+    baseline: Baseline | None,
+    fingerprint: Fingerprint,
+    path: Path,
+    *,
+    threshold: float | None = None,
+) -> Verdict:
+    """Compare one figure with its stored baseline (refusing across fingerprints)."""
+    key = figure_key(fig)
+    if baseline is None:
+        return Verdict(fig, "no baseline", f"no baseline at {path}: {CREATE_HINT}")
+    diffs = baseline.fingerprint.differences(fingerprint)
+    if baseline.profile != fig.identity.profile:
+        diffs.insert(
+            0, f"profile: baseline {baseline.profile!r} vs this run {fig.identity.profile!r}"
+        )
+    if diffs:
+        return Verdict(
+            fig,
+            "refused",
+            f"comparison refused: {path} was measured on another stack; differing "
+            f"fields: {'; '.join(diffs)}. Rerun on the baseline's stack, or "
+            f"record a new baseline with --update-baselines",
+        )
+    mb = baseline.metrics.get(key)
+    if mb is None:
+        return Verdict(fig, "no baseline", f"{path} has no entry {key!r}: {CREATE_HINT}")
+    if mb.direction != fig.direction or mb.unit != fig.unit:
+        return Verdict(
+            fig,
+            "refused",
+            f"comparison refused: {path} metrics[{key!r}] is {mb.unit} "
+            f"({mb.direction} is better), this run is {fig.unit} ({fig.direction})",
+        )
+    cmp = compare(mb, fig, threshold=threshold)
+    return Verdict(fig, cmp.outcome, cmp.describe(fig.direction), mb, cmp)
+
+
+def compare(mb: MetricBaseline, fig: Figure, *, threshold: float | None = None) -> Comparison:
+    """The statistical core: this figure's runs against the baseline's (servelab.stats)."""
+    return compare_runs(
+        mb.runs,
+        fig.runs,
+        fig.direction,
+        threshold=threshold if threshold is not None else mb.threshold,
+    )
