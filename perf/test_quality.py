@@ -1,6 +1,6 @@
 """The quality gate of each served target, reported test by test.
 
-The gate itself runs once per target in perf/conftest.py, before any speed test; these
+The gate itself runs once per target (servelab.plugin_gate), before any speed test; these
 tests only read its report, so a failure shows up here by name as well as blocking the
 speed tests.
 """

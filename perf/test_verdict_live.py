@@ -29,7 +29,7 @@ import pytest
 from servelab import metrics, workloads
 from servelab.baselines import BaselineStore, Fingerprint, Provenance, judge
 from servelab.figures import Figure, Identity, Shape
-from servelab.plugin import RunState
+from servelab.session import SessionResults
 from servelab.records import request_row
 from servelab.server import Endpoint
 
@@ -152,7 +152,7 @@ def slow_endpoint(servelab_endpoint: Endpoint) -> Iterator[Endpoint]:
         )
 
 
-def _one_run(endpoint: Endpoint, arm: str, i: int, state: RunState) -> float:
+def _one_run(endpoint: Endpoint, arm: str, i: int, state: SessionResults) -> float:
     settings = workloads.Settings(
         nonce=f"verdict-live-{arm}-{i}-{time.time_ns()}",
         progress=False,
@@ -182,7 +182,7 @@ def test_injected_slowdown_is_caught_and_unchanged_runs_pass(
     servelab_endpoint: Endpoint,
     slow_endpoint: Endpoint,
     servelab_identity: Identity,
-    servelab_state: RunState,
+    servelab_state: SessionResults,
     tmp_path: Path,
 ) -> None:
     arms: dict[str, list[float]] = {"base": [], "again": [], "slow": []}

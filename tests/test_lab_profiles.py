@@ -176,7 +176,6 @@ def test_gate(servelab_quality_gate):
 def test_lab_profiles_skip_cleanly_without_b70s(pytester: pytest.Pytester) -> None:
     if shutil.which("xpu-smi") or shutil.which("sycl-ls"):
         pytest.skip("this host has Intel XPU tooling")
-    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(test_probe=PROBE)
     args = ["-p", "no:cacheprovider", "-rs", f"--profiles-dir={PROFILES}"]
     for name in LAB:
@@ -196,7 +195,6 @@ def test_recall_too_big_for_context_refused_before_start(pytester: pytest.Pytest
     )
     d = pytester.mkdir("profiles")
     (d / "tiny-ctx.toml").write_text(text)
-    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(test_probe=PROBE)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", f"--profiles-dir={d}", "--profile=tiny-ctx", "-k", "gate"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,6 @@ def session(
     pytester: pytest.Pytester, mode: str, qfile: Path, name: str, *args: str
 ) -> tuple[pytest.RunResult, int, Path]:
     """Run the perf wiring against a fresh stub; (result, completion requests, results dir)."""
-    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(test_speed=TESTS)
     results = pytester.path / name / "results"
     with Stub(mode) as stub:

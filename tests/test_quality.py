@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +26,7 @@ from servelab.quality import (
     run_gate,
 )
 from servelab.server import Endpoint
-from servelab.xdist import SessionGates, adopt_lab, gate_report_from_dict
+from servelab.xdist import SessionGates
 from tests.fakes import sse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +326,6 @@ def test_gate_report(servelab_quality_gate):
 def test_wrong_server_never_gets_a_speed_verdict(
     pytester: pytest.Pytester, qfile: Path, mode: str
 ) -> None:
-    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(test_speed=SPEED)
     with Stub(mode) as stub:
         result = pytester.runpytest_subprocess(
@@ -367,7 +365,6 @@ def test_wrong_server_never_gets_a_speed_verdict(
 
 
 def test_endpoint_without_quality_file_is_refused(pytester: pytest.Pytester) -> None:
-    shutil.copy(ROOT / "perf" / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(test_speed=SPEED)
     with Stub("right") as stub:
         result = pytester.runpytest_subprocess(
@@ -382,18 +379,21 @@ def test_endpoint_without_quality_file_is_refused(pytester: pytest.Pytester) -> 
 
 def test_lab_records_serialise_for_the_record(qfile: Path) -> None:
     from servelab import prometheus
-    from servelab.quality import LabRecords
+    from servelab.plugin_gate import _metrics_data
+    from servelab.session import SessionResults
 
     with Stub("right") as stub:
         report = gate(stub, qfile, lines=None)
-    lab = LabRecords()
+    lab = SessionResults()
     lab.gates["stub"] = report
-    lab.metrics["perf/test_x.py::test_a[stub]"] = prometheus.delta(
-        prometheus.parse("vllm:prefix_cache_hits_total 1\n"),
-        prometheus.parse("vllm:prefix_cache_hits_total 5\n"),
+    lab.metrics["perf/test_x.py::test_a[stub]"] = _metrics_data(
+        prometheus.delta(
+            prometheus.parse("vllm:prefix_cache_hits_total 1\n"),
+            prometheus.parse("vllm:prefix_cache_hits_total 5\n"),
+        )
     )
     lab.metrics["perf/test_x.py::test_b[stub]"] = "not recorded: HTTP 404"
-    data = json.loads(json.dumps(lab.to_dict()))
+    data = json.loads(json.dumps(lab.lab()))
     assert data["gates"]["stub"]["passed"] is True
     assert data["gates"]["stub"]["checks"][0]["name"] == "canaries"
     delta = data["metrics"]["perf/test_x.py::test_a[stub]"]
@@ -408,10 +408,10 @@ def test_lab_records_serialise_for_the_record(qfile: Path) -> None:
 def test_gate_report_round_trips(qfile: Path) -> None:
     with Stub("wrong") as stub:
         report = gate(stub, qfile)
-    back = gate_report_from_dict(json.loads(json.dumps(report.to_dict())))
+    back = GateReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert back == report
     with pytest.raises(QualityGateError, match="malformed"):
-        gate_report_from_dict({"target": "x"})
+        GateReport.from_dict({"target": "x"})
 
 
 def test_shared_gates_run_each_target_once_per_folder(qfile: Path, tmp_path: Path) -> None:
@@ -446,11 +446,11 @@ def test_shared_gates_share_an_error_too(tmp_path: Path) -> None:
 
 def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
     from servelab.patches import FileStatus, PatchReport, PatchStatus
-    from servelab.quality import LabRecords
+    from servelab.session import SessionResults, patch_report_from_dict
 
     with Stub("right") as stub:
         report = gate(stub, qfile, lines=None)
-    worker = LabRecords()
+    worker = SessionResults()
     worker.gates["stub"] = report
     worker.patches["stub"] = PatchReport(
         "/site-packages",
@@ -461,10 +461,10 @@ def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
         ),
     )
     worker.metrics["t.py::a"] = "not recorded: HTTP 404"
-    controller = LabRecords()
-    adopt_lab(controller, json.loads(json.dumps(worker.to_dict())))
+    back = SessionResults.from_dict(json.loads(json.dumps(worker.to_dict())))
+    controller = SessionResults.merge([SessionResults(), back])
     assert controller.gates == worker.gates
     assert controller.patches == worker.patches
     assert controller.patches["stub"].all_applied
     with pytest.raises(QualityGateError, match="malformed"):
-        adopt_lab(LabRecords(), {"patches": {"stub": {"root": "/"}}})
+        patch_report_from_dict({"root": "/"})

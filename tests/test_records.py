@@ -26,7 +26,6 @@ from servelab.records import (
     write_record,
 )
 from servelab.redact import Redactor
-from servelab.xdist import SessionPart, merge_parts
 
 HOST = HostIdentity(
     key="xpu-2x-intel-arc-pro-b70-graphics-12345678",
@@ -115,7 +114,7 @@ def test_write_and_load_round_trip(tmp_path: Path) -> None:
     v = Verdict(FIGS[0], "no baseline", "no baseline at x")
     paths = write_record(
         tmp_path / "r",
-        build_record(SESSION, HOST, [TARGET], FIGS, [v]),
+        build_record(SESSION, HOST, [TARGET], [v, *FIGS[1:]]),
         Redactor(frozenset()),
         requests=rows,
     )
@@ -248,78 +247,3 @@ def test_lab_extras_become_plain_json(tmp_path: Path) -> None:
     assert rec["lab"]["metrics"]["t"] == "no /metrics"
     paths = write_record(tmp_path, rec, Redactor(frozenset()))
     assert load_record(paths.folder)["lab"] == rec["lab"]
-
-
-# --------------------------------------------------------------------------- xdist parts
-
-
-def test_session_part_round_trips_through_json() -> None:
-    part = SessionPart(
-        "gw0-123",
-        (fig("decode_output_tok_s", "tok/s", 12.0), fig("ttft_ms", "ms", 80.0, direction="lower")),
-        {"b70-gemma": 41.5},
-        ("quality gate [b70-gemma] canaries: wrong",),
-        ("[b70-gemma] canaries: FAIL - 0/8",),
-        ({"test": "test_decode", "ttft_ns": 5, "tokens": (1, 2)},),
-        {"gates": {"b70-gemma": {"passed": False}}, "metrics": {"perf/t.py::a": "n/a"}},
-    )
-    back = SessionPart.from_dict(json.loads(json.dumps(part.to_dict())))
-    assert back.figures == part.figures
-    assert back == SessionPart(
-        part.worker,
-        part.figures,
-        part.startup,
-        part.invalid_reasons,
-        part.quality_checks,
-        ({"test": "test_decode", "ttft_ns": 5, "tokens": [1, 2]},),
-        part.lab,
-    )
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        ({"kind": "servelab-record"}, "not a servelab session part"),
-        ({"figures": [{"metric": "x"}]}, "figure .*: malformed"),
-        ({"startup": {"p": "soon"}}, "session part 'gw0': malformed"),
-    ],
-)
-def test_session_part_refuses_malformed_data(edit: dict[str, object], message: str) -> None:
-    data = {**SessionPart("gw0").to_dict(), **edit}
-    with pytest.raises(RecordError, match=message):
-        SessionPart.from_dict(data)
-
-
-def test_merge_parts_keeps_every_measurement_and_states_shared_facts_once() -> None:
-    a, b, c = (fig(m, "tok/s", v) for m, v in (("a", 1.0), ("b", 2.0), ("b", 2.0)))
-    gate = {"target": "b70-gemma", "passed": False}
-    reason = "quality gate [b70-gemma] canaries: wrong"
-    one = SessionPart(
-        "gw0",
-        (a, b),
-        {"b70-gemma": None},
-        (reason,),
-        ("[b70-gemma] canaries: FAIL",),
-        ({"i": 0},),
-        {"gates": {"b70-gemma": gate}, "metrics": {"t.py::a": "x", "t.py::b": "y"}},
-    )
-    two = SessionPart(
-        "gw1",
-        (c,),
-        {"b70-gemma": 12.5},
-        (reason, "engine died"),
-        ("[b70-gemma] canaries: FAIL",),
-        ({"i": 1}, {"i": 2}),
-        {"gates": {"b70-gemma": gate}, "metrics": {"t.py::c": "z"}, "session_cache": {"s": 1}},
-    )
-    merged = merge_parts([one, two])
-    assert merged.figures == (a, b, c)  # equal figures from two tests are two measurements
-    assert merged.startup == {"b70-gemma": 12.5}  # from the worker that started the server
-    assert merged.invalid_reasons == (reason, "engine died")
-    assert merged.quality_checks == ("[b70-gemma] canaries: FAIL",)
-    assert [r["i"] for r in merged.requests] == [0, 1, 2]
-    assert merged.lab == {
-        "gates": {"b70-gemma": gate},
-        "metrics": {"t.py::a": "x", "t.py::b": "y", "t.py::c": "z"},
-        "session_cache": {"s": 1},
-    }

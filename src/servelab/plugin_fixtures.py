@@ -224,7 +224,12 @@ def servelab_record(
     write = progress_writer(pytestconfig)
 
     def record(figure: Figure) -> Figure:
-        target = servelab_state.targets[figure.identity.profile]
+        target = servelab_state.targets.get(figure.identity.profile)
+        if target is None:  # a figure of no started target (an external tool's, a test's)
+            from servelab.hardware import collect_host
+
+            target = make_target(figure.identity, None, collect_host())
+            servelab_state.targets[figure.identity.profile] = target
         verdict = _judge(pytestconfig)(figure, target)
         servelab_state.verdicts.append(verdict)
         write(f"{figure.label()}: {verdict.status}")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from servelab.baselines import MetricBaseline, Verdict
-from servelab.errors import RecordError
+from servelab.errors import QualityGateError, RecordError
 from servelab.figures import Figure, Shape
 from servelab.gate_report import GateReport
 from servelab.patches import PatchReport
@@ -191,12 +191,15 @@ def verdict_from_dict(d: Mapping[str, Any]) -> Verdict:
 def patch_report_from_dict(d: Mapping[str, Any]) -> PatchReport:
     from servelab.patches import FileStatus, PatchStatus
 
-    return PatchReport(
-        str(d["root"]),
-        tuple(
-            PatchStatus(
-                p["name"], p["path"], p["sha256"], tuple(FileStatus(**f) for f in p["files"])
-            )
-            for p in d["patches"]
-        ),
-    )
+    try:
+        return PatchReport(
+            str(d["root"]),
+            tuple(
+                PatchStatus(
+                    p["name"], p["path"], p["sha256"], tuple(FileStatus(**f) for f in p["files"])
+                )
+                for p in d["patches"]
+            ),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise QualityGateError(f"saved patch report is malformed ({exc!r})") from None
