@@ -7,6 +7,12 @@ Decision (docs/verdicts.md explains the choice and the simulation behind it):
   worse" by the metric's direction (throughput: lower is worse; latency: higher is worse).
 * Significance: Welch's t-test on the logarithms of the run values, one-sided in the worse
   (or better) direction, at ``alpha`` (default 0.005 per direction).
+* Between-session drift: the two sides come from different sessions (the baseline was
+  measured hours or days earlier, on a server started anew), and a session's level moves
+  as a whole (machine load, placement, a fresh server) by more than its runs scatter around
+  it. ``session_cv`` (the standard deviation of a session's mean level on the log scale,
+  about its CV) adds ``2 * session_cv**2`` to the variance of the difference of means;
+  0 (the default) is the plain Welch test, for sides measured in one session.
 * Practical size: the point estimate of the change must be at least ``threshold / 2``
   (the *practical floor*). The threshold itself (default 5 %) is the change size the suite
   is built to catch with >= 90 % power at the default run count; a true change of exactly the
@@ -37,6 +43,13 @@ FLOOR_FRACTION = 0.5
 DEFAULT_RUNS = 14
 #: Fewest runs a baseline may be written from, and a verdict computed from.
 MIN_RUNS = 3
+#: Between-session drift of the embedded CPU default (cpu-smollm2 on a shared 2-core VM):
+#: log-scale sd of a session's mean level. Measured spread of session means and the
+#: choice of this value: docs/verdicts.md §1 ("Between-session drift").
+CPU_SESSION_CV = 0.10
+#: Weight of a session-drift prior, in degrees of freedom, when it is pooled with the drift
+#: seen in a baseline's history (`session_drift`): worth as much as that many past sessions.
+SESSION_PRIOR_DF = 8.0
 
 Outcome = Literal["regression", "improvement", "no change", "inconclusive"]
 
@@ -59,6 +72,7 @@ class Comparison:
     n_baseline: int
     n_candidate: int
     reason: str = ""
+    session_cv: float = 0.0  # between-session drift allowed for (log-scale sd per session)
 
     def describe(self, unit_direction: Direction) -> str:
         if self.change is None:
@@ -71,10 +85,11 @@ class Comparison:
         p = self.p_worse if self.outcome != "improvement" else self.p_better
         ptxt = "" if p is None else f", p={p:.2g}"
         better = "higher" if unit_direction == "higher" else "lower"
+        drift = f", session drift {self.session_cv * 100:.1f}%" if self.session_cv else ""
         text = (
             f"{self.outcome}: change {pct}{ci}{ptxt} ({better} is better; threshold "
-            f"{self.threshold * 100:.1f}%, floor {self.floor * 100:.1f}%, alpha {self.alpha:g}, "
-            f"runs {self.n_candidate} vs baseline {self.n_baseline})"
+            f"{self.threshold * 100:.1f}%, floor {self.floor * 100:.1f}%, alpha {self.alpha:g}"
+            f"{drift}, runs {self.n_candidate} vs baseline {self.n_baseline})"
         )
         if self.reason:
             text += f"; {self.reason}"
@@ -95,6 +110,16 @@ def detectable_change(
     return math.expm1(k * se)
 
 
+def _check_drift(session_cv: float, session_df: float) -> None:
+    if not (math.isfinite(session_cv) and 0 <= session_cv < 1):
+        raise ValueError(
+            f"session_cv must be within [0, 1) (log-scale sd of a session's level, e.g. 0.1), "
+            f"got {session_cv}"
+        )
+    if not session_df > 0:
+        raise ValueError(f"session_df must be > 0 (math.inf for a fixed prior), got {session_df}")
+
+
 def compare_runs(
     baseline: Sequence[float],
     candidate: Sequence[float],
@@ -103,12 +128,21 @@ def compare_runs(
     threshold: float = DEFAULT_THRESHOLD,
     alpha: float = DEFAULT_ALPHA,
     min_runs: int = MIN_RUNS,
+    session_cv: float = 0.0,
+    session_df: float = math.inf,
 ) -> Comparison:
-    """Compare per-run values of one metric. Values must be positive (rates, latencies)."""
+    """Compare per-run values of one metric. Values must be positive (rates, latencies).
+
+    `session_cv` is the between-session drift (log-scale sd of one session's mean level)
+    when the two sides come from different sessions; `session_df` the degrees of freedom
+    behind it (`math.inf` for a fixed prior; `session_drift` gives both from history).
+    0 keeps the plain Welch test, right for two sides measured in one session.
+    """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be within (0, 1), got {threshold}")
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must be within (0, 0.5), got {alpha}")
+    _check_drift(session_cv, session_df)
     base, cand = _clean(baseline), _clean(candidate)
     floor = threshold * FLOOR_FRACTION
     nb_, nc_ = len(base), len(cand)
@@ -116,7 +150,7 @@ def compare_runs(
     def inconclusive(reason: str) -> Comparison:
         return Comparison(
             "inconclusive", None, None, None, None, None, None,
-            threshold, floor, alpha, None, nb_, nc_, reason,
+            threshold, floor, alpha, None, nb_, nc_, reason, session_cv,
         )  # fmt: skip
 
     if len(base) < min_runs or len(cand) < min_runs:
@@ -129,8 +163,9 @@ def compare_runs(
     a, b = np.log(np.asarray(base)), np.log(np.asarray(cand))
     na, nb = len(a), len(b)
     va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    drift = 2.0 * session_cv**2  # each side's session level moves independently
     diff = float(b.mean() - a.mean())
-    se2 = va / na + vb / nb
+    se2 = va / na + vb / nb + drift
     change = math.expm1(diff)
     sign = -1.0 if direction == "higher" else 1.0  # worse = lower for "higher is better"
     worse_by = sign * change  # a 5 % throughput drop and a 5 % latency rise both read 0.05
@@ -142,7 +177,9 @@ def compare_runs(
         detectable: float | None = 0.0
     else:
         se = math.sqrt(se2)
-        df = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if (va or vb) else 1
+        # Welch-Satterthwaite, with the drift term as one more variance component.
+        parts = (va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1) + drift**2 / session_df
+        df = se2**2 / parts if parts > 0 else math.inf
         t = sign * diff / se
         p_worse = float(sps.t.sf(t, df))
         p_better = float(sps.t.cdf(t, df))
@@ -160,12 +197,70 @@ def compare_runs(
             reason = (
                 f"underpowered: at this noise and run count only changes of about "
                 f"{detectable * 100:.1f}% or more are reliably caught (threshold "
-                f"{threshold * 100:.1f}%); add runs"
+                f"{threshold * 100:.1f}%); "
             )
+            if drift and detectable_change(math.sqrt(drift), session_df, alpha) > threshold:
+                reason += (
+                    f"between-session drift ({session_cv * 100:.1f}% per session) limits it, "
+                    f"so more runs do not help: compare both sides within one session"
+                )
+            else:
+                reason += "add runs"
     return Comparison(
         outcome, change, worse_by, p_worse, p_better, ci_low, ci_high,
-        threshold, floor, alpha, detectable, nb_, nc_, reason,
+        threshold, floor, alpha, detectable, nb_, nc_, reason, session_cv,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- session drift
+
+
+@dataclass(frozen=True)
+class SessionDrift:
+    """Between-session drift of one metric: `cv` for `compare_runs(session_cv=...)`,
+    `df` for `session_df`, `sessions` the past sessions that informed it."""
+
+    cv: float
+    df: float
+    sessions: int
+
+
+def session_drift(
+    sessions: Sequence[Sequence[float]],
+    *,
+    prior_cv: float,
+    prior_df: float = SESSION_PRIOR_DF,
+) -> SessionDrift:
+    """Between-session drift of one metric from its past sessions' runs, pooled with a prior.
+
+    `sessions`: per-run values of the same metric and shape from separate sessions on the
+    same stack (a baseline and its history files with the same fingerprint). The drift seen
+    is the one-way random-effects estimate on log values (variance of the session means less
+    the part their own run noise explains, floored at 0), on ``k - 1`` degrees of freedom;
+    it is pooled with ``prior_cv`` weighted by ``prior_df`` (``math.inf``: the prior alone).
+    Sessions with fewer than 2 positive finite runs are skipped.
+
+    >>> session_drift([], prior_cv=0.05)  # no history: the prior alone
+    SessionDrift(cv=0.05, df=8.0, sessions=0)
+    >>> d = session_drift([[100, 101], [110, 111], [90, 91]], prior_cv=0.05)  # seen: 10 %
+    >>> round(d.cv, 3), d.df, d.sessions
+    (0.063, 10.0, 3)
+    """
+    _check_drift(prior_cv, prior_df)
+    logs = [np.log(np.asarray(v)) for s in sessions if len(v := _positive(s)) >= 2]
+    k = len(logs)
+    if k < 2 or math.isinf(prior_df):
+        return SessionDrift(prior_cv, prior_df, k)
+    means = np.array([x.mean() for x in logs])
+    noise = float(np.mean([x.var(ddof=1) / len(x) for x in logs]))
+    seen = max(0.0, float(means.var(ddof=1)) - noise)
+    df = prior_df + (k - 1)
+    pooled = (prior_df * prior_cv**2 + (k - 1) * seen) / df
+    return SessionDrift(math.sqrt(pooled), df, k)
+
+
+def _positive(values: Sequence[float]) -> list[float]:
+    return [v for v in _clean(values) if v > 0]
 
 
 # --------------------------------------------------------------------------- simulation
@@ -191,18 +286,29 @@ def simulate(
     threshold: float = DEFAULT_THRESHOLD,
     alpha: float = DEFAULT_ALPHA,
     direction: Direction = "higher",
+    drift: float = 0.0,
+    session_cv: float = 0.0,
+    session_df: float = math.inf,
 ) -> PowerResult:
     """Vectorized version of `compare_runs` over `trials` synthetic A/B pairs.
 
     Run values are log-normal with sd `noise` on the log scale (about `noise` CV); the
-    candidate's true level is baseline * (1 + true_change).
+    candidate's true level is baseline * (1 + true_change). With `drift`, each side is a
+    separate session whose level is shifted by a log-normal factor of sd `drift` (drawn
+    after the runs, so `drift=0` reproduces the draws without it); `session_cv` and
+    `session_df` are what the test assumes, as in `compare_runs`.
     """
+    _check_drift(session_cv, session_df)
     a = rng.normal(0.0, noise, (trials, runs))
     b = rng.normal(math.log1p(true_change), noise, (trials, runs))
+    if drift:
+        shift = rng.normal(0.0, drift, (trials, 2))
+        a, b = a + shift[:, :1], b + shift[:, 1:]
+    extra = 2.0 * session_cv**2
     va, vb = a.var(axis=1, ddof=1) / runs, b.var(axis=1, ddof=1) / runs
     diff = b.mean(axis=1) - a.mean(axis=1)
-    se = np.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (runs - 1) + vb**2 / (runs - 1))
+    se = np.sqrt(va + vb + extra)
+    df = (va + vb + extra) ** 2 / (va**2 / (runs - 1) + vb**2 / (runs - 1) + extra**2 / session_df)
     sign = -1.0 if direction == "higher" else 1.0
     t = sign * diff / se
     worse_by = sign * np.expm1(diff)
