@@ -41,6 +41,8 @@ Api = Literal["completions", "chat"]
 
 #: Default bound on a request's whole life (the profile's limits.request_timeout_s wins).
 DEFAULT_TIMEOUT_S = 600.0
+#: How the error of a request that timed out waiting for its first token begins.
+FIRST_TOKEN_TIMEOUT = "timeout: no first token"
 _ERROR_BODY_LIMIT = 2000
 
 
@@ -76,6 +78,10 @@ class RequestRecord:
     @property
     def success(self) -> bool:
         return self.error is None
+
+    @property
+    def first_token_timed_out(self) -> bool:
+        return self.error is not None and self.error.startswith(FIRST_TOKEN_TIMEOUT)
 
     @property
     def output_sha256(self) -> str:
@@ -347,9 +353,11 @@ async def stream_completion(
                                 break
                     acc.done_ns = time.perf_counter_ns()
     except TimeoutError:
-        where = "first token" if acc.first_token_ns is None else "end of stream"
-        limit = first_deadline if acc.first_token_ns is None else timeout_s
-        acc.error = f"timeout: no {where} within {limit:g} s"
+        if acc.first_token_ns is None:
+            limit = min(first_deadline, timeout_s)
+            acc.error = f"{FIRST_TOKEN_TIMEOUT} within {limit:g} s"
+        else:
+            acc.error = f"timeout: no end of stream within {timeout_s:g} s"
     except httpx.HTTPError as exc:
         stage = "before the first token" if acc.first_token_ns is None else "mid-stream"
         acc.error = f"{type(exc).__name__} {stage}: {exc}"

@@ -1,8 +1,13 @@
 """Load generation: many requests against one endpoint, and whether the run counts.
+(Over 400 lines: one process or many, the run's watchdog, its stop rules and its validity
+checks are one concept, the run.)
 
 `run_requests` sends a list of payloads with a concurrency cap (closed loop) or at
 precomputed arrival offsets (open loop, see `servelab.arrivals`), in one process or spread
-over worker processes that wait at a ready-then-go barrier for one common start time. Each
+over worker processes that wait at a ready-then-go barrier for one common start time. A run
+can stop early: at a deadline (no request starts after it, none runs past it), and, with
+``stop_when_stuck``, once the server is shown stuck (`RunResult.stuck`); the requests it did
+not send are records too, with the reason. Each
 request goes over the wire through `servelab.client.stream_completion`; a watchdog samples
 the event loop's lag and the process's CPU time, so a run whose client could not keep up is
 marked invalid (`RunResult.invalid_reasons`).
@@ -92,6 +97,18 @@ class RunResult:
     def error_reasons(self, limit: int = 10) -> list[str]:
         return [f"request {r.index}: {r.error}" for r in self.failed[:limit]]
 
+    def stuck(self) -> str | None:
+        """Why the server is shown stuck, or None: a request waited its whole first-token
+        timeout and, from its send to the end of the run, no request got any token."""
+        last_token = max((r.chunk_ns[-1] for r in self.records if r.chunk_ns), default=None)
+        for r in self.records:
+            if r.first_token_timed_out and (last_token is None or last_token < r.send_ns):
+                return (
+                    f"request {r.index} got {r.error}, and no request received any token "
+                    "after it was sent: the server accepts requests but generates nothing"
+                )
+        return None
+
     def length_mismatches(self) -> list[str]:
         return [
             f"request {r.index}: asked for {r.requested_output_tokens} output tokens, "
@@ -177,6 +194,41 @@ class _Job:
     worker: int
     progress: bool
     total: int
+    deadline_ns: int | None = None  # perf_counter_ns: no request starts or runs past it
+    stop_when_stuck: bool = False
+
+
+def _not_sent(
+    job: _Job,
+    index: int,
+    payload: Mapping[str, Any],
+    arrival: int,
+    prompt_len: int | None,
+    why: str,
+) -> RequestRecord:
+    """The record of a request that was not sent (or failed inside the client)."""
+    return RequestRecord(
+        index=index,
+        api=api_of(payload),
+        arrival_ns=arrival,
+        send_ns=time.perf_counter_ns(),
+        first_token_ns=None,
+        first_text_ns=None,
+        end_ns=None,
+        done_ns=None,
+        chunk_ns=(),
+        chunk_tokens=(),
+        text="",
+        finish_reason=None,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cached_tokens=None,
+        requested_prompt_tokens=prompt_len,
+        requested_output_tokens=requested_output(payload),
+        status_code=None,
+        error=why,
+        worker=job.worker,
+    )
 
 
 async def _watch_loop(interval_ms: float, samples: list[float], stop: asyncio.Event) -> None:
@@ -203,6 +255,8 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
     pbar = _progress(job.total) if job.progress else None
     samples: list[float] = []
     stop = asyncio.Event()
+    stuck: list[str] = []  # why the server is shown stuck (stop_when_stuck)
+    last_token = [0]  # perf_counter_ns of the latest token chunk of a finished request
 
     async def one(
         http: httpx.AsyncClient,
@@ -234,42 +288,39 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         arrival: int,
         prompt_len: int | None,
     ) -> RequestRecord:
+        if stuck:
+            return _not_sent(job, index, payload, arrival, prompt_len, f"not sent: {stuck[0]}")
+        timeout_s, first_s = job.timeout_s, job.first_token_timeout_s
+        if job.deadline_ns is not None:
+            left = (job.deadline_ns - time.perf_counter_ns()) / 1e9
+            if left <= 0:
+                why = "not sent: the run's deadline had passed"
+                return _not_sent(job, index, payload, arrival, prompt_len, why)
+            timeout_s = min(timeout_s, left)
+            first_s = None if first_s is None else min(first_s, left)
         try:
-            return await stream_completion(
+            rec = await stream_completion(
                 http,
                 ep,
                 payload,
-                timeout_s=job.timeout_s,
-                first_token_timeout_s=job.first_token_timeout_s,
+                timeout_s=timeout_s,
+                first_token_timeout_s=first_s,
                 index=index,
                 arrival_ns=arrival,
                 requested_prompt_tokens=prompt_len,
                 worker=job.worker,
             )
         except Exception as exc:  # a client bug fails this request, not the whole run
-            now = time.perf_counter_ns()
-            return RequestRecord(
-                index=index,
-                api=api_of(payload),
-                arrival_ns=arrival,
-                send_ns=now,
-                first_token_ns=None,
-                first_text_ns=None,
-                end_ns=None,
-                done_ns=None,
-                chunk_ns=(),
-                chunk_tokens=(),
-                text="",
-                finish_reason=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                cached_tokens=None,
-                requested_prompt_tokens=prompt_len,
-                requested_output_tokens=requested_output(payload),
-                status_code=None,
-                error=f"client error ({type(exc).__name__}: {exc})",
-                worker=job.worker,
+            why = f"client error ({type(exc).__name__}: {exc})"
+            return _not_sent(job, index, payload, arrival, prompt_len, why)
+        if rec.chunk_ns:
+            last_token[0] = max(last_token[0], rec.chunk_ns[-1])
+        elif job.stop_when_stuck and rec.first_token_timed_out and last_token[0] < rec.send_ns:
+            stuck.append(
+                f"the server is stuck (request {index} got {rec.error} while no other request "
+                "received a token)"
             )
+        return rec
 
     slots = cap or max(1, len(job.items))
     async with make_http_client(slots) as http:
@@ -355,6 +406,8 @@ async def run_requests_async(
     progress: bool = False,
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS,
     lag_interval_ms: float = 5.0,
+    deadline_ns: int | None = None,
+    stop_when_stuck: bool = False,
 ) -> RunResult:
     """`run_requests` inside an already running event loop (one process, no workers)."""
     n = len(payloads)
@@ -370,6 +423,8 @@ async def run_requests_async(
         0,
         progress,
         n,
+        deadline_ns,
+        stop_when_stuck,
     )
     records, lag, start, end = await _run_job(job)
     return RunResult(tuple(records), start, end, concurrency, 1, (lag,), max_loop_lag_ms)
@@ -388,6 +443,8 @@ def run_requests(
     progress: bool = True,
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS,
     lag_interval_ms: float = 5.0,
+    deadline_ns: int | None = None,
+    stop_when_stuck: bool = False,
 ) -> RunResult:
     """Send every payload and return the run's records (a sync wrapper over asyncio).
 
@@ -397,6 +454,11 @@ def run_requests(
     ``workers`` > 1 spreads the payloads round-robin over that many processes (each with
     its share of the concurrency cap) when one core cannot keep up. A progress bar appears
     on stderr once a run has taken more than two seconds (``progress=False``: never).
+
+    ``timeout_s`` bounds each request, ``first_token_timeout_s`` (default: ``timeout_s``) its
+    wait for a first token. ``deadline_ns`` (a ``perf_counter_ns`` value) ends the run: no
+    request starts after it and none runs past it. ``stop_when_stuck``: once a request timed
+    out waiting for its first token while no other got a token, the rest are not sent.
     """
     n = len(payloads)
     _check_run_args(n, concurrency, workers, arrivals_s, prompt_tokens)
@@ -414,6 +476,8 @@ def run_requests(
                 progress=progress,
                 max_loop_lag_ms=max_loop_lag_ms,
                 lag_interval_ms=lag_interval_ms,
+                deadline_ns=deadline_ns,
+                stop_when_stuck=stop_when_stuck,
             )
         )
     return _run_in_workers(
@@ -426,6 +490,8 @@ def run_requests(
         lag_interval_ms,
         max_loop_lag_ms,
         progress,
+        deadline_ns,
+        stop_when_stuck,
     )
 
 
@@ -439,6 +505,8 @@ def _run_in_workers(
     lag_interval_ms: float,
     max_loop_lag_ms: float,
     progress: bool,
+    deadline_ns: int | None = None,
+    stop_when_stuck: bool = False,
 ) -> RunResult:
     shards = [items[w::workers] for w in range(workers)]
     caps: list[int | None]
@@ -470,6 +538,8 @@ def _run_in_workers(
             w,
             progress and w == 0,
             len(shards[w]),
+            deadline_ns,
+            stop_when_stuck,
         )
         for w in range(workers)
     ]
@@ -486,6 +556,10 @@ def _run_in_workers(
         go.set()
         results: dict[int, tuple[list[RequestRecord], LoopLag, int, int]] = {}
         deadline = time.monotonic() + timeout_s * (1 + len(items)) + 120
+        if deadline_ns is not None:
+            deadline = min(
+                deadline, time.monotonic() + (deadline_ns - time.perf_counter_ns()) / 1e9 + 60
+            )
         while len(results) < workers:
             w, payload = results_q.get(timeout=max(1.0, deadline - time.monotonic()))
             if isinstance(payload, str):

@@ -15,16 +15,23 @@ fixed seed):
 A failed gate marks the session's speed results invalid (``RunState.invalid_reasons``): the
 perf suite gives no pass verdict and updates no baseline, and the record says why.
 
+The gate is bounded (`GateLimits`): each request by its timeouts, the whole gate by a
+deadline, and it stops at the first sign that the server is stuck (a request that got no
+first token in time while no other got a token): the check that saw it fails with that
+reason and the later checks are "not run", instead of every canary waiting out its timeout.
+
 The quality file (canaries, recall style) is read by `servelab.quality_file`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from servelab import recall
-from servelab.errors import ClientError
+from servelab.errors import ClientError, ServelabError
 from servelab.gate_report import CheckResult, GateReport, Outcome
 
 # The quality file's names, re-exported (its home is servelab.quality_file).
@@ -38,11 +45,83 @@ from servelab.quality_file import load_quality_file as load_quality_file
 from servelab.quality_file import resolve_quality_path as resolve_quality_path
 from servelab.server import Endpoint
 
+if TYPE_CHECKING:
+    from servelab.loadgen import RunResult
+
 # --------------------------------------------------------------------------- results
 # GateReport and its parts live in servelab.gate_report (imported above).
 
 
 # --------------------------------------------------------------------------- running
+
+
+class GateStopped(ServelabError):
+    """The gate stopped early: the server is stuck, or the gate's deadline passed."""
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """How long the gate may take: each request (in all and until its first token) and the
+    whole gate (``deadline_ns``, a ``perf_counter_ns`` value; None: no deadline)."""
+
+    timeout_s: float = 300.0
+    first_token_timeout_s: float | None = None
+    deadline_ns: int | None = None
+    deadline_s: float | None = None  # what the deadline was, for the message
+
+    @classmethod
+    def starting_now(
+        cls, timeout_s: float, first_token_timeout_s: float | None, deadline_s: float | None
+    ) -> GateLimits:
+        deadline = None if deadline_s is None else time.perf_counter_ns() + int(deadline_s * 1e9)
+        return cls(timeout_s, first_token_timeout_s, deadline, deadline_s)
+
+    def left_s(self) -> float:
+        """Seconds a request may still take; GateStopped once the deadline has passed."""
+        if self.deadline_ns is None:
+            return self.timeout_s
+        left = (self.deadline_ns - time.perf_counter_ns()) / 1e9
+        if left <= 0:
+            raise GateStopped(self._late())
+        return min(self.timeout_s, left)
+
+    def run(
+        self, endpoint: Endpoint, payloads: Sequence[Mapping[str, Any]], concurrency: int | None
+    ) -> RunResult:
+        """One run of gate requests; GateStopped if it shows the server stuck or ran late."""
+        from servelab.loadgen import run_requests
+
+        self.left_s()
+        res = run_requests(
+            endpoint,
+            payloads,
+            concurrency=concurrency,
+            timeout_s=self.timeout_s,
+            first_token_timeout_s=self.first_token_timeout_s,
+            deadline_ns=self.deadline_ns,
+            stop_when_stuck=True,
+            progress=False,
+        )
+        why = res.stuck()
+        if why is not None:
+            raise GateStopped(
+                f"the server is stuck: {why}. The gate stopped here instead of waiting the "
+                "same timeout for every request; look at the server's log "
+                "(limits.first_token_timeout_s or --request-timeout bounds the wait)"
+            )
+        if (
+            res.failed
+            and self.deadline_ns is not None
+            and time.perf_counter_ns() >= self.deadline_ns
+        ):
+            raise GateStopped(self._late() + ": " + "; ".join(res.error_reasons(3)))
+        return res
+
+    def _late(self) -> str:
+        return (
+            f"the gate did not finish within its {self.deadline_s:g} s "
+            "(limits.gate_timeout_s or --gate-timeout)"
+        )
 
 
 def _payload(
@@ -85,10 +164,13 @@ def run_canaries(
     repeats: int,
     identity_fraction: float,
     timeout_s: float,
+    limits: GateLimits | None = None,
 ) -> tuple[CheckResult, CheckResult]:
-    """Canary correctness and output identity (sequential repeats, then all at once)."""
-    from servelab.loadgen import run_requests
+    """Canary correctness and output identity (sequential repeats, then all at once).
 
+    ``limits`` (default: ``timeout_s`` per request, nothing else) bound it; GateStopped when
+    the server is shown stuck or the deadline passes."""
+    lim = limits or GateLimits(timeout_s)
     if not qset.canaries:
         skipped = "no canaries configured"
         return (
@@ -100,13 +182,8 @@ def run_canaries(
         _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
         for c in qset.canaries
     ]
-    seq = [
-        run_requests(endpoint, payloads, concurrency=1, timeout_s=timeout_s, progress=False)
-        for _ in range(repeats)
-    ]
-    burst = run_requests(
-        endpoint, payloads * repeats, concurrency=None, timeout_s=timeout_s, progress=False
-    )
+    seq = [lim.run(endpoint, payloads, concurrency=1) for _ in range(repeats)]
+    burst = lim.run(endpoint, payloads * repeats, concurrency=None)
     outcomes: list[Outcome] = []
     problems: list[str] = []
     texts: dict[str, list[str | None]] = {c.id: [] for c in qset.canaries}
@@ -178,14 +255,18 @@ def run_recall(
     context_len: int | None,
     profile: str,
     timeout_s: float,
+    limits: GateLimits | None = None,
 ) -> CheckResult:
-    """Fact recall at each depth; refuses (QualityGateError) a prompt that cannot fit."""
-    from servelab.loadgen import run_requests
+    """Fact recall at each depth; refuses (QualityGateError) a prompt that cannot fit.
+    ``limits`` as in `run_canaries`."""
     from servelab.prompts import server_token_counter
 
+    lim = limits or GateLimits(timeout_s)
     cases = recall.depth_cases(lines, depths, where=f"profile {profile!r}")
     if context_len is not None:
-        counter = server_token_counter(endpoint)
+        counter = server_token_counter(
+            endpoint, timeout_s=min(lim.left_s(), lim.first_token_timeout_s or 60.0)
+        )
         for case in cases:
             try:
                 n = counter(case.prompt if style.api == "completion" else style.messages(case))
@@ -199,7 +280,7 @@ def run_recall(
                 case=case.describe(),
             )
     payloads = [recall_payload(endpoint.model, style, c, max_tokens, seed) for c in cases]
-    result = run_requests(endpoint, payloads, concurrency=1, timeout_s=timeout_s, progress=False)
+    result = lim.run(endpoint, payloads, concurrency=1)
     outcomes: list[Outcome] = []
     problems: list[str] = []
     for case, rec in zip(cases, result.records, strict=True):
@@ -244,29 +325,52 @@ def run_gate(
     recall_max_tokens: int = 4,
     context_len: int | None = None,
     timeout_s: float = 300.0,
+    first_token_timeout_s: float | None = None,
+    deadline_s: float | None = None,
 ) -> GateReport:
     """All checks, in order. An input problem (QualityGateError) propagates: it is a
-    configuration error, not a failed gate."""
-    canaries, identity = run_canaries(
-        endpoint, qset, repeats=repeats, identity_fraction=identity_fraction, timeout_s=timeout_s
-    )
-    checks = [canaries, identity]
-    if recall_lines is None:
-        checks.append(CheckResult("recall", True, "no recall workload configured"))
-    else:
-        checks.append(
-            run_recall(
-                endpoint,
-                qset.recall,
-                lines=recall_lines,
-                depths=recall_depths,
-                max_tokens=recall_max_tokens,
-                seed=qset.seed,
-                context_len=context_len,
-                profile=target,
-                timeout_s=timeout_s,
-            )
+    configuration error, not a failed gate.
+
+    ``timeout_s`` bounds each request, ``first_token_timeout_s`` (default: ``timeout_s``) its
+    wait for a first token, ``deadline_s`` (default: none) the whole gate from now. A stuck
+    server or a passed deadline stops the gate: the check under way fails with the reason,
+    later checks say "not run" (see `GateLimits`)."""
+    lim = GateLimits.starting_now(timeout_s, first_token_timeout_s, deadline_s)
+    checks: list[CheckResult] = []
+    names = ["canaries", "identity", "recall"]
+    try:
+        checks += run_canaries(
+            endpoint,
+            qset,
+            repeats=repeats,
+            identity_fraction=identity_fraction,
+            timeout_s=timeout_s,
+            limits=lim,
         )
+        if recall_lines is None:
+            checks.append(CheckResult("recall", True, "no recall workload configured"))
+        else:
+            checks.append(
+                run_recall(
+                    endpoint,
+                    qset.recall,
+                    lines=recall_lines,
+                    depths=recall_depths,
+                    max_tokens=recall_max_tokens,
+                    seed=qset.seed,
+                    context_len=context_len,
+                    profile=target,
+                    timeout_s=timeout_s,
+                    limits=lim,
+                )
+            )
+    except GateStopped as exc:
+        stopped = names[len(checks)]
+        checks.append(CheckResult(stopped, False, f"stopped: {exc}", (str(exc),)))
+        checks += [
+            CheckResult(n, False, f"not run: the gate stopped at {stopped}")
+            for n in names[len(checks) :]
+        ]
     return GateReport(
         target=target,
         quality_file=None if qset.path is None else str(qset.path),

@@ -1,4 +1,5 @@
 """Workloads: which requests to send, in which pattern, and what counts as one run.
+(Over 400 lines: the workloads share one Settings, one run step and one stop rule.)
 
 Every workload builds its prompts first (exact token length, unique salts), warms the server
 up with prompts of its own (never sharing a prefix with measured ones), then measures. The
@@ -6,6 +7,11 @@ results are `loadgen.RunResult`s: metrics come afterwards from `servelab.metrics
 
 Salts carry a per-call ``nonce`` (default: the wall clock in ns) so that rerunning a workload
 against the same long-lived server never meets its own earlier prompts in the prefix cache.
+
+Every request is bounded (`Settings.for_limits`: the profile's ``limits`` and the command
+line's overrides), and a workload stops with a ClientError as soon as the server is shown
+stuck (a request got no first token within its timeout while no other got a token) or its
+test's deadline passes, instead of sending every remaining request into the same wall.
 """
 
 from __future__ import annotations
@@ -51,6 +57,53 @@ class Settings:
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS
     nonce: str | None = None
     check_server_cache: bool = True  # scrape the server's prefix-cache hit counter per run
+    stop_when_stuck: bool = True  # raise once the server is shown stuck (see module doc)
+    deadline_ns: int | None = None  # perf_counter_ns after which the workload stops
+
+    @classmethod
+    def for_limits(
+        cls,
+        limits: object | None,
+        *,
+        request_timeout_s: float | None = None,
+        first_token_timeout_s: float | None = None,
+        test_timeout_s: float | None = None,
+        **settings: Any,
+    ) -> Settings:
+        """Settings bounded by a profile's ``limits`` (None: an external endpoint) and the
+        command line: ``request_timeout_s`` (``--request-timeout``) replaces
+        ``limits.request_timeout_s`` and caps the first-token wait; ``first_token_timeout_s``
+        replaces ``limits.first_token_timeout_s``; ``test_timeout_s`` (else
+        ``limits.test_timeout_s``) sets a deadline from now for the whole workload."""
+        total, first = request_timeouts(
+            limits, request_timeout_s=request_timeout_s, first_token_timeout_s=first_token_timeout_s
+        )
+        whole = test_timeout_s if test_timeout_s is not None else _limit(limits, "test_timeout_s")
+        deadline = None if whole is None else time.perf_counter_ns() + int(whole * 1e9)
+        return cls(timeout_s=total, first_token_timeout_s=first, deadline_ns=deadline, **settings)
+
+
+def _limit(limits: object | None, name: str) -> float | None:
+    value = getattr(limits, name, None)  # fields a profile may not have yet
+    return None if value is None else float(value)
+
+
+def request_timeouts(
+    limits: object | None,
+    *,
+    request_timeout_s: float | None = None,
+    first_token_timeout_s: float | None = None,
+) -> tuple[float, float | None]:
+    """(whole request, first token) timeouts in seconds from a profile's ``limits`` and the
+    command line's overrides (see `Settings.for_limits`); the first-token wait never exceeds
+    the whole request's."""
+    total = request_timeout_s
+    if total is None:
+        total = _limit(limits, "request_timeout_s") or DEFAULT_TIMEOUT_S
+    first = first_token_timeout_s
+    if first is None:
+        first = _limit(limits, "first_token_timeout_s")
+    return total, None if first is None else min(first, total)
 
 
 class Prompts:
@@ -118,11 +171,31 @@ def _run(
         workers=s.workers,
         progress=s.progress if progress is None else progress,
         max_loop_lag_ms=s.max_loop_lag_ms,
+        deadline_ns=s.deadline_ns,
+        stop_when_stuck=s.stop_when_stuck,
     )
+    _stop_if_stuck(endpoint, res, s)
     after = server_cache_hits(endpoint) if before is not None else None
     if before is not None and after is not None:
         res = dataclasses.replace(res, server_cache_hits=after - before)
     return res
+
+
+def _stop_if_stuck(endpoint: Endpoint, res: RunResult, s: Settings) -> None:
+    """Raise ClientError when the server is shown stuck or the workload's deadline passed."""
+    why = res.stuck() if s.stop_when_stuck else None
+    if why is not None:
+        raise ClientError(
+            f"{endpoint.base_url}: the server is stuck: {why}. The workload stopped instead "
+            "of waiting the same timeout for every remaining request; look at the server's "
+            "log. limits.first_token_timeout_s (or --request-timeout) bounds this wait"
+        )
+    if s.deadline_ns is not None and time.perf_counter_ns() >= s.deadline_ns:
+        failed = "; ".join(res.error_reasons(3)) or "none failed"
+        raise ClientError(
+            f"{endpoint.base_url}: the test's deadline passed before its workload ended "
+            f"(last run: {failed}); limits.test_timeout_s bounds a test"
+        )
 
 
 def server_cache_hits(endpoint: Endpoint, timeout_s: float = 10.0) -> float | None:
