@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import re
+import shlex
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,3 +204,143 @@ def test_concurrent_updates_lose_no_write(tmp_path: Path) -> None:
     b = BaselineStore(tmp_path).load(HOST, "cpu-smollm2")
     assert b is not None
     assert sorted(m.shape.concurrency for m in b.metrics.values()) == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- repair advice
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(message: str) -> list[str]:
+    """The shell commands a message suggests (in backticks)."""
+    return re.findall(r"`([^`]+)`", message)
+
+
+def _corrupt(store: BaselineStore) -> tuple[Path, str]:
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    path = store.path(HOST, "cpu-smollm2")
+    bad = path.read_text()[:100]
+    path.write_text(bad)
+    return path, bad
+
+
+def test_corrupt_baseline_advice_names_commands_that_exist(store: BaselineStore) -> None:
+    path, _ = _corrupt(store)
+    with pytest.raises(BaselineError) as err:
+        store.load(HOST, "cpu-smollm2")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: corrupt or truncated baseline JSON")
+    assert "history" not in msg  # there is none to restore from
+    cmds = _commands(msg)
+    assert f"git checkout -- {path}" in cmds
+    assert any(c.startswith("mv ") for c in cmds)
+    assert "./dev perf --profile cpu-smollm2 --update-baselines" in cmds
+
+
+def test_following_the_move_aside_advice_gives_a_new_baseline(store: BaselineStore) -> None:
+    path, bad = _corrupt(store)
+    with pytest.raises(BaselineError) as err:
+        store.load(HOST, "cpu-smollm2")
+    mv = next(c for c in _commands(str(err.value)) if c.startswith("mv "))
+    subprocess.run(mv, shell=True, check=True)
+    aside = Path(shlex.split(mv)[2])
+    assert aside.read_text() == bad and not path.exists()
+    # What `./dev perf --update-baselines` then does: judge (no baseline, not a failure)...
+    v = judge(fig(BASE_RUNS), store.load(HOST, "cpu-smollm2"), FP, path)
+    assert v.status == "no baseline" and not v.failed
+    # ... and write the new baseline.
+    res = store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    assert res.path == path and store.load(HOST, "cpu-smollm2") is not None
+    rel = f"baselines/{HOST}/{aside.name}"
+    assert _git_ignored(rel), f"{rel} would be committed by the update workflow"
+
+
+def test_following_the_git_advice_restores_the_committed_file(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    store = BaselineStore(repo / "baselines")
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    path = store.path(HOST, "cpu-smollm2")
+    good = path.read_text()
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "baselines")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    path.write_text(good[:50])
+    with pytest.raises(BaselineError) as err:
+        store.load(HOST, "cpu-smollm2")
+    cmd = next(c for c in _commands(str(err.value)) if c.startswith("git checkout"))
+    subprocess.run(cmd, shell=True, cwd=repo, check=True, capture_output=True)
+    assert path.read_text() == good and store.load(HOST, "cpu-smollm2") is not None
+
+
+def test_advice_points_at_history_when_there_is_one(store: BaselineStore) -> None:
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    res = store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    assert res.history is not None
+    path = store.path(HOST, "cpu-smollm2")
+    path.write_text("{")
+    with pytest.raises(BaselineError) as err:
+        store.load(HOST, "cpu-smollm2")
+    assert f"earlier versions are in {res.history.parent} (newest: {res.history.name})" in str(
+        err.value
+    )
+
+
+def test_update_can_replace_a_corrupt_file_keeping_it_aside(store: BaselineStore) -> None:
+    path, bad = _corrupt(store)
+    res = store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)], replace_corrupt=True)
+    assert res.path == path and res.set_aside is not None
+    assert res.set_aside.name.startswith("cpu-smollm2.json.corrupt-")
+    assert res.set_aside.read_text() == bad
+    assert any("moved aside" in d and str(res.set_aside) in d for d in res.diff)
+    b = store.load(HOST, "cpu-smollm2")
+    assert b is not None and figure_key(fig(BASE_RUNS)) in b.metrics
+    assert _git_ignored(f"baselines/{HOST}/{res.set_aside.name}")
+
+
+def test_a_schema_error_gives_the_same_working_advice(store: BaselineStore) -> None:
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    path = store.path(HOST, "cpu-smollm2")
+    path.write_text(path.read_text().replace('"runs": [', '"runs": ["x", '))
+    with pytest.raises(BaselineError) as err:
+        store.load(HOST, "cpu-smollm2")
+    msg = str(err.value)
+    assert "field 'runs' item [0] must be float (got str 'x')" in msg
+    assert f"git checkout -- {path}" in _commands(msg)
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+def _git_ignored(rel: str) -> bool:
+    res = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", rel], check=False
+    )
+    return res.returncode == 0
+
+
+def test_update_lock_is_hidden_and_never_committed(store: BaselineStore) -> None:
+    store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    folder = store.path(HOST, "cpu-smollm2").parent
+    visible = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    assert visible == ["cpu-smollm2.json"]
+    lock = store.lock_path(HOST, "cpu-smollm2")
+    assert lock.parent == folder and lock.name.startswith(".")
+    assert _git_ignored(f"baselines/{HOST}/{lock.name}")
+    assert _git_ignored(f"baselines/{HOST}/cpu-smollm2.json.lock")  # older servelab's lock
+    assert not _git_ignored(f"baselines/{HOST}/cpu-smollm2.json")
+
+
+def test_baseline_files_respect_the_umask(store: BaselineStore) -> None:
+    old = os.umask(0o022)
+    try:
+        store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+        res = store.update("cpu-smollm2", FP, PROV, [fig(BASE_RUNS)])
+    finally:
+        os.umask(old)
+    assert res.history is not None
+    for p in (res.path, res.history):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
