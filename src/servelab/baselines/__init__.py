@@ -7,7 +7,7 @@ atomic update with history under a lock, provenance) and `compare` (verdicts thr
 
 from __future__ import annotations
 
-from servelab.baselines.compare import Status, Verdict, compare, judge
+from servelab.baselines.compare import Status, Verdict, compare, judge, judge_against_record
 from servelab.baselines.schema import (
     CREATE_HINT,
     SCHEMA_VERSION,
@@ -48,6 +48,7 @@ __all__ = [
     "compare",
     "figure_key",
     "judge",
+    "judge_against_record",
     "load_baseline",
     "parse_baseline",
     "repair_advice",

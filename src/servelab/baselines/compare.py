@@ -7,6 +7,7 @@ direction) is refused with the differing fields. The statistics are `servelab.st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ from servelab.baselines.schema import (
     figure_key,
 )
 from servelab.figures import Figure
-from servelab.stats import Comparison, compare_runs
+from servelab.stats import DEFAULT_THRESHOLD, Comparison, compare_runs
 
 Status = Literal["regression", "improvement", "no change", "inconclusive", "no baseline", "refused"]
 
@@ -49,27 +50,60 @@ def judge(
     key = figure_key(fig)
     if baseline is None:
         return Verdict(fig, "no baseline", f"no baseline at {path}: {CREATE_HINT}")
-    diffs = baseline.fingerprint.differences(fingerprint)
-    if baseline.profile != fig.identity.profile:
-        diffs.insert(
-            0, f"profile: baseline {baseline.profile!r} vs this run {fig.identity.profile!r}"
-        )
-    if diffs:
-        return Verdict(
-            fig,
-            "refused",
-            f"comparison refused: {path} was measured on another stack; differing "
-            f"fields: {'; '.join(diffs)}. Rerun on the baseline's stack, or "
-            f"record a new baseline with --update-baselines",
-        )
+    refused = _refusal(fig, fingerprint, baseline.profile, baseline.fingerprint, path)
+    if refused is not None:
+        return refused
     mb = baseline.metrics.get(key)
     if mb is None:
         return Verdict(fig, "no baseline", f"{path} has no entry {key!r}: {CREATE_HINT}")
+    return _judge_runs(fig, mb, path, threshold if threshold is not None else mb.threshold)
+
+
+def judge_against_record(
+    fig: Figure,
+    fingerprint: Fingerprint,
+    old: Sequence[Figure],
+    old_fingerprint: Fingerprint | None,
+    source: Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Verdict:
+    """Compare one figure with the same figure of an older record (`servelab compare A B`)."""
+    if old_fingerprint is None:
+        return Verdict(fig, "no baseline", f"{source} has no results for {fig.identity.profile!r}")
+    refused = _refusal(fig, fingerprint, fig.identity.profile, old_fingerprint, source)
+    if refused is not None:
+        return refused
+    key = figure_key(fig)
+    prev = next((f for f in old if figure_key(f) == key), None)
+    if prev is None:
+        return Verdict(fig, "no baseline", f"{source} has no figure {key!r}")
+    return _judge_runs(fig, MetricBaseline.from_figure(prev, threshold, ""), source, threshold)
+
+
+def _refusal(
+    fig: Figure, fingerprint: Fingerprint, profile: str, theirs: Fingerprint, path: Path
+) -> Verdict | None:
+    diffs = theirs.differences(fingerprint)
+    if profile != fig.identity.profile:
+        diffs.insert(0, f"profile: baseline {profile!r} vs this run {fig.identity.profile!r}")
+    if not diffs:
+        return None
+    return Verdict(
+        fig,
+        "refused",
+        f"comparison refused: {path} was measured on another stack; differing "
+        f"fields: {'; '.join(diffs)}. Rerun on the baseline's stack, or "
+        f"record a new baseline with --update-baselines",
+    )
+
+
+def _judge_runs(fig: Figure, mb: MetricBaseline, path: Path, threshold: float) -> Verdict:
     if mb.direction != fig.direction or mb.unit != fig.unit:
         return Verdict(
             fig,
             "refused",
-            f"comparison refused: {path} metrics[{key!r}] is {mb.unit} "
+            f"comparison refused: {path} metrics[{mb.key!r}] is {mb.unit} "
             f"({mb.direction} is better), this run is {fig.unit} ({fig.direction})",
         )
     cmp = compare(mb, fig, threshold=threshold)

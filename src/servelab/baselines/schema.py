@@ -218,5 +218,7 @@ def load_baseline(path: Path) -> Baseline | None:
     text = read_text(path, error=BaselineError, what="baseline", missing_ok=True)
     if text is None:
         return None
-    raw = parse_json(text, path=path, error=BaselineError, what="baseline", advice=repair_advice(path))
+    raw = parse_json(
+        text, path=path, error=BaselineError, what="baseline", advice=repair_advice(path)
+    )
     return parse_baseline(raw, path)
