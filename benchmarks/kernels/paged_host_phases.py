@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from paged_inputs import BLOCK, DecodeInputs
 
-from servelab.kernels import gather_cuda, paged, paged_args
+from servelab.kernels import gather_cuda, paged_checks, paged_pipeline, paged_plan
 from servelab.kernels.staging import GatherKernel, stage_blocks
 
 REPS = 60
@@ -35,7 +35,7 @@ def _phases(inputs: DecodeInputs, way: str) -> dict[str, float]:
     kernel = GatherKernel.CUDA if way == "cuda" else GatherKernel.TRITON
     ctx, dev, scratch = inputs.ctx, torch.device("cuda"), inputs.scratch
     cache, table = inputs.cache, inputs.table
-    args = paged_args.CallArgs(
+    args = paged_checks.CallArgs(
         inputs.query, cache, table, ctx, inputs.gpu, inputs.gpu_table, BLOCK, scratch, None,
         None, None, None, inputs.out, inputs.lse,
     )  # fmt: skip
@@ -49,14 +49,16 @@ def _phases(inputs: DecodeInputs, way: str) -> dict[str, float]:
     for rep in range(REPS):
         torch.cuda.synchronize()
         t = time.perf_counter_ns()
-        paged_args.validate(args)
+        paged_checks.validate(args)
         t = clock("validate_full", t)  # not on the path of a repeated call: left out of sum
-        chunk_blocks, checked = paged_args.check_call(args, strategy, kernel.value, "auto")
+        chunk_blocks, checked = paged_checks.check_call(
+            args, paged_checks.PagedOptions(strategy, gather_kernel=kernel.value)
+        )
         t = clock("check", t)
         assert checked.strategy.value == strategy
-        chunks = paged.plan_chunks(ctx, BLOCK, chunk_blocks)
+        chunks = paged_plan.plan_chunks(ctx, BLOCK, chunk_blocks)
         t = clock("plan_chunks", t)
-        streams = paged._Streams(dev, True)
+        streams = paged_pipeline.Streams(dev, True)
         t = clock("streams", t)
         c = chunks[0]
         if strategy == "copy_batch" or kernel is GatherKernel.CUDA:

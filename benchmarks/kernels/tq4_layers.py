@@ -27,7 +27,7 @@ from turboquant_decode import PRESET, D, bench_inputs, graph_bench
 
 from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec
-from servelab.kernels.turboquant.triton_decode import (
+from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
     LaunchConfig,
     fused_decode_attention,

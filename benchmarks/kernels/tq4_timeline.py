@@ -26,8 +26,8 @@ import torch
 from turboquant_decode import PRESET, D, bench_inputs
 
 from servelab.kernels import cuda_ext
-from servelab.kernels.turboquant import KVCodec, cuda_words
-from servelab.kernels.turboquant.triton_decode import (
+from servelab.kernels.turboquant import KVCodec, fused_words_cuda
+from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
     LaunchConfig,
     fused_decode_attention,
@@ -107,7 +107,7 @@ def main() -> int:
     q, k, v = bench_inputs(args.tokens)
     cache = codec.encode(k, v)
     consts = DecodeConstants.build(codec, q.device)
-    lib = cuda_words.library(q.device)
+    lib = fused_words_cuda.library(q.device)
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for _ in range(5):
         if not args.warm:
@@ -117,7 +117,7 @@ def main() -> int:
     torch.cuda.synchronize()
     buf = (ctypes.c_ulonglong * (4096 * SLOTS))()
     cuda_ext.check(lib, lib.tq4_timeline(ctypes.byref(buf)), "tq4_timeline")
-    ctas = 8 * cuda_words.default_splits(q.device, 16, 1, 8)
+    ctas = 8 * fused_words_cuda.default_splits(q.device, 16, 1, 8)
     a = np.frombuffer(buf, dtype=np.uint64).reshape(4096, SLOTS)[:ctas].astype(np.int64)
     rel = (a[:, : len(STAMPS)] - a[:, 0].min()) / 1000.0
     print(

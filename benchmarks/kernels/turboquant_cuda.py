@@ -40,13 +40,13 @@ from turboquant_decode import (
 
 from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
-from servelab.kernels.turboquant.cuda_words import default_splits, library
-from servelab.kernels.turboquant.triton_decode import (
+from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
     LaunchConfig,
     fused_decode_attention,
     fused_decode_attention_dense,
 )
+from servelab.kernels.turboquant.fused_words_cuda import default_splits, library
 
 
 def run(tokens: int, sm_splits: dict[int, int]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from servelab.kernels.turboquant import (
     reference_decode_attention,
     unfused_decode_attention,
 )
-from servelab.kernels.turboquant.triton_decode import (
+from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
     LaunchConfig,
     fused_decode_attention,

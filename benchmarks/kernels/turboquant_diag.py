@@ -15,11 +15,11 @@ from turboquant_decode import PRESET, D, bench_inputs, kernel_breakdown
 
 from servelab.kernels.turboquant import (
     KVCodec,
-    triton_decode,
-    triton_words,
+    fused_generic_triton,
+    fused_words_triton,
     unfused_decode_attention,
 )
-from servelab.kernels.turboquant.triton_decode import (
+from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
     LaunchConfig,
     fused_decode_attention,
@@ -87,8 +87,8 @@ def main() -> int:
     ):
         for name, us in kernel_breakdown(fn).items():
             print(json.dumps({"kernel": name, "us_per_call": us}))
-    for row in compiled(triton_words.decode_split_words_kernel) + compiled(
-        triton_decode._decode_split_kernel
+    for row in compiled(fused_words_triton.decode_split_words_kernel) + compiled(
+        fused_generic_triton._decode_split_kernel
     ):
         print(json.dumps(row))
     return 0

@@ -48,3 +48,13 @@ class KernelInputError(ServelabError, ValueError):
 
 class RecordError(ServelabError):
     """A saved record is missing, corrupt or of an unknown schema."""
+
+
+class KernelRuntimeError(ServelabError, RuntimeError):
+    """A kernel could not run although its arguments passed the checks: a CUDA launch
+    returned an error, a buffer sized up front was too small, an iteration did not converge."""
+
+
+class CudaBuildError(KernelRuntimeError):
+    """nvcc is missing or failed on one of servelab's CUDA sources; the message holds the
+    end of its output."""

@@ -22,8 +22,8 @@ from servelab.kernels.turboquant import (
 
 pytestmark = pytest.mark.kernels
 
-triton_decode = pytest.importorskip(
-    "servelab.kernels.turboquant.triton_decode", reason="Triton is not installed"
+fused_decode = pytest.importorskip(
+    "servelab.kernels.turboquant.fused_decode", reason="Triton is not installed"
 )
 
 PRESETS = ["turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
@@ -98,7 +98,7 @@ def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str, sha
     q = q_big[:, ::2]  # non-contiguous query heads
     seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=accel)
     out = torch.full((b, hq, d), float("nan"), device=accel)
-    got = triton_decode.fused_decode_attention(q, cache, codec, seq_lens=seq_lens, out=out)
+    got = fused_decode.fused_decode_attention(q, cache, codec, seq_lens=seq_lens, out=out)
     assert got is out
     want = unfused_decode_attention(q, cache, codec, seq_lens=seq_lens)
     assert bool(torch.isfinite(got).all()), "every output element must be written"
@@ -145,11 +145,11 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     lens = torch.tensor([777, 200], dtype=torch.int32, device=accel)
     codec = KVCodec.build("turboquant_4bit_nc", 128, "haar", seed=1, law="exact")
     cache = strided_cache(codec.encode(k, v))
-    cfg = triton_decode.LaunchConfig(
+    cfg = fused_decode.LaunchConfig(
         block_n=128, precise_table=precise, generic=generic, backend=backend, cuda_warps=warps
     )
     out = torch.full((2, 6, 128), float("nan"), device=accel)
-    got = triton_decode.fused_decode_attention(
+    got = fused_decode.fused_decode_attention(
         q, cache, codec, seq_lens=lens, out=out, config=cfg
     ).double()
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
@@ -186,15 +186,15 @@ def test_cuda_kernel_shapes(accel: torch.device, shape: tuple) -> None:  # type:
     lens = torch.tensor(lens_t, dtype=torch.int32, device=accel)
     codec = KVCodec.build("turboquant_4bit_nc", d, "randomized_hadamard", seed=2, law="exact")
     cache = codec.encode(k, v)
-    cfg = triton_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_warps=warps)
+    cfg = fused_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_warps=warps)
     out = torch.full((b, hq, d), float("nan"), dtype=torch.bfloat16, device=accel)
-    got = triton_decode.fused_decode_attention(q, cache, codec, seq_lens=lens, out=out, config=cfg)
+    got = fused_decode.fused_decode_attention(q, cache, codec, seq_lens=lens, out=out, config=cfg)
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
     assert bool(torch.isfinite(got).all()), "every output element must be written"
     # bf16 output: its rounding (2^-9 relative) is the bound here.
     torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)
     out32 = torch.full((b, hq, d), float("nan"), device=accel)
-    got32 = triton_decode.fused_decode_attention(
+    got32 = fused_decode.fused_decode_attention(
         q, cache, codec, seq_lens=lens, out=out32, config=cfg
     )
     torch.testing.assert_close(got32.double(), want, atol=2e-5, rtol=2e-5)
@@ -219,9 +219,9 @@ def test_cuda_kernel_back_to_back_calls_with_and_without_pdl(accel: torch.device
     for pdl in (True, False):
         outs = []
         for q, cache, splits in calls:  # queued without a synchronize between them
-            cfg = triton_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_pdl=pdl)
+            cfg = fused_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_pdl=pdl)
             out = torch.full((1, 16, 128), float("nan"), device=accel)
-            outs.append(triton_decode.fused_decode_attention(q, cache, codec, out=out, config=cfg))
+            outs.append(fused_decode.fused_decode_attention(q, cache, codec, out=out, config=cfg))
         torch.cuda.synchronize(accel)
         got[pdl] = outs
     for (q, cache, _), with_pdl, without in zip(calls, got[True], got[False], strict=True):
@@ -235,9 +235,9 @@ def test_backend_cuda_names_what_it_cannot_take(accel: torch.device) -> None:
     needs_cuda_kernel("cuda")
     codec = KVCodec.build("turboquant_4bit_nc", 256)
     k = torch.randn(1, 2, 9, 256, device=accel)
-    cfg = triton_decode.LaunchConfig(backend="cuda")
+    cfg = fused_decode.LaunchConfig(backend="cuda")
     with pytest.raises(KernelInputError, match="backend='cuda' cannot run here: head size 256"):
-        triton_decode.fused_decode_attention(
+        fused_decode.fused_decode_attention(
             torch.zeros(1, 4, 256, device=accel), codec.encode(k, k), codec, config=cfg
         )
 
@@ -245,17 +245,17 @@ def test_backend_cuda_names_what_it_cannot_take(accel: torch.device) -> None:
 def test_fused_refuses_an_unknown_backend() -> None:
     q, cache, codec = _small()
     with pytest.raises(KernelInputError, match=r"LaunchConfig\.backend is 'cudnn'"):
-        triton_decode.fused_decode_attention(
-            q, cache, codec, config=triton_decode.LaunchConfig(backend="cudnn")
+        fused_decode.fused_decode_attention(
+            q, cache, codec, config=fused_decode.LaunchConfig(backend="cudnn")
         )
     with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_warps is 6"):
-        triton_decode.fused_decode_attention(
-            q, cache, codec, config=triton_decode.LaunchConfig(cuda_warps=6)
+        fused_decode.fused_decode_attention(
+            q, cache, codec, config=fused_decode.LaunchConfig(cuda_warps=6)
         )
     not_a_bool: Any = "yes"
     with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_pdl is 'yes'"):
-        triton_decode.fused_decode_attention(
-            q, cache, codec, config=triton_decode.LaunchConfig(cuda_pdl=not_a_bool)
+        fused_decode.fused_decode_attention(
+            q, cache, codec, config=fused_decode.LaunchConfig(cuda_pdl=not_a_bool)
         )
 
 
@@ -268,8 +268,8 @@ def test_split_count_does_not_change_the_result(accel: torch.device, splits: int
     q = torch.randn(1, 8, 128, device=accel, generator=g)
     codec = KVCodec.build("turboquant_4bit_nc", 128)
     cache = codec.encode(k, v)
-    cfg = triton_decode.LaunchConfig(num_splits=splits)
-    got = triton_decode.fused_decode_attention(q, cache, codec, config=cfg)
+    cfg = fused_decode.LaunchConfig(num_splits=splits)
+    got = fused_decode.fused_decode_attention(q, cache, codec, config=cfg)
     torch.testing.assert_close(
         got.double(), unfused_decode_attention(q, cache, codec), atol=1e-3, rtol=1e-3
     )
@@ -282,8 +282,8 @@ def test_fused_is_deterministic(accel: torch.device) -> None:
     q = torch.randn(1, 32, 128, device=accel, generator=g)
     codec = KVCodec.build("turboquant_3bit_nc", 128)
     cache = codec.encode(k, k.flip(2))
-    a = triton_decode.fused_decode_attention(q, cache, codec)
-    b = triton_decode.fused_decode_attention(q, cache, codec)
+    a = fused_decode.fused_decode_attention(q, cache, codec)
+    b = fused_decode.fused_decode_attention(q, cache, codec)
     assert torch.equal(a, b)
 
 
@@ -296,7 +296,7 @@ def test_dense_path_matches_float64(accel: torch.device, dtype: torch.dtype) -> 
     q = torch.randn(2, 12, 128, device=accel, generator=g).to(dtype)
     lens = torch.tensor([2049, 1000], dtype=torch.int32, device=accel)
     out = torch.full((2, 12, 128), float("nan"), device=accel)
-    got = triton_decode.fused_decode_attention_dense(q, k, v, seq_lens=lens, out=out)
+    got = fused_decode.fused_decode_attention_dense(q, k, v, seq_lens=lens, out=out)
     want = reference_decode_attention(q, k, v, seq_lens=lens)
     # q and p are rounded to the K/V dtype before the matrix unit: 2^-8 (bf16) / 2^-11 (fp16)
     # relative; vLLM's flash-attention tests use 1.5e-2 / 1e-2 for bf16.
@@ -312,7 +312,7 @@ def test_full_path_matches_float64_loosely(accel: torch.device) -> None:
     v = torch.randn(1, 8, 4096, 128, device=accel, generator=g)
     q = torch.randn(1, 32, 128, device=accel, generator=g)
     codec = KVCodec.build("turboquant_4bit_nc", 128)
-    got = triton_decode.fused_decode_attention(q, codec.encode(k, v), codec).double()
+    got = fused_decode.fused_decode_attention(q, codec.encode(k, v), codec).double()
     want = reference_decode_attention(q, k, v)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert float(cos.min()) > 0.98
@@ -334,32 +334,32 @@ def test_fused_refuses_a_cache_of_the_wrong_size_or_dtype() -> None:
     q, cache, codec = _small()
     short = dataclasses.replace(cache, value_codes=cache.value_codes[..., :-1])
     with pytest.raises(KernelInputError, match="value_codes has shape"):
-        triton_decode.fused_decode_attention(q, short, codec)
+        fused_decode.fused_decode_attention(q, short, codec)
     as_int = dataclasses.replace(cache, key_codes=cache.key_codes.to(torch.int16))
     with pytest.raises(KernelInputError, match=r"key_codes has dtype torch\.int16"):
-        triton_decode.fused_decode_attention(q, as_int, codec)
+        fused_decode.fused_decode_attention(q, as_int, codec)
     with pytest.raises(KernelInputError, match="not a multiple of 2 KV heads"):
-        triton_decode.fused_decode_attention(torch.zeros(1, 3, 128), cache, codec)
+        fused_decode.fused_decode_attention(torch.zeros(1, 3, 128), cache, codec)
 
 
 def test_fused_refuses_a_head_size_it_cannot_take() -> None:
     _, cache, codec = _small(d=96)
     with pytest.raises(KernelInputError, match="head size 96 is not supported by the fused"):
-        triton_decode.fused_decode_attention(torch.zeros(1, 4, 96), cache, codec)
+        fused_decode.fused_decode_attention(torch.zeros(1, 4, 96), cache, codec)
 
 
 def test_fused_refuses_cpu_tensors_with_a_pointer_to_the_unfused_path() -> None:
     q, cache, codec = _small()
     with pytest.raises(KernelInputError, match="unfused_decode_attention"):
-        triton_decode.fused_decode_attention(q, cache, codec)
+        fused_decode.fused_decode_attention(q, cache, codec)
 
 
 def test_dense_refuses_bad_kv() -> None:
     k = torch.zeros(1, 2, 5, 128, dtype=torch.float32)
     with pytest.raises(KernelInputError, match="float16 or bfloat16"):
-        triton_decode.fused_decode_attention_dense(torch.zeros(1, 2, 128), k, k)
+        fused_decode.fused_decode_attention_dense(torch.zeros(1, 2, 128), k, k)
     with pytest.raises(KernelInputError, match="one shape and dtype"):
-        triton_decode.fused_decode_attention_dense(torch.zeros(1, 2, 128), k.half(), k.bfloat16())
+        fused_decode.fused_decode_attention_dense(torch.zeros(1, 2, 128), k.half(), k.bfloat16())
 
 
 @pytest.mark.cuda
@@ -369,9 +369,9 @@ def test_fused_refuses_nan_query_before_launch(accel: torch.device) -> None:
     q = torch.zeros(1, 4, 128, device=accel)
     q[0, 1, 3] = float("nan")
     with pytest.raises(KernelInputError, match="NaN or infinite"):
-        triton_decode.fused_decode_attention(q, codec.encode(k, k), codec)
+        fused_decode.fused_decode_attention(q, codec.encode(k, k), codec)
     lens = torch.tensor([10], dtype=torch.int32, device=accel)
     with pytest.raises(KernelInputError, match="seq_lens"):
-        triton_decode.fused_decode_attention(
+        fused_decode.fused_decode_attention(
             q.nan_to_num(), codec.encode(k, k), codec, seq_lens=lens
         )

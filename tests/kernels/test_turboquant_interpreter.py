@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, math, torch
     from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
-    from servelab.kernels.turboquant import triton_decode as td
+    from servelab.kernels.turboquant import fused_config as cf
+    from servelab.kernels.turboquant import fused_generic_triton as gen
 
     g = torch.Generator().manual_seed(0)
     b, h, t, d, hq = 2, 2, 150, 64, 6
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent(
     for name in ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_3bit_nc"):
         codec = KVCodec.build(name, d, "randomized_hadamard", seed=1)
         cache = codec.encode(k, v)
-        consts = td.DecodeConstants.build(codec, cpu)
+        consts = cf.DecodeConstants.build(codec, cpu)
         want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
         p = codec.preset
         sm = 1 / math.sqrt(d)
@@ -49,32 +50,32 @@ SCRIPT = textwrap.dedent(
         for label, kw in variants.items():
             if not name.endswith("4bit_nc") and label != "generic":
                 continue
-            cfg = td.LaunchConfig(block_n=32, num_splits=3, **kw)
+            cfg = cf.LaunchConfig(block_n=32, num_splits=3, **kw)
             got = torch.full((b, hq, d), float("nan"))
-            td._launch(
-                qk, td.KMODE_FP8 if fp8 else td.KMODE_CODEBOOK, 8 if fp8 else p.key_bits,
-                p.key_code_bytes(d), cache.key_codes, cache.key_scales, td.VMODE_UNIFORM,
+            gen.launch_generic(
+                qk, gen.KMODE_FP8 if fp8 else gen.KMODE_CODEBOOK, 8 if fp8 else p.key_bits,
+                p.key_code_bytes(d), cache.key_codes, cache.key_scales, gen.VMODE_UNIFORM,
                 p.value_bits, p.value_code_bytes(d), cache.value_codes, cache.value_scale_zero,
                 None if fp8 else consts.centroids, lens,
-                sm * td.LOG2E if fp8 else sm * td.LOG2E / math.sqrt(d), got, t, h, cfg,
+                sm * cf.LOG2E if fp8 else sm * cf.LOG2E / math.sqrt(d), got, t, h, cfg,
             )
             diff = (got.double() - want).abs()
             # raw max, and the excess over assert_close's atol + rtol·|want| at 1e-3 (§2.8)
             out[f"{name}/{label}"] = [float(diff.max()), float((diff - 1e-3 * want.abs()).max())]
-    # The word kernel (triton_words), on 4-bit keys and values and dense fp16.
-    from servelab.kernels.turboquant.triton_words import launch_words
+    # The word kernel (fused_words_triton), on 4-bit keys and values and dense fp16.
+    from servelab.kernels.turboquant.fused_words_triton import as_words, launch_words
     codec = KVCodec.build("turboquant_4bit_nc", d, "randomized_hadamard", seed=1)
     cache = codec.encode(k, v)
-    consts = td.DecodeConstants.build(codec, cpu)
+    consts = cf.DecodeConstants.build(codec, cpu)
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
     qk = (q.float() @ consts.rotation_t).contiguous()
     for label, splits, precise in (
         ("words", 3, True), ("words-1split", 1, True), ("words-fast", 3, False)
     ):
         got = torch.full((b, hq, d), float("nan"))
-        launch_words(qk, td._as_words(cache.key_codes), cache.key_scales,
-                     td._as_words(cache.value_codes), cache.value_scale_zero, consts.centroids,
-                     lens, td.LOG2E / d, got, t, block_n=32, num_warps=4, num_stages=1,
+        launch_words(qk, as_words(cache.key_codes), cache.key_scales,
+                     as_words(cache.value_codes), cache.value_scale_zero, consts.centroids,
+                     lens, cf.LOG2E / d, got, t, block_n=32, num_warps=4, num_stages=1,
                      num_splits=splits, precise_table=precise)
         diff = (got.double() - want).abs()
         out[f"turboquant_4bit_nc/{label}"] = [
@@ -82,14 +83,15 @@ SCRIPT = textwrap.dedent(
     kd = k.half()
     vd = v.half()
     got = torch.full((b, hq, d), float("nan"))
-    launch_words(q, kd, None, vd, None, None, lens, td.LOG2E / math.sqrt(d), got, t,
+    launch_words(q, kd, None, vd, None, None, lens, cf.LOG2E / math.sqrt(d), got, t,
                  block_n=32, num_warps=4, num_stages=1, num_splits=4)
     from servelab.kernels.turboquant import reference_decode_attention
     out["dense-words-fp16"] = float((got.double() - reference_decode_attention(
         q, kd, vd, seq_lens=lens)).abs().max())
     got = torch.full((b, hq, d), float("nan"))
-    td._launch(q, td.KMODE_DENSE, 16, 2 * d, kd, None, td.VMODE_DENSE, 16, 2 * d, vd, None,
-               None, lens, td.LOG2E / math.sqrt(d), got, t, h, td.LaunchConfig(32, 4, 2, 3))
+    gen.launch_generic(q, gen.KMODE_DENSE, 16, 2 * d, kd, None, gen.VMODE_DENSE, 16, 2 * d, vd,
+                       None, None, lens, cf.LOG2E / math.sqrt(d), got, t, h,
+                       cf.LaunchConfig(32, 4, 2, 3))
     from servelab.kernels.turboquant import reference_decode_attention
     out["dense-fp16"] = float((got.double() - reference_decode_attention(
         q, kd, vd, seq_lens=lens)).abs().max())

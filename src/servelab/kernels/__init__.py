@@ -8,7 +8,9 @@ This package is the only part of servelab that imports torch.
   (bf16/fp16 reads, float32 accumulation and state)
 - :mod:`servelab.kernels.staging` host-to-device block staging strategies
 - :mod:`servelab.kernels.paged_cache` paged KV caches and block tables
-- :mod:`servelab.kernels.paged` CPU-paged attention (chunk plan, streams, pipeline)
+- :mod:`servelab.kernels.paged` CPU-paged attention: the entry point; its checks, plan,
+  copy/compute pipeline and per-chunk steps are ``paged_checks``, ``paged_plan``,
+  ``paged_pipeline``, ``paged_steps`` (Triton kernels of the step: ``paged_step_triton``)
 - :mod:`servelab.kernels.tolerance` the error rule kernel tests apply
 """
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from servelab.errors import CudaBuildError, KernelRuntimeError
+
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str], ctypes.CDLL] = {}
 _NVCC_VERSION: dict[str, str] = {}
 
-
-class CudaBuildError(RuntimeError):
-    """nvcc failed on one of servelab's sources; the message holds the end of its output."""
+__all__ = ["CudaBuildError", "Library", "build", "check", "enabled", "find_nvcc", "source"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def build(name: str, source: Path, arch: str, extra_flags: tuple[str, ...] = ())
     if nvcc is None:
         raise CudaBuildError(
             f"cuda_ext.build({name}): nvcc not found (looked in $CUDA_HOME/bin, $CUDA_PATH/bin, "
-            "/usr/local/cuda/bin and PATH)"
+            "/usr/local/cuda/bin and PATH); install the CUDA toolkit or set CUDA_HOME, or set "
+            "SERVELAB_NO_CUDA_EXT=1 to use the Triton kernels"
         )
     flags = (
         "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
@@ -136,7 +137,11 @@ def check(lib: ctypes.CDLL, rc: int, where: str) -> None:
         fn = lib.servelab_cuda_error
         fn.restype = ctypes.c_char_p
         fn.argtypes = [ctypes.c_int]
-        raise RuntimeError(f"{where}: CUDA error {rc}: {fn(rc).decode(errors='replace')}")
+        raise KernelRuntimeError(
+            f"{where}: CUDA error {rc}: {fn(rc).decode(errors='replace')} (a launcher of "
+            "servelab/kernels/csrc returned it; rerun with CUDA_LAUNCH_BLOCKING=1 to find the "
+            "launch, or set SERVELAB_NO_CUDA_EXT=1 to fall back to Triton)"
+        )
 
 
 def source(name: str) -> Path:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from servelab.errors import KernelInputError
 from servelab.kernels import cuda_ext
 from servelab.kernels.paged_cache import block_bytes
 
@@ -245,7 +246,7 @@ class IdRing:
         self, slots: int = 8, allocate: Callable[[int], torch.Tensor] = pinned_int64
     ) -> None:
         if slots < 1:
-            raise ValueError(f"IdRing needs at least one slot; got {slots}")
+            raise KernelInputError(f"IdRing needs at least one slot; got slots={slots}")
         self._allocate = allocate
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._guards: list[Guard | None] = [None] * slots

@@ -1,8 +1,8 @@
 """TurboQuant KV-cache compression (arXiv 2504.19874): codebooks, rotations, quantizers,
 vLLM preset emulation, and decode attention over the packed cache.
 
-The Triton kernel lives in ``triton_decode`` and is not imported here, so the rest works
-where Triton is absent.
+The fused decode kernels (``fused_decode`` and its backends ``fused_*``) need Triton and are
+not imported here, so the rest works where Triton is absent.
 """
 
 from servelab.kernels.turboquant.attention import (

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import special
 
-from servelab.errors import KernelInputError
+from servelab.errors import KernelInputError, KernelRuntimeError
 
 Law = Literal["exact", "gaussian"]
 LAWS: tuple[Law, ...] = ("exact", "gaussian")
@@ -148,7 +148,10 @@ def lloyd_max_codebook(dim: int, bits: int, law: Law = "exact") -> Codebook:
         if delta < _TOL / math.sqrt(dim):
             break
     else:  # pragma: no cover - the iteration is a contraction for these log-concave laws
-        raise RuntimeError(f"Lloyd–Max did not converge for d={dim}, b={bits}, law={law}")
+        raise KernelRuntimeError(
+            f"Lloyd–Max did not converge for d={dim}, b={bits}, law={law}; report it with "
+            "these three values"
+        )
     inner = 0.5 * (c[1:] + c[:-1])
     return Codebook(
         dim=dim,

@@ -19,21 +19,25 @@ nibbles, low nibble first: packing.py's layout), so a thread that loads a word e
 With ``DENSE`` the same kernel reads fp16/bf16 K/V tiles instead (the uncompressed baseline
 the speed goal compares against: same grid, same softmax, same merge).
 
-Arguments are trusted: :func:`servelab.kernels.turboquant.triton_decode.fused_decode_attention`
-validates them before launching.
+Arguments are trusted: :func:`servelab.kernels.turboquant.fused_decode.fused_decode_attention`
+validates them before launching; :func:`word_args` turns its ``LaunchConfig`` into this
+backend's launch arguments.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 import triton
 import triton.language as tl
 
-from servelab.kernels.turboquant.triton_common import split_program
+from servelab.kernels.turboquant.fused_config import LaunchConfig
+from servelab.kernels.turboquant.fused_triton_common import sm_count, split_program
 
 VALUE_BIAS = 1024.0
+MAX_SPLITS_WORDS = 4096  # the word kernel's merge loops over splits in blocks
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -235,3 +239,36 @@ def merge_splits(
         D=d, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def as_words(codes: torch.Tensor) -> torch.Tensor:
+    """A uint8 code plane [B, H, T, d/2] as int32 words [B, H, T, d/8] (no copy when the
+    rows are contiguous and 4-byte aligned; a contiguous copy otherwise)."""
+    ok = codes.stride(-1) == 1 and all(s % 4 == 0 for s in codes.stride()[:-1])
+    if not ok or codes.storage_offset() % 4:
+        codes = codes.contiguous()
+    return codes.view(torch.int32)
+
+
+class WordArgs(TypedDict):
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int
+    split_operands: bool
+    precise_table: bool
+
+
+def word_args(cfg: LaunchConfig, device: torch.device, b: int, hkv: int, tokens: int) -> WordArgs:
+    """:func:`launch_words`' keyword arguments for ``cfg`` (``tokens`` is unused)."""
+    splits = cfg.num_splits
+    if splits is None:  # about eight programs per multiprocessor
+        splits = math.ceil(8 * sm_count(device) / (b * hkv))
+    return {
+        "block_n": cfg.block_n,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "num_splits": max(1, min(splits, MAX_SPLITS_WORDS)),
+        "split_operands": cfg.split_operands,
+        "precise_table": cfg.precise_table,
+    }

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from servelab.errors import KernelRuntimeError
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Kernels may only read globals declared as constexpr (Triton 3.6).
@@ -243,8 +245,9 @@ def attend_parts(
     block_n, stages = tile_config(head_size, key.element_size())
     splits = num_splits or splits_for(num_keys, num_kv_heads, row_blocks, block_n)
     if parts.used + splits > parts.out.shape[0]:
-        raise RuntimeError(
-            f"partial buffer holds {parts.out.shape[0]} parts, {parts.used + splits} needed"
+        raise KernelRuntimeError(
+            f"attend_parts: the partial buffer holds {parts.out.shape[0]} parts, "
+            f"{parts.used + splits} needed; size it with splits_for over every range to come"
         )
     per_split = triton.cdiv(max(1, num_keys), splits)
     per_split = triton.cdiv(per_split, block_n) * block_n

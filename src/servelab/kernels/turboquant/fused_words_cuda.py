@@ -11,7 +11,8 @@ on the stream finishes, and reads nothing before that kernel has completed.
 :func:`unsupported` names what it refuses, and ``backend="auto"`` falls back to the Triton
 word kernel then.
 
-Arguments are trusted here: ``triton_decode.fused_decode_attention`` has validated them.
+Arguments are trusted here: ``fused_decode.fused_decode_attention`` has validated them;
+:func:`takes` is its choice of this backend.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import functools
 
 import torch
 
+from servelab.errors import KernelInputError, KernelRuntimeError
 from servelab.kernels import cuda_ext
+from servelab.kernels.turboquant.fused_config import LaunchConfig
+from servelab.kernels.turboquant.fused_words_triton import split_plan
 from servelab.kernels.turboquant.kvcache import PackedKVCache
-from servelab.kernels.turboquant.triton_words import split_plan
 
 TILE = 16  # tokens per warp step in the kernel
 HEAD_SIZES = (64, 128)
@@ -115,6 +118,24 @@ def unsupported(q: torch.Tensor, d: int, cache: PackedKVCache, out: torch.Tensor
     return None
 
 
+def takes(
+    cfg: LaunchConfig,
+    q: torch.Tensor,
+    d: int,
+    cache: PackedKVCache,
+    out: torch.Tensor,
+    where: str,
+) -> bool:
+    """Whether the CUDA kernel takes this call; ``backend="cuda"`` turns a refusal into an
+    error naming the reason."""
+    if cfg.backend == "triton":
+        return False
+    reason = unsupported(q, d, cache, out)
+    if reason is not None and cfg.backend == "cuda":
+        raise KernelInputError(f"{where}: backend='cuda' cannot run here: {reason}")
+    return reason is None
+
+
 def default_splits(device: torch.device, warps: int, b: int, hkv: int) -> int:
     """Every CTA resident at once: one per multiprocessor at 16 warps, two at 8 (shared
     memory: the tables, the query fragments and the warps' rings)."""
@@ -147,7 +168,10 @@ def launch_cuda_words(
     b, hq, d = (int(s) for s in q.shape)
     hkv, tokens = cache.kv_heads, cache.tokens
     if cache.key_scales is None:  # unsupported() refused this already
-        raise RuntimeError("launch_cuda_words: the cache has no key_scales plane")
+        raise KernelRuntimeError(
+            "launch_cuda_words: the cache has no key_scales plane; call it only where "
+            "unsupported() returned None"
+        )
     want = num_splits if num_splits is not None else default_splits(dev, warps, b, hkv)
     split_len, splits = split_plan(tokens, TILE * warps, min(want, MAX_SPLITS))
     part_o = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)

@@ -1,9 +1,19 @@
-"""What every split-KV decode kernel of this package starts with."""
+"""What both Triton split-KV decode backends of this package share: the program's place on
+the grid (:func:`split_program`) and the device's multiprocessor count the split count is
+sized by (:func:`sm_count`)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    props = torch.xpu.get_device_properties(device)
+    return int(getattr(props, "gpu_subslice_count", 0) or getattr(props, "max_compute_units", 64))
 
 
 @triton.jit  # type: ignore[untyped-decorator]

@@ -38,7 +38,7 @@ GPU_DTYPES = ("bfloat16", "float16", "float32")
 SCRIPT = textwrap.dedent(
     """
     import json, math, sys, torch
-    from servelab.kernels import decode_triton as dt
+    from servelab.kernels import paged_step_triton as dt
     from servelab.kernels.reference import reference_attention
 
     device = sys.argv[1]
@@ -156,15 +156,15 @@ def test_split_count_does_not_change_the_result_beyond_rounding() -> None:
 STEPS_SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from servelab.kernels import paged
+    from servelab.kernels import paged_plan, paged_steps
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 8, 32, generator=g)
     k = torch.randn(300, 2, 32, generator=g)
     v = torch.randn(300, 2, 32, generator=g)
-    mask = paged._Mask(0.2, 298, True, 100, None)
+    mask = paged_plan.Mask(0.2, 298, True, 100, None)
     ranges = ((0, 200), (200, 300))
-    torch_steps = paged._TorchSteps(q, 2, mask)
-    triton_steps = paged._TritonSteps(q, 2, mask, [b - a for a, b in ranges])
+    torch_steps = paged_steps.TorchStep(q, 2, mask)
+    triton_steps = paged_steps.TritonStep(q, 2, mask, [b - a for a, b in ranges])
     outs = []
     for steps in (torch_steps, triton_steps):
         for a, b in ranges:

@@ -1,5 +1,9 @@
 """The argument checks of ``cpu_paged_attention``, run before anything is launched.
 
+The call's arguments come in two groups: :class:`CallArgs` (what is computed: tensors,
+lengths, mask scalars) and :class:`PagedOptions` (how it runs: staging strategy, overlap,
+gather kernel and grid, chunk step). Both are checked here.
+
 A call's layout checks (shapes, dtypes, devices, contiguity, pinnedness, the chunk step, the
 staging strategy and gather kernel they resolve to) are remembered per scratch
 (``scratch.checks``, a :class:`~servelab.kernels.validation.CheckMemo` keyed by tensor identity
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from servelab.errors import KernelInputError
-from servelab.kernels import decode_triton, gather_cuda
+from servelab.kernels import gather_cuda, paged_step_triton
 from servelab.kernels.paged_cache import PagedKVCache, blocks_for
 from servelab.kernels.staging import (
     GatherKernel,
@@ -45,7 +49,7 @@ def resolve_step(step: str, query: torch.Tensor, kv_dtype: torch.dtype) -> bool:
         raise KernelInputError(f"step must be one of {', '.join(STEPS)}; got {step!r}")
     if step == "torch":
         return False
-    ok = decode_triton.supported(query, kv_dtype)
+    ok = paged_step_triton.supported(query, kv_dtype)
     if step == "triton" and not ok:
         raise KernelInputError(
             "step='triton' needs a cuda or xpu query, a float16/bfloat16/float32 cache of "
@@ -72,6 +76,17 @@ class CallArgs:
     softcap: float | None
     out: torch.Tensor | None
     out_lse: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PagedOptions:
+    """How one call runs; none of these changes the result beyond rounding."""
+
+    strategy: str | GatherStrategy = "auto"
+    overlap: bool = True
+    gather_programs: int | None = None
+    gather_kernel: str | GatherKernel = "auto"
+    step: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -115,12 +130,19 @@ def _memo_key(
     return tensors, extra
 
 
-def check_call(
-    a: CallArgs, strategy: str | GatherStrategy, gather_kernel: str | GatherKernel, step: str
-) -> tuple[int, Checked]:
+def check_call(a: CallArgs, options: PagedOptions) -> tuple[int, Checked]:
     """Every check of the call, before anything is launched; the layout checks only the first
     time these caches, scratch and query shape come together. Returns the chunk size in
     blocks and what the layout checks resolved."""
+    chunk_blocks, checked = _check_call(a, options.strategy, options.gather_kernel, options.step)
+    if options.gather_programs is not None:
+        require_int("gather_programs", options.gather_programs, minimum=1)
+    return chunk_blocks, checked
+
+
+def _check_call(
+    a: CallArgs, strategy: str | GatherStrategy, gather_kernel: str | GatherKernel, step: str
+) -> tuple[int, Checked]:
     key = _memo_key(a, strategy, gather_kernel, step)
     memo = a.scratch.checks if key is not None else None
     if key is not None and memo is not None:
