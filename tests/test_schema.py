@@ -104,10 +104,14 @@ def test_problems_name_file_field_expected_type_and_value(data: object, message:
 
 
 def test_nested_names_the_table_then_the_field() -> None:
-    data = {"name": "x", "inner": {"count": 1}, "by_key": {"k/1": {"count": 1, "rate": [1]}}}
+    data: dict[str, object] = {
+        "name": "x",
+        "inner": {"count": 1},
+        "by_key": {"k/1": {"count": 1, "rate": [1]}},
+    }
     with pytest.raises(ProfileError) as info:
         read(data, locate=schema.nested)
-    assert str(info.value) == ("f.toml: by_key['k/1']: field 'rate' must be float (got list [1])")
+    assert str(info.value) == "f.toml: by_key['k/1']: field 'rate' must be float (got list [1])"
     data = {"name": "x", "inner": {"count": 1}, "tags": ["a", 2]}
     with pytest.raises(ProfileError, match=r"^f\.toml: field 'tags' item \[1\] must be str"):
         read(data, locate=schema.nested)
