@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -45,13 +46,18 @@ class Place:
 
 
 Locate = Callable[[Sequence[Step], Any], Place]
+#: Keys that a dataclass's table may carry without them being read, per dataclass.
+Ignored = tuple[tuple[type, frozenset[str]], ...]
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _render(steps: Sequence[Step]) -> str:
     out = ""
     for kind, value in steps:
-        if kind == "field":
-            out += f".{value}" if out else str(value)
+        if kind == "field" or (kind == "key" and _BARE_KEY.fullmatch(str(value))):
+            out += f".{value}" if out else str(value)  # as TOML writes it: env.HF_HOME
         else:
             out += f"[{value!r}]"
     return out
@@ -100,7 +106,8 @@ def read(
     `ignore` names keys a table may carry that are not read (derived data such as a summary).
     """
     ignored = _freeze(ignore)
-    model = model_for(cls, ignored)
+    key: Any = cls  # classes are hashable; typeshed's cache wrapper does not know type[T] is
+    model = model_for(key, ignored)
     try:
         parsed = model.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -108,7 +115,7 @@ def read(
     return _build(cls, parsed, ignored)
 
 
-def _freeze(ignore: Mapping[type, frozenset[str]] | None) -> tuple[tuple[type, frozenset[str]], ...]:
+def _freeze(ignore: Mapping[type, frozenset[str]] | None) -> Ignored:
     return tuple(sorted((ignore or {}).items(), key=lambda kv: kv[0].__qualname__))
 
 
@@ -117,9 +124,7 @@ def _freeze(ignore: Mapping[type, frozenset[str]] | None) -> tuple[tuple[type, f
 
 # Deriving a model costs milliseconds; the cache holds pure functions of the classes.
 @functools.cache
-def model_for(
-    cls: type, ignored: tuple[tuple[type, frozenset[str]], ...] = ()
-) -> type[BaseModel]:
+def model_for(cls: Any, ignored: Ignored = ()) -> type[BaseModel]:
     """The pydantic model that reads dataclass `cls` from TOML/JSON data."""
     hints = typing.get_type_hints(cls)
     spec: dict[str, Any] = {}
@@ -131,13 +136,11 @@ def model_for(
     for name in dict(ignored).get(cls, frozenset()):
         spec[name] = (Any, None)
     config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    model: type[BaseModel] = pydantic.create_model(  # type: ignore[call-overload]
-        f"{cls.__name__}File", __config__=config, **spec
-    )
+    model: type[BaseModel] = pydantic.create_model(f"{cls.__name__}File", __config__=config, **spec)
     return model
 
 
-def _file_type(tp: Any, ignored: tuple[tuple[type, frozenset[str]], ...]) -> Any:
+def _file_type(tp: Any, ignored: Ignored) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return model_for(tp, ignored)
@@ -145,14 +148,19 @@ def _file_type(tp: Any, ignored: tuple[tuple[type, frozenset[str]], ...]) -> Any
         members = tuple(_file_type(a, ignored) for a in get_args(tp))
         return functools.reduce(lambda a, b: a | b, members)
     if origin in (tuple, list):
-        return list[_file_type(get_args(tp)[0], ignored)]  # type: ignore[misc]
+        return _generic(list)[_file_type(get_args(tp)[0], ignored)]
     if origin in (Mapping, dict):
         key, value = get_args(tp)
-        return dict[key, _file_type(value, ignored)]  # type: ignore[valid-type]
+        return _generic(dict)[key, _file_type(value, ignored)]
     return tp
 
 
-def _build(cls: type[T], parsed: BaseModel, ignored: tuple[tuple[type, frozenset[str]], ...]) -> T:
+def _generic(origin: type) -> Any:
+    """`origin` for subscripting with types computed at run time (list[X], dict[K, V])."""
+    return origin
+
+
+def _build(cls: type[T], parsed: BaseModel, ignored: Ignored) -> T:
     hints = typing.get_type_hints(cls)
     skip = dict(ignored).get(cls, frozenset())
     kwargs = {
@@ -163,7 +171,7 @@ def _build(cls: type[T], parsed: BaseModel, ignored: tuple[tuple[type, frozenset
     return cls(**kwargs)
 
 
-def _value(tp: Any, value: Any, ignored: tuple[tuple[type, frozenset[str]], ...]) -> Any:
+def _value(tp: Any, value: Any, ignored: Ignored) -> Any:
     if value is None:
         return None
     origin = get_origin(tp)
@@ -171,7 +179,11 @@ def _value(tp: Any, value: Any, ignored: tuple[tuple[type, frozenset[str]], ...]
         return _build(tp, value, ignored)
     if origin in (typing.Union, types.UnionType):
         for member in get_args(tp):
-            if dataclasses.is_dataclass(member) and isinstance(value, model_for(member, ignored)):
+            if (
+                isinstance(member, type)
+                and dataclasses.is_dataclass(member)
+                and isinstance(value, model_for(member, ignored))
+            ):
                 return _build(member, value, ignored)
         return value
     if origin in (tuple, list):
@@ -257,7 +269,8 @@ def describe(
             for e in errors
             if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent
         ]
-        allowed = sorted(holder.model_fields) if isinstance(holder, type) else []
+        is_model = isinstance(holder, type) and issubclass(holder, BaseModel)
+        allowed = sorted(holder.model_fields) if is_model else []
         shown = [p.field for p in places]
         if steps and locate is dotted:
             base = _render(steps[:-1])
