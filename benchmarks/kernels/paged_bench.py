@@ -5,9 +5,8 @@ Run on a CUDA machine (figures are meaningless elsewhere)::
     PYTHONPATH=src python3 benchmarks/kernels/paged_bench.py --out DIR [--quick]
 
 It prints a table last and writes ``paged_bench.json`` and ``paged_bench.md`` under DIR.
-``--compare`` runs only the old (float32-upcast, ``paged_legacy.py``) vs new attention step,
-gather-program, chunk-size and overlap comparison at 32K/128K/512K and writes
-``paged_compare*.{json,md}`` (``paged_compare.sh`` wraps it for the device tool).
+``--steps`` compares the torch and Triton chunk steps, ``--batch`` the copy engines' batch
+against the CUDA gather (``benchmarks/kernels/gpu.sh paged`` wraps it for the device tool).
 Every figure carries the card, the date and the command. Timing: CUDA events on the
 caller's stream around whole calls (the copy stream is joined by the compute stream before
 the end event), warm-up runs first, the median of the repeats reported with min and max.
@@ -24,7 +23,6 @@ Figures
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -32,14 +30,12 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
-import servelab.kernels.paged as paged_mod
 from servelab.kernels import attention as step_new
 from servelab.kernels.attention import finalize, new_state
 from servelab.kernels.paged import cpu_paged_attention, plan_chunks
@@ -270,7 +266,6 @@ def bench_decode(
     reps: int,
     *,
     programs: int | None = None,
-    step: str = "new",
     chunk_step: str = "auto",
     steady: bool = False,
     gather_kernel: str = "auto",
@@ -319,11 +314,9 @@ def bench_decode(
             out_lse=lse,
         )
 
-    with attention_step(step):
-        times = time_cuda(run, max(3, reps // 2), calls=8) if steady else time_cuda(run, reps)
-        issue = host_issue_ms(run)
+    times = time_cuda(run, max(3, reps // 2), calls=8) if steady else time_cuda(run, reps)
+    issue = host_issue_ms(run)
     params = {
-        "step": step,
         "chunk_step": chunk_step,
         "host_issue_ms": round(issue, 3),
         "programs": programs,
@@ -341,29 +334,6 @@ def bench_decode(
     return figure("decode_steady" if steady else "decode", params, times, kv_bytes(ctx))
 
 
-@contextlib.contextmanager
-def attention_step(step: str) -> Iterator[None]:
-    """``new``: the package's step; ``old``: the float32-upcast step it replaced."""
-    if step == "new":
-        yield
-        return
-    import paged_legacy
-
-    with (
-        mock.patch.object(paged_mod, "prepare_query", paged_legacy.prepare_query),
-        mock.patch.object(paged_mod, "accumulate", paged_legacy.accumulate),
-    ):
-        yield
-
-
-def _step_functions(step: str) -> tuple[Any, Any]:
-    if step == "new":
-        return step_new.prepare_query, step_new.accumulate
-    import paged_legacy
-
-    return paged_legacy.prepare_query, paged_legacy.accumulate
-
-
 def bench_split(
     host: HostKV,
     ctx: int,
@@ -372,7 +342,7 @@ def bench_split(
     reps: int,
     *,
     programs: int | None = None,
-    steps: tuple[str, ...] = ("new",),
+    with_compute: bool = True,
     kernel: str = "auto",
     strategy: GatherStrategy = GatherStrategy.GPU_GATHER,
 ) -> list[Figure]:
@@ -418,14 +388,13 @@ def bench_split(
     k_dev = torch.randn(min(ctx, 2 * chunk_tokens), HKV, HEAD, generator=gen).to(DTYPE).to(dev)
     v_dev = torch.randn_like(k_dev)
 
-    def compute_only(step: str) -> None:
-        prepare, accumulate = _step_functions(step)
-        pq = prepare(query, HEAD**-0.5, HKV)
+    def compute_only() -> None:
+        pq = step_new.prepare_query(query, HEAD**-0.5, HKV)
         state = new_state(HKV, pq.rows, HEAD, dev)
         for c in chunks:
             n = c.token_end - c.token_start
             off = c.token_start % (k_dev.shape[0] - n + 1)
-            state = accumulate(
+            state = step_new.accumulate(
                 state,
                 pq,
                 k_dev[off : off + n],
@@ -453,9 +422,8 @@ def bench_split(
             kv_bytes(ctx),
         )
     ]
-    for step in steps:
-        times = time_cuda(lambda step=step: compute_only(step), reps)  # type: ignore[misc]
-        figs.append(figure("compute_only", {**params, "step": step}, times, 0))
+    if with_compute:
+        figs.append(figure("compute_only", params, time_cuda(compute_only, reps), 0))
     return figs
 
 
@@ -532,11 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton gather's knobs")
     ap.add_argument(
-        "--compare",
-        action="store_true",
-        help="only the old vs new attention step and gather-program comparison at 32K-512K",
-    )
-    ap.add_argument(
         "--steps",
         action="store_true",
         help="only the torch vs Triton chunk step, side by side, at 32K-512K",
@@ -567,8 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(env), flush=True)
     reps = 5 if args.quick else 10
-    if args.compare:
-        return run_compare(args.out, env, reps, t0)
     if args.steps:
         return run_rows(args.out, env, reps, t0, "paged_steps", STEPS_STAGES, STEPS_CONFIGS)
     if args.batch:
@@ -644,94 +605,6 @@ def _copy_rate_and_host(reps: int, t0: float) -> tuple[list[Figure], float, Host
     host = HostKV.allocate(MAX_CTX + 4096)
     print(f"host cache ready {time.perf_counter() - t0:.1f}s", flush=True)
     return figs, copy_rate, host
-
-
-def run_compare(out_dir: Path, env: dict[str, Any], reps: int, t0: float) -> int:
-    """Old vs new attention step, gather programs, chunk size, overlap: one table."""
-    figs, copy_rate, host = _copy_rate_and_host(reps, t0)
-    max_ctx = MAX_CTX
-    accuracy = [
-        check_decode_accuracy(host, 32 * 1024, 256),
-        check_decode_accuracy(host, 32 * 1024, 16),
-    ]
-    print(json.dumps(accuracy), flush=True)
-    summary = []
-    for ctx in (32 * 1024, 128 * 1024, 512 * 1024):
-        r = reps if ctx < max_ctx else max(5, reps // 2)
-        c32 = 32768
-        row: dict[str, Any] = {"ctx": ctx}
-        split = bench_split(host, ctx, 256, c32, r, programs=128, steps=("old", "new"))
-        split += bench_split(host, ctx, 256, c32, r, programs=32, steps=())
-        figs += split
-        row["stage_p128"] = split[0]
-        row["compute_old"], row["compute_new"] = split[1], split[2]
-        row["stage_p32"] = split[3]
-        dec = {}
-        for key, kw in (
-            ("old_p128", {"step": "old", "programs": 128}),
-            ("old_p32", {"step": "old", "programs": 32}),
-            ("new_p128", {"programs": 128}),
-            ("new_p64", {"programs": 64}),
-            ("new_p32", {"programs": 32}),
-            ("new_p16", {"programs": 16}),
-        ):
-            dec[key] = bench_decode(host, ctx, 256, "auto", True, c32, r, **kw)
-        dec["new_p32_nooverlap"] = bench_decode(host, ctx, 256, "auto", False, c32, r, programs=32)
-        dec["new_p32_c16k"] = bench_decode(host, ctx, 256, "auto", True, 16384, r, programs=32)
-        if ctx <= 32 * 1024:
-            dec["new_p32_c8k"] = bench_decode(host, ctx, 256, "auto", True, 8192, r, programs=32)
-        if ctx >= 128 * 1024:
-            dec["new_p32_c64k"] = bench_decode(host, ctx, 256, "auto", True, 65536, r, programs=32)
-        dec["new_p32_bs16"] = bench_decode(host, ctx, 16, "auto", True, c32, r, programs=32)
-        if ctx <= 128 * 1024:
-            dec["new_coalesced"] = bench_decode(host, ctx, 256, "coalesced", True, c32, r)
-        figs += list(dec.values())
-        row.update(dec)
-        summary.append(row)
-        _progress(figs, t0)
-    print(save_run(out_dir, "paged_compare", env, copy_rate, accuracy, figs))
-    lines = [
-        f"SUMMARY card {env['card']} {env['date_utc']} copy rate {copy_rate:.1f} GB/s; "
-        "ms (% of copy rate); chunk 32K, bs256, random table unless named",
-        "| ctx | stage p128 | stage p32 | attn old | attn new | decode old p128 | old p32 |"
-        " new p128 | new p64 | new p32 | new p16 | new p32 no-overlap | new p32 c16K |"
-        " new p32 c64K | new p32 c8K | new p32 bs16 | new coalesced |",
-    ]
-
-    def cell(f: Figure | None) -> str:
-        if f is None:
-            return "-"
-        if not f.bytes_moved:
-            return f"{f.median_ms:.2f}"
-        return f"{f.median_ms:.2f} ({100 * f.gbps / copy_rate:.0f}%)"
-
-    for row in summary:
-        keys = (
-            "stage_p128",
-            "stage_p32",
-            "compute_old",
-            "compute_new",
-            "old_p128",
-            "old_p32",
-            "new_p128",
-            "new_p64",
-            "new_p32",
-            "new_p16",
-            "new_p32_nooverlap",
-            "new_p32_c16k",
-            "new_p32_c64k",
-            "new_p32_c8k",
-            "new_p32_bs16",
-            "new_coalesced",
-        )
-        cells = " | ".join(cell(row.get(k)) for k in keys)
-        lines.append(f"| {row['ctx'] // 1024}K | {cells} |")
-    text = "\n".join(lines) + "\n"
-    (out_dir / "paged_compare_summary.md").write_text(text)
-    print(json.dumps(accuracy))
-    print(text)
-    print(f"total {time.perf_counter() - t0:.1f}s")
-    return 0
 
 
 # A decode row: key, block, chunk step, chunk tokens, steady state (back-to-back calls),
@@ -812,7 +685,15 @@ def run_rows(
         row: dict[str, Any] = {"ctx": ctx, "copy_rate": max(f.gbps for f in row_copies)}
         for key, chunk, strategy, kernel in stages:
             f = bench_split(
-                host, ctx, 256, chunk, r, programs=32, steps=(), kernel=kernel, strategy=strategy
+                host,
+                ctx,
+                256,
+                chunk,
+                r,
+                programs=32,
+                with_compute=False,
+                kernel=kernel,
+                strategy=strategy,
             )[0]
             figs.append(f)
             row[key] = f

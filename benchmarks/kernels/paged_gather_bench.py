@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         rate = max(f.gbps for f in row_copies)
         row: dict[str, Any] = {"ctx": ctx, "rate": rate}
         for kernel in ("triton", "cuda"):
-            f = bench_split(host, ctx, 256, 32768, r, programs=32, steps=(), kernel=kernel)[0]
+            f = bench_split(
+                host, ctx, 256, 32768, r, programs=32, with_compute=False, kernel=kernel
+            )[0]
             figs.append(f)
             row[kernel] = f
         figs += row_copies
