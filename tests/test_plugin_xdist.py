@@ -1,8 +1,8 @@
 """The plugin under pytest-xdist: one quality gate per target, one record, one summary.
 
 The server is the streaming stub of tests/test_quality.py (its answers chosen by the test,
-every completion request counted); the perf wiring is the real perf/conftest.py. The point
-is servelab's coordination of the workers, not the engine.
+every completion request counted); the perf wiring is the installed plugin's. The point is
+servelab's coordination of the workers, not the engine.
 """
 
 from __future__ import annotations
@@ -162,8 +162,17 @@ def test_failed_gate_errors_every_speed_test_on_every_worker(
             "*quality gate FAIL*",
         ]
     )
-    assert not list((results / "records").glob("*/record.json"))  # nothing was measured
+    # Nothing was measured, but the session's one record says why (the gate's failure).
+    record = only_record(results)
+    (res,) = record["results"]
+    assert res["figures"] == []
+    assert res["community"]["Quality check"].startswith("FAILED (no speed verdict)")
+    assert any("canary 'ping'" in r for r in record["session"]["invalid_reasons"])
+    assert record["lab"]["gates"]["endpoint"]["passed"] is False
     assert not [p for p in (pytester.path / "xdist" / "baselines").rglob("*") if p.is_file()]
+    # A refused baseline update fails the session.
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*baseline update REFUSED*"])
 
 
 def test_a_worker_that_dies_loses_nothing_it_measured(
@@ -177,3 +186,38 @@ def test_a_worker_that_dies_loses_nothing_it_measured(
     (res,) = only_record(results)["results"]
     assert len(res["figures"]) == SPEED_TESTS
     assert sum("stub_tok_s_" in line for line in verdict_table(result)) == SPEED_TESTS
+
+
+COUNT_JUDGEMENTS = """
+import os
+import servelab.judging
+
+_judge = servelab.judging.judge
+
+
+def _counted(fig, *args, **kwargs):
+    with open(os.environ["JUDGEMENTS_FILE"], "a") as f:
+        f.write(f"{os.getpid()} {fig.metric}\\n")
+    return _judge(fig, *args, **kwargs)
+
+
+servelab.judging.judge = _counted
+"""
+
+
+def test_each_figure_is_judged_once_under_xdist(
+    pytester: pytest.Pytester, qfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process of the session (controller and workers) counts its judgements in one
+    file: each figure is judged once, on the worker that measured it, never again by the
+    controller."""
+    counts = pytester.path / "judgements.txt"
+    monkeypatch.setenv("JUDGEMENTS_FILE", str(counts))
+    pytester.makeconftest(COUNT_JUDGEMENTS)
+    result, _, results = session(pytester, "right", qfile, "xdist", "-n", "2")
+    result.assert_outcomes(passed=SPEED_TESTS + 1)
+    judged = [line.split()[1] for line in counts.read_text().splitlines()]
+    assert sorted(judged) == sorted(f"stub_tok_s_{i}" for i in range(SPEED_TESTS))
+    # ... and the verdict each worker gave travels to the record unchanged.
+    (res,) = only_record(results)["results"]
+    assert {f["verdict"]["status"] for f in res["figures"]} == {"no baseline"}

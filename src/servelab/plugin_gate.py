@@ -167,7 +167,7 @@ def servelab_quality_gate(
 
 
 def _write(options: Options, target: str, report: GateReport, results: SessionResults) -> None:
-    from servelab.records import atomic_write_text
+    from servelab.files import atomic_write_text
 
     options.results_dir.mkdir(parents=True, exist_ok=True)
     patches = results.patches.get(target)
