@@ -96,7 +96,10 @@ def update_baselines(
             redactor.text(info.command),
         )
         try:
-            res = store.update(target.profile, target.fingerprint, prov, mine)
+            # The update workflow replaces a corrupt baseline, keeping it aside by name.
+            res = store.update(
+                target.profile, target.fingerprint, prov, mine, replace_corrupt=True
+            )
         except BaselineError as exc:
             lines.append(f"baseline update REFUSED for {target.profile}: {exc}")
             refused = True
@@ -104,6 +107,7 @@ def update_baselines(
         lines.append(
             f"baseline updated: {res.path}"
             + (f" (previous kept in {res.history})" if res.history else "")
+            + (f" (corrupt file kept as {res.set_aside})" if res.set_aside else "")
         )
         lines += [f"  {d}" for d in res.diff]
     return lines, refused
