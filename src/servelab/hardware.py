@@ -1,4 +1,6 @@
 """Host and stack identity: what a figure was measured on, and the key baselines are filed by.
+(Over 400 lines: one pure parser per vendor tool with the collection that runs them, plus the
+serving stack's identity, which reads the same sources; the stack could become its own module.)
 
 Accelerators come from the vendors' tools (Intel: `xpu-smi`, `sycl-ls`; NVIDIA: `nvidia-smi`)
 and, in the full identity, from torch (`torch.xpu`, `torch.cuda`) when the tools are absent.
@@ -468,11 +470,12 @@ def render_recipe(
     """The profile's command line with its own values in place of the `{placeholders}`.
 
     `model` (the served directory) and `port` are known once a server started; without them
-    the profile's model path and `$PORT` stand in, so the line still reads as a command.
+    the profile's model path (or `$MODEL_DIR` for a model prepared into the cache) and `$PORT`
+    stand in, so the line still reads as a command.
     """
     values = {
         "python": sys.executable,
-        "model": model or profile.model.path or profile.model.served_name,
+        "model": model or profile.model.path or "$MODEL_DIR",
         "served_name": profile.model.served_name,
         "host": "127.0.0.1",
         "port": "$PORT" if port is None else str(port),
