@@ -86,3 +86,37 @@ def test_profile_targets_parametrize(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(PROBE)
     result = run(pytester, "--profiles-dir", str(d), "--profile", "one", "--profile", "two", "-v")
     result.stdout.fnmatch_lines(["*test_probe?one?*SKIPPED*", "*test_probe?two?*SKIPPED*"])
+
+
+def test_space_form_options_work_as_users_type_them(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`--profiles-dir DIR` with DIR outside the project and no test path kept pytest from
+    finding pyproject.toml (DIR was read as a test path before the plugin's options were
+    known); `--quality-file PATH` was unknown unless perf/ was passed."""
+    outside = tmp_path_factory.mktemp("elsewhere")
+    qfile = outside / "q.toml"
+    qfile.write_text("")
+    pytester.makepyprojecttoml(
+        "[tool.pytest.ini_options]\n"
+        'markers = ["mine: a marker only the ini declares"]\n'
+        'addopts = "--strict-markers"\n'
+    )
+    pytester.makepyfile(
+        test_where="""
+import pytest
+
+@pytest.mark.mine
+def test_where(pytestconfig, servelab_options):
+    print("ROOT", pytestconfig.rootpath, "INI", pytestconfig.inipath,
+          "RES", servelab_options.results_dir, "Q", servelab_options.quality_file)
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "--profiles-dir", str(outside), "--quality-file", str(qfile), "-s", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1)
+    root = pytester.path
+    result.stdout.fnmatch_lines(
+        [f"*ROOT {root} INI {root / 'pyproject.toml'} RES {root / 'results'} Q {qfile}"]
+    )

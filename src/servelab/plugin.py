@@ -103,6 +103,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(
+    early_config: pytest.Config, parser: pytest.Parser, args: list[str]
+) -> None:
+    """pytest finds its rootdir and ini file before installed plugins add their options, so
+    `--profiles-dir DIR` (space form, as users type it) first reads DIR as a test path: a DIR
+    outside the project moves the rootdir and drops pyproject.toml. Now that the option is
+    known, find them again and apply the ini's addopts that were missed."""
+    from servelab.plugin_options import find_setup_again
+
+    find_setup_again(early_config, args)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)

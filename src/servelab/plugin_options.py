@@ -187,3 +187,32 @@ def parse_options(config: pytest.Config) -> Options:
         request_timeout_s=_positive(config, "--request-timeout"),
         gate_timeout_s=_positive(config, "--gate-timeout"),
     )
+
+
+def find_setup_again(config: pytest.Config, args: list[str]) -> None:
+    """Redo pytest's rootdir/ini discovery with servelab's options known (see
+    `servelab.plugin.pytest_load_initial_conftests`). Touches pytest's private config fields
+    (`_rootpath`, `_inipath`, `_inicfg`, `_inicache`): pinned by tests/test_plugin.py."""
+    from _pytest.config.findpaths import determine_setup
+
+    if "--profiles-dir" not in args:  # only the space form is read wrongly
+        return
+    ns = config.known_args_namespace
+    rootpath, inipath, inicfg, ignored = determine_setup(
+        inifile=ns.inifilename,
+        override_ini=ns.override_ini,
+        args=ns.file_or_dir,
+        rootdir_cmd_arg=ns.rootdir or None,
+        invocation_dir=config.invocation_params.dir,
+    )
+    if (rootpath, inipath) == (config.rootpath, config.inipath):
+        return
+    had_ini = config.inipath is not None
+    config._rootpath = rootpath  # type: ignore[attr-defined]
+    config._inipath = inipath  # type: ignore[attr-defined]
+    config._inicfg = inicfg  # type: ignore[attr-defined]
+    config._ignored_config_files = ignored  # type: ignore[attr-defined]
+    config._inicache.clear()  # type: ignore[attr-defined]
+    ns.confcutdir = str(inipath.parent if inipath is not None else rootpath)
+    if not had_ini:
+        args[:] = [*config.getini("addopts"), *args]
