@@ -120,3 +120,96 @@ def test_sampler_counts_failed_scrapes() -> None:
     with prometheus.Sampler("http://127.0.0.1:9", interval_s=0.05) as s:
         time.sleep(0.3)
     assert s.failed >= 1 and s.peaks().samples == 0
+
+
+# What vLLM's /metrics looks like when prometheus_client exposes OpenMetrics (Accept:
+# application/openmetrics-text): counters with _created, exemplars on histogram buckets and
+# counters, float timestamps in seconds, and the closing # EOF.
+OPENMETRICS = f"""\
+# HELP vllm:prefix_cache_queries Prefix-cache queries, in tokens.
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{{{L}}} 40397.0
+vllm:prefix_cache_queries_created{{{L}}} 1.7e+09
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{{{L}}} 16128.0 # {{trace_id="4bf92f35"}} 1.0 1700000000.5
+# TYPE vllm:request_queue_time_seconds histogram
+vllm:request_queue_time_seconds_bucket{{{L},le="0.5"}} 80.0 # {{trace_id="a b"}} 0.25 1700000000.25
+vllm:request_queue_time_seconds_bucket{{{L},le="+Inf"}} 83.0
+vllm:request_queue_time_seconds_count{{{L}}} 83.0
+vllm:request_queue_time_seconds_sum{{{L}}} 3.9489
+# TYPE vllm:cache_config info
+vllm:cache_config_info{{block_size="128",enable_prefix_caching="True",engine="0"}} 1.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{{L}}} 0.25 1700000000.125
+# EOF
+"""
+
+
+def test_parse_openmetrics_with_exemplars_and_float_timestamps() -> None:
+    s = prometheus.parse(OPENMETRICS)
+    assert prometheus.is_openmetrics(OPENMETRICS)
+    assert prometheus.total(s, "vllm:prefix_cache_queries_total") == 40397.0
+    assert prometheus.total(s, "vllm:prefix_cache_hits_total") == 16128.0  # exemplar dropped
+    assert prometheus.total(s, "vllm:request_queue_time_seconds_count") == 83.0
+    assert prometheus.total(s, prometheus.KV_USAGE) == 0.25
+    info = prometheus.labels_of(s, prometheus.CACHE_CONFIG)
+    assert info is not None and info["block_size"] == "128"
+    buckets = {dict(k[1])["le"]: v for k, v in s.items() if k[0].endswith("_bucket")}
+    assert buckets == {"0.5": 80.0, "+Inf": 83.0}
+
+
+def test_exemplars_and_float_timestamps_in_prometheus_text_keep_the_scrape() -> None:
+    # No # EOF: the Prometheus text parser reads the same lines; before, one exemplar or one
+    # float timestamp made the whole scrape an error.
+    text = BEFORE + (
+        f'vllm:generation_tokens_total{{{L}}} 512.0 # {{trace_id="x"}} 1.0 1700000000.5\n'
+        f"vllm:prompt_tokens_total{{{L}}} 2048.0 1700000000.125\n"
+    )
+    s = prometheus.parse(text)
+    assert prometheus.total(s, "vllm:generation_tokens_total") == 512.0
+    assert prometheus.total(s, "vllm:prompt_tokens_total") == 2048.0
+    assert prometheus.total(s, "vllm:prefix_cache_hits_total") == 16128.0
+
+
+def test_content_type_chooses_the_format() -> None:
+    assert prometheus.is_openmetrics("a 1\n", "application/openmetrics-text; version=1.0.0")
+    assert not prometheus.is_openmetrics(OPENMETRICS, "text/plain; version=0.0.4")
+    # OpenMetrics is strict: a page without # EOF is refused when the server says OpenMetrics.
+    with pytest.raises(ClientError, match="OpenMetrics"):
+        prometheus.parse("a_total 1\n", content_type="application/openmetrics-text")
+
+
+def test_malformed_openmetrics_names_its_line() -> None:
+    bad = OPENMETRICS.replace("vllm:kv_cache_usage_perc{", "vllm:kv_cache_usage_perc{x=1,")
+    n = next(i for i, line in enumerate(bad.splitlines(), 1) if "{x=1," in line)
+    with pytest.raises(ClientError, match=rf"http://h/metrics: line {n} is not valid OpenMetrics"):
+        prometheus.parse(bad, source="http://h/metrics")
+
+
+def test_scrape_reads_openmetrics_by_its_content_type() -> None:
+    import http.server
+    import threading
+
+    body = OPENMETRICS.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/openmetrics-text; version=1.0.0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        s = prometheus.scrape(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5.0)
+    assert prometheus.total(s, "vllm:prefix_cache_hits_total") == 16128.0

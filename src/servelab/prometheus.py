@@ -1,5 +1,6 @@
-"""The engine's Prometheus ``/metrics``: a pure text-format parser, a scrape, and the deltas
-that matter for a workload (scraped before and after it).
+"""The engine's Prometheus ``/metrics``: parsed with ``prometheus_client``'s parsers (the
+Prometheus text format 0.0.4 and OpenMetrics 1.0, exemplars and float timestamps included), a
+scrape, and the deltas that matter for a workload (scraped before and after it).
 
 vLLM's names (0.32; the CPU build serves the same set): counters
 ``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total`` (tokens),
@@ -11,22 +12,22 @@ histogram ``vllm:request_queue_time_seconds`` (its ``_sum``/``_count``).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client import parser as text_parser
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import parser as openmetrics_parser
 
 from servelab.errors import ClientError
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LINE = re.compile(rf"^({_NAME})(?:\{{(.*)\}})?\s+(\S+)(?:\s+-?\d+)?\s*$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
-_ESC = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+OPENMETRICS_TYPE = "application/openmetrics-text"
+EOF_LINE = "# EOF"
 
 #: Counters whose increase over a workload is recorded (summed over label sets).
 COUNTERS = (
@@ -42,55 +43,112 @@ COUNTERS = (
 )
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_CONFIG = "vllm:cache_config_info"
+# What the parsers raise on text they cannot read (ValueError almost always; an index or
+# type error on a few truncated forms).
+_PARSE_ERRORS = (ValueError, IndexError, TypeError)
+# Only to word an error message; parsing is prometheus_client's.
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
-def _unescape(s: str) -> str:
-    return re.sub(r'\\[\\"n]', lambda m: _ESC[m.group(0)], s)
+def is_openmetrics(text: str, content_type: str | None = None) -> bool:
+    """OpenMetrics when the server says so, or when the text ends with ``# EOF``."""
+    if content_type is not None:
+        return content_type.split(";", 1)[0].strip().lower() == OPENMETRICS_TYPE
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and lines[-1].strip() == EOF_LINE
 
 
-def _value(text: str) -> float:
-    low = text.lower()
-    if low in ("+inf", "inf"):
-        return math.inf
-    if low == "-inf":
-        return -math.inf
-    if low == "nan":
-        return math.nan
-    return float(text)
+def _families(text: str, openmetrics: bool) -> list[Metric]:
+    if openmetrics:
+        return list(openmetrics_parser.text_string_to_metric_families(text))  # type: ignore[no-untyped-call]
+    return list(text_parser.text_string_to_metric_families(text))
 
 
-def parse(text: str, *, source: str = "/metrics") -> Samples:
-    """Parse the Prometheus text exposition format (0.0.4) into {(name, labels): value}.
+def parse(text: str, *, source: str = "/metrics", content_type: str | None = None) -> Samples:
+    """Parse a ``/metrics`` page into {(name, labels): value}.
 
-    Comments and blank lines are skipped; a malformed sample line raises ClientError naming
-    its line number (a server that serves garbage is not silently read as "no data").
+    Prometheus text (0.0.4) or OpenMetrics (chosen by ``content_type``, else by a final
+    ``# EOF`` line). Exemplars and timestamps (integer or float) are read and dropped; only
+    the sample values are kept. A page that does not parse raises ClientError naming the
+    first bad line (a server that serves garbage is not silently read as "no data").
     """
+    openmetrics = is_openmetrics(text, content_type)
+    try:
+        families = _families(text, openmetrics)
+    except _PARSE_ERRORS as exc:
+        raise ClientError(_describe_error(text, source, openmetrics, exc)) from None
     out: Samples = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if m is None:
-            raise ClientError(f"{source}: line {n} is not a Prometheus sample: {raw[:200]!r}")
-        name, body, value = m.group(1), m.group(2), m.group(3)
-        labels: list[tuple[str, str]] = []
-        if body:
-            pos = 0
-            while pos < len(body):
-                lm = _LABEL.match(body, pos)
-                if lm is None:
-                    raise ClientError(f"{source}: line {n}: malformed labels {{{body[:200]}}}")
-                labels.append((lm.group(1), _unescape(lm.group(2))))
-                pos = lm.end()
-                if lm.group(3) == "" and pos < len(body):
-                    raise ClientError(f"{source}: line {n}: malformed labels {{{body[:200]}}}")
-        try:
-            v = _value(value)
-        except ValueError:
-            raise ClientError(f"{source}: line {n}: value {value!r} is not a number") from None
-        out[(name, tuple(sorted(labels)))] = v
+    for family in families:
+        for s in family.samples:
+            if s.value is None:  # a native histogram: no scalar value
+                continue
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
     return out
+
+
+def _describe_error(text: str, source: str, openmetrics: bool, exc: BaseException) -> str:
+    """The first bad line and why; the parser's own words where no line can be named."""
+    said = str(exc)
+    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line and line != EOF_LINE]
+    if openmetrics:
+        # OpenMetrics lines depend on their family (# TYPE, timestamps within a group), so a
+        # line is not checked alone: the parser's message quotes the line it refused.
+        fragment = said.rsplit(": ", 1)[-1].strip()  # the messages end with what they refused
+        for n, line in lines:
+            if said.endswith(line) or (len(fragment) >= 3 and fragment in line):
+                return f"{source}: line {n} is not valid OpenMetrics: {said[:300]}"
+        return f"{source}: not valid OpenMetrics text ({said[:300]})"
+    for n, line in lines:
+        try:
+            _families(line + "\n", openmetrics=False)
+        except _PARSE_ERRORS:
+            return f"{source}: line {n}{_line_problem(line)}"
+    return f"{source}: not valid Prometheus text ({said[:300]}); starts {text[:200]!r}"
+
+
+def _close_brace(s: str) -> int:
+    """Index of the first '}' outside a quoted label value; -1 when there is none."""
+    quoted = escaped = False
+    for i, ch in enumerate(s):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = quoted
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "}" and not quoted:
+            return i
+    return -1
+
+
+def _line_problem(line: str) -> str:
+    """Why one line is not a sample: bad labels, a value that is not a number, or neither."""
+    shown = repr(line[:200])
+    if line.startswith("#"):
+        return f" is a malformed comment line (# HELP / # TYPE): {shown}"
+    cut = min((i for i in (line.find("{"), line.find(" "), line.find("\t")) if i >= 0), default=-1)
+    name = line if cut < 0 else line[:cut]
+    if not _NAME.fullmatch(name):
+        return f" is not a Prometheus sample: {shown}"
+    rest = line[len(name) :]
+    if rest.startswith("{"):
+        end = _close_brace(rest)
+        if end < 0:
+            return f" is not a Prometheus sample: {shown}"
+        try:
+            _families(f"x{rest[: end + 1]} 1\n", openmetrics=False)
+        except _PARSE_ERRORS:
+            return f": malformed labels {rest[: end + 1][:200]}"
+        rest = rest[end + 1 :]
+    words = rest.split()
+    if not words:
+        return f" is not a Prometheus sample (no value): {shown}"
+    try:
+        float(words[0])
+    except ValueError:
+        return f": value {words[0]!r} is not a number"
+    return f" is not a Prometheus sample: {shown}"
 
 
 def total(samples: Samples, name: str) -> float | None:
@@ -117,7 +175,7 @@ def scrape(
         raise ClientError(f"{url}: scrape failed: {exc}") from exc
     if r.status_code != 200:
         raise ClientError(f"{url}: HTTP {r.status_code}; this server exports no Prometheus metrics")
-    return parse(r.text, source=url)
+    return parse(r.text, source=url, content_type=r.headers.get("content-type"))
 
 
 @dataclass(frozen=True)
