@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from importlib import metadata
 
 import httpx
@@ -27,7 +28,7 @@ def require_engine(profile: Profile) -> str:
     return f"{profile.engine.distribution} {version}"
 
 
-def remote_engine(base_url: str, headers: dict[str, str] | None = None) -> str:
+def remote_engine(base_url: str, headers: Mapping[str, str] | None = None) -> str:
     """Best-effort identity of an external server: vLLM answers GET /version."""
     try:
         r = httpx.get(base_url.rstrip("/") + "/version", headers=headers, timeout=5.0)

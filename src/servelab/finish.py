@@ -16,7 +16,7 @@ from servelab.baselines import BaselineStore, Provenance, utc_now
 from servelab.errors import BaselineError
 from servelab.hardware import HostIdentity
 from servelab.records import build_record, session_folder, write_record
-from servelab.redact import Redactor
+from servelab.redact import Redactor, Secret, SecretHeaders
 from servelab.session import SessionInfo, SessionResults
 
 
@@ -48,7 +48,12 @@ def finish(
     record_path = None
     if results.has_data():
         record = build_record(
-            info, host, list(results.targets.values()), results.verdicts, lab=results.lab()
+            info,
+            host,
+            list(results.targets.values()),
+            results.verdicts,
+            lab=results.lab(),
+            requests=results.requests,
         )
         folder = session_folder(results_dir, info.started_at, label)
         paths = write_record(folder, record, redactor, requests=results.requests, logs=logs)
@@ -114,9 +119,9 @@ def update_baselines(
 
 
 def session_redactor(
-    api_key: str | None, envs: Sequence[Mapping[str, str]] = ()
+    api_key: Secret | str | None, envs: Sequence[Mapping[str, str]] = ()
 ) -> Redactor:
     """The redactor for everything a session writes: the API key given, its bearer header,
     and the credentials in the environment and the profiles' engine environments."""
-    headers = [{"Authorization": f"Bearer {api_key}"}] if api_key else []
+    headers = [SecretHeaders.bearer(api_key)]
     return Redactor.from_sources(environ=os.environ, envs=envs, headers=headers, values=[api_key])

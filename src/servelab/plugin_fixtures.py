@@ -16,6 +16,7 @@ from servelab.errors import ServelabError
 from servelab.figures import Figure, Identity, Shape
 from servelab.plugin_options import EXTERNAL, Options
 from servelab.profiles import Limits, Profile
+from servelab.redact import SecretHeaders
 from servelab.server import Endpoint
 from servelab.session import SessionResults, request_row
 from servelab.target import Target, make_target
@@ -114,6 +115,7 @@ def servelab_session_endpoint(
         host,
         weights_sha256=started.model.weights_sha256 or None,
         startup_seconds=started.startup_seconds,
+        command=started.command,
     )
     return started.endpoint, identity
 
@@ -124,7 +126,7 @@ def _external_endpoint(options: Options, remote_engine: Any) -> tuple[Endpoint, 
     assert options.endpoint is not None
     base = options.endpoint.rstrip("/")
     base = base[: -len("/v1")] if base.endswith("/v1") else base
-    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    headers = SecretHeaders.bearer(options.api_key)
     model = options.model
     if model is None:
         try:

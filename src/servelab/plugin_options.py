@@ -15,6 +15,7 @@ import pytest
 
 from servelab.errors import ServelabError
 from servelab.profiles import Profile, available_profiles, default_profile_dirs, load_named
+from servelab.redact import Secret
 
 EXTERNAL = "endpoint"
 DEFAULT_PROFILE = "cpu-smollm2"
@@ -25,7 +26,7 @@ class Options:
     profiles: tuple[Profile, ...]
     endpoint: str | None
     model: str | None
-    api_key: str | None
+    api_key: Secret | None  # shows itself as *** in tracebacks
     results_dir: Path
     baselines_dir: Path
     update_baselines: bool
@@ -34,12 +35,6 @@ class Options:
     quality_file: Path | None = None
     request_timeout_s: float | None = None
     gate_timeout_s: float | None = None
-
-    def __repr__(self) -> str:
-        # Failure tracebacks print fixture values: never the API key.
-        shown = {k: v for k, v in self.__dict__.items() if k != "api_key"}
-        key = "None" if self.api_key is None else "'***'"
-        return f"Options(api_key={key}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -173,11 +168,12 @@ def parse_options(config: pytest.Config) -> Options:
     except ServelabError as exc:
         raise pytest.UsageError(str(exc)) from None
     quality = config.getoption("--quality-file")
+    key = config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY")
     return Options(
         profiles=tuple(profiles),
         endpoint=endpoint,
         model=config.getoption("--model"),
-        api_key=config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY"),
+        api_key=Secret(key) if key else None,
         results_dir=(root / config.getoption("--results-dir")).resolve(),
         baselines_dir=(root / config.getoption("--baselines-dir")).resolve(),
         update_baselines=bool(config.getoption("--update-baselines")),

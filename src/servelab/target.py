@@ -7,7 +7,7 @@ downstream collects the stack or hashes the weights again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -89,10 +89,11 @@ def make_target(
     *,
     weights_sha256: str | None = None,
     startup_seconds: float | None = None,
+    command: Sequence[str] | None = None,
 ) -> Target:
     """The target of a server that is ready: its stack (without re-hashing the weights: the
     pool's prepared model already knows their hash) and the fingerprint built from it."""
-    stack = collect_stack(profile, identity.engine, weights=False)
+    stack = collect_stack(profile, identity.engine, weights=False, command=command)
     if weights_sha256:
         stack = replace(stack, weights_sha256=weights_sha256)
     fingerprint = Fingerprint(
