@@ -167,3 +167,14 @@ def test_payload_builders() -> None:
 def test_chunks_of_the_wrong_shape_fail_only_that_request(bad: bytes) -> None:
     r = asyncio.run(one([chunk("a"), bad, DONE]))
     assert not r.success and r.error is not None and r.error.startswith("malformed chunk")
+
+
+def test_reset_names_its_cause() -> None:
+    """httpx's ReadError after a reset has an empty message; the error names the OSError
+    under it instead of ending in a bare colon."""
+    reset = httpx.ReadError("")
+    reset.__cause__ = ConnectionResetError(104, "Connection reset by peer")
+    r = asyncio.run(one([chunk("a"), reset]))
+    assert r.error == (
+        "ReadError mid-stream: ConnectionResetError: [Errno 104] Connection reset by peer"
+    )

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +41,8 @@ async def record(parts: list[bytes]) -> RequestRecord:
 
 class FaultServer(ThreadedAsyncServer):
     """A tiny HTTP/1.1 SSE server on localhost. The prompt picks the behaviour:
-    ``ok``, ``short`` (one token fewer than asked), ``500``, ``reset``, ``malformed``."""
+    ``ok``, ``short`` (one token fewer than asked), ``500``, ``reset``, ``malformed``,
+    ``hang`` (headers, then never a first token)."""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -51,16 +53,23 @@ class FaultServer(ThreadedAsyncServer):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
                 body = json.loads(await reader.readexactly(length))
-                if not await self._answer(body, writer):
+                if not await self._answer(body, writer, reader):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    async def _answer(self, body: dict[str, Any], w: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, body: dict[str, Any], w: asyncio.StreamWriter, reader: asyncio.StreamReader
+    ) -> bool:
         mode = body["prompt"]
         n = int(body["max_tokens"])
+        if mode == "hang":  # accepted, never a first token
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            await w.drain()
+            await reader.read()  # until the client gives up and closes the connection
+            return False
         if mode == "500":
             msg = b'{"error": "boom"}'
             w.write(
@@ -215,3 +224,60 @@ def test_unexpected_client_error_fails_one_request_only(fault_server: FaultServe
     assert res.records[0].success
     err = res.records[1].error
     assert err is not None and err.startswith("client error (TypeError")
+
+
+def test_a_stuck_server_stops_the_run(fault_server: FaultServer) -> None:
+    """One request waits its whole first-token timeout while nothing else gets a token: the
+    rest are not sent (each would only wait out the same timeout)."""
+    ep = Endpoint(base_url=f"http://127.0.0.1:{fault_server.port}", model="m")
+    t0 = time.monotonic()
+    res = run_requests(
+        ep,
+        [completion_payload("m", "hang", 2)] * 4,
+        timeout_s=60,
+        first_token_timeout_s=0.3,
+        stop_when_stuck=True,
+        progress=False,
+    )
+    assert time.monotonic() - t0 < 3
+    assert res.records[0].first_token_timed_out
+    assert res.records[0].error == "timeout: no first token within 0.3 s"
+    assert all(
+        r.error is not None and r.error.startswith("not sent: the server is stuck")
+        for r in res.records[1:]
+    )
+    why = res.stuck()
+    assert why is not None and "request 0 got timeout: no first token within 0.3 s" in why
+
+
+def test_a_slow_request_beside_working_ones_is_not_stuck(fault_server: FaultServer) -> None:
+    ep = Endpoint(base_url=f"http://127.0.0.1:{fault_server.port}", model="m")
+    payloads = [completion_payload("m", m, 2) for m in ("hang", "ok", "ok")]
+    res = run_requests(
+        ep,
+        payloads,
+        concurrency=None,
+        first_token_timeout_s=0.3,
+        stop_when_stuck=True,
+        progress=False,
+    )
+    assert res.records[0].first_token_timed_out
+    assert res.records[1].success and res.records[2].success
+    assert res.stuck() is None  # the server answered others while request 0 waited
+
+
+def test_deadline_bounds_the_whole_run(fault_server: FaultServer) -> None:
+    ep = Endpoint(base_url=f"http://127.0.0.1:{fault_server.port}", model="m")
+    t0 = time.monotonic()
+    res = run_requests(
+        ep,
+        [completion_payload("m", "hang", 2)] * 3,
+        timeout_s=60,
+        deadline_ns=time.perf_counter_ns() + 500_000_000,
+        progress=False,
+    )
+    assert time.monotonic() - t0 < 3
+    first = res.records[0].error
+    assert first is not None and first.startswith("the run's deadline passed (timeout: no first")
+    assert [r.error for r in res.records[1:]] == ["not sent: the run's deadline had passed"] * 2
+    assert res.stuck() is None  # cut short by the deadline: no evidence of a stuck server

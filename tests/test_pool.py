@@ -8,6 +8,7 @@ tests/test_server.py).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from servelab.pool import ServerPool, TerminationSignals
 from servelab.xdist import read_parts, run_once, write_part
 
 STUB = Path(__file__).resolve().parent / "fakes" / "openai_stub.py"
@@ -125,3 +127,29 @@ def test_parts_replace_per_worker_and_read_in_worker_order(tmp_path: Path) -> No
         None,
         ("gw10-1", 1),
     ]
+
+
+def test_termination_signals_interrupt_once_and_restore() -> None:
+    """SIGTERM/SIGHUP become KeyboardInterrupt (pytest's Ctrl-C path); a repeated signal does
+    not cut the teardown the first one started; the previous handlers come back."""
+    before = {sig: signal.getsignal(sig) for sig in TerminationSignals.SIGNALS}
+    signals = TerminationSignals()
+    signals.install()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGHUP received: stopping the servers"):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGTERM)  # the second one is ignored
+        time.sleep(0.05)
+    finally:
+        signals.restore()
+    assert {sig: signal.getsignal(sig) for sig in TerminationSignals.SIGNALS} == before
+
+
+def test_pool_close_restores_the_signal_handlers(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    pool = ServerPool(tmp_path)
+    pool.signals.install()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    pool.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from servelab import arrivals, metrics, workloads
+from servelab import arrivals, client, metrics, workloads
 from servelab.errors import ClientError, ConfigError
 from servelab.server import Endpoint
 from tests.fakes.sse import ThreadedAsyncServer
@@ -284,3 +285,28 @@ def test_prompts_fall_back_to_the_model_tokenizer(
     assert [len(t.split()) for t in p.make(7, "fb", 2)] == [7, 7]
     with pytest.raises(ClientError, match="tokenize"):
         workloads.Prompts(ep, nonce="f").make(7, "fb", 1)
+
+
+class _Limits:
+    """A profile's ``limits`` with the fields servelab reads (see profiles.Limits)."""
+
+    request_timeout_s = 300.0
+    first_token_timeout_s: float | None = 45.0
+    test_timeout_s: float | None = 100.0
+
+
+def test_settings_follow_the_profile_limits_and_the_command_line() -> None:
+    lim = _Limits()
+    s = workloads.Settings.for_limits(lim, progress=False)
+    assert (s.timeout_s, s.first_token_timeout_s, s.progress) == (300.0, 45.0, False)
+    assert s.deadline_ns is not None
+    assert 99 < (s.deadline_ns - time.perf_counter_ns()) / 1e9 <= 100
+    # --request-timeout caps the first-token wait as well
+    s = workloads.Settings.for_limits(lim, request_timeout_s=20)
+    assert (s.timeout_s, s.first_token_timeout_s) == (20.0, 20.0)
+    s = workloads.Settings.for_limits(lim, first_token_timeout_s=5, test_timeout_s=None)
+    assert (s.timeout_s, s.first_token_timeout_s) == (300.0, 5.0)
+    lim.first_token_timeout_s = lim.test_timeout_s = None
+    s = workloads.Settings.for_limits(lim)
+    assert (s.timeout_s, s.first_token_timeout_s, s.deadline_ns) == (300.0, None, None)
+    assert workloads.request_timeouts(None) == (client.DEFAULT_TIMEOUT_S, None)

@@ -360,7 +360,7 @@ async def stream_completion(
             acc.error = f"timeout: no end of stream within {timeout_s:g} s"
     except httpx.HTTPError as exc:
         stage = "before the first token" if acc.first_token_ns is None else "mid-stream"
-        acc.error = f"{type(exc).__name__} {stage}: {exc}"
+        acc.error = f"{type(exc).__name__} {stage}: {_cause(exc)}"
     except OSError as exc:
         acc.error = f"{type(exc).__name__}: {exc}"
     if acc.error is None:
@@ -392,6 +392,17 @@ async def stream_completion(
         comments=dec.comments,
         worker=worker,
     )
+
+
+def _cause(exc: BaseException) -> str:
+    """The first non-empty message down the exception chain (httpx's ReadError after a reset
+    has none; the ConnectionResetError under it says what happened)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen) if seen is exc else f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return "no detail given"
 
 
 # --------------------------------------------------------------------------- http client

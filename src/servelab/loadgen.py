@@ -291,11 +291,13 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         if stuck:
             return _not_sent(job, index, payload, arrival, prompt_len, f"not sent: {stuck[0]}")
         timeout_s, first_s = job.timeout_s, job.first_token_timeout_s
+        cut = False  # the deadline shortened this request's timeouts
         if job.deadline_ns is not None:
             left = (job.deadline_ns - time.perf_counter_ns()) / 1e9
             if left <= 0:
                 why = "not sent: the run's deadline had passed"
                 return _not_sent(job, index, payload, arrival, prompt_len, why)
+            cut = left < (first_s or timeout_s)
             timeout_s = min(timeout_s, left)
             first_s = None if first_s is None else min(first_s, left)
         try:
@@ -313,6 +315,9 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         except Exception as exc:  # a client bug fails this request, not the whole run
             why = f"client error ({type(exc).__name__}: {exc})"
             return _not_sent(job, index, payload, arrival, prompt_len, why)
+        if cut and rec.error is not None and rec.error.startswith("timeout"):
+            # Cut short by the deadline: no evidence that the server is stuck.
+            rec = dataclasses.replace(rec, error=f"the run's deadline passed ({rec.error})")
         if rec.chunk_ns:
             last_token[0] = max(last_token[0], rec.chunk_ns[-1])
         elif job.stop_when_stuck and rec.first_token_timed_out and last_token[0] < rec.send_ns:
