@@ -50,48 +50,54 @@ def test_session_cache_reload(
         counter("probe")
     except ClientError:
         counter = None
-    salt = hashlib.sha256(f"{name}|{time.time_ns()}".encode()).hexdigest()
-    m.progress(
-        f"{shape.sessions} sessions x {shape.passes} passes, {shape.prefix_tokens}-token prefixes"
-    )
-    try:
-        result = run_session_cache(
-            endpoint,
-            sessions=shape.sessions,
-            prefix_tokens=shape.prefix_tokens,
-            output_tokens=shape.output_tokens,
-            passes=shape.passes,
-            style=style,
-            salt=salt,
-            count=counter,
-            timeout_s=600.0 if profile is None else m.timeout_s,
-            context_len=None if profile is None else profile.model.context_len,
-            profile=name,
+    runs = m.runs(shape.runs)
+    results = []
+    for i in range(runs):
+        m.progress(
+            f"run {i + 1}/{runs}: {shape.sessions} sessions x {shape.passes} passes, "
+            f"{shape.prefix_tokens}-token prefixes"
         )
-    except ServelabError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    m.results.session_cache[name] = summary(result)
+        salt = hashlib.sha256(f"{name}|{i}|{time.time_ns()}".encode()).hexdigest()
+        try:
+            results.append(
+                run_session_cache(
+                    endpoint,
+                    sessions=shape.sessions,
+                    prefix_tokens=shape.prefix_tokens,
+                    output_tokens=shape.output_tokens,
+                    passes=shape.passes,
+                    style=style,
+                    salt=salt,
+                    count=counter,
+                    timeout_s=600.0 if profile is None else m.timeout_s,
+                    context_len=None if profile is None else profile.model.context_len,
+                    profile=name,
+                )
+            )
+        except ServelabError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    m.results.session_cache[name] = {"runs": [summary(r) for r in results]}
 
-    tokens = [t for t in result.prompt_tokens if t is not None]
+    result = results[0]
+    tokens = [t for r in results for t in r.prompt_tokens if t is not None]
     fig_shape = Shape(
         prompt_tokens=min(tokens) if tokens else shape.prefix_tokens,
         output_tokens=shape.output_tokens,
         concurrency=shape.sessions,
     )
     notes = (f"cache: {result.mechanism}", f"sessions {', '.join(result.labels)}")
-    reload = result.passes[-1]
-    for name_, value, warm in (
-        ("session_cold_ttft_s", result.cold_ttft_s, False),
-        ("session_reload_ttft_s", result.reload_ttft_s, True),
-        ("session_reload_speedup", result.reload_speedup, True),
-        ("session_reload_wall_tok_s", result.wall_tok_s(reload), True),
+    for name_, values, warm in (
+        ("session_cold_ttft_s", [r.cold_ttft_s for r in results], False),
+        ("session_reload_ttft_s", [r.reload_ttft_s for r in results], True),
+        ("session_reload_speedup", [r.reload_speedup for r in results], True),
+        ("session_reload_wall_tok_s", [r.wall_tok_s(r.passes[-1]) for r in results], True),
         (
             "session_reload_first_to_last_tok_s",
-            result.first_token_to_last_finish_tok_s(reload),
+            [r.first_token_to_last_finish_tok_s(r.passes[-1]) for r in results],
             True,
         ),
     ):
-        m.record(name_, [value], fig_shape, warm=warm, notes=notes)
+        m.record(name_, values, fig_shape, warm=warm, notes=notes)
 
-    problems = result.problems()
+    problems = [f"run {i}: {p}" for i, r in enumerate(results) for p in r.problems()]
     assert not problems, "session cache failed:\n" + "\n".join(problems)

@@ -103,6 +103,9 @@ class SessionCacheShape:
     prefix_tokens: int
     output_tokens: int
     passes: int = 2
+    # Whole workload repeats, each with fresh prefixes: one value per run and figure (a
+    # baseline needs at least 3).
+    runs: int = 3
 
 
 @dataclass(frozen=True)
