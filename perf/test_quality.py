@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from servelab.quality import GateReport
+from servelab.gate_report import GateReport
 
 pytestmark = pytest.mark.perf
 

@@ -18,9 +18,9 @@ import pytest
 
 from servelab import recall
 from servelab.errors import QualityGateError
+from servelab.gate_report import GateReport
 from servelab.quality import (
     Canary,
-    GateReport,
     load_quality_file,
     resolve_quality_path,
     run_gate,

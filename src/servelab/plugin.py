@@ -160,21 +160,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if res.gates or res.patches:
         tr.section("servelab quality gates")
         for name, patches in res.patches.items():
-            for p in patches.patches:
-                tr.write_line(f"[{name}] patch {p.name}: {p.state} (sha256 {p.sha256[:16]})")
-        for target, gate in res.gates.items():
+            for patch in patches.patches:
+                tr.write_line(
+                    f"[{name}] patch {patch.name}: {patch.state} (sha256 {patch.sha256[:16]})"
+                )
+        for gated, gate in res.gates.items():
             verdict = "PASS" if gate.passed else "FAIL: speed results of this target are invalid"
-            tr.write_line(f"[{target}] quality gate {verdict}")
+            tr.write_line(f"[{gated}] quality gate {verdict}")
             for c in gate.checks:
                 tr.write_line(f"  {c.name}: {'ok' if c.passed else 'FAILED'} - {c.summary}")
                 for p in c.problems[:5]:
                     tr.write_line(f"    {p}")
     if res.verdicts:
         tr.section("servelab figures")
-        for name, target in res.targets.items():
+        for target_name, target in res.targets.items():
             if target.startup_seconds is not None:
                 tr.write_line(
-                    f"server start [{name}]: {target.startup_seconds:.1f} s "
+                    f"server start [{target_name}]: {target.startup_seconds:.1f} s "
                     "(cold process start to ready)"
                 )
         for v in res.verdicts:

@@ -296,7 +296,7 @@ class Measurement:
         shape = getattr(self.profile.workloads, workload) if self.profile else external
         if shape is None:
             pytest.skip(f"profile {self.name!r} defines no workloads.{workload}")
-        return shape  # type: ignore[no-any-return]
+        return shape
 
     def runs(self, default: int) -> int:
         return self.options.runs or default

@@ -204,11 +204,11 @@ def find_setup_again(config: pytest.Config, args: list[str]) -> None:
     if (rootpath, inipath) == (config.rootpath, config.inipath):
         return
     had_ini = config.inipath is not None
-    config._rootpath = rootpath  # type: ignore[attr-defined]
-    config._inipath = inipath  # type: ignore[attr-defined]
-    config._inicfg = inicfg  # type: ignore[attr-defined]
-    config._ignored_config_files = ignored  # type: ignore[attr-defined]
-    config._inicache.clear()  # type: ignore[attr-defined]
+    config._rootpath = rootpath
+    config._inipath = inipath
+    config._inicfg = inicfg
+    config._ignored_config_files = ignored
+    config._inicache.clear()
     ns.confcutdir = str(inipath.parent if inipath is not None else rootpath)
     if not had_ini:
         args[:] = [*config.getini("addopts"), *args]
