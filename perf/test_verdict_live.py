@@ -29,9 +29,9 @@ import pytest
 from servelab import metrics, workloads
 from servelab.baselines import BaselineStore, Fingerprint, Provenance, judge
 from servelab.figures import Figure, Identity, Shape
-from servelab.session import SessionResults
 from servelab.records import request_row
 from servelab.server import Endpoint
+from servelab.session import SessionResults
 
 pytestmark = [pytest.mark.perf, pytest.mark.slow]
 
