@@ -22,14 +22,28 @@ REPO = Path(__file__).resolve().parents[2]
 LABELS = {"kernel", "device", "dtype", "num_q", "q_heads", "head_size"}
 
 
-def test_benchmark_json_on_cpu_carries_shape_labels(tmp_path: Path) -> None:
+def _disabled_plugins(config: pytest.Config) -> list[str]:
+    """The ``-p no:NAME`` options of this session, for the child session (the GPU wrapper
+    runs the kernel tests with ``-p no:servelab``)."""
+    args, found = list(config.invocation_params.args), []
+    for i, arg in enumerate(args):
+        if arg == "-p" and i + 1 < len(args) and args[i + 1].startswith("no:"):
+            found += ["-p", args[i + 1]]
+        elif arg.startswith("-pno:"):
+            found += ["-p", arg[2:]]
+    return found
+
+
+def test_benchmark_json_on_cpu_carries_shape_labels(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     out = tmp_path / "out.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": ""}
     proc = subprocess.run(
         [
             sys.executable, "-m", "pytest", "-m", "kernels", "-q", "-p", "no:cacheprovider",
             "tests/kernels/test_micro_benchmarks.py", "-k", "merge_states or cpu_paged",
-            f"--benchmark-json={out}",
+            f"--benchmark-json={out}", *_disabled_plugins(request.config),
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
