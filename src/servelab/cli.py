@@ -1,26 +1,62 @@
 """The `servelab` command line: the library's tools without pytest.
 
-    servelab prepare-model [--profile NAME]   prepare a profile's model; print path and hashes
-    servelab profiles                         list profiles and whether this host can run them
-    servelab record [PATH | --list]           show a saved record (Markdown, JSON or claims)
-    servelab report PATH... [-o FILE]         self-contained HTML report of saved records
-    servelab compare NEW [OLD]                compare a record with another, or with baselines
-
-Exit status: 0 fine, 1 a regression or a refused comparison, 2 bad input.
+servelab prepare-model [--profile NAME]   prepare a profile's model; print path and hashes
+servelab profiles [--json]                list profiles and whether this host can run them
+servelab record [PATH | --list]           show a saved record (Markdown, JSON or claims)
+servelab report [PATH...] [-o FILE]       self-contained HTML report of saved records
+servelab compare NEW [OLD]                compare a record with another, or with baselines
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from servelab.errors import ServelabError
 
 DEFAULT_PROFILE = "cpu-smollm2"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EPILOG = """\
+exit status:
+  0  fine (compare: every figure judged, none regressed)
+  1  compare: a regression, or a refused comparison (another stack or profile)
+  2  bad input: an unknown profile or command-line value, a missing, corrupt or malformed
+     record, profile or baseline file
+"""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("servelab")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from servelab import __version__
+
+        return __version__
+
+
+def threshold_arg(text: str) -> float:
+    """`--threshold`: a percentage in [1, 100) (5 means 5 %) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number; give a percentage such as 5 (= 5 %) or a fraction "
+            "such as 0.05"
+        ) from None
+    if not math.isfinite(value) or value <= 0 or value >= 100:
+        raise argparse.ArgumentTypeError(
+            f"{text} is out of range; give a percentage in [1, 100) such as 5 (= 5 %), or a "
+            "fraction in (0, 1) such as 0.05"
+        )
+    return value / 100 if value >= 1 else value
 
 
 def _profile_dirs(extra: Sequence[str]) -> list[Path]:
@@ -40,37 +76,78 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     print(f"source:         {prepared.source}")
     print(f"source sha256:  {prepared.source_sha256 or '(not computed: model.source = path)'}")
     print(f"weights sha256: {prepared.weights_sha256 or '(not computed: model.source = path)'}")
-    return 0
+    return EXIT_OK
 
 
-def cmd_profiles(args: argparse.Namespace) -> int:
+def profile_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every profile found, with what it needs (hardware, engine, model, patches) and
+    whether this host has its hardware; an invalid profile is an entry with its error."""
     from servelab.hardware import accelerator_available
     from servelab.profiles import available_profiles, load_profile
 
-    found = available_profiles(_profile_dirs(args.profiles_dir))
-    if not found:
-        print("no profiles found")
-        return 0
-    rows = [("profile", "accelerator", "engine", "patches", "context", "hardware here")]
-    status = 0
-    for name, path in sorted(found.items()):
+    out: list[dict[str, Any]] = []
+    for name, path in sorted(available_profiles(dirs).items()):
         try:
             p = load_profile(path)
         except ServelabError as exc:
-            rows.append((name, "?", "?", "?", "?", f"INVALID: {exc}"))
-            status = 2
+            out.append({"name": name, "path": str(path), "error": str(exc)})
             continue
         hw = p.hardware
-        acc = "cpu" if hw.accelerator == "cpu" else f"{hw.count}x {hw.accelerator}"
         ok, why = accelerator_available(hw.accelerator, hw.count)
+        out.append(
+            {
+                "name": p.name,
+                "path": str(path),
+                "description": p.description,
+                "hardware": {
+                    "accelerator": hw.accelerator,
+                    "count": hw.count,
+                    "description": hw.description,
+                },
+                "engine": {
+                    "name": p.engine.name,
+                    "distribution": p.engine.distribution,
+                    "module": p.engine.module,
+                    "install_hint": p.engine.install_hint,
+                },
+                "model": {
+                    "served_name": p.model.served_name,
+                    "source": p.model.source,
+                    "quantization": p.model.quantization,
+                    "context_len": p.model.context_len,
+                },
+                "patches": [Path(f).stem for f in p.patches.files],
+                "available_here": ok,
+                "unavailable_because": None if ok else why,
+            }
+        )
+    return out
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    entries = profile_entries(_profile_dirs(args.profiles_dir))
+    status = EXIT_USAGE if any("error" in e for e in entries) else EXIT_OK
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return status
+    if not entries:
+        print("no profiles found")
+        return EXIT_OK
+    rows = [("profile", "accelerator", "engine", "patches", "context", "hardware here")]
+    for e in entries:
+        if "error" in e:
+            rows.append((e["name"], "?", "?", "?", "?", f"INVALID: {e['error']}"))
+            continue
+        hw = e["hardware"]
+        acc = "cpu" if hw["accelerator"] == "cpu" else f"{hw['count']}x {hw['accelerator']}"
         rows.append(
             (
-                name,
+                e["name"],
                 acc,
-                f"{p.engine.name} ({p.engine.distribution})",
-                ",".join(Path(f).stem for f in p.patches.files) or "none",
-                str(p.model.context_len),
-                "yes" if ok else f"no: {why}",
+                f"{e['engine']['name']} ({e['engine']['distribution']})",
+                ",".join(e["patches"]) or "none",
+                str(e["model"]["context_len"]),
+                "yes" if e["available_here"] else f"no: {e['unavailable_because']}",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -97,7 +174,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             n = sum(len(r["figures"]) for r in rec["results"])
             profiles = ", ".join(r["profile"] for r in rec["results"])
             print(f"{p}  {profiles}  {n} figures")
-        return 0
+        return EXIT_OK
     rec = load_record(Path(args.path))
     if args.format == "json":
         print(json.dumps(rec, indent=2))
@@ -109,63 +186,76 @@ def cmd_record(args: argparse.Namespace) -> int:
             for cid, problems in bad:
                 for problem in problems:
                     print(f"{cid}: {problem}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     else:
         print(render_markdown(rec), end="")
-    return 0
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from servelab.records import load_record
     from servelab.redact import Redactor
     from servelab.report import render_html
+    from servelab.report_data import load_requests
 
-    paths = [Path(p) for p in args.paths] or _record_paths(Path(args.results_dir))[-1:]
+    results_dir = Path(args.results_dir)
+    paths = [Path(p) for p in args.paths] or _record_paths(results_dir)[-1:]
     if not paths:
-        print(f"no records given and none under {args.results_dir}/records", file=sys.stderr)
-        return 2
+        print(
+            f"servelab report: no records given and none under {results_dir / 'records'}; "
+            "run `pytest -m perf` first or name a record folder",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     records = [load_record(p) for p in paths]
-    page = render_html(records, Redactor.from_sources(environ=os.environ))
-    out = Path(args.output)
+    requests = [load_requests(p) for p in paths]
+    page = render_html(records, Redactor.from_sources(environ=os.environ), requests=requests)
+    out = Path(args.output) if args.output else results_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     print(f"wrote {out} ({len(page) // 1024} KiB, {len(records)} record(s))")
-    return 0
+    return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from servelab.baselines import (
-        BaselineStore,
-        Fingerprint,
-        judge,
-    )
+    from servelab.baselines import BaselineStore, Fingerprint, Verdict, judge, judge_against_record
     from servelab.records import load_record, record_figures
     from servelab.report import terminal_table
+    from servelab.stats import DEFAULT_THRESHOLD
 
     new = load_record(Path(args.new))
-    verdicts = []
+    verdicts: list[Verdict] = []
     if args.old is not None:
-        from servelab.baselines import Baseline, MetricBaseline, Provenance, figure_key
-
         old = load_record(Path(args.old))
         old_results = {r["profile"]: r for r in old["results"]}
+        new_profiles = [r["profile"] for r in new["results"]]
+        missing = [p for p in new_profiles if p not in old_results]
+        if missing:
+            print(
+                f"servelab compare: refused: {args.new} measured profile(s) "
+                f"{', '.join(missing)}, which {args.old} does not have (it has "
+                f"{', '.join(old_results) or 'none'}). Records of different profiles are not "
+                "comparable: compare two records of the same profile, or compare NEW with the "
+                "stored baselines (leave OLD out)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         for res in new["results"]:
-            prev = old_results.get(res["profile"])
+            prev = old_results[res["profile"]]
+            old_figs = [f for f, _ in record_figures({"results": [prev]})]
             fp = Fingerprint(**res["fingerprint"])
-            base = None
-            if prev is not None:
-                old_figs = record_figures({"results": [prev]})
-                base = Baseline(
-                    res["profile"],
-                    Fingerprint(**prev["fingerprint"]),
-                    Provenance("", "", "", "", ""),
-                    {
-                        figure_key(f): MetricBaseline.from_figure(f, args.threshold or 0.05, "")
-                        for f, _ in old_figs
-                    },
-                )
+            old_fp = Fingerprint(**prev["fingerprint"])
             for f, _ in record_figures({"results": [res]}):
-                verdicts.append(judge(f, base, fp, Path(args.old), threshold=args.threshold))
+                verdicts.append(
+                    judge_against_record(
+                        f,
+                        fp,
+                        old_figs,
+                        old_fp,
+                        Path(args.old),
+                        threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+                    )
+                )
     else:
         store = BaselineStore(Path(args.baselines_dir))
         for res in new["results"]:
@@ -180,41 +270,129 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for v in verdicts:
         if v.status != "no change":
             print(f"{v.figure.metric} ({v.figure.shape.describe()}): {v.text}")
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _command(
+    sub: Any, name: str, help: str, func: Any, description: str | None = None
+) -> argparse.ArgumentParser:
+    s: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.set_defaults(func=func)
+    return s
+
+
+def _profiles_dir_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--profiles-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of profile TOML files, searched before fixtures/profiles (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="servelab", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("prepare-model", help="prepare a profile's model, print path and hashes")
-    s.add_argument("--profile", default=DEFAULT_PROFILE)
-    s.add_argument("--profiles-dir", action="append", default=[])
-    s.set_defaults(func=cmd_prepare_model)
-    s = sub.add_parser("profiles", help="list profiles and whether their hardware is here")
-    s.add_argument("--profiles-dir", action="append", default=[])
-    s.set_defaults(func=cmd_profiles)
-    s = sub.add_parser("record", help="show a saved record")
-    s.add_argument("path", nargs="?", help="record folder or record.json")
-    s.add_argument("--format", choices=("md", "json", "claims"), default="md")
-    s.add_argument("--list", action="store_true", help="list saved records")
-    s.add_argument("--results-dir", default="results")
-    s.set_defaults(func=cmd_record)
-    s = sub.add_parser("report", help="write a self-contained HTML report of saved records")
-    s.add_argument("paths", nargs="*", help="record folders (default: the newest)")
-    s.add_argument("-o", "--output", default="results/report.html")
-    s.add_argument("--results-dir", default="results")
-    s.set_defaults(func=cmd_report)
-    s = sub.add_parser("compare", help="compare a record with another record or the baselines")
-    s.add_argument("new", help="record folder or record.json to judge")
-    s.add_argument("old", nargs="?", help="record to compare against (default: baselines)")
-    s.add_argument("--baselines-dir", default="baselines")
+    p = argparse.ArgumentParser(
+        prog="servelab",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = _command(
+        sub, "prepare-model", "prepare a profile's model, print path and hashes", cmd_prepare_model
+    )
+    s.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        metavar="NAME",
+        help=f"profile whose model to prepare (default: {DEFAULT_PROFILE})",
+    )
+    _profiles_dir_option(s)
+
+    s = _command(sub, "profiles", "list profiles and whether their hardware is here", cmd_profiles)
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print every profile as JSON: name, hardware (accelerator, count), engine, "
+        "model, patches, and whether this host has the hardware (the CI matrix reads it)",
+    )
+    _profiles_dir_option(s)
+
+    s = _command(sub, "record", "show a saved record", cmd_record)
+    s.add_argument(
+        "path", nargs="?", metavar="PATH", help="record folder or record.json (default: --list)"
+    )
+    s.add_argument(
+        "--format",
+        choices=("md", "json", "claims"),
+        default="md",
+        help="md: the community table and every figure; json: record.json; claims: the "
+        "claims-registry files (exit 2 when one does not validate) (default: md)",
+    )
+    s.add_argument("--list", action="store_true", help="list the saved records under --results-dir")
+    s.add_argument(
+        "--results-dir",
+        default="results",
+        metavar="DIR",
+        help="where pytest wrote its results; records are under DIR/records (default: results)",
+    )
+
+    s = _command(sub, "report", "write a self-contained HTML report of saved records", cmd_report)
+    s.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="record folders or record.json files (default: the newest under --results-dir)",
+    )
+    s.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="where to write the HTML (default: DIR/report.html of --results-dir)",
+    )
+    s.add_argument(
+        "--results-dir",
+        default="results",
+        metavar="DIR",
+        help="where pytest wrote its results: the newest record under DIR/records is "
+        "reported when no PATH is given, and the report goes to DIR/report.html "
+        "(default: results)",
+    )
+
+    s = _command(
+        sub, "compare", "compare a record with another record or the baselines", cmd_compare
+    )
+    s.add_argument("new", metavar="NEW", help="record folder or record.json to judge")
+    s.add_argument(
+        "old",
+        nargs="?",
+        metavar="OLD",
+        help="record of the same profile to judge against (default: the stored baselines)",
+    )
+    s.add_argument(
+        "--baselines-dir",
+        default="baselines",
+        metavar="DIR",
+        help="stored baselines to judge against when OLD is not given (default: baselines)",
+    )
     s.add_argument(
         "--threshold",
-        type=float,
+        type=threshold_arg,
         default=None,
-        help="practical threshold for every metric (default: per metric, 0.05)",
+        metavar="T",
+        help="practical threshold for every metric: a percentage in [1, 100) (5 = 5 %%) or a "
+        "fraction in (0, 1) (0.05) (default: each baseline metric's own; 5 %% between records)",
     )
-    s.set_defaults(func=cmd_compare)
     return p
 
 
@@ -224,18 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ServelabError as exc:
         print(f"servelab {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        print(
-            f"servelab {args.command}: {exc}; the HTML report needs matplotlib "
-            "(pip install 'servelab[report]')",
-            file=sys.stderr,
-        )
-        return 2
+        return EXIT_USAGE
     except (TypeError, ValueError) as exc:
         # A record whose fingerprint or figures do not have the expected fields.
         print(f"servelab {args.command}: malformed input ({exc})", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

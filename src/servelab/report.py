@@ -1,23 +1,25 @@
 """Reports: the end-of-session terminal table and a self-contained HTML report.
 
-The HTML file embeds its plots as base64 PNGs (no external assets): throughput and TPOT
-against concurrency, TTFT against prompt length, and every metric against its baseline band.
-It is built from saved records only, so `servelab report` works outside pytest.
+The HTML file embeds its plots as base64 PNGs (no external assets): each metric family
+against concurrency or prompt length (one curve per session, one panel per unit), a figure's
+history across sessions, per-request distributions (TTFT, TPOT, ITL, E2EL from `raw.jsonl`)
+and, where a baseline exists, each metric against its baseline band. Every plot has a table
+beside it, and without matplotlib the tables alone are written. It is built from saved
+records only, so `servelab report` works outside pytest.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from servelab import report_data, report_plots
 from servelab.baselines import Verdict, figure_key
 from servelab.figures import Figure
-from servelab.records import is_rate, record_figures
+from servelab.records import record_figures
 from servelab.redact import Redactor
+from servelab.report_data import AXIS_LABEL, Axis, Distribution, History, Series
 
 # --------------------------------------------------------------------------- terminal
 
@@ -60,194 +62,193 @@ def terminal_table(judged: Sequence[Figure | Verdict]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _png(fig: Any) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _new(w: float = 6.0, h: float = 3.6) -> Any:
-    from matplotlib.figure import Figure as MplFigure
-
-    return MplFigure(figsize=(w, h))
-
-
-def _series_plot(figures: Sequence[Figure], title: str, xlabel: str, x_of: str) -> str | None:
-    """One line per (profile, metric, unit); x from the shape; error bars = run range."""
-    groups: dict[tuple[str, str, str], list[Figure]] = {}
-    for f in figures:
-        groups.setdefault((f.identity.profile, f.metric, f.unit), []).append(f)
-    if not groups:
-        return None
-    fig = _new()
-    ax = fig.add_subplot()
-    for (profile, metric, unit), fs in sorted(groups.items()):
-        pts = sorted(
-            (getattr(f.shape, x_of), f.value, min(f.runs), max(f.runs))
-            for f in fs
-            if f.value is not None and getattr(f.shape, x_of) is not None
-        )
-        if not pts:
-            continue
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        lo = [p[1] - p[2] for p in pts]
-        hi = [p[3] - p[1] for p in pts]
-        ax.errorbar(
-            xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{profile}: {metric} ({unit})"
-        )
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    units = sorted({unit for _, _, unit in groups})
-    ax.set_ylabel(" / ".join(units))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _band_plot(fig_: Figure, verdict: Mapping[str, Any] | None) -> str:
-    fig = _new(4.2, 2.6)
-    ax = fig.add_subplot()
-    runs = list(fig_.runs)
-    base = (verdict or {}).get("baseline")
-    if base:
-        med = float(base["median"])
-        thr = float(base["threshold"])
-        ax.axhspan(
-            float(base["min"]),
-            float(base["max"]),
-            color="tab:blue",
-            alpha=0.15,
-            label="baseline run range",
-        )
-        ax.axhspan(
-            med * (1 - thr),
-            med * (1 + thr),
-            color="tab:green",
-            alpha=0.12,
-            label=f"baseline median ±{thr * 100:.0f}%",
-        )
-        ax.axhline(med, color="tab:blue", lw=1, label="baseline median")
-        ax.scatter([0] * len(base["runs"]), base["runs"], color="tab:blue", s=12)
-    ax.scatter([1] * len(runs), runs, color="tab:red", s=12, label="this run")
-    if fig_.value is not None:
-        ax.hlines(fig_.value, 0.8, 1.2, color="tab:red")
-    ax.set_xticks([0, 1], ["baseline", "this run"])
-    ax.set_xlim(-0.6, 1.6)
-    ax.set_ylabel(fig_.unit)
-    status = (verdict or {}).get("status", "no baseline")
-    ax.set_title(f"{fig_.metric} ({fig_.shape.describe()}): {status}", fontsize=8)
-    ax.legend(fontsize=6, loc="best")
-    return _png(fig)
-
-
 # --------------------------------------------------------------------------- html
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
 .regression,.refused{background:#fdd}.improvement{background:#dfd}
+.note{background:#ffd;padding:4px 8px}
 img{max-width:100%}.bands img{width:32%;min-width:300px}"""
 
+esc = html.escape
 
-def render_html(records: Sequence[Mapping[str, Any]], redactor: Redactor | None = None) -> str:
-    """One self-contained HTML page for one or more saved records."""
-    esc = html.escape
+#: The series plots: (title, shape label on x, which family belongs).
+_SERIES_PLOTS: tuple[tuple[str, Axis, Callable[[Series], bool]], ...] = (
+    ("Throughput against concurrency", "concurrency", lambda s: "tok/s" in s.unit),
+    ("TPOT against concurrency", "concurrency", lambda s: "tpot" in s.family),
+    ("TTFT against prompt length", "prompt_tokens", lambda s: "ttft" in s.family),
+    ("Throughput against prompt length", "prompt_tokens", lambda s: "tok/s" in s.unit),
+)
+
+
+def _img(title: str, png: str | None) -> list[str]:
+    if png is None:
+        return []
+    return [f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>"]
+
+
+def _series_table(curves: Sequence[Series]) -> list[str]:
+    out = ["<table><tr><th>series</th><th>unit</th><th>points (x: median [min, max] of runs)"]
+    out[0] += "</th></tr>"
+    for s in curves:
+        pts = "; ".join(
+            f"{p.x:g}: {_fmt(p.value)} [{_fmt(p.low)}, {_fmt(p.high)}] (n={p.runs})"
+            for p in s.points
+        )
+        out.append(f"<tr><td>{esc(s.label)}</td><td>{esc(s.unit)}</td><td>{esc(pts)}</td></tr>")
+    out.append("</table>")
+    return out
+
+
+def _series_section(curves: Sequence[Series], plots: bool) -> list[str]:
+    parts = ["<h2>Metric families against the shape</h2>"]
+    placed: set[int] = set()
+    for title, axis, belongs in _SERIES_PLOTS:
+        chosen = [s for s in curves if s.axis == axis and belongs(s) and id(s) not in placed]
+        placed.update(id(s) for s in chosen)
+        if chosen:
+            parts.append(f"<h3>{esc(title)}</h3>")
+            parts += _img(title, report_plots.series_png(chosen, title) if plots else None)
+            parts += _series_table(chosen)
+    for axis, label in AXIS_LABEL.items():
+        rest = [s for s in curves if s.axis == axis and id(s) not in placed]
+        if rest:
+            title = f"Other metrics against {label}"
+            parts.append(f"<h3>{esc(title)}</h3>")
+            parts += _img(title, report_plots.series_png(rest, title) if plots else None)
+            parts += _series_table(rest)
+    if not curves:
+        parts.append("<p>No metric was measured at more than one concurrency or prompt length.</p>")
+    return parts
+
+
+def _history_section(items: Sequence[History], sessions: Sequence[str], plots: bool) -> list[str]:
+    parts = ["<h2>History across sessions</h2>"]
+    groups: dict[tuple[str, str], list[History]] = {}
+    for h in items:
+        groups.setdefault((h.family, h.unit), []).append(h)
+    for (fam, unit), group in sorted(groups.items()):
+        title = f"{fam} [{unit}] by session"
+        parts.append(f"<h3>{esc(title)}</h3>")
+        parts += _img(title, report_plots.history_png(group, sessions, title) if plots else None)
+    head = "".join(f"<th>{esc(s)}</th>" for s in sessions)
+    parts.append(f"<table><tr><th>figure</th><th>unit</th>{head}</tr>")
+    for h in items:
+        by = dict(h.values)
+        cells = "".join(f"<td>{_fmt(by.get(i))}</td>" for i in range(len(sessions)))
+        parts.append(f"<tr><td>{esc(h.key)}</td><td>{esc(h.unit)}</td>{cells}</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _distribution_section(dists: Sequence[Distribution], plots: bool) -> list[str]:
+    parts = ["<h3>Per-request distributions (raw.jsonl)</h3>"]
+    for name, unit in report_data.PER_REQUEST:
+        mine = [d for d in dists if d.metric == name]
+        if plots and mine:
+            title = f"{name} per request [{unit}], empirical CDF"
+            parts += _img(title, report_plots.ecdf_png(mine, title))
+    parts.append(
+        "<table><tr><th>metric</th><th>group</th><th>values</th><th>failed requests</th>"
+        "<th>p50</th><th>p90</th><th>p99</th><th>max</th></tr>"
+    )
+    for d in dists:
+        cells = "".join(f"<td>{_fmt(d.pct(p))}</td>" for p in (50, 90, 99))
+        parts.append(
+            f"<tr><td>{esc(d.metric)} ({esc(d.unit)})</td><td>{esc(d.group)}</td>"
+            f"<td>{len(d.values)}</td><td>{d.failed}</td>{cells}<td>{_fmt(d.values[-1])}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
+def _session_section(
+    label: str, rec: Mapping[str, Any], figs: Sequence[tuple[Figure, dict[str, Any]]]
+) -> list[str]:
+    s = rec["session"]
+    parts = [
+        f"<h2>{esc(label)} — host {esc(rec['host']['key'])}</h2>",
+        f"<p>Command: <code>{esc(s['command'])}</code>; servelab "
+        f"{esc(s['servelab_commit'])}; exit status {s['exit_status']}"
+        f"{' (interrupted)' if s['interrupted'] else ''}</p>",
+    ]
+    if s["invalid_reasons"]:
+        reasons = esc("; ".join(s["invalid_reasons"]))
+        parts.append(f"<p class='regression'>Invalid run: {reasons}</p>")
+    for res in rec["results"]:
+        parts.append(f"<h3>{esc(res['profile'])}</h3><table>")
+        parts += [
+            f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in res["community"].items()
+        ]
+        parts.append("</table>")
+    parts.append(
+        "<table><tr><th>metric</th><th>value</th><th>unit</th><th>shape</th>"
+        "<th>warm/cold</th><th>runs</th><th>verdict</th></tr>"
+    )
+    for f, d in figs:
+        v = d.get("verdict") or {}
+        status = str(v.get("status", "not compared"))
+        parts.append(
+            f"<tr class='{esc(status.replace(' ', '-'))}'><td>{esc(f.title)} "
+            f"(<code>{esc(f.metric)}</code>)</td><td>{_fmt(f.value)}</td>"
+            f"<td>{esc(f.unit)}</td><td>{esc(f.shape.describe())}</td>"
+            f"<td>{'warm' if f.warm else 'cold'}</td><td>{len(f.runs)}</td>"
+            f"<td>{esc(str(v.get('text', 'not compared')))}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
+def render_html(
+    records: Sequence[Mapping[str, Any]],
+    redactor: Redactor | None = None,
+    *,
+    requests: Sequence[Sequence[Mapping[str, Any]]] = (),
+) -> str:
+    """One self-contained HTML page for one or more saved records; `requests[i]` holds the
+    raw per-request rows of `records[i]` (its raw.jsonl) when they are at hand."""
     red = redactor or Redactor(frozenset())
+    unavailable = report_plots.available()
+    plots = unavailable is None
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         "<title>servelab report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>servelab report</h1>",
     ]
-    all_figs: list[tuple[Figure, dict[str, Any]]] = []
-    for rec in records:
-        rec = red.data(rec)
-        s = rec["session"]
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(s["finished_at"])))
-        parts.append(f"<h2>Session {esc(when)} — host {esc(rec['host']['key'])}</h2>")
+    if not plots:
         parts.append(
-            f"<p>Command: <code>{esc(s['command'])}</code>; servelab "
-            f"{esc(s['servelab_commit'])}; exit status {s['exit_status']}"
-            f"{' (interrupted)' if s['interrupted'] else ''}</p>"
+            f"<p class='note'>Plots unavailable: {esc(str(unavailable))}. Install "
+            "<code>servelab[report]</code> for them; the tables below hold the same numbers.</p>"
         )
-        if s["invalid_reasons"]:
-            parts.append(
-                "<p class='regression'>Invalid run: "
-                + esc("; ".join(s["invalid_reasons"]))
-                + "</p>"
-            )
-        for res in rec["results"]:
-            parts.append(f"<h3>{esc(res['profile'])}</h3><table>")
-            parts += [
-                f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
-                for k, v in res["community"].items()
-            ]
-            parts.append("</table>")
+    sessions: list[tuple[str, list[Figure]]] = []
+    banded: list[tuple[Figure, dict[str, Any]]] = []
+    for i, raw_rec in enumerate(records):
+        rec = red.data(raw_rec)
+        label = report_data.session_label(i, rec)
         figs = record_figures(rec)
-        all_figs += figs
-        parts.append(
-            "<table><tr><th>metric</th><th>value</th><th>unit</th><th>shape</th>"
-            "<th>warm/cold</th><th>runs</th><th>verdict</th></tr>"
+        sessions.append((label, [f for f, _ in figs]))
+        banded += [(f, d) for f, d in figs if (d.get("verdict") or {}).get("baseline")]
+        parts += _session_section(label, rec, figs)
+        rows = [red.data(dict(r)) for r in requests[i]] if i < len(requests) else []
+        dists = report_data.distributions(rows)
+        if dists:
+            parts += _distribution_section(dists, plots)
+    parts += _series_section(report_data.series(sessions), plots)
+    if len(sessions) > 1:
+        parts += _history_section(
+            report_data.history(sessions), [label for label, _ in sessions], plots
         )
-        for f, d in figs:
-            v = d.get("verdict") or {}
-            status = str(v.get("status", "not compared"))
-            parts.append(
-                f"<tr class='{esc(status.replace(' ', '-'))}'><td>{esc(f.title)} "
-                f"(<code>{esc(f.metric)}</code>)</td><td>{_fmt(f.value)}</td>"
-                f"<td>{esc(f.unit)}</td><td>{esc(f.shape.describe())}</td>"
-                f"<td>{'warm' if f.warm else 'cold'}</td><td>{len(f.runs)}</td>"
-                f"<td>{esc(str(v.get('text', 'not compared')))}</td></tr>"
-            )
-        parts.append("</table>")
-    figures = [f for f, _ in all_figs]
-    plots = [
-        (
-            "Throughput against concurrency",
-            _series_plot(
-                [f for f in figures if is_rate(f)],
-                "throughput vs concurrency",
-                "concurrent requests",
-                "concurrency",
-            ),
-        ),
-        (
-            "TPOT against concurrency",
-            _series_plot(
-                [f for f in figures if "tpot" in f.metric],
-                "TPOT vs concurrency",
-                "concurrent requests",
-                "concurrency",
-            ),
-        ),
-        (
-            "TTFT against prompt length",
-            _series_plot(
-                [f for f in figures if "ttft" in f.metric],
-                "TTFT vs prompt length",
-                "prompt tokens",
-                "prompt_tokens",
-            ),
-        ),
-    ]
-    parts.append("<h2>Plots</h2>")
-    for title, png in plots:
-        if png is not None:
-            parts.append(
-                f"<h3>{esc(title)}</h3><img alt='{esc(title)}' src='data:image/png;base64,{png}'>"
-            )
-    if all_figs:
-        parts.append("<h2>Each metric against its baseline band</h2><div class='bands'>")
-        for f, d in all_figs:
-            png = _band_plot(f, d.get("verdict"))
-            parts.append(f"<img alt='{esc(figure_key(f))}' src='data:image/png;base64,{png}'>")
+    parts.append("<h2>Each metric against its baseline band</h2>")
+    if not banded:
+        parts.append("<p>No figure was judged against a stored baseline: no bands to draw.</p>")
+    elif plots:
+        parts.append("<div class='bands'>")
+        for f, d in banded:
+            parts += _img(figure_key(f), report_plots.band_png(f, d["verdict"]))
         parts.append("</div>")
+    else:
+        parts.append("<p>The verdict column of each session's table holds the comparison.</p>")
     parts.append("</body></html>\n")
     return red.text("\n".join(parts))

@@ -1,0 +1,134 @@
+"""The report's plots as base64 PNGs (matplotlib's Agg canvas, no pyplot, no display).
+
+matplotlib is optional (`servelab[report]`): `available()` says whether it imports, and the
+report shows tables instead when it does not. One axis per unit: figures of different units
+get their own panels, never a shared y axis.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from servelab.figures import Figure
+from servelab.report_data import AXIS_LABEL, Distribution, History, Series
+
+
+def available() -> str | None:
+    """None when matplotlib imports; otherwise why it does not."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError as exc:
+        return f"matplotlib is not importable ({exc})"
+    return None
+
+
+def _png(fig: Any) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _panels(n: int, w: float = 6.0, h: float = 3.6) -> tuple[Any, list[Any]]:
+    """A figure with n panels side by side (two per row)."""
+    from matplotlib.figure import Figure as MplFigure
+
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig = MplFigure(figsize=(w * cols, h * rows))
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def series_png(curves: Sequence[Series], title: str) -> str | None:
+    fig = series_figure(curves, title)
+    return None if fig is None else _png(fig)
+
+
+def series_figure(curves: Sequence[Series], title: str) -> Any:
+    """One panel per unit (ms and s never share an axis); one line per series (per session:
+    two sessions never join into one line); error bars span the runs."""
+    by_unit: dict[str, list[Series]] = {}
+    for s in curves:
+        by_unit.setdefault(s.unit, []).append(s)
+    if not by_unit:
+        return None
+    fig, axes = _panels(len(by_unit))
+    for ax, (unit, group) in zip(axes, sorted(by_unit.items()), strict=True):
+        for s in group:
+            xs = [p.x for p in s.points]
+            ys = [p.value for p in s.points]
+            err = [[p.value - p.low for p in s.points], [p.high - p.value for p in s.points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=s.label)
+        axis = group[0].axis
+        ax.set_title(f"{title} [{unit}]", fontsize=9)
+        ax.set_xlabel(AXIS_LABEL[axis])
+        ax.set_ylabel(unit)
+        if axis == "concurrency":
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return fig
+
+
+def history_png(items: Sequence[History], sessions: Sequence[str], title: str) -> str:
+    """Each figure's median per session (x = session); one panel, one unit."""
+    fig, (ax,) = _panels(1)
+    for h in items:
+        ax.plot([i for i, _ in h.values], [v for _, v in h.values], marker="o", label=h.key)
+    ax.set_xticks(range(len(sessions)), [s.split(" (")[0] for s in sessions])
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(items[0].unit)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def ecdf_png(dists: Sequence[Distribution], title: str) -> str:
+    """Empirical CDF of one per-request metric, one curve per group."""
+    fig, (ax,) = _panels(1)
+    for d in dists:
+        n = len(d.values)
+        ax.step(d.values, [(i + 1) / n for i in range(n)], where="post", label=f"{d.group} (n={n})")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(dists[0].unit)
+    ax.set_ylabel("share of requests")
+    if min(d.values[0] for d in dists) > 0:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def band_png(fig_: Figure, verdict: Mapping[str, Any]) -> str:
+    """This run's values against the baseline's run range and its threshold band."""
+    fig, (ax,) = _panels(1, 4.2, 2.6)
+    base = verdict["baseline"]
+    med = float(base["median"])
+    thr = float(base["threshold"])
+    ax.axhspan(
+        float(base["min"]), float(base["max"]), color="tab:blue", alpha=0.15, label="baseline runs"
+    )
+    ax.axhspan(
+        med * (1 - thr),
+        med * (1 + thr),
+        color="tab:green",
+        alpha=0.12,
+        label=f"baseline median ±{thr * 100:.0f}%",
+    )
+    ax.axhline(med, color="tab:blue", lw=1, label="baseline median")
+    ax.scatter([0] * len(base["runs"]), base["runs"], color="tab:blue", s=12)
+    runs = list(fig_.runs)
+    ax.scatter([1] * len(runs), runs, color="tab:red", s=12, label="this run")
+    if fig_.value is not None:
+        ax.hlines(fig_.value, 0.8, 1.2, color="tab:red")
+    ax.set_xticks([0, 1], ["baseline", "this run"])
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylabel(fig_.unit)
+    ax.set_title(f"{fig_.metric} ({fig_.shape.describe()}): {verdict.get('status')}", fontsize=8)
+    ax.legend(fontsize=6, loc="best")
+    return _png(fig)
