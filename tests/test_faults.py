@@ -13,12 +13,14 @@ it can be signalled and killed. The real engine's own lifecycle is in tests/test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -150,10 +152,11 @@ class Session:
             (self.profiles / f"{name}.toml").write_text(text)
         (path / "test_inner.py").write_text(test.replace("{marker!r}", repr(str(self.marker))))
         args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error"]
-        args += ["--profiles-dir", str(self.profiles), "test_inner.py", "-rA"]
+        args += ["--profiles-dir", str(self.profiles), "test_inner.py", "-rA", "--durations=0"]
         for name in modes:
             args += ["--profile", name]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}  # untruncated -rA
+        search = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(search), "COLUMNS": "400"}
         self.proc = subprocess.Popen(
             args,
             cwd=path,
@@ -201,8 +204,16 @@ class Session:
 
 
 @pytest.fixture
-def session_dir(pytester: pytest.Pytester) -> Path:
-    return pytester.path
+def session_dir(pytester: pytest.Pytester) -> Iterator[Path]:
+    yield pytester.path
+    # A failed test must not leak what it checks for: kill the stand-ins' groups by pid.
+    for f in pytester.path.glob("pids-*.txt"):
+        for pid in pids_alive([int(x) for x in f.read_text().split()]):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
 
 
 def interrupted(record: dict[str, object]) -> object:
@@ -223,6 +234,7 @@ def test_termination_signal_tears_down_like_ctrl_c(session_dir: Path, sig: signa
     assert pids_alive(engine) == engine  # API server and engine core both up
     s.proc.send_signal(sig)
     code, out, took = s.finish()
+    print(f"{sig.name} to pytest: exited {took:.1f} s later")
     assert code == pytest.ExitCode.INTERRUPTED, out
     assert f"{sig.name} received" in out, out
     assert took < 60, f"{took:.1f} s"
@@ -245,6 +257,7 @@ def test_kill_9_of_pytest_takes_the_engine_group_down(session_dir: Path) -> None
     s.finish()
     t0 = time.monotonic()
     assert wait_for(lambda: not pids_alive(engine), 30), f"orphaned engine {pids_alive(engine)}"
+    print(f"kill -9 of pytest: engine group gone {time.monotonic() - t0:.2f} s later")
     assert time.monotonic() - t0 < 30
     assert wait_for(lambda: s.leftovers() == [], 5), s.leftovers()
     log = (session_dir / "results" / "logs" / "server-stub.log").read_text()
@@ -262,6 +275,7 @@ def test_kill_9_of_the_engine_fails_the_test_with_its_log(session_dir: Path) -> 
     engine = s.engine_pids("stub")
     os.kill(engine[0], signal.SIGKILL)
     code, out, took = s.finish()
+    print(f"kill -9 of the engine: pytest exited {took:.1f} s later")
     assert code == pytest.ExitCode.TESTS_FAILED, out
     assert took < 60
     assert "exited with code -9" in out and "last lines" in out, out
@@ -282,6 +296,10 @@ def test_server_faults_end_fast_with_clear_messages(session_dir: Path) -> None:
     modes = {"hang": "hang", "err500": "500", "malformed": "malformed", "reset": "reset"}
     s = Session(session_dir, modes, DECODE)
     code, out, took = s.finish()
+    print(f"four faulty engines, one session: {took:.1f} s from start to exit")
+    print(
+        "\n".join(x for x in out.splitlines() if x.startswith(("FAILED", "0.", "1.", "2.", "3.")))
+    )
     assert code == pytest.ExitCode.TESTS_FAILED, out
     assert took < 60, f"{took:.1f} s"
     assert "4 failed" in out, out
@@ -376,6 +394,7 @@ def test_gate_stops_at_the_first_stuck_request(tmp_path: Path) -> None:
     request (about an hour); now the first request's first-token timeout ends the gate."""
     with GateServer("hang") as server:
         report, took = _gate(server, tmp_path, first_token_timeout_s=1.0)
+    print(f"gate against a hung server: {took:.2f} s")
     assert took < 5, f"{took:.1f} s"
     assert server.requests == 1
     assert not report.passed  # type: ignore[attr-defined]
@@ -391,6 +410,7 @@ def test_gate_deadline_bounds_the_whole_gate(tmp_path: Path) -> None:
     """A server that answers right but slowly: the gate ends at its deadline and says so."""
     with GateServer("slow", delay=0.3) as server:
         report, took = _gate(server, tmp_path, deadline_s=1.0)
+    print(f"gate with a 1 s deadline against a slow server: {took:.2f} s")
     assert took < 3, f"{took:.1f} s"
     assert not report.passed  # type: ignore[attr-defined]
     canaries = report.checks[0]  # type: ignore[attr-defined]
