@@ -7,10 +7,13 @@ without network.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -101,9 +104,15 @@ def test_cpu_workflow_runs_the_readme_commands() -> None:
     assert "actions/upload-artifact@v4" in text
 
 
-def test_hardware_workflow_matrix_labels_artifacts_and_fault_abort() -> None:
+def test_hardware_workflow_matrix_labels_artifacts_and_fault_abort(tmp_path: Path) -> None:
     text = (WORKFLOWS / "hardware.yml").read_text()
     assert 'runs-on: [self-hosted, linux, xpu, "${{ matrix.card }}"]' in text
+    # The matrix is derived from the profiles (servelab profiles --json), not a hand list:
+    # the plan job's own script, run on this checkout's profiles, yields every lab profile.
+    assert "servelab profiles --json > profiles.json" in text
+    assert "${{ fromJSON(needs.plan.outputs.include) }}" in text
+    matrix = plan(tmp_path)
+    assert matrix.returncode == 0, matrix.stderr
     for profile in (
         "minimax-m27-c1",
         "minimax-m27-c2",
@@ -111,8 +120,10 @@ def test_hardware_workflow_matrix_labels_artifacts_and_fault_abort() -> None:
         "minimax-m27-c8",
         "gemma4-12b-c8",
     ):
-        assert f'"profile": "{profile}", "card": "b70", "cards": 4' in text
+        assert f'"profile": "{profile}", "card": "b70", "cards": 4' in matrix.stdout
         assert (ROOT / "fixtures" / "profiles" / f"{profile}.toml").is_file()
+        assert f'"profile": "{profile}"' not in text  # no hand list left in the YAML
+    assert '"profile": "cpu-smollm2"' not in matrix.stdout  # the CPU CI runs that one
     # b70-lab.md 5: the abort signals
     for signal in (
         "Fault response",
@@ -128,7 +139,46 @@ def test_hardware_workflow_matrix_labels_artifacts_and_fault_abort() -> None:
     assert "journalctl -k" in text
     assert 'kill -TERM -- "-$pid"' in text  # the process group, by pid, never by name
     assert "actions/upload-artifact@v4" in text and "servelab report" in text
+    report = next(line for line in text.splitlines() if "servelab report" in line)
+    assert "|| true" not in report  # a report that fails, fails the step
     assert "max-parallel: 1" in text
+
+
+def plan(tmp_path: Path, wanted: str = "") -> subprocess.CompletedProcess[str]:
+    """The hardware workflow's plan step, run here on `servelab profiles --json`."""
+    text = (WORKFLOWS / "hardware.yml").read_text()
+    script = text.split("python3 - <<'PY' >> \"$GITHUB_OUTPUT\"\n", 1)[1]
+    script = textwrap.dedent(script.split("\n          PY\n", 1)[0])
+    cards = re.search(r"RUNNER_CARDS: '(.*)'", text)
+    assert cards is not None
+    profiles = subprocess.run(
+        [sys.executable, "-m", "servelab.cli", "profiles", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    (tmp_path / "profiles.json").write_text(profiles.stdout)
+    env = {**os.environ, "RUNNER_CARDS": cards.group(1), "WANTED": wanted}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_hardware_matrix_narrows_to_the_named_profiles(tmp_path: Path) -> None:
+    one = plan(tmp_path, "gemma4-12b-c8")
+    assert one.returncode == 0, one.stderr
+    rows = json.loads(one.stdout.split("include=", 1)[1])
+    assert rows == [{"profile": "gemma4-12b-c8", "card": "b70", "cards": 4}]
+    bad = plan(tmp_path, "gemma4-12b-c8 no-such-profile cpu-smollm2")
+    assert bad.returncode != 0
+    assert "unknown or not lab profiles ['cpu-smollm2', 'no-such-profile']" in bad.stderr
 
 
 def test_baseline_update_is_manual_and_opens_a_pull_request() -> None:
