@@ -10,7 +10,7 @@ that size, dense device scratch):
   the first blocks of the pool in order (contiguous host memory);
 - ``engines``: the copy engines, one ``cudaMemcpyAsync`` a run of consecutive ids (from C);
   ``engines_Ns``: the same split over N side streams (this script replaced
-  ``paged_copy_engine.py`` of BENCHMARKS.md §5 runs 11–12, whose ways it keeps);
+  ``paged_copy_engine.py`` of runs 11–12 in docs/history/paged-attention.md, whose ways it keeps);
 - ``tma_P_S_C``: bulk copies by the Tensor Memory Accelerator (``staging_ways.cu``), pieces
   of P KiB, S pieces in flight a CTA, C CTAs;
 - ``batch_F_B``: the library's ``copy_batch`` (the copy engines through

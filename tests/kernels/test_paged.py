@@ -1,6 +1,6 @@
 """CPU-paged attention against the float64 reference, edge cases, and bad input.
 
-Error rule: servelab.kernels.tolerance (reference/kernels.md §1.5): max error within 2x the
+Error rule: servelab.kernels.tolerance (docs/kernels-paged.md §1.5): max error within 2x the
 error of the same reference run in the test dtype (+1e-5), mean within 1.5x, plus the fixed
 backstops (bf16 atol 1e-3 rtol 1e-2, fp16 1e-3/1e-3, fp32 1e-5) and LSE atol 1e-3 (fp32
 1e-5). The kernel keeps float32 partials, so on H100 measurements it sits ~10x below them.
@@ -96,7 +96,7 @@ DEFAULT_CASES = (
 
 
 def _full_cases() -> tuple[Case, ...]:
-    """reference/kernels.md §1.5: chunk 512/4096/5000 over 32,768 tokens, every axis crossed."""
+    """docs/kernels-paged.md §1.5: chunk 512/4096/5000 over 32,768 tokens, every axis crossed."""
     cases = []
     for chunk, gqa, head, block, num_q in itertools.product(
         (512, 4096, 5000), (1, 4, 8), (64, 128, 256), (16, 32, 256), (1, 16)

@@ -2,7 +2,8 @@
 
 Reference 1 (tight) is the fused kernel against the dequantized cache (test_turboquant_fused).
 Reference 2 (here) is the full quantize-then-attend path against float64 attention over the
-unquantized K/V: loose bounds derived from theory plus cosine floors.
+unquantized K/V: loose bounds derived from theory plus cosine floors. "§2.x" is a section of
+docs/kernels-turboquant.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Lloyd–Max codebooks against reference/kernels.md §2.2–2.3 and an independent quadrature."""
+"""Lloyd–Max codebooks against docs/kernels-turboquant.md §2.2–2.3 and an independent quadrature.
+
+Every "§2.x" below is a section of docs/kernels-turboquant.md.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The fused Triton decode kernel against the dequantized cache (tight) and float64 (dense).
 
 Needs a CUDA or XPU device; the input checks, which run before any launch, are tested on CPU.
+"§2.8" is a section of docs/kernels-turboquant.md.
 """
 
 from __future__ import annotations

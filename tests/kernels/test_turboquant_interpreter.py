@@ -3,6 +3,7 @@
 CI has no GPU; this runs the same kernel code (generic and 4-bit, every preset, the table and
 operand-split variants) on small shapes, so a broken index or mask fails here too. The
 interpreter must be switched on before Triton compiles anything, hence a subprocess.
+"§2.8" is a section of docs/kernels-turboquant.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from servelab.kernels.turboquant.quantizer import MSECode
 
 pytestmark = pytest.mark.kernels
 
-# reference/kernels.md §2.5: K + V bytes per token and KV head at d = 128, and K/V split.
+# docs/kernels-turboquant.md §2.5: K + V bytes per token and KV head at d = 128, K/V split.
 BYTES = {
     "turboquant_k8v4": (128, 68, 196),
     "turboquant_4bit_nc": (66, 68, 134),

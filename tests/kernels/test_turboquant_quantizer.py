@@ -1,4 +1,5 @@
-"""TurboQuant_mse and TurboQuant_prod against the theory (reference/kernels.md §2.3–2.8).
+"""TurboQuant_mse and TurboQuant_prod against the theory (docs/kernels-turboquant.md §2.3–2.8;
+every "§2.x" below is a section there).
 
 Every statistic is seeded and sized so that its standard error is far below the tolerance
 it is held to; each test also shows that a plausible wrong implementation would fail it.

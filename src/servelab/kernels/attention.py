@@ -6,8 +6,8 @@ dtype with float32 accumulation and a float32 result (``out_dtype=torch.float32`
 elsewhere the operands are upcast, which is the same function: a product of two bf16/fp16
 numbers is exact in float32). Scores, the scale, soft-cap, mask, softmax, LSE and the
 running state are float32; the probabilities are cast to the value dtype for P·V, as
-FlashAttention and vLLM's references do (reference/kernels.md §1.3, §1.5). Re-rounding the
-running state to bf16 would cost ~8x error (§1.4); it stays float32 and is cast once.
+FlashAttention and vLLM's references do (docs/kernels-paged.md §1.3, §1.5). Re-rounding the
+running state to bf16 would cost ~8x error (§1.4 there); it stays float32 and is cast once.
 
 Two layouts of the products (chosen per call by :func:`prepare_query`):
 

@@ -18,7 +18,7 @@ SMs stay free for the attention running beside the copy.
 
 The same library holds the copy-engine way of the same copy (:func:`copy_blocks_batched`,
 the ``copy_batch`` staging strategy): a few ``cudaMemcpyBatchAsync`` calls per chunk, which run
-nearer the link's contiguous copy rate than any SM path measured (BENCHMARKS.md §5, run 13).
+nearer the link's contiguous copy rate than any SM path measured (docs/history/paged-attention.md, run 13).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from servelab.errors import KernelInputError
 from servelab.kernels import cuda_ext
 from servelab.kernels.paged_cache import block_bytes
 
-# CTAs in the persistent grid: as the Triton gather (docs/kernels-paged.md, "Gather strategy").
+# CTAs in the persistent grid: as the Triton gather (docs/kernels-paged.md, "Staging strategies").
 PROGRAMS = 32
 # Threads per CTA (a multiple of 32, at most 512). With 8 loads of 16 bytes per thread in
 # flight, 32 CTAs of 256 threads keep 1 MiB of reads outstanding on the link.

@@ -3,7 +3,7 @@
 The torch step (:mod:`servelab.kernels.attention`) costs about 24 kernel launches per chunk;
 on an H100 the host needed ~0.6-0.9 ms to issue them against ~0.13 ms of device time per
 32K-token chunk, so small contexts and small chunks were bound by the host, not the link
-(BENCHMARKS.md §5, run 4). This module replaces the step by:
+(docs/history/paged-attention.md, run 4). This module replaces the step by:
 
 - :func:`attend_parts` — a split-K (flash-decoding) kernel: one program per (KV head,
   split of the key range, block of query rows) reads its keys and values once in their

@@ -1,4 +1,4 @@
-"""The attention error rule of reference/kernels.md §1.5, as a verdict record.
+"""The attention error rule (docs/kernels-paged.md §1.5), as a verdict record.
 
 Primary rule (FlashAttention's ``tests/test_flash_attn.py``): with ``ref`` the float64
 reference and ``ref_lowp`` the same reference run in the test dtype,

@@ -184,8 +184,8 @@ int paged_gather_kv(const void* k_src, const void* v_src, void* k_dst, void* v_d
 // paged_copy_batch enqueues the copies in a few cudaMemcpyBatchAsync calls (CUDA 12.8+): the
 // staging strategy "copy_batch", ~99 % of the contiguous copy rate over a random table of
 // 512 KiB blocks where one cudaMemcpyAsync a block (paged_copy_blocks, kept for the
-// benchmarks) runs at ~77 % and the SM gather above at ~91 % (BENCHMARKS.md section 5, runs
-// 13-16). Returns cudaErrorNotSupported when built against an older runtime. The API refuses
+// benchmarks) runs at ~77 % and the SM gather above at ~91 % (docs/history/
+// paged-attention.md, runs 13-16). Returns cudaErrorNotSupported when built against an older runtime. The API refuses
 // the legacy default stream: on it (stream 0) the copies go one cudaMemcpyAsync each instead.
 namespace {
 

@@ -45,7 +45,8 @@ class Codebook:
         return len(self.centroids)
 
     def scaled_centroids(self) -> NDArray[np.float64]:
-        """Centroids in units of 1/√d, the form the paper and reference/kernels.md print."""
+        """Centroids in units of 1/√d, as the paper prints them (docs/kernels-turboquant.md
+        §2.2)."""
         return np.asarray(self.centroids) * math.sqrt(self.dim)
 
     def expected_mse(self) -> float:

@@ -1,4 +1,4 @@
-"""vLLM's TurboQuant KV presets and their byte rules (reference/kernels.md §2.5).
+"""vLLM's TurboQuant KV presets and their byte rules (docs/kernels-turboquant.md §2.5).
 
 Per token and KV head, at head size d:
 - Lloyd–Max key: ⌈d·b/8⌉ code bytes + 2 (fp16 norm); FP8 key: d bytes, no norm.

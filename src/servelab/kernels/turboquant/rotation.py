@@ -5,7 +5,8 @@
   of the seed). This is what the paper analyses.
 - ``randomized_hadamard``: Π = H·diag(s)/√d with random signs s. O(d log d) through a fast
   Walsh–Hadamard transform; its coordinates are not Haar-distributed on every input (a basis
-  vector lands on ±1/√d everywhere, see reference/kernels.md §2.6).
+  vector lands on ±1/√d everywhere: at b = 2 its error is 0.255 against 0.117 under Haar,
+  docs/kernels-turboquant.md §2.6).
 - ``fixed_hadamard``: H/√d with no random signs, as vLLM's presets use. It exists so a test can
   show how it fails: a row of H rotates to a one-hot vector.
 """
