@@ -18,7 +18,8 @@ SMs stay free for the attention running beside the copy.
 
 The same library holds the copy-engine way of the same copy (:func:`copy_blocks_batched`,
 the ``copy_batch`` staging strategy): a few ``cudaMemcpyBatchAsync`` calls per chunk, which run
-nearer the link's contiguous copy rate than any SM path measured (docs/history/paged-attention.md, run 13).
+nearer the link's contiguous copy rate than any SM path measured (run 13 in
+docs/history/paged-attention.md).
 """
 
 from __future__ import annotations

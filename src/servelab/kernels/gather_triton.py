@@ -24,9 +24,10 @@ from servelab.kernels.paged_cache import block_bytes
 
 # Bytes per tile: 16 KiB keeps ~128 B of loads per thread in flight at 4 warps.
 TILE_BYTES = 16384
-# Programs in the persistent grid (docs/history/paged-attention-design-log.md, run 4). Each one holds an SM slot for the
-# whole transfer, so the cap is what leaves SMs to the attention of the previous chunk; 32
-# programs keep enough loads in flight to fill the link (the sweep there).
+# Programs in the persistent grid (run 4 in docs/history/paged-attention-design-log.md). Each
+# one holds an SM slot for the whole transfer, so the cap is what leaves SMs to the attention
+# of the previous chunk; 32 programs keep enough loads in flight to fill the link (the sweep
+# there).
 PROGRAMS = 32
 
 
