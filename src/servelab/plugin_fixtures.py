@@ -267,6 +267,8 @@ class Measurement:
         self.results = results
         self._record = record
         self.report = report
+        self._dropped: list[RunResult] = []
+        self.notes: list[str] = []  # added to every figure this test records
 
     @property
     def name(self) -> str:
@@ -301,19 +303,42 @@ class Measurement:
     def runs(self, default: int) -> int:
         return self.options.runs or default
 
-    def keep(self, runs: Sequence[tuple[dict[str, Any], RunResult]]) -> None:
+    def keep(
+        self, runs: Sequence[tuple[dict[str, Any], RunResult]], *, may_drop: bool = False
+    ) -> None:
         """Keep every request of these runs as raw rows (with their labels) and fail the test,
-        listing why, if any run is not valid."""
+        listing why, if any run is not valid.
+
+        With `may_drop`, a run whose only fault is the client's own timing (its event loop
+        woke late, or it saturated a core: on a shared machine another process took the CPU)
+        is dropped instead, up to a third of the runs; `valid` tells the test which runs
+        count, and every figure it records says how many were dropped and why."""
         self.results.requests += [
             request_row(r, test=self.test, **labels) for labels, res in runs for r in res.records
         ]
-        problems = [
-            f"{', '.join(f'{k} {v}' for k, v in labels.items())}: {why}"
-            for labels, res in runs
-            for why in res.invalid_reasons(self.limits.max_error_rate)
-        ]
+        problems: list[str] = []
+        dropped: list[str] = []
+        for labels, res in runs:
+            where = ", ".join(f"{k} {v}" for k, v in labels.items())
+            reasons = res.invalid_reasons(self.limits.max_error_rate)
+            if may_drop and reasons and set(reasons) <= set(res.client_lagged()):
+                self._dropped.append(res)
+                dropped.append(f"{where}: {reasons[0]}")
+            else:
+                problems += [f"{where}: {why}" for why in reasons]
+        if dropped and 3 * len(dropped) > len(runs):
+            problems += [f"{d} (more than a third of the runs dropped)" for d in dropped]
+        elif dropped:
+            self.notes.append(
+                f"{len(dropped)} of {len(runs)} runs dropped, not measured: " + "; ".join(dropped)
+            )
+            self.progress(self.notes[-1])
         if problems:
             pytest.fail(f"{self.test}: runs are not valid:\n" + "\n".join(problems), pytrace=False)
+
+    def valid(self, res: RunResult) -> bool:
+        """False for a run `keep` dropped."""
+        return not any(res is d for d in self._dropped)
 
     def record(
         self,
@@ -331,7 +356,12 @@ class Measurement:
 
         values = tuple(float("nan") if v is None else float(v) for v in runs)
         figure = spec(name).figure(
-            values, shape=shape, identity=self.identity, warm=warm, notes=notes, **axis
+            values,
+            shape=shape,
+            identity=self.identity,
+            warm=warm,
+            notes=(*notes, *self.notes),
+            **axis,
         )
         return self._record(figure)
 
