@@ -77,6 +77,7 @@ esc = html.escape
 _SERIES_PLOTS: tuple[tuple[str, Axis, Callable[[Series], bool]], ...] = (
     ("Throughput against concurrency", "concurrency", lambda s: "tok/s" in s.unit),
     ("TPOT against concurrency", "concurrency", lambda s: "tpot" in s.family),
+    ("TTFT against concurrency", "concurrency", lambda s: "ttft" in s.family),
     ("TTFT against prompt length", "prompt_tokens", lambda s: "ttft" in s.family),
     ("Throughput against prompt length", "prompt_tokens", lambda s: "tok/s" in s.unit),
 )

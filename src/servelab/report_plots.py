@@ -57,22 +57,31 @@ def series_figure(curves: Sequence[Series], title: str) -> Any:
         by_unit.setdefault(s.unit, []).append(s)
     if not by_unit:
         return None
-    fig, axes = _panels(len(by_unit))
+    sessions = {s.session for s in curves}
+    one = next(iter(sessions)) if len(sessions) == 1 else None
+    fig, axes = _panels(len(by_unit), h=4.2)
     for ax, (unit, group) in zip(axes, sorted(by_unit.items()), strict=True):
         for s in group:
             xs = [p.x for p in s.points]
             ys = [p.value for p in s.points]
             err = [[p.value - p.low for p in s.points], [p.high - p.value for p in s.points]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=s.label)
+            label = s.label if one is None else s.label.removeprefix(f"{one}: ")
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
         axis = group[0].axis
-        ax.set_title(f"{title} [{unit}]", fontsize=9)
+        ax.set_title(f"{title} [{unit}]" + (f"\n{one}" if one else ""), fontsize=9)
         ax.set_xlabel(AXIS_LABEL[axis])
         ax.set_ylabel(unit)
         if axis == "concurrency":
             ax.set_xscale("log", base=2)
+        xs_all = sorted({p.x for s in group for p in s.points})
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _legend_below(ax)
     return fig
+
+
+def _legend_below(ax: Any) -> None:
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
 
 
 def history_png(items: Sequence[History], sessions: Sequence[str], title: str) -> str:
@@ -84,7 +93,7 @@ def history_png(items: Sequence[History], sessions: Sequence[str], title: str) -
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(items[0].unit)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -98,9 +107,14 @@ def ecdf_png(dists: Sequence[Distribution], title: str) -> str:
     ax.set_xlabel(dists[0].unit)
     ax.set_ylabel("share of requests")
     if min(d.values[0] for d in dists) > 0:
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=6)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    _legend_below(ax)
     return _png(fig)
 
 
