@@ -1,3 +1,4 @@
+# Over 400 lines: five commands' options and help text; their logic lives in library modules.
 """The `servelab` command line: the library's tools without pytest.
 
 servelab prepare-model [--profile NAME]   prepare a profile's model; print path and hashes
