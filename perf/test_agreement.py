@@ -7,18 +7,19 @@ Two checks:
    match to floating-point precision.
 2. Measurements (the profile's running server): servelab's client and vLLM's
    ``vllm.benchmarks.serve.benchmark`` (its own aiohttp request function) take turns, one at
-   a time, in ABBA order (servelab, vLLM, vLLM, servelab, ...), each turn closed-loop at
-   concurrency 1 on the same shape with its own fresh prompts, in its own event loop and its
-   own HTTP connection, on an otherwise idle server. That is what a user of either client
-   sees. (An earlier design ran both clients side by side in one event loop beside a
-   background stream that kept the engine stepping: throughput and TPOT agreed within
-   1.1 %, but median TTFT read 5-10.5 % lower for servelab in 8 of 10 runs, a skew of the
-   construction; sequential turns showed none.) Per metric (output throughput, median TTFT,
-   median TPOT, median ITL) each turn gives one value; each side's figure is the median of
-   its turns, and the two must agree within 2 %, or within what this host's turn-to-turn
-   noise can resolve when that is wider (`agreement`: 5 standard errors of the difference
-   of medians, from the turns' spread). A host too noisy to resolve 10 % skips the check
-   with its figures, rather than passing or failing on noise.
+   a time, in pairs of adjacent turns whose leader alternates (servelab, vLLM | vLLM,
+   servelab | ...), each turn closed-loop at concurrency 1 on the same shape with its own
+   fresh prompts, in its own event loop and HTTP connection, on an otherwise idle server:
+   what a user of either client sees. (An earlier design ran both clients side by side in
+   one event loop beside a background stream that kept the engine stepping: throughput and
+   TPOT agreed within 1.1 %, but median TTFT read 5-10.5 % lower for servelab in 8 of 10
+   runs, a skew of the construction; sequential turns showed none.) Per metric (output
+   throughput, median TTFT, median TPOT, median ITL) each turn gives one value; each pair
+   gives the log ratio servelab / vLLM of two turns taken seconds apart, so the shared
+   host's slow drift cancels; the median over the pairs must be within 2 % plus 5 standard
+   errors of itself (`agreement`; the line printed gives each tolerance, i.e. what this
+   host could resolve). A host too noisy to resolve 20 % skips the check with its figures,
+   rather than passing or failing on noise.
 """
 
 from __future__ import annotations
@@ -158,9 +159,11 @@ def test_definitions_match_vllm_calculate_metrics(seed: int) -> None:
 #: noise and 2e-5 with stray slow turns; a true disagreement of up to 2 % passes still more
 #: often, since the tolerance is 2 % *plus* the noise's part.
 K_SE = 5.0
-#: When the noise's part alone passes this, the host cannot show whether the clients agree
-#: within a few percent: the check skips with its figures instead of passing or failing.
-MAX_NOISE = 0.06
+#: When the noise's part alone passes this, the host cannot show whether the clients agree:
+#: the check skips with its figures instead of passing or failing. On a quiet host the noise's
+#: part is a few percent; on the shared 2-core host beside another perf session it read
+#: 11-18 % (TTFT the widest), still enough to catch a skew of a whole engine step (~25 %).
+MAX_NOISE = 0.20
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,15 @@ def test_agreement_rule_catches_a_skew_on_a_quiet_host() -> None:
     """No server: an 8 % TTFT skew (the old side-by-side construction read 5-10.5 %) fails
     at 1 % turn noise and 0.5 % drift per turn, and the host counts as quiet enough."""
     sims = _simulated_pairs(np.random.default_rng(12), 1000, 0.08, 0.01, 0.005, 0.0)
+    assert sum(not a.ok for a in sims) >= 990
+    assert all(a.noise <= MAX_NOISE for a in sims)
+
+
+def test_agreement_rule_catches_a_step_skew_on_a_busy_host() -> None:
+    """No server: a skew of a whole engine step in TTFT (~25 %, what a request waiting one
+    step reads) fails at 4 % turn noise and 1 % drift per turn (a host as busy as the
+    shared 2-core one beside another perf session), without a skip."""
+    sims = _simulated_pairs(np.random.default_rng(13), 1000, 0.25, 0.04, 0.01, 0.0)
     assert sum(not a.ok for a in sims) >= 990
     assert all(a.noise <= MAX_NOISE for a in sims)
 
@@ -349,6 +361,6 @@ def test_alternating_turns_agree_with_vllm_bench_serve(
         f"{OUTPUT}, c1, alternating ABBA: {report}"
     )
     if any(c.noise > MAX_NOISE for c in checks):
-        pytest.skip(f"host too noisy to check agreement within a few percent: {report}")
+        pytest.skip(f"host too noisy to check agreement: {report}")
     bad = [c for c in checks if not c.ok]
     assert not bad, f"servelab and vLLM's client disagree: {report}"
