@@ -1,4 +1,5 @@
 """Async streaming client: one timestamped `RequestRecord` per request, failures included.
+(Over 400 lines: the record, its payloads and the one request that fills it belong together.)
 
 The load path only records timestamps (``time.perf_counter_ns``, a system-wide monotonic
 clock on Linux, so records from worker processes share one time base); metrics are computed
