@@ -146,6 +146,20 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
             save_worker_part(item.config, run.results)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """A perf test stopped by servelab itself (a stuck server, a passed deadline, an engine
+    that went away) fails with the reason alone, and the session's record keeps it."""
+    try:
+        return (yield)
+    except ServelabError as exc:
+        run = item.config.stash.get(RUN_KEY, None)
+        if run is None or "servelab_target" not in getattr(item, "fixturenames", ()):
+            raise
+        run.results.invalidate([f"{item.nodeid}: {exc}"])
+        pytest.fail(str(exc), pytrace=False)
+
+
 # ---------------------------------------------------------------------------- summary
 
 

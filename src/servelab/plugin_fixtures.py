@@ -285,9 +285,14 @@ class Measurement:
 
     @property
     def settings(self) -> Settings:
+        """Request settings bounded by the profile's limits and the command line (a new
+        deadline for the whole workload from now, where the profile sets one)."""
         from servelab.workloads import Settings
 
-        return Settings(timeout_s=self.timeout_s, report=self.progress)
+        limits = None if self.profile is None else self.profile.limits
+        return Settings.for_limits(
+            limits, request_timeout_s=self.options.request_timeout_s, report=self.progress
+        )
 
     def progress(self, line: str) -> None:
         self.report(f"[{self.name}] {self.test}: {line}")

@@ -134,10 +134,16 @@ def servelab_quality_gate(
         )
         results.invalidate([reason])
         pytest.fail(reason, pytrace=False)
+    from servelab.workloads import request_timeouts
+
     o = servelab_options
-    timeout_s = o.request_timeout_s or (
-        300.0 if profile is None else profile.limits.request_timeout_s
-    )
+    limits = None if profile is None else profile.limits
+    timeout_s, first_token_s = request_timeouts(limits, request_timeout_s=o.request_timeout_s)
+    if profile is None and o.request_timeout_s is None:
+        timeout_s = 300.0
+    deadline_s = o.gate_timeout_s
+    if deadline_s is None and limits is not None:
+        deadline_s = limits.gate_timeout_s
     gates: SessionGates = request.getfixturevalue("servelab_gates")  # once, also under xdist
     try:
         report = gates.run(
@@ -154,6 +160,8 @@ def servelab_quality_gate(
                 recall_max_tokens=4 if shape is None else shape.max_tokens,
                 context_len=None if profile is None else profile.model.context_len,
                 timeout_s=timeout_s,
+                first_token_timeout_s=first_token_s,
+                deadline_s=deadline_s,
             ),
         )
     except ServelabError as exc:

@@ -135,6 +135,11 @@ class QualitySpec:
 class Limits:
     max_error_rate: float = 0.0
     request_timeout_s: float = 600.0
+    # A request that has no first token after this long shows the server stuck: the gate and
+    # the workload stop there (None: request_timeout_s).
+    first_token_timeout_s: float | None = None
+    gate_timeout_s: float | None = None  # the whole quality gate of a target
+    test_timeout_s: float | None = None  # the whole workload of one perf test
 
 
 @dataclass(frozen=True)
