@@ -3,12 +3,11 @@ unit, better direction and definition, in one place.
 
 Entries are keyed by their name template. A family's metric name may carry the shape's
 varying axis (`output_throughput_c{c}`, `ttft_ms_p{n}`); `family_of` reads the family back
-from a stored metric name, so reports group one curve per family.
+from a figure, so reports group one curve per family.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from servelab.figures import Direction, Figure, Identity, Shape
@@ -158,16 +157,17 @@ CATALOGUE: dict[str, MetricSpec] = {
     )
 }
 
-_AXIS = re.compile(r"^(?P<family>.+?)_(?:c|p)\d+$")
-
-
 def spec(name: str) -> MetricSpec:
     """The catalogue entry of a name template (`"output_throughput_c{c}"`)."""
     return CATALOGUE[name]
 
 
-def family_of(metric: str) -> str:
-    """`output_throughput_c8` -> `output_throughput`; names without an axis are their own
-    family."""
-    m = _AXIS.match(metric)
-    return m.group("family") if m else metric
+def family_of(fig: Figure) -> str:
+    """The metric without the shape suffix its name carries (`_c4` for concurrency 4,
+    `_p128` for a 128-token prompt); a suffix that is not the figure's own shape stays."""
+    name = fig.metric
+    for prefix, value in (("c", fig.shape.concurrency), ("p", fig.shape.prompt_tokens)):
+        suffix = f"_{prefix}{value}"
+        if value is not None and name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name

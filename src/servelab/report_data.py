@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from servelab.catalogue import family_of as family
 from servelab.errors import RecordError
 from servelab.figures import Figure
 
@@ -28,17 +29,6 @@ AXIS_LABEL: dict[Axis, str] = {
     "concurrency": "concurrent requests",
     "prompt_tokens": "prompt tokens",
 }
-
-
-def family(fig: Figure) -> str:
-    """The metric without the shape suffix its name carries (`_c4` for concurrency 4,
-    `_p128` for a 128-token prompt); a suffix that is not the figure's own shape stays."""
-    name = fig.metric
-    for prefix, value in (("c", fig.shape.concurrency), ("p", fig.shape.prompt_tokens)):
-        suffix = f"_{prefix}{value}"
-        if value is not None and name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
 
 
 def session_label(index: int, record: Mapping[str, Any]) -> str:
