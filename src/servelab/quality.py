@@ -12,7 +12,7 @@ fixed seed):
 - **recall**: the lab's fact-word-v1 prompt (`servelab.recall`) with the fact early, in the
   middle and late, sized by the profile's ``workloads.recall``.
 
-A failed gate marks the session's speed results invalid (``RunState.invalid_reasons``): the
+A failed gate marks the session's speed results invalid (``SessionResults.invalid_reasons``): the
 perf suite gives no pass verdict and updates no baseline, and the record says why.
 
 The gate is bounded (`GateLimits`): each request by its timeouts, the whole gate by a
