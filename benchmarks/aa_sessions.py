@@ -11,11 +11,13 @@ baseline with three rules (servelab.stats):
 * ``pooled``: the prior pooled with the drift seen in the *other* A/A sessions
   (``stats.session_drift``, as a baseline's history would give it).
 
-Nothing changes between sessions, so every regression is a false alarm. It prints, per rule,
-false alarms per figure and per session (a session fails if any figure regresses), against
-the stored baseline and over every ordered pair of sessions (more comparisons, but
-correlated: one session is the baseline of many), and the measured spread of session means
-per metric: the number behind ``CPU_SESSION_CV`` (docs/verdicts.md).
+Nothing changes between sessions, so every regression is a false alarm (and every
+improvement a false verdict). It prints each session's load average (another job on the
+host moves a whole session); per rule, false alarms per figure and per session (a session
+fails if any figure regresses), against the stored baseline and over every ordered pair of
+sessions (more comparisons, but correlated: one session is the baseline of many); and the
+measured spread of session means per metric: the number behind ``CPU_SESSION_CV``
+(docs/verdicts.md).
 
 The stored baseline is ``<baselines-dir>/*/cpu-smollm2.json`` (``--baselines-dir``, default
 ``baselines``); it is copied into the work folder and never written. Without one (or with
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +65,7 @@ class Session:
     index: int
     exit_code: int
     seconds: float
+    load: tuple[float, float]  # 1-minute load average at the session's start and end
     figures: dict[str, tuple[str, tuple[float, ...]]]  # key -> (direction, runs)
     verdicts: dict[str, str]  # key -> the session's own verdict status (its judge)
 
@@ -77,6 +81,7 @@ def run_session(
     ]  # fmt: skip
     if update:
         cmd.append("--update-baselines")
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with (results.with_suffix(".log")).open("w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
@@ -89,7 +94,7 @@ def run_session(
             for f in res.get("figures", []):
                 figures[f["key"]] = (f["direction"], tuple(float(x) for x in f["runs"]))
                 verdicts[f["key"]] = (f.get("verdict") or {}).get("status", "not judged")
-    return Session(i, rc, seconds, figures, verdicts)
+    return Session(i, rc, seconds, (load0, os.getloadavg()[0]), figures, verdicts)
 
 
 def load_baseline(baselines: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -127,7 +132,7 @@ def rates(
     """False alarms per figure and per session for each rule over (baseline, candidate)."""
     out: dict[str, dict[str, Any]] = {}
     for rule in RULES:
-        figs = alarms = sessions = failed = 0
+        figs = alarms = better = sessions = failed = 0
         by_key: dict[str, int] = {}
         for b, c in pairs:
             hit = False
@@ -140,6 +145,7 @@ def rates(
                     rule, base, cand, direction, thresholds.get(key, 0.05), prior, history
                 )
                 figs += 1
+                better += outcome == "improvement"
                 if outcome == "regression":
                     alarms += 1
                     hit = True
@@ -150,6 +156,7 @@ def rates(
             "figures": figs,
             "figure_false_alarms": alarms,
             "figure_rate": alarms / figs if figs else math.nan,
+            "figure_false_improvements": better,
             "sessions": sessions,
             "session_false_alarms": failed,
             "session_rate": failed / sessions if sessions else math.nan,
@@ -206,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"baseline: none stored; session 0 records one into {baselines}", flush=True)
         s0 = run_session(0, work, baselines, args.runs, True, args.tests)
-        print(f"session 0 (baseline): exit {s0.exit_code}, {s0.seconds:.0f} s", flush=True)
+        print(
+            f"session 0 (baseline): exit {s0.exit_code}, {s0.seconds:.0f} s, load average "
+            f"{s0.load[0]:.1f} -> {s0.load[1]:.1f}",
+            flush=True,
+        )
         if load_baseline(baselines) is None:
             print(f"no baseline was written; see {work}/session-00.log", file=sys.stderr)
             return 2
@@ -223,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         mine = {k: v for k, v in s.verdicts.items() if k in base_runs}
         bad = sorted(k for k, v in mine.items() if v == "regression")
         print(
-            f"session {i}: exit {s.exit_code}, {s.seconds:.0f} s, {len(s.figures)} figures; "
+            f"session {i}: exit {s.exit_code}, {s.seconds:.0f} s, load average "
+            f"{s.load[0]:.1f} -> {s.load[1]:.1f}, {len(s.figures)} figures; "
             f"its own verdicts: regressions {bad or 'none'}",
             flush=True,
         )
@@ -243,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "session_cv_prior": args.session_cv,
         "session_prior_df": SESSION_PRIOR_DF,
         "exit_codes": [s.exit_code for s in sessions],
+        "load_averages": [s.load for s in sessions],
         "own_verdict_regressions": sum(
             v == "regression" for s in sessions for v in s.verdicts.values()
         ),
@@ -257,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"  {name:19s} {rule:6s}: figures {r['figure_false_alarms']}/{r['figures']} "
                 f"({r['figure_rate']:.2%}), sessions {r['session_false_alarms']}/{r['sessions']} "
-                f"({r['session_rate']:.2%}) {r['by_metric'] or ''}"
+                f"({r['session_rate']:.2%}); false improvements {r['figure_false_improvements']} "
+                f"{r['by_metric'] or ''}"
             )
     print("\nspread per metric (log scale; between = sd of session means less run noise):")
     for key, m in measured.items():
