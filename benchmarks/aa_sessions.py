@@ -86,6 +86,12 @@ def run_session(
     with (results.with_suffix(".log")).open("w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.perf_counter() - t0
+    return read_session(i, results, rc, seconds, (load0, os.getloadavg()[0]))
+
+
+def read_session(
+    i: int, results: Path, rc: int, seconds: float, load: tuple[float, float]
+) -> Session:
     figures: dict[str, tuple[str, tuple[float, ...]]] = {}
     verdicts: dict[str, str] = {}
     for record in sorted(results.glob("records/*/record.json")):
@@ -94,7 +100,7 @@ def run_session(
             for f in res.get("figures", []):
                 figures[f["key"]] = (f["direction"], tuple(float(x) for x in f["runs"]))
                 verdicts[f["key"]] = (f.get("verdict") or {}).get("status", "not judged")
-    return Session(i, rc, seconds, (load0, os.getloadavg()[0]), figures, verdicts)
+    return Session(i, rc, seconds, load, figures, verdicts)
 
 
 def load_baseline(baselines: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -198,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     ap.add_argument("--tests", nargs="+", default=list(TESTS))
+    ap.add_argument(
+        "--reanalyze",
+        action="store_true",
+        help="run nothing: judge the sessions already in --work again (e.g. another prior)",
+    )
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.runs < 3:
         ap.error("need --sessions >= 1 and --runs >= 3 (a verdict needs 3 runs a side)")
@@ -207,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     baselines = work / "baselines"
     work.mkdir(parents=True, exist_ok=True)
     stored = None if args.new_baseline else load_baseline(args.baselines_dir)
-    if stored is not None:
+    if args.reanalyze:
+        if args.work is None or load_baseline(baselines) is None:
+            ap.error("--reanalyze needs --work with the baselines/ of an earlier run")
+    elif stored is not None:
         shutil.copytree(args.baselines_dir, baselines, dirs_exist_ok=True)
         print(f"baseline: {stored[0]} (copied to {baselines})", flush=True)
     else:
@@ -229,7 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sessions: list[Session] = []
     for i in range(1, args.sessions + 1):
-        s = run_session(i, work, baselines, args.runs, False, args.tests)
+        if args.reanalyze:
+            nan = math.nan
+            s = read_session(i, work / f"session-{i:02d}", -1, nan, (nan, nan))
+        else:
+            s = run_session(i, work, baselines, args.runs, False, args.tests)
         sessions.append(s)
         mine = {k: v for k, v in s.verdicts.items() if k in base_runs}
         bad = sorted(k for k, v in mine.items() if v == "regression")
@@ -243,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_of = {0: base_runs} | {s.index: s.figures for s in sessions}
     ids = [s.index for s in sessions if s.figures]
     vs_stored = rates([(0, i) for i in ids], runs_of, thresholds, args.session_cv)
+    every = [0, *ids]  # the stored baseline is one more session
     all_pairs = rates(
-        [(b, c) for b in ids for c in ids if b != c], runs_of, thresholds, args.session_cv
+        [(b, c) for b in every for c in every if b != c], runs_of, thresholds, args.session_cv
     )
     measured = spread([base_runs] + [s.figures for s in sessions if s.figures])
     summary = {
