@@ -1,0 +1,261 @@
+"""Numbers a reader can trust: certified percentiles and validity verdicts (pure functions).
+
+Certified percentiles follow MLPerf LoadGen's early-stopping criterion
+(`loadgen/early_stopping.cc`): with ``h`` samples under a latency bound and ``t`` over it,
+the p-th percentile is under the bound at 99 % confidence when the binomial tail
+``I_p(h, t + 1) < 0.01`` (``I`` the regularized incomplete beta function: the probability
+that ``h`` or more of ``h + t`` samples fall under the true p-th percentile). The smallest
+sample counts that certify, as LoadGen states them:
+
+===========  =========  ======  =======
+overages     p90        p99     p99.9
+===========  =========  ======  =======
+none         44         459     4,603
+one          64         662     6,636
+===========  =========  ======  =======
+
+A median needs 7 samples. Below its minimum a percentile is reported as "not certifiable at
+N = ..., needs M", never as a met bound.
+
+Validity (a figure VALID or INVALID, with reasons and what to change) follows LoadGen's
+`results.cc`: enough samples for the percentile reported, a minimum duration, an error rate
+under a cap, no overload. The rules are here; the plugin decides where to apply them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import betainc
+
+#: LoadGen's confidence for early stopping.
+CONFIDENCE = 0.99
+#: No sample count certifies past this; a search that reaches it is a caller's error.
+_MAX_SAMPLES = 10**9
+
+
+def _fraction(p: float) -> float:
+    """A percentile given in percent (90, 99, 99.9) as a fraction in (0, 1)."""
+    if not 0 < p < 100:
+        raise ValueError(f"percentile must be within (0, 100) percent, got {p}")
+    return p / 100.0
+
+
+def tail_probability(under: int, over: int, p: float) -> float:
+    """``I_p(under, over + 1)``: the chance of seeing `under` or more of `under + over`
+    samples below the true p-th percentile (p in percent). Certified when < 1 - CONFIDENCE."""
+    if under < 1 or over < 0:
+        return 1.0
+    return float(betainc(under, over + 1, _fraction(p)))
+
+
+def is_certified(under: int, over: int, p: float, confidence: float = CONFIDENCE) -> bool:
+    """True when `under` samples at or under a bound and `over` above it certify that the
+    p-th percentile is at or under that bound at `confidence`."""
+    return tail_probability(under, over, p) < 1.0 - confidence
+
+
+def min_samples(p: float, overages: int = 0, confidence: float = CONFIDENCE) -> int:
+    """The fewest samples (under + over) that certify the p-th percentile with `overages`
+    samples over the bound allowed.
+
+    >>> min_samples(90), min_samples(99), min_samples(99, overages=1)
+    (44, 459, 662)
+    """
+    if overages < 0:
+        raise ValueError(f"overages must be >= 0, got {overages}")
+    _fraction(p)
+    lo, hi = 1, 1
+    while not is_certified(hi, overages, p, confidence):  # the tail falls as `under` grows
+        lo, hi = hi + 1, hi * 2
+        if hi > _MAX_SAMPLES:
+            raise ValueError(f"p{p} is not certifiable with {overages} overages")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if is_certified(mid, overages, p, confidence):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo + overages
+
+
+def max_overages(n: int, p: float, confidence: float = CONFIDENCE) -> int | None:
+    """The most of `n` samples that may lie over the bound while still certifying the p-th
+    percentile; None when `n` is too few even with none over."""
+    if not is_certified(n, 0, p, confidence):
+        return None
+    lo, hi = 0, n - 1  # the largest t with is_certified(n - t, t)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if is_certified(n - mid, mid, p, confidence):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True)
+class CertifiedPercentile:
+    """One percentile with its sample support.
+
+    `value` is the plain percentile (linear, as `servelab.metrics` reports it); `bound` the
+    early-stopping estimate: the smallest sample value that certifies the percentile is at
+    or under it at `confidence` (None when `n` is too few); `needed` the fewest samples that
+    would certify it with none over."""
+
+    p: float
+    value: float | None
+    n: int
+    certifiable: bool
+    bound: float | None
+    overages: int | None
+    needed: int
+    confidence: float = CONFIDENCE
+
+    def describe(self) -> str:
+        name = f"p{self.p:g}"
+        if self.value is None:
+            return f"{name}: no samples (needs {self.needed} to certify)"
+        if not self.certifiable:
+            return (
+                f"{name} = {self.value:.6g}: not certifiable at N = {self.n}, needs "
+                f"{self.needed} at {self.confidence * 100:g} % confidence"
+            )
+        return (
+            f"{name} = {self.value:.6g} (N = {self.n}); certified at "
+            f"{self.confidence * 100:g} % confidence to be <= {self.bound:.6g} "
+            f"({self.overages} of {self.n} samples over)"
+        )
+
+
+def certify(
+    values: Sequence[float], p: float, confidence: float = CONFIDENCE
+) -> CertifiedPercentile:
+    """The p-th percentile (in percent) of `values` (non-finite values dropped) with its
+    sample count and LoadGen's early-stopping bound at `confidence`.
+
+    >>> certify(list(range(1, 31)), 99).describe()
+    'p99 = 29.71: not certifiable at N = 30, needs 459 at 99 % confidence'
+    """
+    needed = min_samples(p, 0, confidence)
+    arr = np.sort(np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64))
+    n = int(arr.size)
+    if n == 0:
+        return CertifiedPercentile(p, None, 0, False, None, None, needed, confidence)
+    value = float(np.percentile(arr, p))
+    t = max_overages(n, p, confidence)
+    if t is None:
+        return CertifiedPercentile(p, value, n, False, None, None, needed, confidence)
+    # With the bound at the (n - t)-th smallest sample, n - t samples are at or under it.
+    return CertifiedPercentile(p, value, n, True, float(arr[n - t - 1]), t, needed, confidence)
+
+
+# --------------------------------------------------------------------------- validity
+
+
+#: Which percentile a figure's name reports (its per-request statistic); others: the median.
+_PERCENTILE_PREFIXES = (("p99.9_", 99.9), ("p999_", 99.9), ("p99_", 99.0), ("p90_", 90.0))
+
+
+def reported_percentile(metric: str) -> float:
+    """The per-request percentile a figure reports, from its catalogue name: `p99_ttft_ms`
+    reports the 99th; `median_*`, rates and means are read at the median (50)."""
+    for prefix, p in _PERCENTILE_PREFIXES:
+        if metric.startswith(prefix) or f"_{prefix}" in metric:
+            return p
+    return 50.0
+
+
+@dataclass(frozen=True)
+class ValidityRules:
+    """What a figure needs to be quoted (LoadGen's `results.cc` checks, per figure)."""
+
+    min_duration_s: float = 0.0
+    max_error_rate: float = 0.0
+    max_outstanding: int | None = None  # overload: requests in flight past this cap
+    max_schedule_delay_s: float | None = None  # open loop: p99 late start past this
+    min_achieved_rate: float = 0.99  # open loop: achieved / offered rate at least this
+    confidence: float = CONFIDENCE
+
+
+@dataclass(frozen=True)
+class Validity:
+    """VALID or INVALID, with each reason and what to change."""
+
+    valid: bool
+    reasons: tuple[str, ...] = ()
+    advice: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        return "VALID" if self.valid else "INVALID"
+
+    def describe(self) -> str:
+        if self.valid:
+            return "VALID"
+        parts = [f"{r} ({a})" if a else r for r, a in zip(self.reasons, self.advice, strict=True)]
+        return "INVALID: " + "; ".join(parts)
+
+
+def figure_validity(
+    metric: str,
+    *,
+    samples: int,
+    failed: int = 0,
+    duration_s: float | None = None,
+    peak_outstanding: int | None = None,
+    offered_rate: float | None = None,
+    achieved_rate: float | None = None,
+    p99_schedule_delay_s: float | None = None,
+    rules: ValidityRules = ValidityRules(),
+) -> Validity:
+    """Judge whether a figure may be quoted: `samples` successful requests behind the
+    percentile it reports (`reported_percentile(metric)`), `failed` requests, the measured
+    `duration_s`, the peak of requests in flight, and for open-loop load the offered and
+    achieved rates and the 99th percentile of the client's late starts."""
+    reasons: list[str] = []
+    advice: list[str] = []
+    p = reported_percentile(metric)
+    need = min_samples(p, 0, rules.confidence)
+    if samples < need:
+        reasons.append(
+            f"{metric}: p{p:g} not certifiable at N = {samples} "
+            f"({rules.confidence * 100:g} % confidence needs {need})"
+        )
+        advice.append(f"measure at least {need} requests (more runs or requests per run)")
+    total = samples + failed
+    rate = failed / total if total else 0.0
+    if total and rate > rules.max_error_rate:
+        reasons.append(
+            f"{metric}: error rate {rate * 100:.1f}% ({failed} of {total}) over the cap "
+            f"{rules.max_error_rate * 100:.1f}%"
+        )
+        advice.append("read the failed rows' errors in raw.jsonl; lower the load or fix the server")
+    if duration_s is not None and duration_s < rules.min_duration_s:
+        reasons.append(
+            f"{metric}: measured {duration_s:.3g} s, under the minimum {rules.min_duration_s:g} s"
+        )
+        advice.append("measure longer (more output tokens, requests or runs)")
+    cap = rules.max_outstanding
+    if cap is not None and peak_outstanding is not None and peak_outstanding > cap:
+        reasons.append(f"{metric}: overloaded: {peak_outstanding} requests in flight, cap {cap}")
+        advice.append("lower the offered rate or concurrency")
+    if offered_rate and achieved_rate is not None:
+        share = achieved_rate / offered_rate
+        if share < rules.min_achieved_rate:
+            reasons.append(
+                f"{metric}: achieved {achieved_rate:.4g}/s of the offered {offered_rate:.4g}/s "
+                f"({share * 100:.1f}%, minimum {rules.min_achieved_rate * 100:g}%)"
+            )
+            advice.append("the client or server fell behind the schedule: lower the rate")
+    late = rules.max_schedule_delay_s
+    if late is not None and p99_schedule_delay_s is not None and p99_schedule_delay_s > late:
+        reasons.append(
+            f"{metric}: the client started requests late (p99 {p99_schedule_delay_s * 1000:.3g} "
+            f"ms, cap {late * 1000:g} ms)"
+        )
+        advice.append("the client cannot hold this rate on this machine: lower it")
+    return Validity(not reasons, tuple(reasons), tuple(advice))
