@@ -267,6 +267,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         return
     run.messages += outcome.lines
+    # Issue 18 (step summary, added by the formats task): the verdict table in GitHub's job page.
+    from servelab.step_summary import ENV, append
+
+    try:
+        summary = append(res.verdicts)
+    except OSError as exc:
+        run.messages.append(f"servelab: could not append the verdict table to ${ENV}: {exc}")
+    else:
+        if summary is not None:
+            run.messages.append(f"servelab: verdict table appended to {summary} (${ENV})")
     if outcome.update_refused:
         run.update_refused = True
         if session.exitstatus == pytest.ExitCode.OK:

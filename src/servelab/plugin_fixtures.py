@@ -218,7 +218,7 @@ def _judge(config: pytest.Config) -> Any:
 
 @pytest.fixture
 def servelab_record(
-    pytestconfig: pytest.Config, servelab_state: SessionResults
+    pytestconfig: pytest.Config, servelab_state: SessionResults, request: pytest.FixtureRequest
 ) -> Callable[[Figure], Figure]:
     """Call with a Figure: it is judged once, here, against its stored baseline and joins
     the session's results with its verdict; a regression (or a refused comparison) fails the
@@ -235,6 +235,10 @@ def servelab_record(
             servelab_state.targets[figure.identity.profile] = target
         verdict = _judge(pytestconfig)(figure, target)
         servelab_state.verdicts.append(verdict)
+        # Issue 18 (JUnit properties, added by the formats task): every figure and verdict.
+        from servelab.junit import properties
+
+        request.node.user_properties.extend(properties(verdict))
         write(f"{figure.label()}: {verdict.status}")
         if verdict.failed and not options.update_baselines:
             pytest.fail(f"{figure.label()}\n{verdict.text}", pytrace=False)
