@@ -1,4 +1,4 @@
-# Over 400 lines: five commands' options and help text; their logic lives in library modules.
+# Over 400 lines: seven commands' options and help text; their logic lives in library modules.
 """The `servelab` command line: the library's tools without pytest.
 
 servelab prepare-model [--profile NAME]   prepare a profile's model; print path and hashes
@@ -6,6 +6,9 @@ servelab profiles [--json]                list profiles and whether this host ca
 servelab record [PATH | --list]           show a saved record (Markdown, JSON or claims)
 servelab report [PATH...] [-o FILE]       self-contained HTML report of saved records
 servelab compare NEW [OLD]                compare a record with another, or with baselines
+servelab export --format vllm|bmf RECORD  a record as vLLM result JSON or Bencher BMF JSON
+servelab import FILE... -o DIR            vLLM result JSON files as a servelab record
+servelab verify RECORD                    recompute a record's figures, verdicts and hashes
 """
 
 from __future__ import annotations
@@ -274,6 +277,67 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from servelab.records import load_record
+    from servelab.report_data import load_requests
+
+    path = Path(args.record)
+    record = load_record(path)
+    if args.format == "bmf":
+        from servelab.export_bmf import to_bmf
+
+        text = json.dumps(to_bmf(record), indent=2) + "\n"
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return EXIT_OK
+    from servelab.export_vllm import export_record
+
+    results = export_record(record, load_requests(path), detailed=args.detailed)
+    if not results:
+        print(
+            f"servelab export: {path} has no request rows (raw.jsonl) to export as vLLM results",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not args.output:
+        for _, res in results:  # one result per line, as `--append-result` writes them
+            print(json.dumps(res))
+        return EXIT_OK
+    out = Path(args.output)
+    if len(results) == 1 and out.suffix == ".json":
+        targets = [(out, results[0][1])]
+    else:
+        targets = [(out / f"{name}.json", res) for name, res in results]
+    for file, res in targets:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(res), encoding="utf-8")
+        print(f"wrote {file}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from servelab.export_vllm import import_results
+    from servelab.records import write_record
+    from servelab.redact import Redactor
+
+    record = import_results([Path(p) for p in args.files], profile=args.profile)
+    paths = write_record(Path(args.output), record, Redactor.from_sources(environ=os.environ))
+    n = sum(len(r["figures"]) for r in record["results"])
+    print(f"wrote {paths.folder} ({len(args.files)} file(s), {n} figures)")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from servelab.verify import verify_record
+
+    report = verify_record(Path(args.record))
+    print("\n".join(report.lines(verbose=args.verbose)))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def _command(
     sub: Any, name: str, help: str, func: Any, description: str | None = None
 ) -> argparse.ArgumentParser:
@@ -394,6 +458,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="practical threshold for every metric: a percentage in [1, 100) (5 = 5 %%) or a "
         "fraction in (0, 1) (0.05) (default: each baseline metric's own; 5 %% between records)",
     )
+
+    s = _command(
+        sub, "export", "write a record as vLLM result JSON or Bencher BMF JSON", cmd_export
+    )
+    s.add_argument("record", metavar="RECORD", help="record folder or record.json")
+    s.add_argument(
+        "--format",
+        choices=("vllm", "bmf"),
+        required=True,
+        help="vllm: the keys `vllm bench serve --save-result` writes, one result per target, "
+        "test and run (from raw.jsonl); bmf: Bencher Metric Format, one benchmark per profile, "
+        "shape and concurrency, one measure per metric",
+    )
+    s.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="where to write: vllm: FILE.json for one result, else a folder of NAME.json; "
+        "bmf: a file (default: standard output; vllm: one result per line)",
+    )
+    s.add_argument(
+        "--detailed",
+        action="store_true",
+        help="vllm: add the per-request arrays of `--save-detailed` (input_lens, output_lens, "
+        "start_times, ttfts, itls, generated_texts, errors)",
+    )
+
+    s = _command(sub, "import", "read vLLM result JSON files into a servelab record", cmd_import)
+    s.add_argument(
+        "files", nargs="+", metavar="FILE", help="`vllm bench serve --save-result` files"
+    )
+    s.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="profile name of the record (default: the files' label, else vllm-import)",
+    )
+    s.add_argument("-o", "--output", required=True, metavar="DIR", help="record folder to write")
+    s = _command(
+        sub,
+        "verify",
+        "recompute a record's figures and verdicts from its rows; check its hashes",
+        cmd_verify,
+    )
+    s.add_argument("record", metavar="RECORD", help="record folder or record.json")
+    s.add_argument("-v", "--verbose", action="store_true", help="list the checks that hold too")
     return p
 
 

@@ -212,7 +212,8 @@ def export_record(
             res.update((lab.get("vllm_extra") or {}).get(entry.get("file"), {}))
             if not detailed:
                 res = {k: v for k, v in res.items() if k not in DETAILED_ARRAYS}
-            out.append((Path(str(entry.get("file") or f"run{i}")).stem, res))
+            name = str(entry.get("file") or f"run{i}").replace(".json#", "-")
+            out.append((name.removesuffix(".json"), res))
         return out
     started = float(record["session"]["started_at"])
     return [
