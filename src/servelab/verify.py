@@ -89,8 +89,8 @@ class VerifyReport:
 def verify_record(path: Path) -> VerifyReport:
     """Verify a record folder (or its record.json). A record that cannot be read raises
     `RecordError`; everything else is a check in the report."""
+    record = load_record(path)  # a folder or its record.json; a missing one is a RecordError
     folder = path if path.is_dir() else path.parent
-    record = load_record(folder)
     raw = folder / "raw.jsonl"
     try:
         rows_text = raw.read_text(encoding="utf-8")
