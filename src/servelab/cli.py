@@ -9,7 +9,6 @@ servelab compare NEW [OLD]                compare a record with another, or with
 servelab export --format vllm|bmf RECORD  a record as vLLM result JSON or Bencher BMF JSON
 servelab import FILE... -o DIR            vLLM result JSON files as a servelab record
 servelab verify RECORD                    recompute a record's figures, verdicts and hashes
-servelab verify RECORD                    recompute a record's figures, verdicts and hashes
 """
 
 from __future__ import annotations
@@ -339,14 +338,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from servelab.verify import verify_record
-
-    report = verify_record(Path(args.record))
-    print("\n".join(report.lines(verbose=args.verbose)))
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
 def _command(
     sub: Any, name: str, help: str, func: Any, description: str | None = None
 ) -> argparse.ArgumentParser:
@@ -506,14 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile name of the record (default: the files' label, else vllm-import)",
     )
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="record folder to write")
-    s = _command(
-        sub,
-        "verify",
-        "recompute a record's figures and verdicts from its rows; check its hashes",
-        cmd_verify,
-    )
-    s.add_argument("record", metavar="RECORD", help="record folder or record.json")
-    s.add_argument("-v", "--verbose", action="store_true", help="list the checks that hold too")
     s = _command(
         sub,
         "verify",
