@@ -1,4 +1,6 @@
 """Serving metrics from request records: vLLM's definitions, then the b70 lab's.
+(Over 400 lines: both sets read the same records into one `RunMetrics`; the cross-walk to
+vLLM's keys sits beside the definitions it checks.)
 
 Pure functions: no I/O, no printing. Inputs are `client.RequestRecord`s (times in
 ``perf_counter_ns``) and the run's start/end; outputs are frozen records in milliseconds
