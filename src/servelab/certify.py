@@ -14,6 +14,13 @@ none         44         459     4,603
 one          64         662     6,636
 ===========  =========  ======  =======
 
+Checked against LoadGen 6.0.17's own run (its single-stream test on a stand-in system with
+latencies of 1..n ms, read from its summary): 63 queries are "not enough", 64 satisfy p90 early
+stopping, and p99 "would need at least 662". LoadGen counts the query at its estimate as over
+the bound, so its "would discard d highest" is `max_overages - 1` (n = 100: 2 vs 3; n = 300:
+17 vs 18) and its estimate sits about one sample higher than `certify`'s bound, the
+order-statistic bound ``X_(n - t)`` whose miss probability is exactly ``I_p(n - t, t + 1)``.
+
 A median needs 7 samples. Below its minimum a percentile is reported as "not certifiable at
 N = ..., needs M", never as a met bound.
 
