@@ -400,3 +400,13 @@ def test_records_of_a_pytest_session_verify(pytester: pytest.Pytester) -> None:
     rec[INTEGRITY] = integrity(rec, (last / "raw.jsonl").read_text())
     (last / "record.json").write_text(json.dumps(rec))
     assert any("forged verdict" in x for x in failures(last))
+
+
+def test_write_record_returns_the_hash_a_baseline_names(tmp_path: Path) -> None:
+    rows, figs = session_rows_and_figures()
+    rec = build_record(SESSION, HOST, [TARGET], figs, requests=rows)
+    paths = write_record(tmp_path / "r", rec, Redactor(frozenset()), requests=rows)
+    stored = json.loads(paths.json.read_text())
+    assert paths.record_sha256 == stored[INTEGRITY]["record"]
+    assert len(paths.record_sha256 or "") == 64
+    assert verify_record(paths.folder).ok

@@ -38,6 +38,7 @@ class RecordPaths:
     claims: tuple[Path, ...]
     raw: Path
     logs: tuple[Path, ...] = field(default_factory=tuple)
+    record_sha256: str | None = None  # integrity["record"]: what a baseline names as its source
 
 
 def write_record(
@@ -73,7 +74,9 @@ def write_record(
             text = log.read_text(encoding="utf-8", errors="replace")
             atomic_write_text(dst, redactor.text(text))
             copies.append(dst)
-    return RecordPaths(folder, json_path, md, tuple(claim_paths), raw, tuple(copies))
+    return RecordPaths(
+        folder, json_path, md, tuple(claim_paths), raw, tuple(copies), safe[INTEGRITY]["record"]
+    )
 
 
 def load_record(path: Path) -> dict[str, Any]:
