@@ -410,3 +410,39 @@ def test_write_record_returns_the_hash_a_baseline_names(tmp_path: Path) -> None:
     assert paths.record_sha256 == stored[INTEGRITY]["record"]
     assert len(paths.record_sha256 or "") == 64
     assert verify_record(paths.folder).ok
+
+
+def test_runs_measured_again_count_instead_of_the_first(tmp_path: Path) -> None:
+    """Measurement.keep(remeasure=...) keeps the lagged run's rows and adds the new run's
+    rows labeled `again`; the figure holds the new run's values."""
+    rng = np.random.default_rng(3)
+    rows: list[dict[str, Any]] = []
+    first = [request(rng, i, 10**9 * (i + 1), 32, 1) for i in range(3)]
+    second = [request(rng, i, 10**10 + 10**9 * i, 32, 1) for i in range(3)]
+    rows += [request_row(r, test="test_prefill_ladder", prompt_length=32) for r in first]
+    rows += [
+        request_row(r, test="test_prefill_ladder", prompt_length=32, again=True) for r in second
+    ]
+    sweep = {
+        run: [request(rng, i, 10**11 * (run + 1) + i * 10**8, 32, 8) for i in range(2)]
+        for run in range(3)
+    }
+    redo = [request(rng, i, 10**12 + i * 10**8, 32, 8) for i in range(2)]
+    for run, recs in sweep.items():
+        rows += [
+            request_row(r, test="test_concurrency_sweep", run=run, concurrency=1) for r in recs
+        ]
+    rows += [
+        request_row(r, test="test_concurrency_sweep", run=1, concurrency=1, again=True)
+        for r in redo
+    ]
+    ttfts = tuple(1000 * (metrics.ttft_s(r) or 0.0) for r in second)
+    per_run = [metrics.compute(rs, 0, 1) for rs in (sweep[0], redo, sweep[2])]
+    medians = tuple(x.ttft_ms.median for x in per_run if x.ttft_ms)
+    figs = [
+        spec("ttft_ms_p{n}").figure(ttfts, shape=Shape(32, 1, 1), identity=IDENT, n=32),
+        spec("median_ttft_ms_c{c}").figure(medians, shape=Shape(32, 8, 1), identity=IDENT, c=1),
+    ]
+    report = verify_record(write(tmp_path / "r", rows, figs))
+    assert report.ok, report.lines()
+    assert sum("recomputed from the rows" in c.what for c in report.checks) == 2

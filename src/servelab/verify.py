@@ -371,17 +371,22 @@ def recompute(
         mine = [r for r in mine if r.get(rc.axis) == number]
     if not mine:
         return None
-    recs = [(r, rec) for r in mine if (rec := to_request(r)) is not None]
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in mine:
+        groups.setdefault(r.get("run") if rc.per_run else None, []).append(r)
     nan = math.nan
+    runs: list[list[RequestRecord]] = []
+    for rows_of_run in groups.values():
+        # A run measured again (Measurement.keep's `remeasure`) counts instead of the first.
+        again = [r for r in rows_of_run if r.get("again")]
+        chosen = again or rows_of_run
+        runs.append([rec for r in chosen if (rec := to_request(r)) is not None])
     if rc.per_request is not None:
         f = rc.per_request
-        return [nan if (v := f(rec)) is None else v for _, rec in recs if rec.success]
+        return [nan if (v := f(rec)) is None else v for rs in runs for rec in rs if rec.success]
     assert rc.per_run is not None
-    runs: dict[Any, list[RequestRecord]] = {}
-    for r, rec in recs:
-        runs.setdefault(r.get("run"), []).append(rec)
     g = rc.per_run
-    return [nan if (v := g(rs)) is None else v for rs in runs.values()]
+    return [nan if (v := g(rs)) is None else v for rs in runs]
 
 
 def _subsequence(stored: Sequence[float], computed: Sequence[float]) -> bool:
