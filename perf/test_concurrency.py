@@ -7,10 +7,13 @@ wall aggregate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from servelab import metrics, workloads
 from servelab.figures import Shape
+from servelab.loadgen import RunResult
 from servelab.plugin_fixtures import Measurement
 from servelab.profiles import ConcurrencyShape
 
@@ -27,27 +30,39 @@ def test_concurrency_sweep(servelab_measure: Measurement) -> None:
     m = servelab_measure
     shape = m.shape("concurrency", EXTERNAL_SHAPE)
     runs = m.runs(shape.runs)
-    sweeps = []
+
+    def sweep(levels: tuple[int, ...], first: bool) -> dict[int, RunResult]:
+        return workloads.concurrency_sweep(
+            m.endpoint,
+            levels=levels,
+            prompt_tokens=shape.prompt_tokens,
+            output_tokens=shape.output_tokens,
+            requests_per_level=shape.requests_per_level,
+            warmup_requests=1 if first else 0,
+            settings=m.settings,
+        )
+
+    measured = []
     for i in range(runs):
         m.progress(f"sweep {i + 1}/{runs} over c{', c'.join(map(str, shape.levels))}")
-        sweeps.append(
-            workloads.concurrency_sweep(
-                m.endpoint,
-                levels=shape.levels,
-                prompt_tokens=shape.prompt_tokens,
-                output_tokens=shape.output_tokens,
-                requests_per_level=shape.requests_per_level,
-                warmup_requests=1 if i == 0 else 0,
-                settings=m.settings,
-            )
-        )
-    m.keep(
-        [({"run": i, "concurrency": c}, res) for i, s in enumerate(sweeps) for c, res in s.items()]
-    )
+        measured += [
+            ({"run": i, "concurrency": c}, r) for c, r in sweep(shape.levels, i == 0).items()
+        ]
+
+    def again(labels: list[dict[str, Any]]) -> list[tuple[dict[str, Any], RunResult]]:
+        return [
+            ({**x, "again": True}, sweep((x["concurrency"],), False)[x["concurrency"]])
+            for x in labels
+        ]
+
+    kept = m.keep(measured, remeasure=again)
+    by_level: dict[int, list[RunResult]] = {}
+    for labels, res in sorted(kept, key=lambda run: run[0]["run"]):
+        by_level.setdefault(labels["concurrency"], []).append(res)
 
     throughput: dict[int, float] = {}
     for c in shape.levels:
-        per_run = [metrics.compute(s[c].records, s[c].start_ns, s[c].end_ns) for s in sweeps]
+        per_run = [metrics.compute(r.records, r.start_ns, r.end_ns) for r in by_level[c]]
         fig_shape = Shape(shape.prompt_tokens, shape.output_tokens, concurrency=c)
         out = m.record(
             "output_throughput_c{c}", [x.output_throughput for x in per_run], fig_shape, c=c

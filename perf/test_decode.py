@@ -30,8 +30,8 @@ def test_decode_c1(servelab_measure: Measurement) -> None:
         warmup_requests=shape.warmup_requests,
         settings=m.settings,
     )
-    m.keep([({"run": i}, res) for i, res in enumerate(results)], may_drop=True)
-    results = [r for r in results if m.valid(r)]
+    kept = m.keep([({"run": i}, res) for i, res in enumerate(results)], may_drop=True)
+    results = [res for _, res in kept]
 
     per_run = [metrics.compute(r.records, r.start_ns, r.end_ns) for r in results]
     rates = [x.decode_tok_s.median if x.decode_tok_s else None for x in per_run]

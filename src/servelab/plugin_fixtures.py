@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from servelab.workloads import Settings
 
 S = TypeVar("S")
+Run = tuple[dict[str, Any], "RunResult"]  # a run's labels and its result
+
+
+def _where(labels: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in labels.items())
 
 
 def _run(config: pytest.Config) -> Any:
@@ -272,7 +277,6 @@ class Measurement:
         self.results = results
         self._record = record
         self.report = report
-        self._dropped: list[RunResult] = []
         self.notes: list[str] = []  # added to every figure this test records
 
     @property
@@ -314,41 +318,58 @@ class Measurement:
         return self.options.runs or default
 
     def keep(
-        self, runs: Sequence[tuple[dict[str, Any], RunResult]], *, may_drop: bool = False
-    ) -> None:
-        """Keep every request of these runs as raw rows (with their labels) and fail the test,
-        listing why, if any run is not valid.
+        self,
+        runs: Sequence[Run],
+        *,
+        may_drop: bool = False,
+        remeasure: Callable[[list[dict[str, Any]]], list[Run]] | None = None,
+    ) -> list[Run]:
+        """Keep every request of these runs as raw rows (with their labels) and return the
+        runs that count; fail the test, listing why, if a run is not valid.
 
-        With `may_drop`, a run whose only fault is the client's own timing (its event loop
-        woke late, or it saturated a core: on a shared machine another process took the CPU)
-        is dropped instead, up to a third of the runs; `valid` tells the test which runs
-        count, and every figure it records says how many were dropped and why."""
+        A run whose only fault is the client's own timing (its event loop woke late, or it
+        saturated a core: on a shared machine another process took the CPU) is measured
+        again once with `remeasure(labels)`, or, with `may_drop`, dropped (up to a third of
+        the runs). Every figure the test records says which runs were and why."""
+        # Each row names its target and its run's bounds, so `servelab verify` can recompute
+        # every figure from the rows alone.
         self.results.requests += [
-            request_row(r, test=self.test, **labels) for labels, res in runs for r in res.records
+            request_row(
+                r,
+                test=self.test,
+                profile=self.identity.profile,
+                run_start_ns=res.start_ns,
+                run_end_ns=res.end_ns,
+                **labels,
+            )
+            for labels, res in runs
+            for r in res.records
         ]
         problems: list[str] = []
-        dropped: list[str] = []
-        for labels, res in runs:
-            where = ", ".join(f"{k} {v}" for k, v in labels.items())
+        lagged: list[Run] = []
+        for run in runs:
+            labels, res = run
             reasons = res.invalid_reasons(self.limits.max_error_rate)
-            if may_drop and reasons and set(reasons) <= set(res.client_lagged()):
-                self._dropped.append(res)
-                dropped.append(f"{where}: {reasons[0]}")
+            if (may_drop or remeasure) and reasons and set(reasons) <= set(res.client_lagged()):
+                lagged.append(run)
             else:
-                problems += [f"{where}: {why}" for why in reasons]
-        if dropped and 3 * len(dropped) > len(runs):
-            problems += [f"{d} (more than a third of the runs dropped)" for d in dropped]
-        elif dropped:
-            self.notes.append(
-                f"{len(dropped)} of {len(runs)} runs dropped, not measured: " + "; ".join(dropped)
-            )
+                problems += [f"{_where(labels)}: {why}" for why in reasons]
+        kept = [run for run in runs if not any(run is x for x in lagged)]
+        why = "; ".join(f"{_where(labels)}: {res.client_lagged()[0]}" for labels, res in lagged)
+        if lagged and remeasure is not None and not problems:
+            self.notes.append(f"{len(lagged)} of {len(runs)} runs measured again: {why}")
+            self.progress(self.notes[-1])
+            again = remeasure([labels for labels, _ in lagged])
+            self.keep(again)  # once: a second lag fails the test
+            kept += again
+        elif lagged and 3 * len(lagged) > len(runs):
+            problems.append(f"more than a third of the runs lagged, none counts: {why}")
+        elif lagged:
+            self.notes.append(f"{len(lagged)} of {len(runs)} runs dropped, not measured: {why}")
             self.progress(self.notes[-1])
         if problems:
             pytest.fail(f"{self.test}: runs are not valid:\n" + "\n".join(problems), pytrace=False)
-
-    def valid(self, res: RunResult) -> bool:
-        """False for a run `keep` dropped."""
-        return not any(res is d for d in self._dropped)
+        return kept
 
     def record(
         self,
