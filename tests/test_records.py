@@ -363,3 +363,12 @@ def test_lab_extras_become_plain_json(tmp_path: Path) -> None:
     assert rec["lab"]["metrics"]["t"] == "no /metrics"
     paths = write_record(tmp_path, rec, Redactor(frozenset()))
     assert load_record(paths.folder)["lab"] == rec["lab"]
+
+
+def test_a_baseline_names_the_record_it_came_from(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(INNER)
+    run(pytester, "--update-baselines").assert_outcomes(passed=1)
+    (record,) = records_under(pytester.path)
+    (baseline,) = pytester.path.glob("base/*/fake-profile.json")
+    provenance = json.loads(baseline.read_text())["provenance"]
+    assert provenance["record_sha256"] == record["integrity"]["record"]  # type: ignore[index]

@@ -29,7 +29,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EPILOG = """\
 exit status:
   0  fine (compare: every figure judged, none regressed)
-  1  compare: a regression, or a refused comparison (another stack or profile)
+  1  compare: a regression, or a refused comparison (another stack or profile);
+     verify: a check failed (each is named with where)
   2  bad input: an unknown profile or command-line value, a missing, corrupt or malformed
      record, profile or baseline file
 """

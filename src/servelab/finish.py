@@ -45,7 +45,8 @@ def finish(
     """Write the record (whenever anything was measured or a gate ran) and update baselines
     when asked and allowed."""
     lines: list[str] = []
-    record_path = None
+    record_path: Path | None = None
+    record_sha: str | None = None
     if results.has_data():
         record = build_record(
             info,
@@ -58,19 +59,24 @@ def finish(
         folder = session_folder(results_dir, info.started_at, label)
         paths = write_record(folder, record, redactor, requests=results.requests, logs=logs)
         record_path = paths.folder
+        record_sha = paths.record_sha256
         lines.append(
             f"record written: {paths.folder} (record.json, record.md, "
             f"{len(paths.claims)} claim(s), {len(results.requests)} raw request row(s))"
         )
     refused = False
     if update:
-        more, refused = update_baselines(results, info, baselines_dir, redactor)
+        more, refused = update_baselines(results, info, baselines_dir, redactor, record_sha)
         lines += more
     return Outcome(tuple(lines), record_path, refused)
 
 
 def update_baselines(
-    results: SessionResults, info: SessionInfo, baselines_dir: Path, redactor: Redactor
+    results: SessionResults,
+    info: SessionInfo,
+    baselines_dir: Path,
+    redactor: Redactor,
+    record_sha256: str | None = None,
 ) -> tuple[list[str], bool]:
     """The baseline update workflow: every target's figures, or nothing with the reasons.
     Returns the lines to show and whether the update was refused (in whole or in part)."""
@@ -99,6 +105,7 @@ def update_baselines(
             target.model,
             info.by,
             redactor.text(info.command),
+            record_sha256,
         )
         try:
             # The update workflow replaces a corrupt baseline, keeping it aside by name.

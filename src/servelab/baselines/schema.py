@@ -73,6 +73,7 @@ class Provenance:
     model: str
     by: str
     command: str = ""
+    record_sha256: str | None = None  # the record this baseline was taken from (verify)
 
 
 @dataclass(frozen=True)
