@@ -266,3 +266,30 @@ def figure_validity(
         )
         advice.append("the client cannot hold this rate on this machine: lower it")
     return Validity(not reasons, tuple(reasons), tuple(advice))
+
+
+def support_note(samples: int, failed: int, duration_s: float | None, p: float) -> str:
+    """The sample support a figure's notes carry: what its reported percentile rests on."""
+    need = min_samples(p, 0)
+    took = f", {duration_s:.3g} s measured" if duration_s is not None else ""
+    return f"support: N = {samples} (p{p:g} certifiable at 99 % from {need}), {failed} failed{took}"
+
+
+def invalid_note(notes: Sequence[str]) -> str | None:
+    """The figure's INVALID note (`Validity.describe`), or None when it has none."""
+    return next((n for n in notes if n.startswith("INVALID")), None)
+
+
+def validity_notes(
+    metric: str,
+    values: Sequence[float],
+    failed: int,
+    duration_s: float | None,
+    max_error_rate: float = 0.0,
+) -> tuple[str, str]:
+    """A measured figure's two notes: its validity (`Validity.describe`) judged on its finite
+    run values, the failed requests and measured time behind it; and its sample support."""
+    n = sum(1 for v in values if math.isfinite(v))
+    rules = ValidityRules(max_error_rate=max_error_rate)
+    verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)
+    return verdict.describe(), support_note(n, failed, duration_s, reported_percentile(metric))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servelab.baselines import BaselineStore, Provenance, utc_now
+from servelab.certify import invalid_note
 from servelab.errors import BaselineError
 from servelab.hardware import HostIdentity
 from servelab.records import build_record, session_folder, write_record
@@ -94,8 +95,16 @@ def update_baselines(
     store = BaselineStore(baselines_dir)
     lines: list[str] = []
     refused = False
+    invalid = {id(f): bad for f in results.figures if (bad := invalid_note(f.notes))}
     for target in results.targets.values():
-        mine = [f for f in results.figures if f.identity.profile == target.profile]
+        ours = [f for f in results.figures if f.identity.profile == target.profile]
+        # Issue 24: an INVALID figure never updates a baseline (its entry stays as it was).
+        lines += [
+            f"baseline entry kept for {f.label()}: {invalid[id(f)]}"
+            for f in ours
+            if id(f) in invalid
+        ]
+        mine = [f for f in ours if id(f) not in invalid]
         if not mine:
             continue
         prov = Provenance(
@@ -109,9 +118,7 @@ def update_baselines(
         )
         try:
             # The update workflow replaces a corrupt baseline, keeping it aside by name.
-            res = store.update(
-                target.profile, target.fingerprint, prov, mine, replace_corrupt=True
-            )
+            res = store.update(target.profile, target.fingerprint, prov, mine, replace_corrupt=True)
         except BaselineError as exc:
             lines.append(f"baseline update REFUSED for {target.profile}: {exc}")
             refused = True

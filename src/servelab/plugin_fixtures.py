@@ -238,7 +238,15 @@ def servelab_record(
 
             target = make_target(figure.identity, None, collect_host())
             servelab_state.targets[figure.identity.profile] = target
-        verdict = _judge(pytestconfig)(figure, target)
+        from servelab.baselines import Verdict
+        from servelab.certify import invalid_note
+
+        invalid = invalid_note(figure.notes)  # issue 24: an INVALID figure is not judged
+        verdict = (
+            Verdict(figure, "inconclusive", f"not judged: {invalid}")
+            if invalid
+            else _judge(pytestconfig)(figure, target)
+        )
         servelab_state.verdicts.append(verdict)
         # Issue 18 (JUnit properties, added by the formats task): every figure and verdict.
         from servelab.junit import properties
@@ -278,6 +286,8 @@ class Measurement:
         self._record = record
         self.report = report
         self.notes: list[str] = []  # added to every figure this test records
+        self.failed = 0  # failed requests of the runs kept (issue 24: validity)
+        self.duration_s = 0.0  # their measured time, summed
 
     @property
     def name(self) -> str:
@@ -369,6 +379,9 @@ class Measurement:
             self.progress(self.notes[-1])
         if problems:
             pytest.fail(f"{self.test}: runs are not valid:\n" + "\n".join(problems), pytrace=False)
+        if not any(labels.get("again") for labels, _ in runs):  # `again` runs count below
+            self.failed += sum(len(res.failed) for _, res in kept)
+            self.duration_s += sum(res.duration_s for _, res in kept)
         return kept
 
     def record(
@@ -391,10 +404,17 @@ class Measurement:
             shape=shape,
             identity=self.identity,
             warm=warm,
-            notes=(*notes, *self.notes),
+            notes=(*notes, *self.notes, *self.validity(spec(name).name.format(**axis), values)),
             **axis,
         )
         return self._record(figure)
+
+    def validity(self, metric: str, values: Sequence[float]) -> tuple[str, str]:
+        """Issue 24: "VALID" or "INVALID: why (what to change)", and the figure's support."""
+        from servelab.certify import validity_notes
+
+        duration = self.duration_s or None
+        return validity_notes(metric, values, self.failed, duration, self.limits.max_error_rate)
 
 
 @pytest.fixture
