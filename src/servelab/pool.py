@@ -32,6 +32,7 @@ from servelab.errors import ServerError
 from servelab.models import PreparedModel, prepare_model
 from servelab.profiles import Profile
 from servelab.server import Endpoint, ManagedServer, group_members, log_tail, terminate_group
+from servelab.stop_policy import StopRecord, StopSpec
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class ServerPool:
         self._owned: dict[str, ManagedServer] = {}
         self._started: dict[str, Started] = {}
         self.signals = TerminationSignals()
+        #: How each engine this pool stopped went, by profile (`close` fills it).
+        self.stops: dict[str, StopRecord] = {}
 
     # -------------------------------------------------------------- public
     def get(self, profile: Profile) -> Started:
@@ -202,7 +205,9 @@ class ServerPool:
         server = self._owned.get(name)
         if self.shared_dir is None:
             if server is not None:
-                server.stop()
+                record = server.stop()
+                if record is not None:
+                    self.stops[name] = record
             return
         # Shared: the controller stops it (stop_shared); only close the owner's log handle.
         del started
@@ -226,10 +231,15 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def stop_shared(shared_dir: Path) -> None:
-    """Stop every server the workers of one xdist session started (run by the controller)."""
+def stop_shared(
+    shared_dir: Path, specs: dict[str, StopSpec] | None = None
+) -> dict[str, StopRecord]:
+    """Stop every server the workers of one xdist session started (run by the controller),
+    each by its profile's stop policy (``specs`` by profile; default: SIGTERM, then SIGKILL),
+    and return how each stopped."""
     from filelock import FileLock
 
+    records: dict[str, StopRecord] = {}
     errors: list[str] = []
     for state_path in sorted(shared_dir.glob("server-*.json")):
         with FileLock(str(state_path) + ".lock"):
@@ -239,9 +249,18 @@ def stop_shared(shared_dir: Path) -> None:
             name = state_path.stem.removeprefix("server-")
             try:
                 pid, port = int(state["pid"]), int(state["port"])
-                terminate_group(pid, port=port, what=f"profile {name!r}")
+                spec = (specs or {}).get(name)
+                records[name] = terminate_group(
+                    pid,
+                    port=port,
+                    what=f"profile {name!r}",
+                    spec=spec,
+                    profile=name,
+                    base_url=str(state.get("base_url") or "") or None,
+                )
             except ServerError as exc:
                 errors.append(str(exc))
             state_path.unlink(missing_ok=True)
     if errors:
         raise ServerError("teardown failed: " + "; ".join(errors))
+    return records

@@ -21,6 +21,7 @@ from typing import Literal
 from servelab.errors import ProfileError
 from servelab.files import read_toml
 from servelab.schema import check_version, read
+from servelab.stop_policy import StopSpec
 
 SCHEMA_VERSION = 1
 
@@ -116,12 +117,43 @@ class RecallShape:
 
 
 @dataclass(frozen=True)
+class RateSweepShape:
+    """Open-loop rate sweep (issue 17): `rates` (req/s, rising), or a geometric ramp
+    `start_rps` x `factor` ** i for `steps` levels when `rates` is empty."""
+
+    prompt_tokens: int
+    output_tokens: int
+    requests_per_rate: int
+    rates: tuple[float, ...] = ()
+    start_rps: float = 0.0
+    factor: float = 2.0
+    steps: int = 0
+    burstiness: float = 1.0  # gamma shape: 1 Poisson, < 1 burstier, > 1 smoother
+    seed: int = 0
+    runs: int = 3  # sweeps, each a fresh measurement (--runs overrides)
+    stop_at_knee: bool = True  # stop a sweep after its first saturated rate
+    slo_ttft_ms: float | None = None  # goodput SLOs (vLLM's --goodput)
+    slo_tpot_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    """Open-loop replay of a Mooncake-layout JSONL trace (path relative to the profile)."""
+
+    path: str
+    speedup: float = 1.0
+    runs: int = 3
+
+
+@dataclass(frozen=True)
 class Workloads:
     decode: DecodeShape | None = None
     prefill: PrefillShape | None = None
     concurrency: ConcurrencyShape | None = None
     session_cache: SessionCacheShape | None = None
     recall: RecallShape | None = None
+    rate_sweep: RateSweepShape | None = None
+    trace: TraceShape | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +175,10 @@ class Limits:
     # Between-session drift of a session's mean level (log-scale sd, about its CV) that a
     # verdict against a baseline from another session allows for (docs/verdicts.md).
     session_cv: float = 0.0
+    # Admission floors (servelab.receipts) and the memory watchdog's floor (servelab.watchdog):
+    # available host memory, free disk under the results and cache folders (None: no floor).
+    min_free_memory_gib: float | None = None
+    min_free_disk_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +193,7 @@ class Profile:
     workloads: Workloads = field(default_factory=Workloads)
     quality: QualitySpec = field(default_factory=QualitySpec)
     limits: Limits = field(default_factory=Limits)
+    stop: StopSpec = field(default_factory=StopSpec)  # how the engine is stopped
     schema_version: int = SCHEMA_VERSION
     path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -274,6 +311,20 @@ def _check_semantics(p: Profile, where: str) -> None:
             raise ProfileError(
                 f"{where}: field 'limits.{name}' must be a positive number of seconds"
             )
+    for name in ("min_free_memory_gib", "min_free_disk_gib"):
+        value = getattr(p.limits, name)
+        if value is not None and value < 0:
+            raise ProfileError(f"{where}: field 'limits.{name}' must be a number of GiB >= 0")
+    st = p.stop
+    if (st.grace_s is not None and st.grace_s < 0) or st.idle_after_s < 0:
+        raise ProfileError(
+            f"{where}: fields 'stop.grace_s' and 'stop.idle_after_s' must be seconds >= 0"
+        )
+    if st.signal == "endpoint" and not (st.endpoint_path or "").startswith("/"):
+        raise ProfileError(
+            f"{where}: field 'stop.endpoint_path' must be a path such as \"/shutdown\" when "
+            "stop.signal = 'endpoint'"
+        )
     if not 0.0 < p.quality.identity_fraction <= 1.0:
         raise ProfileError(f"{where}: field 'quality.identity_fraction' must be within (0, 1]")
     w = p.workloads
@@ -297,6 +348,8 @@ def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
     if w.session_cache:
         s = w.session_cache
         needs.append(("session_cache", s.prefix_tokens + s.output_tokens))
+    if w.rate_sweep:
+        needs.append(("rate_sweep", w.rate_sweep.prompt_tokens + w.rate_sweep.output_tokens))
     if w.recall:
         from servelab.recall import WRAPPER_TOKENS, estimated_tokens
 

@@ -13,9 +13,7 @@ SIGHUP to pytest is turned into an orderly teardown by `servelab.pool.Terminatio
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import sys
 import time
@@ -28,6 +26,7 @@ import httpx
 
 from servelab.errors import ServerError
 from servelab.profiles import Profile
+from servelab.stop_policy import StopRecord, StopSpec, stop_group
 
 LOG_TAIL_LINES = 40
 
@@ -123,6 +122,7 @@ class ManagedServer:
         self._popen: object | None = None
         self._watchdog: object | None = None
         self._log: IO[bytes] | None = None
+        self.stop_record: StopRecord | None = None
 
     # ------------------------------------------------------------------ start
     def command(self, port: int) -> list[str]:
@@ -250,22 +250,27 @@ class ManagedServer:
             self._log.close()
             self._log = None
 
-    def stop(self) -> None:
-        """TERM the whole group, KILL what is left, then verify nothing survives."""
+    def stop(self) -> StopRecord | None:
+        """Stop the group by the profile's stop policy (`servelab.stop_policy`), verify that
+        nothing survives a forced kill, and return how it stopped (None: never started)."""
         import subprocess
 
         proc = self._popen
         try:
             if self.pid is None or not isinstance(proc, subprocess.Popen):
-                return
-            terminate_group(
+                return None
+            self.stop_record = terminate_group(
                 self.pid,
                 port=self.port,
                 host=self.host,
                 timeout_s=self.profile.readiness.stop_timeout_s,
                 reap=proc.wait,
                 what=f"profile {self.profile.name!r}",
+                spec=self.profile.stop,
+                profile=self.profile.name,
+                base_url=None if self.port is None else f"http://{self.host}:{self.port}",
             )
+            return self.stop_record
         finally:
             if self._log is not None:
                 self._log.close()
@@ -294,28 +299,31 @@ def terminate_group(
     timeout_s: float = 30.0,
     reap: Callable[[float], object] | None = None,
     what: str = "server",
-) -> None:
-    """SIGTERM the process group, SIGKILL what is left, verify no member and no listener stays.
+    spec: StopSpec | None = None,
+    profile: str = "",
+    base_url: str | None = None,
+) -> StopRecord:
+    """Stop the process group by ``spec`` (default: SIGTERM, SIGKILL what is left after
+    ``timeout_s``), verify that no member and no listener stays, and return how it stopped.
 
     `reap` (the owner's Popen.wait) collects the leader so it does not linger as a zombie;
     another process may stop a group it did not start (pytest-xdist workers share a server).
+    Members left draining (a policy without forced kill) are named in the record, not killed.
     """
-    import subprocess
-
-    def _reap(t: float) -> None:
-        if reap is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                reap(t)
-
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    _reap(timeout_s)
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if group_members(pgid):
-        # Seen: the API server ignored a first SIGTERM and kept serving.
-        _signal_group(pgid, signal.SIGKILL)
-        _reap(10.0)
+    spec = spec or StopSpec()
+    path = spec.endpoint_path or "/shutdown"
+    record = stop_group(
+        pgid,
+        spec,
+        profile=profile or what,
+        default_grace_s=timeout_s,
+        members=group_members,
+        reap=reap,
+        shutdown_url=None if base_url is None else base_url.rstrip("/") + path,
+        post=_post,
+    )
+    if record.draining:
+        return record
     deadline = time.monotonic() + 10
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -324,6 +332,11 @@ def terminate_group(
         raise ServerError(f"{what}: processes {survivors} of group {pgid} survived SIGKILL")
     if port is not None and not _wait_port_free(port, host, 10.0):
         raise ServerError(f"{what}: port {port} still in use after teardown")
+    return record
+
+
+def _post(url: str) -> None:
+    httpx.post(url, timeout=5.0).raise_for_status()
 
 
 #: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds).
@@ -374,11 +387,6 @@ def start_watchdog(pgid: int, *, owner: int, grace_s: float, log: IO[bytes] | No
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def _wait_port_free(port: int, host: str, timeout: float) -> bool:
