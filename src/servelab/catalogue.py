@@ -157,6 +157,7 @@ CATALOGUE: dict[str, MetricSpec] = {
     )
 }
 
+
 def spec(name: str) -> MetricSpec:
     """The catalogue entry of a name template (`"output_throughput_c{c}"`)."""
     return CATALOGUE[name]
@@ -171,3 +172,85 @@ def family_of(fig: Figure) -> str:
         if value is not None and name.endswith(suffix):
             name = name[: -len(suffix)]
     return name
+
+
+# Issue 17: open-loop rate sweeps, their knee, percentiles as figures, trace replay. A rate
+# in a name is whole milli-requests per second (`_r500`: 0.5 req/s offered); the arrival
+# process, seed, request counts and SLOs are in each figure's notes.
+_LATENCY_WORDS = {
+    "ttft": ("time to first token", "first chunk with non-empty choices - send (vLLM TTFT)"),
+    "tpot": ("time per output token", "(E2EL - TTFT) / (N - 1) per request (vLLM TPOT)"),
+    "itl": ("inter-token latency", "every gap between token chunks, pooled (vLLM ITL)"),
+    "e2el": ("end-to-end latency", "last token chunk - send (vLLM E2EL)"),
+}
+_PERCENTILE_WORDS = {50: "p50", 90: "p90", 99: "p99", 999: "p99.9"}
+
+
+def _percentile_specs(suffix: str, where: str) -> tuple[MetricSpec, ...]:
+    return tuple(
+        _spec(
+            f"p{q}_{lat}_ms{suffix}",
+            f"{pname} {words} {where}",
+            "ms",
+            "lower",
+            f"{pname} (np.percentile, linear) over one run's requests of: {how}; the notes give "
+            "the sample count and whether it certifies the percentile (servelab.certify)",
+        )
+        for lat, (words, how) in _LATENCY_WORDS.items()
+        for q, pname in _PERCENTILE_WORDS.items()
+    )
+
+
+CATALOGUE.update(
+    (s.name, s)
+    for s in (
+        _spec(
+            "achieved_rps_r{r}",
+            "achieved request rate at offered {r} mreq/s",
+            "req/s",
+            "higher",
+            "completed requests / run duration (vLLM request_throughput), open loop",
+        ),
+        _spec(
+            "output_throughput_r{r}",
+            "output throughput at offered {r} mreq/s",
+            "tok/s",
+            "higher",
+            "sum of usage.completion_tokens / run duration (vLLM output_throughput), open loop",
+        ),
+        _spec(
+            "goodput_rps_r{r}",
+            "request goodput at offered {r} mreq/s",
+            "req/s",
+            "higher",
+            "requests meeting every SLO in the notes / run duration (vLLM --goodput; TPOT "
+            "taken as 0 for one-token outputs)",
+        ),
+        _spec(
+            "knee_rate_rps",
+            "saturation knee: highest offered rate before the server saturates",
+            "req/s",
+            "higher",
+            "last offered rate of a rising open-loop sweep before the first saturated one "
+            "(failed requests, achieved < 0.9 x offered, or throughput gain < half the rate's "
+            "gain while median E2EL rose > 1.5x; servelab.sweeps); NaN: saturated at the "
+            "first rate",
+        ),
+        _spec(
+            "trace_achieved_rps",
+            "achieved request rate, trace replay",
+            "req/s",
+            "higher",
+            "completed requests / run duration, requests due at the trace's timestamps",
+        ),
+        _spec(
+            "trace_output_throughput",
+            "output throughput, trace replay",
+            "tok/s",
+            "higher",
+            "sum of usage.completion_tokens / run duration, requests due at the trace's timestamps",
+        ),
+        *_percentile_specs("_r{r}", "at offered {r} mreq/s"),
+        *_percentile_specs("_trace", "in trace replay"),
+    )
+)

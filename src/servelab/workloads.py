@@ -425,3 +425,57 @@ def sustained_decode(
     window = steady_state_window(res.records, fraction)
     rate = output_rate_in(res.records, window) if window else None
     return Sustained(res, window, rate, fraction)
+
+
+def replay(
+    endpoint: Endpoint,
+    *,
+    lengths: Sequence[tuple[int, int]],
+    offsets_s: Sequence[float],
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> RunResult:
+    """Open loop with a length per request (a trace's replay, `servelab.traces`): request i
+    has ``lengths[i]`` = (prompt, output) tokens and becomes due at ``offsets_s[i]``."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    if not lengths or len(lengths) != len(offsets_s):
+        raise ClientError(
+            f"replay: {len(lengths)} requests but {len(offsets_s)} arrival times; one each"
+        )
+    texts = [p.make(n_in, f"replay{i}", 1)[0] for i, (n_in, _) in enumerate(lengths)]
+    smallest = min(lengths)
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=smallest[0],
+        output_tokens=smallest[1],
+        settings=s,
+    )
+    before = server_cache_hits(endpoint) if s.check_server_cache else None
+    res = run_requests(
+        endpoint,
+        [
+            completion_payload(
+                endpoint.model, t, n_out, ignore_eos=s.ignore_eos, token_ids=s.token_ids
+            )
+            for t, (_, n_out) in zip(texts, lengths, strict=True)
+        ],
+        concurrency=None,
+        arrivals_s=offsets_s,
+        prompt_tokens=[n_in for n_in, _ in lengths],
+        timeout_s=s.timeout_s,
+        first_token_timeout_s=s.first_token_timeout_s,
+        workers=s.workers,
+        progress=s.progress,
+        max_loop_lag_ms=s.max_loop_lag_ms,
+        deadline_ns=s.deadline_ns,
+        stop_when_stuck=s.stop_when_stuck,
+    )
+    _stop_if_stuck(endpoint, res, s)
+    after = server_cache_hits(endpoint) if before is not None else None
+    if before is not None and after is not None:
+        res = dataclasses.replace(res, server_cache_hits=after - before)
+    return res
