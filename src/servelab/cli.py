@@ -9,6 +9,7 @@ servelab compare NEW [OLD]                compare a record with another, or with
 servelab export --format vllm|bmf RECORD  a record as vLLM result JSON or Bencher BMF JSON
 servelab import FILE... -o DIR            vLLM result JSON files as a servelab record
 servelab verify RECORD                    recompute a record's figures, verdicts and hashes
+servelab history RESULTS_DIR              change points over every record, with their causes
 """
 
 from __future__ import annotations
@@ -339,6 +340,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from servelab.history import history, lines, load_resets, to_json
+
+    resets = load_resets(Path(args.resets)) if args.resets else []
+    found = history(
+        Path(args.results_dir),
+        args.profile,
+        resets,
+        max_pvalue=args.max_pvalue,
+        min_change=args.min_change,
+    )
+    print(to_json(found) if args.json else "\n".join(lines(found, max_pvalue=args.max_pvalue)))
+    return EXIT_OK
+
+
 def _command(
     sub: Any, name: str, help: str, func: Any, description: str | None = None
 ) -> argparse.ArgumentParser:
@@ -506,6 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("record", metavar="RECORD", help="record folder or record.json")
     s.add_argument("-v", "--verbose", action="store_true", help="list the checks that hold too")
+
+    s = _command(
+        sub,
+        "history",
+        "find change points over every record of a (host, profile), attributed to the stack",
+        cmd_history,
+    )
+    s.add_argument("results_dir", metavar="RESULTS_DIR", help="holds the records (DIR/records)")
+    s.add_argument("--profile", default=None, metavar="P", help="only this profile")
+    s.add_argument(
+        "--resets",
+        default=None,
+        metavar="FILE",
+        help="annotated baseline resets ([[reset]] at, reason; optional profile, host, figure)",
+    )
+    s.add_argument(
+        "--max-pvalue", type=float, default=0.001, metavar="P", help="t-test cut (default 0.001)"
+    )
+    s.add_argument(
+        "--min-change",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="ignore level changes under this fraction (default 0)",
+    )
+    s.add_argument("--json", action="store_true", help="print the series and change points")
     return p
 
 
