@@ -7,6 +7,7 @@ Registered by `servelab.plugin`, which imports them.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from servelab.workloads import Settings
 
 S = TypeVar("S")
+SESSION_T0 = time.monotonic()  # since boot, at plugin load: receipts keep kernel lines after it
 Run = tuple[dict[str, Any], "RunResult"]  # a run's labels and its result
 
 
@@ -65,7 +67,28 @@ def servelab_pool(pytestconfig: pytest.Config) -> Iterator[ServerPool]:
         startup_timeout_s=options.startup_timeout_s,
     )
     yield pool
-    pool.close()
+    try:
+        pool.close()
+    finally:
+        _post_run(pytestconfig, pool)  # issue 25: stops and post-run receipts join the record
+
+
+def _receipt_args(options: Options) -> dict[str, Any]:
+    from servelab.models import default_cache_dir
+
+    return {"folders": (options.results_dir, default_cache_dir()), "since_s": SESSION_T0}
+
+
+def _post_run(config: pytest.Config, pool: ServerPool) -> None:
+    from servelab.receipts import post_run_into
+
+    run = _run(config)
+    run.results.stops.update({n: r.to_dict() for n, r in pool.stops.items()})
+    if pool.shared_dir is None:  # under xdist the controller stops the shared engines
+        problems = post_run_into(
+            run.results.receipts, run.options.profiles, pool.stops, **_receipt_args(run.options)
+        )
+        run.results.invalidate(f"post-run health check: {p}" for p in problems)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +114,7 @@ def servelab_session_endpoint(
     fingerprint) is fixed here and joins the session's results."""
     from servelab.engine import remote_engine, require_engine
     from servelab.hardware import accelerator_available, collect_host
+    from servelab.receipts import admit_into
 
     profile = servelab_profile
     if profile is None:
@@ -103,6 +127,12 @@ def servelab_session_endpoint(
         pytest.skip(f"profile {profile.name!r} needs {hw.count}x {hw.accelerator}: {why}")
     try:
         engine = require_engine(profile)
+        admit_into(  # issue 25: a health receipt first; a refusal starts no engine
+            servelab_state.receipts,
+            profile,
+            own_pids=servelab_pool.engine_pids(profile),
+            **_receipt_args(servelab_options),
+        )
         started = servelab_pool.get(profile)
         host = collect_host()
     except ServelabError as exc:

@@ -126,6 +126,18 @@ class ServerPool:
                 f"{log_tail(started.endpoint.log_path)}"
             )
 
+    def engine_pids(self, profile: Profile) -> list[int]:
+        """Live pids of the engine serving ``profile`` in this session (started here or by
+        another xdist worker); empty before any start."""
+        started = self._started.get(profile.name)
+        if started is not None:
+            return group_members(started.pid)
+        if self.shared_dir is not None:
+            state = read_state(self._state_path(profile.name))
+            if state is not None:
+                return group_members(int(state["pid"]))
+        return []
+
     def close(self) -> None:
         errors: list[str] = []
         try:

@@ -19,6 +19,7 @@ a card that faulted or counted new errors during the run, and new kernel fault l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -521,3 +522,45 @@ def difference(admission: Receipt, post: Receipt) -> dict[str, Any]:
         "cards_answering": [len(admission.cards), len(post.cards)],
         "new_kernel_faults": len(post.kernel_faults),
     }
+
+
+# --------------------------------------------------------------------------- session book
+
+
+def admit_into(book: dict[str, dict[str, Any]], profile: Profile, **kwargs: Any) -> None:
+    """Admission of ``profile`` written into ``book`` (`SessionResults.receipts`): the
+    receipt with its problems is kept either way, then AdmissionError when there are any.
+    Once per profile per process; a refusal is repeated, not re-examined."""
+    entry = book.setdefault(profile.name, {})
+    if "admission" not in entry:
+        receipt = take_receipt(profile, "admission", **kwargs)
+        problems = tuple(admission_problems(profile, receipt))
+        entry["admission"] = dataclasses.replace(receipt, problems=problems).to_dict()
+    problems = tuple(entry["admission"].get("problems", ()))
+    if problems:
+        raise AdmissionError("admission refused, no engine started:\n  " + "\n  ".join(problems))
+
+
+def post_run_into(
+    book: dict[str, dict[str, Any]],
+    profiles: Sequence[Profile],
+    stops: Mapping[str, StopRecord],
+    **kwargs: Any,
+) -> list[str]:
+    """Post-run receipts, their problems and the difference from admission, written into
+    ``book`` for every profile admitted (and started) here; returns every problem."""
+    found: list[str] = []
+    for profile in profiles:
+        entry = book.get(profile.name)
+        if not entry or "admission" not in entry or "post_run" in entry:
+            continue
+        admission = Receipt.from_dict(entry["admission"])
+        if admission.problems:
+            continue  # refused: nothing started, nothing to check
+        post = take_receipt(profile, "post_run", **kwargs)
+        stop = stops.get(profile.name)
+        problems = post_run_problems(admission, post, [stop] if stop else [])
+        entry["post_run"] = dataclasses.replace(post, problems=tuple(problems)).to_dict()
+        entry["difference"] = difference(admission, post)
+        found += problems
+    return found

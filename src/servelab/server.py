@@ -29,6 +29,8 @@ from servelab.profiles import Profile
 from servelab.stop_policy import StopRecord, StopSpec, stop_group
 
 LOG_TAIL_LINES = 40
+#: Engines left draining by a stop policy without forced kill (their Popens, kept alive).
+DRAINING: list[object] = []
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,8 @@ class ManagedServer:
                 profile=self.profile.name,
                 base_url=None if self.port is None else f"http://{self.host}:{self.port}",
             )
+            if self.stop_record.draining:
+                DRAINING.append(proc)  # left running by policy: never reaped, never warned on
             return self.stop_record
         finally:
             if self._log is not None:

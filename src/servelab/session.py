@@ -63,6 +63,10 @@ class SessionResults:
     session_cache: dict[str, Any] = field(default_factory=dict)  # JSON data by target
     invalid_reasons: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)  # raw per-request rows
+    # Health receipts by target: {"admission": ..., "post_run": ..., "difference": ...,
+    # "problems": [...]} (servelab.receipts), and how each engine stopped (StopRecord dicts).
+    receipts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stops: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def figures(self) -> list[Figure]:
@@ -86,15 +90,20 @@ class SessionResults:
             or self.patches
             or self.metrics
             or self.session_cache
+            or self.receipts
+            or self.stops
         )
 
     def lab(self) -> dict[str, Any]:
-        """The record's `lab` section (quality gates, patch checks, /metrics, session cache)."""
+        """The record's `lab` section (quality gates, patch checks, /metrics, session cache,
+        health receipts, engine stops)."""
         return {
             "gates": {t: g.to_dict() for t, g in self.gates.items()},
             "patches": {t: asdict(p) for t, p in self.patches.items()},
             "metrics": dict(self.metrics),
             "session_cache": dict(self.session_cache),
+            "receipts": {t: dict(r) for t, r in self.receipts.items()},
+            "stops": dict(self.stops),
         }
 
     # ------------------------------------------------------------ serialization
@@ -129,6 +138,8 @@ class SessionResults:
                 session_cache=dict(d["session_cache"]),
                 invalid_reasons=[str(r) for r in d["invalid_reasons"]],
                 requests=[dict(r) for r in d["requests"]],
+                receipts={str(t): dict(r) for t, r in d.get("receipts", {}).items()},
+                stops={str(t): dict(r) for t, r in d.get("stops", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"saved session results are malformed ({exc!r})") from None
@@ -138,7 +149,8 @@ class SessionResults:
         """One session from its processes' parts: figures and request rows all kept, in
         part order; a target, gate or patch report that several workers share (one started
         the server, one ran the gate, the others reused them) appears once, the first seen
-        with a startup time winning; a reason several workers reported appears once."""
+        with a startup time winning; a reason several workers reported appears once; a target's
+        receipts keep the first of each kind; stop records are kept by target."""
         out = cls()
         for part in parts:
             for name, target in part.targets.items():
@@ -154,6 +166,11 @@ class SessionResults:
             out.session_cache.update(part.session_cache)
             out.invalidate(part.invalid_reasons)
             out.requests += part.requests
+            for target_name, receipts in part.receipts.items():
+                kept = out.receipts.setdefault(target_name, {})
+                for key, value in receipts.items():
+                    kept.setdefault(key, value)  # the first admission, the first post-run
+            out.stops.update(part.stops)
         return out
 
 
