@@ -264,7 +264,7 @@ class PercentileRuns:
                 f"(needs {need} at {self.pooled.confidence * 100:g} % confidence); "
                 "a value, not a certified bound"
             )
-        return (run_note, f"pooled over {len(per)} runs: {self.pooled.describe()} ms")
+        return (run_note, f"pooled over {len(per)} runs, in ms: {self.pooled.describe()}")
 
 
 def percentile_runs(runs: Sequence[RunResult], latency: str, p: float) -> PercentileRuns:
