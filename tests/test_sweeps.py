@@ -259,7 +259,7 @@ def test_capacity_stops_at_its_budget_and_at_a_failed_start() -> None:
     asked, measure = _fake(100.0)
     cap = sweeps.capacity_search(measure, 1.0, max_runs=3)
     assert asked == [1.0, 2.0, 4.0] and cap.load == 4.0 and cap.fails_at is None
-    assert "untested above" in cap.describe("req/s")
+    assert "no level failed: a lower bound" in cap.describe("req/s")
     asked, measure = _fake(0.5)
     cap = sweeps.capacity_search(measure, 1.0)
     assert asked == [1.0] and cap.load is None and "no capacity" in cap.describe("req/s")

@@ -237,6 +237,15 @@ CATALOGUE.update(
             "first rate",
         ),
         _spec(
+            "capacity_rps",
+            "capacity under SLOs: highest offered rate holding every p99 SLO",
+            "req/s",
+            "higher",
+            "highest open-loop offered rate whose per-run p99 of each SLO'd latency (TTFT, "
+            "TPOT; bounds in the notes) is within its bound, found by bracketing then "
+            "bisection (servelab.sweeps.capacity_search); NaN: the first rate failed",
+        ),
+        _spec(
             "trace_achieved_rps",
             "achieved request rate, trace replay",
             "req/s",

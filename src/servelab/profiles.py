@@ -137,6 +137,26 @@ class RateSweepShape:
 
 
 @dataclass(frozen=True)
+class CapacityShape:
+    """Capacity under SLOs (issue 17 item 3): open-loop levels from `start_rps`, bracketed by
+    `factor` then bisected, at most `max_runs` levels a search; p-th percentile SLOs in ms."""
+
+    prompt_tokens: int
+    output_tokens: int
+    requests_per_level: int
+    start_rps: float
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    percentile: float = 99.0
+    factor: float = 2.0
+    max_runs: int = 6
+    rel_tol: float = 0.1  # stop bisecting once fail - pass <= rel_tol x pass
+    burstiness: float = 1.0
+    seed: int = 0
+    runs: int = 3  # searches, each a fresh measurement (--runs overrides)
+
+
+@dataclass(frozen=True)
 class TraceShape:
     """Open-loop replay of a Mooncake-layout JSONL trace (path relative to the profile)."""
 
@@ -154,6 +174,7 @@ class Workloads:
     recall: RecallShape | None = None
     rate_sweep: RateSweepShape | None = None
     trace: TraceShape | None = None
+    capacity: CapacityShape | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +371,8 @@ def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
         needs.append(("session_cache", s.prefix_tokens + s.output_tokens))
     if w.rate_sweep:
         needs.append(("rate_sweep", w.rate_sweep.prompt_tokens + w.rate_sweep.output_tokens))
+    if w.capacity:
+        needs.append(("capacity", w.capacity.prompt_tokens + w.capacity.output_tokens))
     if w.recall:
         from servelab.recall import WRAPPER_TOKENS, estimated_tokens
 

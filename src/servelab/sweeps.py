@@ -353,7 +353,11 @@ class Capacity:
         spent = f"{len(self.checks)} runs"
         if self.load is None:
             return f"no capacity: the first load failed its SLOs ({spent})"
-        top = f"below {self.fails_at:g} {unit}" if self.fails_at is not None else "untested above"
+        top = (
+            f"below {self.fails_at:g} {unit}"
+            if self.fails_at is not None
+            else "no level failed: a lower bound"
+        )
         sure = "certified" if self.certified else "held by the value, not certified at its N"
         return f"capacity {self.load:g} {unit} ({sure}); {top}; {spent}"
 
