@@ -414,3 +414,41 @@ def test_gate_deadline_bounds_the_whole_gate(tmp_path: Path) -> None:
     assert "the gate did not finish within its 1 s" in canaries.summary, canaries.summary
     assert "(limits.gate_timeout_s or --gate-timeout)" in canaries.summary
     assert "the run's deadline passed (timeout: no first token" in canaries.summary
+
+
+# ------------------------------------------------------------------- admission (issue 25)
+
+
+def test_admission_refuses_a_missing_model_path_and_starts_no_engine(session_dir: Path) -> None:
+    """A profile whose engine is given ``{model}`` and whose ``model.path`` does not exist:
+    before, the engine started and vLLM took the path for a hub id, failing after ~30 s;
+    now the test fails at once with the reason, no engine starts, and the record keeps the
+    refused admission receipt."""
+    profiles = session_dir / "profiles"
+    profiles.mkdir()
+    pids = session_dir / "pids-nomodel.txt"
+    text = PROFILE.format(name="nomodel", mode="ok", stub=STUB, pids=pids)
+    text = text.replace('"--model", "{served_name}"', '"--model", "{model}"')
+    (profiles / "nomodel.toml").write_text(text)
+    (session_dir / "test_inner.py").write_text(DECODE)
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error", "-rA"]
+    args += ["--profiles-dir", str(profiles), "--profile", "nomodel", "test_inner.py"]
+    search = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(search), "COLUMNS": "400"}
+    t0 = time.monotonic()
+    done = subprocess.Popen(
+        args, cwd=session_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out, _ = done.communicate(timeout=120)
+    took = time.monotonic() - t0
+    print(f"refused admission: pytest exited {took:.1f} s after it started")
+    assert done.returncode == pytest.ExitCode.TESTS_FAILED, out
+    assert "admission refused, no engine started" in out, out
+    assert "model.path '/nonexistent' does not exist (model.source = 'path')" in out, out
+    assert not pids.exists(), "the engine was started"
+    assert not (session_dir / "results" / "logs" / "server-nomodel.log").exists()
+    records = sorted((session_dir / "results" / "records").glob("*/record.json"))
+    assert records, out
+    admission = json.loads(records[-1].read_text())["lab"]["receipts"]["nomodel"]["admission"]
+    assert any("does not exist" in p for p in admission["problems"])
+    assert leftovers(str(session_dir), done.pid) == []
