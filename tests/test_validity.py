@@ -39,7 +39,11 @@ SESSION = SessionInfo(1764090000.0, 1764090100.0, "pytest -m perf", 0, False, "a
 def test_enough_runs_are_valid_with_their_support() -> None:
     valid, support = validity_notes("decode_tok_s", [10.0] * 14, 0, 12.5)
     assert valid == "VALID"
-    assert support == "support: N = 14 (p50 certifiable at 99 % from 7), 0 failed, 12.5 s measured"
+    assert support == (
+        "support: N = 14 values (p50 certifiable at 99 % from 7); 0 failed, 12.5 s measured"
+    )
+    _, support = validity_notes("decode_tok_s", [10.0] * 14, 0, 12.5, requests=14)
+    assert "; 14 requests, 0 failed" in support
 
 
 def test_a_shortened_run_is_invalid_with_advice() -> None:
@@ -76,11 +80,12 @@ def _measurement(recorded: list[Figure], options: Options) -> Measurement:
 def test_measurement_record_puts_validity_and_support_in_the_notes() -> None:
     recorded: list[Figure] = []
     m = _measurement(recorded, Options.__new__(Options))
-    m.duration_s, m.failed = 3.0, 0
+    m.duration_s, m.failed, m.requests = 3.0, 0, 11
     m.record("decode_tok_s", [10.0] * 8, Shape(32, 64, 1))
     m.record("median_tpot_ms", [5.0, None, 5.0], Shape(32, 64, 1))
     ok, short = recorded
-    assert "VALID" in ok.notes and any(n.startswith("support: N = 8") for n in ok.notes)
+    assert "VALID" in ok.notes
+    assert any(n.startswith("support: N = 8 values") and "11 requests" in n for n in ok.notes)
     note = invalid_note(short.notes)
     assert note is not None and "N = 2" in note and invalid_note(ok.notes) is None
 

@@ -268,11 +268,18 @@ def figure_validity(
     return Validity(not reasons, tuple(reasons), tuple(advice))
 
 
-def support_note(samples: int, failed: int, duration_s: float | None, p: float) -> str:
-    """The sample support a figure's notes carry: what its reported percentile rests on."""
+def support_note(
+    samples: int, failed: int, duration_s: float | None, p: float, requests: int | None = None
+) -> str:
+    """The sample support a figure's notes carry: the values its reported percentile rests
+    on (its runs' values), and the requests, failures and measured time behind the test."""
     need = min_samples(p, 0)
+    behind = f"{requests} requests, " if requests is not None else ""
     took = f", {duration_s:.3g} s measured" if duration_s is not None else ""
-    return f"support: N = {samples} (p{p:g} certifiable at 99 % from {need}), {failed} failed{took}"
+    return (
+        f"support: N = {samples} values (p{p:g} certifiable at 99 % from {need}); "
+        f"{behind}{failed} failed{took}"
+    )
 
 
 def invalid_note(notes: Sequence[str]) -> str | None:
@@ -286,10 +293,13 @@ def validity_notes(
     failed: int,
     duration_s: float | None,
     max_error_rate: float = 0.0,
+    requests: int | None = None,
 ) -> tuple[str, str]:
     """A measured figure's two notes: its validity (`Validity.describe`) judged on its finite
-    run values, the failed requests and measured time behind it; and its sample support."""
+    run values (a figure's value is their median: they are its support), the failed
+    requests and measured time behind it; and its sample support."""
     n = sum(1 for v in values if math.isfinite(v))
     rules = ValidityRules(max_error_rate=max_error_rate)
     verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)
-    return verdict.describe(), support_note(n, failed, duration_s, reported_percentile(metric))
+    p = reported_percentile(metric)
+    return verdict.describe(), support_note(n, failed, duration_s, p, requests)

@@ -316,7 +316,8 @@ class Measurement:
         self._record = record
         self.report = report
         self.notes: list[str] = []  # added to every figure this test records
-        self.failed = 0  # failed requests of the runs kept (issue 24: validity)
+        self.requests = 0  # requests of the runs kept (issue 24: validity and support)
+        self.failed = 0  # of which failed
         self.duration_s = 0.0  # their measured time, summed
 
     @property
@@ -410,6 +411,7 @@ class Measurement:
         if problems:
             pytest.fail(f"{self.test}: runs are not valid:\n" + "\n".join(problems), pytrace=False)
         if not any(labels.get("again") for labels, _ in runs):  # `again` runs count below
+            self.requests += sum(len(res.records) for _, res in kept)
             self.failed += sum(len(res.failed) for _, res in kept)
             self.duration_s += sum(res.duration_s for _, res in kept)
         return kept
@@ -444,7 +446,9 @@ class Measurement:
         from servelab.certify import validity_notes
 
         duration = self.duration_s or None
-        return validity_notes(metric, values, self.failed, duration, self.limits.max_error_rate)
+        return validity_notes(
+            metric, values, self.failed, duration, self.limits.max_error_rate, self.requests
+        )
 
 
 @pytest.fixture
