@@ -309,11 +309,9 @@ def terminate_group(
 ) -> StopRecord:
     """Stop the process group by ``spec`` (default: SIGTERM, SIGKILL what is left after
     ``timeout_s``), verify that no member and no listener stays, and return how it stopped.
-
     `reap` (the owner's Popen.wait) collects the leader so it does not linger as a zombie;
     another process may stop a group it did not start (pytest-xdist workers share a server).
-    Members left draining (a policy without forced kill) are named in the record, not killed.
-    """
+    Members left draining (a policy without forced kill) are named in the record, not killed."""
     spec = spec or StopSpec()
     path = spec.endpoint_path or "/shutdown"
     record = stop_group(
