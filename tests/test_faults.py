@@ -452,3 +452,29 @@ def test_admission_refuses_a_missing_model_path_and_starts_no_engine(session_dir
     admission = json.loads(records[-1].read_text())["lab"]["receipts"]["nomodel"]["admission"]
     assert any("does not exist" in p for p in admission["problems"])
     assert leftovers(str(session_dir), done.pid) == []
+
+
+def test_the_record_carries_admission_and_post_run_receipts_and_each_engines_stop(
+    session_dir: Path,
+) -> None:
+    """A whole session through the plugin: the record's lab section holds each target's
+    admission and post-run receipts, their difference and how its engine stopped."""
+    s = Session(
+        session_dir,
+        {"stub": "ok"},
+        DECODE.replace("first_token_timeout_s=3", "first_token_timeout_s=10"),
+    )
+    code, out, took = s.finish()
+    print(f"one stand-in session: {took:.1f} s")
+    assert code == pytest.ExitCode.OK, out
+    lab = s.record()["lab"]
+    assert isinstance(lab, dict)
+    receipts, stop = lab["receipts"]["stub"], lab["stops"]["stub"]
+    assert {"admission", "post_run", "difference"} <= set(receipts), receipts
+    assert receipts["admission"]["problems"] == [] == receipts["post_run"]["problems"]
+    assert receipts["admission"]["accelerator"] == "cpu"
+    assert str(session_dir / "results") in receipts["admission"]["disk_free_gib"]
+    assert stop["clean_stop"] is True and stop["signal"] == "SIGTERM" and stop["forced"] is False
+    assert stop["forced_allowed"] is True and stop["seconds"] < 10
+    assert not pids_alive(s.engine_pids("stub"))
+    assert s.leftovers() == []

@@ -252,3 +252,25 @@ def test_the_pool_records_each_engines_stop(tmp_path: Path, cleanup: list[int]) 
     assert not group_members(pids["deaf"]) and not group_members(pids["polite"])
     assert lab.draining and not lab.forced and lab.problems()
     assert sorted(group_members(pids["lab"])) == sorted(lab.draining)
+
+
+@pytest.mark.parametrize("forced_kill", [True, False])
+def test_the_owner_death_watchdog_follows_the_policy(cleanup: list[int], forced_kill: bool) -> None:
+    """pytest killed outright: the server's watchdog sends the policy's signal and kills what
+    is left only where the policy allows it (the lab's groups are left draining)."""
+    from servelab.server import start_watchdog
+
+    owner = group("import time; time.sleep(60)")
+    engine = group(IGNORES_TERM)
+    cleanup += [owner.pid, engine.pid]
+    time.sleep(0.3)
+    spec = StopSpec(grace_s=0.5, forced_kill=forced_kill)
+    dog = start_watchdog(engine.pid, owner=owner.pid, grace_s=30, log=None, spec=spec)
+    assert isinstance(dog, subprocess.Popen)
+    os.killpg(owner.pid, signal.SIGKILL)
+    owner.wait()
+    dog.wait(10)
+    time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        engine.wait(0.5)
+    assert bool(group_members(engine.pid)) is not forced_kill

@@ -1,3 +1,4 @@
+# Over 400 lines: start, readiness, stop by policy and the owner-death watchdog are one lifecycle.
 """Server lifecycle: start a profile's engine in its own process group, wait until it really
 serves, and tear the whole group down again, verifying that nothing survives.
 
@@ -29,8 +30,7 @@ from servelab.profiles import Profile
 from servelab.stop_policy import StopRecord, StopSpec, stop_group
 
 LOG_TAIL_LINES = 40
-#: Engines left draining by a stop policy without forced kill (their Popens, kept alive).
-DRAINING: list[object] = []
+DRAINING: list[object] = []  # Popens of engines a stop policy left draining (kept alive)
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ class ManagedServer:
                 proc.pid,
                 owner=self.owner_pid or os.getpid(),
                 grace_s=self.profile.readiness.stop_timeout_s,
+                spec=self.profile.stop,
                 log=self._log,
             )
             self._wait_ready(endpoint, t0)
@@ -341,12 +342,14 @@ def _post(url: str) -> None:
     httpx.post(url, timeout=5.0).raise_for_status()
 
 
-#: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds).
-#: It waits on a pidfd of the owner (polls where there is none) and exits as soon as the group
-#: is gone; if the owner goes first, it SIGTERMs the group, then SIGKILLs what is left.
+#: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds,
+#: the stop signal, 1 or 0: forced kill allowed). It waits on a pidfd of the owner (polls where
+#: there is none) and exits as soon as the group is gone; if the owner goes first, it sends the
+#: stop policy's signal to the group, then SIGKILLs what is left where the policy allows it.
 WATCHDOG_SOURCE = r"""
 import os, select, signal, sys, time
 owner, pgid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+sig, kill = (sys.argv + ["SIGTERM", "1"])[4:6]
 def alive(pid, kill=os.kill, sig=0):
     try:
         kill(pid, sig)
@@ -369,21 +372,28 @@ while fd is not None and alive(pgid, os.killpg):
 if alive(pgid, os.killpg):
     print(f"# servelab watchdog: pid {owner}, which owned this server, is gone without "
           f"stopping it: terminating process group {pgid}", flush=True)
-    alive(pgid, os.killpg, signal.SIGTERM)
+    alive(pgid, os.killpg, getattr(signal, sig, signal.SIGTERM))
     deadline = time.monotonic() + grace
     while alive(pgid, os.killpg) and time.monotonic() < deadline:
         time.sleep(0.1)
-    alive(pgid, os.killpg, signal.SIGKILL)
+    if kill == "1":
+        alive(pgid, os.killpg, signal.SIGKILL)
 """
 
 
-def start_watchdog(pgid: int, *, owner: int, grace_s: float, log: IO[bytes] | None) -> object:
+def start_watchdog(
+    pgid: int, *, owner: int, grace_s: float, log: IO[bytes] | None, spec: StopSpec | None = None
+) -> object:
     """Start the watchdog of process group ``pgid`` in its own session (a teardown of the
-    group or a Ctrl-C to pytest does not touch it); returns its Popen."""
+    group or a Ctrl-C to pytest does not touch it), stopping by ``spec``; returns its Popen."""
     import subprocess
 
+    spec = spec or StopSpec()
+    sig = "SIGTERM" if spec.signal == "endpoint" else spec.signal
+    grace = grace_s if spec.grace_s is None else spec.grace_s
+    argv = [str(owner), str(pgid), str(grace), sig, "1" if spec.forced_kill else "0"]
     return subprocess.Popen(
-        [sys.executable, "-c", WATCHDOG_SOURCE, str(owner), str(pgid), str(grace_s)],
+        [sys.executable, "-c", WATCHDOG_SOURCE, *argv],
         stdin=subprocess.DEVNULL,
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
