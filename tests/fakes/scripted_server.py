@@ -29,13 +29,9 @@ except ImportError:  # run as a script from elsewhere
     from sse import ThreadedAsyncServer  # type: ignore[no-redef]
 
 
-def _event(i: int, finish: str | None) -> bytes:
-    body = {
-        "id": "cmpl-scripted",
-        "object": "text_completion",
-        "model": "scripted",
-        "choices": [{"index": 0, "text": f" w{i}", "token_ids": [i], "finish_reason": finish}],
-    }
+def _event(i: int, finish: str | None, text: str | None = None) -> bytes:
+    choice = {"index": 0, "text": text or f" w{i}", "token_ids": [i], "finish_reason": finish}
+    body = {"id": "cmpl-scripted", "object": "text_completion", "choices": [choice]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -46,10 +42,17 @@ def _chunked(data: bytes) -> bytes:
 class ScriptedServer(ThreadedAsyncServer):
     """Streams `max_tokens` chunks: the first `ttft_s` after the request, then every `itl_s`."""
 
-    def __init__(self, ttft_s: float, itl_s: float) -> None:
+    def __init__(self, ttft_s: float, itl_s: float, mode: str = "ok") -> None:
         super().__init__()
         self.ttft_s = ttft_s
         self.itl_s = itl_s
+        # Stand-ins built to break one audit each (servelab.audits): "cache" answers a prompt
+        # it has seen 5x sooner and reports its tokens cached; "truncate" streams one token
+        # fewer than its usage counts; "batch" changes its output while another request is in
+        # flight; "eos" stops at half the length asked unless `ignore_eos` forces it.
+        self.mode = mode
+        self.seen: set[str] = set()
+        self.in_flight = 0
         self.requests = 0
         self.lateness_s: list[float] = []  # each chunk's write time past its deadline
         # By prompt: when the request's body arrived and each chunk was written, in
@@ -114,20 +117,37 @@ class ScriptedServer(ThreadedAsyncServer):
         w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
         w.write(b"Transfer-Encoding: chunked\r\n\r\n")
         await w.drain()
+        prompt_text = str(body.get("prompt", ""))
+        ttft_s, cached = self.ttft_s, None
+        if self.mode == "cache" and prompt_text in self.seen:
+            ttft_s, cached = self.ttft_s / 5, len(prompt_text.split())
+        self.seen.add(prompt_text)
+        shown = k - 1 if self.mode == "truncate" else k
+        if self.mode == "eos" and not body.get("ignore_eos"):
+            k = shown = max(1, k // 2)
         writes: list[int] = []
         # loop.time() is time.monotonic(): the same clock as CLOCK_MONOTONIC ns.
         self.log[str(body.get("prompt", ""))] = {"received_ns": int(t0 * 1e9), "writes_ns": writes}
-        for i in range(k):
-            due = t0 + self.ttft_s + i * self.itl_s
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self.lateness_s.append(loop.time() - due)
-            writes.append(time.monotonic_ns())
-            w.write(_chunked(_event(i, "length" if i == k - 1 else None)))
-            await w.drain()
-        prompt = len(str(body.get("prompt", "")).split())
-        usage = {"prompt_tokens": prompt, "completion_tokens": k}
+        self.in_flight += 1
+        crowded = False
+        finish = "stop" if self.mode == "eos" and not body.get("ignore_eos") else "length"
+        try:
+            for i in range(shown):
+                due = t0 + ttft_s + i * self.itl_s
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self.lateness_s.append(loop.time() - due)
+                writes.append(time.monotonic_ns())
+                crowded = crowded or (self.mode == "batch" and self.in_flight > 1)
+                text = f" v{i}" if crowded else None
+                w.write(_chunked(_event(i, finish if i == k - 1 else None, text)))
+                await w.drain()
+        finally:
+            self.in_flight -= 1
+        usage: dict[str, Any] = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": k}
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         tail = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
         w.write(_chunked(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await w.drain()
@@ -137,8 +157,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ttft-ms", type=float, required=True)
     ap.add_argument("--itl-ms", type=float, required=True)
+    ap.add_argument("--mode", default="ok", choices=["ok", "cache", "truncate", "batch", "eos"])
     args = ap.parse_args()
-    server = ScriptedServer(args.ttft_ms / 1000, args.itl_ms / 1000)
+    server = ScriptedServer(args.ttft_ms / 1000, args.itl_ms / 1000, args.mode)
     with server:
         print(f"port {server.port}", flush=True)
         server.thread.join()
