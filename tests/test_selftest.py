@@ -109,7 +109,8 @@ def test_the_client_holds_an_open_loop_rate(scripted: Endpoint) -> None:
     f = selftest.fidelity(run, sched)
     assert f.offered_rps == pytest.approx(20.0)
     assert f.held and abs(f.share - 1) <= selftest.RATE_SHARE, f
-    assert f.delay_ms[1] < 20.0, f  # p99 late start, generous on a shared 2-core machine
+    # The median late start; the tail (p99, max) is the machine's: the benchmark reports it.
+    assert 0 <= f.delay_ms[0] < 5.0, f
     # A run whose starts were late by a growing amount did not hold the rate.
     lagged = dataclasses.replace(
         run,
