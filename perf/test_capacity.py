@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from servelab import arrivals, sweeps, workloads
+from servelab import arrivals, capacity, sweeps, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
 from servelab.plugin_fixtures import Measurement
@@ -41,11 +41,11 @@ def test_capacity_under_slos(servelab_measure: Measurement) -> None:
     runs = m.runs(shape.runs)
     n = shape.requests_per_level
     measured: list[tuple[dict[str, Any], RunResult]] = []
-    found: list[sweeps.Capacity] = []
+    found: list[capacity.Capacity] = []
     for i in range(runs):
         m.progress(f"search {i + 1}/{runs} from {shape.start_rps:g} req/s")
 
-        def measure(rate: float, i: int = i) -> sweeps.SloCheck:
+        def measure(rate: float, i: int = i) -> capacity.SloCheck:
             plan = arrivals.schedule(n, rate, burstiness=shape.burstiness, seed=shape.seed)
             res = workloads.open_loop(
                 m.endpoint,
@@ -56,10 +56,10 @@ def test_capacity_under_slos(servelab_measure: Measurement) -> None:
                 settings=m.settings,
             )
             measured.append(({"run": i, "rate_rps": rate}, res))
-            return sweeps.slo_check(rate, res, slos, shape.percentile)
+            return capacity.slo_check(rate, res, slos, shape.percentile)
 
         found.append(
-            sweeps.capacity_search(
+            capacity.capacity_search(
                 measure,
                 shape.start_rps,
                 factor=shape.factor,

@@ -232,9 +232,9 @@ CATALOGUE.update(
             "req/s",
             "higher",
             "last offered rate of a rising open-loop sweep before the first saturated one "
-            "(failed requests, achieved < 0.9 x offered, or throughput gain < half the rate's "
-            "gain while median E2EL rose > 1.5x; servelab.sweeps); NaN: saturated at the "
-            "first rate",
+            "(failed requests, completions spread over > 1.25x the arrivals' span, or "
+            "throughput gain < half the rate's gain while median E2EL rose > 1.5x; "
+            "servelab.sweeps); NaN: saturated at the first rate",
         ),
         _spec(
             "capacity_rps",
@@ -243,7 +243,7 @@ CATALOGUE.update(
             "higher",
             "highest open-loop offered rate whose per-run p99 of each SLO'd latency (TTFT, "
             "TPOT; bounds in the notes) is within its bound, found by bracketing then "
-            "bisection (servelab.sweeps.capacity_search); NaN: the first rate failed",
+            "bisection (servelab.capacity.capacity_search); NaN: the first rate failed",
         ),
         _spec(
             "trace_achieved_rps",

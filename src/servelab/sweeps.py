@@ -4,17 +4,14 @@ saturated, and percentiles with the sample count that backs them (pure logic, no
 A sweep offers rising load (open-loop request rates, or closed-loop concurrency) and reads
 one `Point` per level from its run's records (`servelab.metrics.compute`). The server is
 *saturated* at a level when, compared with the level before it, it failed requests, fell
-behind an open-loop schedule (achieved < `min_achieved` x offered), or its throughput stopped
+behind an open-loop schedule (its completions spread over more than 1 / `min_pace` times
+the span of the arrivals: requests queue), or its throughput stopped
 rising with the load (gain < `min_gain_share` of the load's own gain) while its median
 latency climbed (by more than `latency_rise`). The *knee* is the last level before the
 first saturated one: the most load the server still turns into throughput. A sweep that
 never saturates reports its top level as a lower bound; one saturated at its first level
 has no knee. `sweep_until_saturated` measures level by level and stops there, so the levels
 past the knee cost no time.
-
-*Capacity* under SLOs (`capacity_search`) is the highest load whose p99 TTFT/TPOT hold
-their bounds, found by bracketing and then bisection, each level saying whether its sample
-certifies the SLO or only its value holds it.
 
 Percentiles follow `servelab.certify`: each carries the sample count behind it, and one the
 sample cannot support says "not certifiable at N = ..." instead of passing as certified.
@@ -28,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from servelab import metrics
-from servelab.certify import CertifiedPercentile, certify, is_certified, min_samples
+from servelab.certify import CertifiedPercentile, certify, min_samples
 from servelab.errors import ConfigError
 from servelab.loadgen import RunResult
 
@@ -99,6 +96,10 @@ class Point:
     goodput_rps: float | None  # None without SLOs
     median_latency_ms: float | None  # median E2EL: the latency the knee watches
     offered_rps: float | None = None  # open loop only
+    # Open loop: span of the arrivals / span of the completions (1: completions kept pace
+    # with arrivals; < 1: they spread out, requests queued). Unlike achieved / offered rate it
+    # does not count the last request's own latency, which dominates a run of few requests.
+    pace: float | None = None
 
 
 def point(
@@ -120,7 +121,17 @@ def point(
         goodput_rps=m.request_goodput,
         median_latency_ms=m.e2el_ms.median if m.e2el_ms else None,
         offered_rps=load if open_loop else None,
+        pace=_pace(run) if open_loop else None,
     )
+
+
+def _pace(run: RunResult) -> float | None:
+    arrivals = [r.arrival_ns for r in run.records]
+    ends = [r.end_ns for r in run.records if r.success and r.end_ns is not None]
+    if len(ends) < 2 or len(ends) < len(arrivals):
+        return None
+    came, done = max(arrivals) - min(arrivals), max(ends) - min(ends)
+    return came / done if came > 0 and done > 0 else None
 
 
 def _finite(x: float) -> float:
@@ -136,17 +147,17 @@ class SaturationRule:
 
     min_gain_share: float = 0.5  # throughput gain under this share of the load's gain ...
     latency_rise: float = 1.5  # ... while median latency rose more than this factor
-    min_achieved: float = 0.9  # open loop: achieved / offered rate under this
+    min_pace: float = 0.8  # open loop: arrival span / completion span under this
     max_failed: int = 0  # failed requests past this
 
     def why(self, prev: Point | None, cur: Point) -> str | None:
         """Why `cur` is saturated (None: it is not), given the level before it."""
         if cur.failed > self.max_failed:
             return f"{cur.failed} of {cur.requests} requests failed at load {cur.load:g}"
-        if cur.offered_rps and cur.achieved_rps < self.min_achieved * cur.offered_rps:
+        if cur.pace is not None and cur.pace < self.min_pace:
             return (
-                f"achieved {cur.achieved_rps:.3g} req/s of the offered {cur.offered_rps:g} "
-                f"(< {self.min_achieved:g} x offered): requests queue"
+                f"completions spread over {1 / cur.pace:.3g}x the arrivals' span at "
+                f"{cur.load:g} (pace {cur.pace:.2f} < {self.min_pace:g}): requests queue"
             )
         if prev is None or prev.load <= 0 or prev.output_tok_s <= 0:
             return None
@@ -300,100 +311,3 @@ def slo_label(slos: dict[str, float]) -> str:
     if not slos:
         return "no SLOs set: goodput not measured"
     return "goodput SLOs: " + ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in slos.items())
-
-
-# --------------------------------------------------------------------------- capacity
-
-
-@dataclass(frozen=True)
-class SloCheck:
-    """Whether one load level held every SLO at percentile `p`: `passed` by the percentile's
-    value; `certified` when the samples also certify it (`servelab.certify`) for every SLO."""
-
-    load: float
-    passed: bool
-    certified: bool
-    detail: str
-
-
-def slo_check(load: float, run: RunResult, slos: dict[str, float], p: float = 99.0) -> SloCheck:
-    """`p` of each latency named in `slos` (ttft, tpot, itl, e2el; ms) against its bound."""
-    if not slos:
-        raise ConfigError("capacity: no SLOs given; set slo_ttft_ms and/or slo_tpot_ms")
-    passed = certified = True
-    parts: list[str] = []
-    for lat, bound in slos.items():
-        values = latency_values_ms(run, lat)
-        c = certify(values, p)
-        under = sum(1 for v in values if v <= bound)
-        ok = c.value is not None and c.value <= bound and len(values) == len(run.records)
-        sure = ok and is_certified(under, len(values) - under, p)
-        passed, certified = passed and ok, certified and sure
-        shown = "none" if c.value is None else f"{c.value:.4g}"
-        verdict = "certified" if sure else ("held" if ok else "missed")
-        parts.append(f"p{p:g} {lat} {shown} ms vs {bound:g} ms ({verdict}, N = {c.n})")
-    return SloCheck(load, passed, certified, f"load {load:g}: " + "; ".join(parts))
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """The highest load found to hold the SLOs (`load`; None: not even the first), the
-    lowest found not to (`fails_at`; None: none failed up to the last tried), and each
-    check in the order run."""
-
-    load: float | None
-    fails_at: float | None
-    checks: tuple[SloCheck, ...]
-
-    @property
-    def certified(self) -> bool:
-        return any(c.load == self.load and c.certified for c in self.checks)
-
-    def describe(self, unit: str) -> str:
-        spent = f"{len(self.checks)} runs"
-        if self.load is None:
-            return f"no capacity: the first load failed its SLOs ({spent})"
-        top = (
-            f"below {self.fails_at:g} {unit}"
-            if self.fails_at is not None
-            else "no level failed: a lower bound"
-        )
-        sure = "certified" if self.certified else "held by the value, not certified at its N"
-        return f"capacity {self.load:g} {unit} ({sure}); {top}; {spent}"
-
-
-def capacity_search(
-    measure: Callable[[float], SloCheck],
-    start: float,
-    *,
-    factor: float = 2.0,
-    max_runs: int = 8,
-    rel_tol: float = 0.1,
-) -> Capacity:
-    """Bracket (multiply the load by `factor` until a level fails), then bisect between the
-    last pass and the first failure until the gap is under `rel_tol` of the pass or
-    `max_runs` levels were measured. A failure at `start` ends the search."""
-    if not start > 0 or not factor > 1 or max_runs < 1:
-        raise ConfigError(
-            f"capacity search: needs start > 0, factor > 1, max_runs >= 1 (got {start}, "
-            f"{factor}, {max_runs})"
-        )
-    checks: list[SloCheck] = []
-    good: float | None = None
-    bad: float | None = None
-    load = start
-    while len(checks) < max_runs:
-        checks.append(measure(load))
-        if checks[-1].passed:
-            good = load
-        else:
-            bad = load
-        if good is None:
-            break
-        if bad is None:
-            load = good * factor
-        elif bad - good <= rel_tol * good:
-            break
-        else:
-            load = (good + bad) / 2
-    return Capacity(good, bad, tuple(checks))
