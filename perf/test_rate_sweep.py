@@ -18,13 +18,13 @@ import pytest
 from servelab import arrivals, sweeps, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import RateSweepShape
 
 pytestmark = pytest.mark.perf
 
 EXTERNAL_SHAPE = RateSweepShape(
-    prompt_tokens=32, output_tokens=8, requests_per_rate=6, rates=(1.0, 2.0, 4.0)
+    prompt_tokens=32, output_tokens=8, requests_per_rate=6, rates=(2.0, 4.0, 8.0)
 )
 
 
@@ -35,6 +35,9 @@ def test_rate_sweep(servelab_measure: Measurement) -> None:
     runs = m.runs(shape.runs)
     slos = sweeps.slos_ms(shape.slo_ttft_ms, shape.slo_tpot_ms)
     n = shape.requests_per_rate
+    rule = sweeps.SaturationRule(
+        min_gain_share=shape.knee_gain_share, latency_rise=shape.knee_latency_rise
+    )
 
     def at(rate: float, first: bool) -> RunResult:
         plan = arrivals.schedule(n, rate, burstiness=shape.burstiness, seed=shape.seed)
@@ -57,7 +60,7 @@ def test_rate_sweep(servelab_measure: Measurement) -> None:
             return sweeps.point(rate, res, slos_ms=slos)
 
         if shape.stop_at_knee:
-            sweeps.sweep_until_saturated(rates, measure)
+            sweeps.sweep_until_saturated(rates, measure, rule)
         else:
             for r in rates:
                 measure(r)
@@ -74,6 +77,9 @@ def test_rate_sweep(servelab_measure: Measurement) -> None:
         f"open loop, no concurrency cap; {n} requests per rate and run, {runs} sweeps",
         f"rates {', '.join(f'{r:g}' for r in rates)} req/s"
         + ("; a sweep stops after its first saturated rate" if shape.stop_at_knee else ""),
+        f"saturated: failed requests, pace < {rule.min_pace:g}, or throughput gain < "
+        f"{rule.min_gain_share:g} x the rate's gain while median E2EL rose > "
+        f"{rule.latency_rise:g}x",
     )
     fig_shape = Shape(shape.prompt_tokens, shape.output_tokens, concurrency=n)
     for rate in rates:
@@ -120,7 +126,7 @@ def test_rate_sweep(servelab_measure: Measurement) -> None:
     why: list[str] = []
     for i in sorted(by_run):
         pts = [sweeps.point(rate, res, slos_ms=slos) for rate, res in by_run[i]]
-        k = sweeps.knee(pts)
+        k = sweeps.knee(pts, rule)
         knees.append(k.load if k.load is not None else math.nan)
         why.append(f"sweep {i + 1}: {k.describe('req/s')}")
     knee_fig = m.record("knee_rate_rps", knees, fig_shape, notes=(*common, *why))

@@ -212,6 +212,6 @@ def test_cpu_profile_carries_the_new_shapes() -> None:
     p = load_profile(REPO / "fixtures" / "profiles" / "cpu-smollm2.toml")
     rs, tr = p.workloads.rate_sweep, p.workloads.trace
     assert rs is not None and tr is not None
-    assert sweeps.sweep_rates(rs.rates, rs.start_rps, rs.factor, rs.steps) == (1.0, 2.0, 4.0)
+    assert sweeps.sweep_rates(rs.rates, rs.start_rps, rs.factor, rs.steps) == (2.0, 4.0, 8.0)
     assert rs.requests_per_rate * len(rs.rates) <= 30  # a CI-sized sweep
     assert p.path is not None and (p.path.parent / tr.path).is_file()

@@ -132,6 +132,10 @@ class RateSweepShape:
     seed: int = 0
     runs: int = 3  # sweeps, each a fresh measurement (--runs overrides)
     stop_at_knee: bool = True  # stop a sweep after its first saturated rate
+    # Saturated: throughput gain < knee_gain_share x the rate's gain while median E2EL rose
+    # more than knee_latency_rise x (servelab.sweeps.SaturationRule).
+    knee_gain_share: float = 0.5
+    knee_latency_rise: float = 1.5
     slo_ttft_ms: float | None = None  # goodput SLOs (vLLM's --goodput)
     slo_tpot_ms: float | None = None
 
