@@ -15,7 +15,7 @@ from servelab import audits, prometheus
 from servelab.client import completion_payload
 from servelab.errors import ClientError
 from servelab.loadgen import run_requests
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.prompts import server_token_counter
 from servelab.session_cache import reuses_cache
 from servelab.workloads import Prompts

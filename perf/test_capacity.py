@@ -17,7 +17,7 @@ import pytest
 from servelab import arrivals, capacity, sweeps, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import CapacityShape
 
 pytestmark = pytest.mark.perf

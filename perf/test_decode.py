@@ -10,7 +10,7 @@ import pytest
 
 from servelab import metrics, workloads
 from servelab.figures import Shape
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import DecodeShape
 
 pytestmark = pytest.mark.perf

@@ -13,7 +13,7 @@ import pytest
 from servelab import metrics, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import PrefillShape
 
 pytestmark = pytest.mark.perf

@@ -18,7 +18,7 @@ import pytest
 from servelab import arrivals, sweeps, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import RateSweepShape
 
 pytestmark = pytest.mark.perf

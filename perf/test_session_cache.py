@@ -18,7 +18,7 @@ import pytest
 from servelab import prometheus
 from servelab.errors import ClientError, ServelabError
 from servelab.figures import Shape
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import SessionCacheShape
 from servelab.prompts import server_token_counter
 from servelab.quality import QualitySet, RecallStyle

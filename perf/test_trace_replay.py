@@ -18,7 +18,7 @@ import pytest
 from servelab import sweeps, traces, workloads
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.profiles import TraceShape
 
 pytestmark = pytest.mark.perf

@@ -101,7 +101,7 @@ def test_validity_each_rule_fails_alone() -> None:
         ({"peak_outstanding": 9}, "overloaded"),
         ({"achieved_rate": 9.0}, "achieved"),
         ({"p99_schedule_delay_s": 0.05}, "late"),
-        ({"samples": 6}, "not certifiable"),
+        ({"samples": 2}, "a verdict needs at least 3"),  # a median over runs
     ]
     for change, word in changes:
         v = certify.figure_validity("decode_tok_s", rules=rules, **{**ok, **change})

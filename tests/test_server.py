@@ -101,7 +101,12 @@ def test_external_endpoint_mode(running: ManagedServer, pytester: pytest.Pyteste
             assert r.status_code == 200
         """
     )
-    result = pytester.runpytest_subprocess("--endpoint", ep.api_base, "-p", "no:cacheprovider")
+    # The quality gate runs before any test of a served target, wherever the test lives;
+    # an external endpoint needs the quality file of the model it serves.
+    qfile = Path(__file__).resolve().parents[1] / "fixtures" / "quality" / "cpu-smollm2.toml"
+    result = pytester.runpytest_subprocess(
+        "--endpoint", ep.api_base, "--quality-file", str(qfile), "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=1)
     assert running.returncode() is None  # the external server was left alone
 

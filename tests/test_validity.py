@@ -15,7 +15,7 @@ from servelab.certify import invalid_note, validity_notes
 from servelab.figures import Figure, Identity, Shape
 from servelab.finish import update_baselines
 from servelab.hardware import HostIdentity
-from servelab.plugin_fixtures import Measurement
+from servelab.plugin_measure import Measurement
 from servelab.plugin_options import Options
 from servelab.redact import Redactor
 from servelab.session import SessionInfo, SessionResults
@@ -40,7 +40,7 @@ def test_enough_runs_are_valid_with_their_support() -> None:
     valid, support = validity_notes("decode_tok_s", [10.0] * 14, 0, 12.5)
     assert valid == "VALID"
     assert support == (
-        "support: N = 14 values (p50 certifiable at 99 % from 7); 0 failed, 12.5 s measured"
+        "support: N = 14 runs (a median over runs is judged from 3); 0 failed, 12.5 s measured"
     )
     _, support = validity_notes("decode_tok_s", [10.0] * 14, 0, 12.5, requests=14)
     assert "; 14 requests, 0 failed" in support
@@ -48,8 +48,12 @@ def test_enough_runs_are_valid_with_their_support() -> None:
 
 def test_a_shortened_run_is_invalid_with_advice() -> None:
     valid, support = validity_notes("decode_tok_s", [10.0, 11.0, float("nan")], 0, 1.0)
-    assert valid.startswith("INVALID: decode_tok_s: p50 not certifiable at N = 2")
-    assert "measure at least 7 requests" in valid and "N = 2" in support
+    assert valid.startswith("INVALID: decode_tok_s: N = 2 run(s), a verdict needs at least 3")
+    assert "measure at least 3 runs" in valid and "N = 2" in support
+    # A tail percentile is a claim about requests: certifiable from LoadGen's minimum.
+    valid, support = validity_notes("p99_ttft_ms_r1000", [10.0] * 3, 0, 9.0, requests=30)
+    assert valid.startswith("INVALID: p99_ttft_ms_r1000: p99 not certifiable at N = 30")
+    assert "measure at least 459 requests" in valid and "N = 30 requests" in support
 
 
 def test_failures_past_the_cap_are_invalid() -> None:
@@ -85,7 +89,7 @@ def test_measurement_record_puts_validity_and_support_in_the_notes() -> None:
     m.record("median_tpot_ms", [5.0, None, 5.0], Shape(32, 64, 1))
     ok, short = recorded
     assert "VALID" in ok.notes
-    assert any(n.startswith("support: N = 8 values") and "11 requests" in n for n in ok.notes)
+    assert any(n.startswith("support: N = 8 runs") and "11 requests" in n for n in ok.notes)
     note = invalid_note(short.notes)
     assert note is not None and "N = 2" in note and invalid_note(ok.notes) is None
 

@@ -446,3 +446,17 @@ def test_runs_measured_again_count_instead_of_the_first(tmp_path: Path) -> None:
     report = verify_record(write(tmp_path / "r", rows, figs))
     assert report.ok, report.lines()
     assert sum("recomputed from the rows" in c.what for c in report.checks) == 2
+
+
+def test_an_invalid_figure_is_not_judged_and_a_forged_invalid_fails() -> None:
+    from servelab.verify import check_not_judged
+
+    note = "INVALID: decode_tok_s: N = 2 run(s), a verdict needs at least 3 (measure at least 3 runs (--runs))"
+    short = {"metric": "decode_tok_s", "runs": [10.0, 11.0], "notes": [note]}
+    verdict = {"status": "inconclusive", "text": f"not judged: {note}"}
+    assert check_not_judged("f", short, verdict).status == "ok"
+    # The same note on a figure with enough runs: somebody marked it INVALID to dodge a verdict.
+    forged = {**short, "runs": [10.0, 11.0, 12.0, 10.5]}
+    assert check_not_judged("f", forged, verdict).status == "failed"
+    # No INVALID note at all: an inconclusive verdict that judged nothing is forged.
+    assert check_not_judged("f", {**short, "notes": ["VALID"]}, verdict).status == "failed"

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import betainc
 
+from servelab.stats import MIN_RUNS
+
 #: LoadGen's confidence for early stopping.
 CONFIDENCE = 0.99
 #: No sample count certifies past this; a search that reaches it is a caller's error.
@@ -226,8 +228,16 @@ def figure_validity(
     reasons: list[str] = []
     advice: list[str] = []
     p = reported_percentile(metric)
-    need = min_samples(p, 0, rules.confidence)
-    if samples < need:
+    if p <= 50:
+        # A median over runs is judged by the run-level statistics (stats.compare_runs),
+        # which need MIN_RUNS fresh runs; a tail percentile is a claim about requests and must
+        # be certifiable (LoadGen's early-stopping bound).
+        if samples < MIN_RUNS:
+            reasons.append(
+                f"{metric}: N = {samples} run(s), a verdict needs at least {MIN_RUNS}"
+            )
+            advice.append(f"measure at least {MIN_RUNS} runs (--runs)")
+    elif samples < (need := min_samples(p, 0, rules.confidence)):
         reasons.append(
             f"{metric}: p{p:g} not certifiable at N = {samples} "
             f"({rules.confidence * 100:g} % confidence needs {need})"
@@ -273,13 +283,13 @@ def support_note(
 ) -> str:
     """The sample support a figure's notes carry: the values its reported percentile rests
     on (its runs' values), and the requests, failures and measured time behind the test."""
-    need = min_samples(p, 0)
     behind = f"{requests} requests, " if requests is not None else ""
     took = f", {duration_s:.3g} s measured" if duration_s is not None else ""
-    return (
-        f"support: N = {samples} values (p{p:g} certifiable at 99 % from {need}); "
-        f"{behind}{failed} failed{took}"
-    )
+    if p <= 50:
+        what = f"N = {samples} runs (a median over runs is judged from {MIN_RUNS})"
+    else:
+        what = f"N = {samples} requests (p{p:g} certifiable at 99 % from {min_samples(p, 0)})"
+    return f"support: {what}; {behind}{failed} failed{took}"
 
 
 def invalid_note(notes: Sequence[str]) -> str | None:
@@ -298,8 +308,10 @@ def validity_notes(
     """A measured figure's two notes: its validity (`Validity.describe`) judged on its finite
     run values (a figure's value is their median: they are its support), the failed
     requests and measured time behind it; and its sample support."""
+    p = reported_percentile(metric)
     n = sum(1 for v in values if math.isfinite(v))
+    if p > 50 and requests is not None:
+        n = requests - failed  # a tail percentile rests on the successful requests
     rules = ValidityRules(max_error_rate=max_error_rate)
     verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)
-    p = reported_percentile(metric)
     return verdict.describe(), support_note(n, failed, duration_s, p, requests)

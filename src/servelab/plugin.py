@@ -25,7 +25,6 @@ from servelab.judging import Judge
 from servelab.plugin_fixtures import (
     servelab_endpoint,
     servelab_identity,
-    servelab_measure,
     servelab_options,
     servelab_pool,
     servelab_profile,
@@ -41,6 +40,7 @@ from servelab.plugin_gate import (
     servelab_quality_gate,
     servelab_quality_set,
 )
+from servelab.plugin_measure import servelab_measure
 from servelab.plugin_options import (
     DEFAULT_PROFILE,
     EXTERNAL,

@@ -501,6 +501,8 @@ def check_verdict(where: str, f: Mapping[str, Any], v: Mapping[str, Any]) -> Che
         if cmp is not None:
             return Check("failed", where, "verdict 'refused' stores a comparison it made")
         return Check("ok", where, "verdict 'refused' (the refusal is in its text)")
+    if status == "inconclusive" and base is None and cmp is None:
+        return check_not_judged(where, f, v)
     if status not in JUDGED:
         return Check("failed", where, f"verdict status {status!r} is not one servelab gives")
     if not isinstance(base, Mapping) or not isinstance(cmp, Mapping):
@@ -544,6 +546,26 @@ def check_verdict(where: str, f: Mapping[str, Any], v: Mapping[str, Any]) -> Che
     if problems:
         return Check("failed", where, "forged verdict: " + "; ".join(problems))
     return Check("ok", where, f"verdict {status!r} recomputed from the baseline runs")
+
+
+def check_not_judged(where: str, f: Mapping[str, Any], v: Mapping[str, Any]) -> Check:
+    """Issue 24: an INVALID figure is not judged. Its note must be there, its verdict must
+    name it, and a "not certifiable" reason must hold for its runs (no forged INVALID)."""
+    from servelab.certify import figure_validity, invalid_note
+
+    note = invalid_note([str(n) for n in f.get("notes", [])])
+    if note is None:
+        return Check(
+            "failed",
+            where,
+            "verdict 'inconclusive' judged nothing, but the figure is not INVALID: forged verdict",
+        )
+    if note not in str(v.get("text", "")):
+        return Check("failed", where, "the verdict does not name the figure's INVALID note")
+    n = sum(math.isfinite(float(x)) for x in f.get("runs", []))
+    if "a verdict needs at least" in note and figure_validity(str(f["metric"]), samples=n).valid:
+        return Check("failed", where, f"forged INVALID: its {n} runs are enough for a verdict")
+    return Check("ok", where, f"not judged: {note}")
 
 
 def close_p(a: float, b: float) -> bool:
