@@ -311,7 +311,10 @@ def validity_notes(
     p = reported_percentile(metric)
     n = sum(1 for v in values if math.isfinite(v))
     if p > 50 and requests is not None:
-        n = requests - failed  # a tail percentile rests on the successful requests
+        # A tail percentile rests on the successful requests of one run (the figure is the
+        # median of per-run percentiles); `requests` counts the whole test's, so share them
+        # out over the runs: never more than the requests that were really behind one value.
+        n = (requests - failed) // max(1, len(values))
     rules = ValidityRules(max_error_rate=max_error_rate)
     verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)
     return verdict.describe(), support_note(n, failed, duration_s, p, requests)
