@@ -7,42 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from servelab import capacity
-from servelab.client import RequestRecord
 from servelab.errors import ConfigError
-from servelab.loadgen import RunResult
-
-MS = 1_000_000
-
-
-def rec(
-    index: int, send_ms: float, chunks_ms: list[float], error: str | None = None
-) -> RequestRecord:
-    c = tuple(int(t * MS) for t in chunks_ms)
-    return RequestRecord(
-        index=index,
-        api="completions",
-        arrival_ns=int(send_ms * MS),
-        send_ns=int(send_ms * MS),
-        first_token_ns=c[0] if c else None,
-        first_text_ns=c[0] if c else None,
-        end_ns=c[-1] if c else None,
-        done_ns=c[-1] if c else None,
-        chunk_ns=c,
-        chunk_tokens=tuple(1 for _ in c),
-        text="x" * len(c),
-        finish_reason="length",
-        prompt_tokens=10,
-        completion_tokens=len(c),
-        cached_tokens=None,
-        requested_prompt_tokens=10,
-        requested_output_tokens=len(c),
-        status_code=200 if error is None else 500,
-        error=error,
-    )
-
-
-def run(records: list[RequestRecord], end_ms: float) -> RunResult:
-    return RunResult(tuple(records), 0, int(end_ms * MS), None, 1, (), 50.0)
+from tests.test_sweeps import rec, run  # one way to build request rows for both
 
 
 def test_slo_check_value_and_certification() -> None:
