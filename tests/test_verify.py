@@ -451,7 +451,10 @@ def test_runs_measured_again_count_instead_of_the_first(tmp_path: Path) -> None:
 def test_an_invalid_figure_is_not_judged_and_a_forged_invalid_fails() -> None:
     from servelab.verify import check_not_judged
 
-    note = "INVALID: decode_tok_s: N = 2 run(s), a verdict needs at least 3 (measure at least 3 runs (--runs))"
+    note = (
+        "INVALID: decode_tok_s: N = 2 run(s), a verdict needs at least 3 "
+        "(measure at least 3 runs (--runs))"
+    )
     short = {"metric": "decode_tok_s", "runs": [10.0, 11.0], "notes": [note]}
     verdict = {"status": "inconclusive", "text": f"not judged: {note}"}
     assert check_not_judged("f", short, verdict).status == "ok"
