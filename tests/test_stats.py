@@ -33,7 +33,8 @@ def test_significant_but_tiny_change_is_below_the_floor() -> None:
 
 def test_large_but_noisy_change_is_not_significant() -> None:
     c = compare_runs([100, 60, 140], [90, 50, 130], "higher")
-    assert c.outcome == "no change"
+    # Was "no change" (issue 19's defect): its CI reaches far past the threshold.
+    assert c.outcome == "inconclusive"
     assert "underpowered" in c.reason
 
 
@@ -103,3 +104,21 @@ def test_three_runs_cannot_meet_the_power_target() -> None:
     """Documented limitation: at 3 runs per arm a 5% drop is rarely caught at this alpha."""
     ab = simulate(np.random.default_rng(3), runs=3, noise=0.03, true_change=-0.05)
     assert ab.regression_rate < 0.5
+
+
+def test_underpowered_ci_past_the_threshold_is_inconclusive_not_no_change() -> None:
+    """Issue 19: not significant, CI reaching past +-threshold, too few runs to resolve the
+    threshold: the runs did not show "no change", they showed nothing either way."""
+    c = compare_runs([100.0, 104.0, 96.0], [101.0, 97.0, 103.0], "higher")
+    assert c.ci_low is not None and c.ci_high is not None
+    assert c.ci_low < -0.05 and c.ci_high > 0.05
+    assert c.outcome == "inconclusive"
+    assert c.change is not None and "underpowered" in c.reason
+    assert c.describe("higher").startswith("inconclusive: change ")
+
+
+def test_precise_no_change_stays_no_change() -> None:
+    # The CI lies inside +-5 %: a resolved "no change", as before.
+    c = compare_runs([100.0, 100.5, 99.5, 100.2], [100.1, 99.6, 100.4, 99.9], "higher")
+    assert c.ci_low is not None and c.ci_high is not None and -0.05 < c.ci_low < c.ci_high < 0.05
+    assert c.outcome == "no change"

@@ -35,7 +35,8 @@ def test_the_issues_false_alarm_is_a_regression_without_drift_and_not_with_it() 
     assert plain.change == pytest.approx(0.123, abs=0.001)
     assert plain.p_worse == pytest.approx(0.0024, abs=0.0001)
     drift = compare_runs(ISSUE_BASELINE, ISSUE_CANDIDATE, "lower", session_cv=CPU_SESSION_CV)
-    assert drift.outcome == "no change"
+    # Was "no change" (issue 19's defect): not significant, and its CI reaches past +5 %.
+    assert drift.outcome == "inconclusive"
     assert drift.change == plain.change  # the estimate is the same; only its error grows
     assert drift.ci_low is not None and plain.ci_low is not None
     assert drift.ci_low < plain.ci_low

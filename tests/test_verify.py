@@ -194,7 +194,8 @@ def test_verdict_under_session_drift_verifies(tmp_path: Path) -> None:
     rows, figs = session_rows_and_figures()
     _, old = session_rows_and_figures(scale=2.0)  # the old session decoded twice as fast
     verdicts = judged(figs, old, session_cv=0.1)
-    assert {v.status for v in verdicts} >= {"regression", "no change"}
+    # Was "no change" (issue 19's defect): under 10 % drift, 3 runs cannot rule out 5 %.
+    assert {v.status for v in verdicts} >= {"regression", "inconclusive"}
     report = verify_record(write(tmp_path / "r", rows, verdicts))
     assert report.ok, report.lines()
 

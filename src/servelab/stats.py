@@ -96,6 +96,12 @@ class Comparison:
         return text
 
 
+def _inside(low: float, high: float, threshold: float) -> bool:
+    """Whether a confidence interval of the change rules out changes past the threshold
+    either way (on the ratio scale: a drop of 1/(1+t) - 1 mirrors a rise of t)."""
+    return high < threshold and (1.0 + low) * (1.0 + threshold) > 1.0
+
+
 def _clean(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values if math.isfinite(v)]
 
@@ -194,6 +200,10 @@ def compare_runs(
     else:
         outcome = "no change"
         if detectable is not None and detectable > threshold:
+            if not _inside(ci_low, ci_high, threshold):
+                # Neither significant nor precise: a change past the threshold is still
+                # possible, so "no change" would claim what these runs did not show.
+                outcome = "inconclusive"
             reason = (
                 f"underpowered: at this noise and run count only changes of about "
                 f"{detectable * 100:.1f}% or more are reliably caught (threshold "
