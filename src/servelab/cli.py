@@ -112,6 +112,8 @@ def profile_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
                 },
                 "engine": {
                     "name": p.engine.name,
+                    "kind": p.engine.kind,
+                    "binary": p.engine.binary,
                     "distribution": p.engine.distribution,
                     "module": p.engine.module,
                     "install_hint": p.engine.install_hint,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from importlib import metadata
 
@@ -13,19 +16,46 @@ from servelab.profiles import Profile
 
 
 def require_engine(profile: Profile) -> str:
-    """The installed engine's "distribution version", or EngineNotInstalledError naming the
-    install command."""
+    """The installed engine's "distribution version" (a program: "name version"), or
+    EngineNotInstalledError naming the install command."""
+    e = profile.engine
+    if e.binary is not None:
+        return _require_binary(profile, e.binary)
+    assert e.distribution is not None and e.module is not None  # profiles._check_semantics
     try:
-        version = metadata.version(profile.engine.distribution)
+        version = metadata.version(e.distribution)
     except metadata.PackageNotFoundError:
         version = None
-    if version is None or importlib.util.find_spec(profile.engine.module) is None:
+    if version is None or importlib.util.find_spec(e.module) is None:
         raise EngineNotInstalledError(
-            f"profile {profile.name!r} needs the engine {profile.engine.distribution!r} "
-            f"(module {profile.engine.module!r}), which is not installed in this Python. "
-            f"Install it with: {profile.engine.install_hint}"
+            f"profile {profile.name!r} needs the engine {e.distribution!r} "
+            f"(module {e.module!r}), which is not installed in this Python. "
+            f"Install it with: {e.install_hint}"
         )
-    return f"{profile.engine.distribution} {version}"
+    return f"{e.distribution} {version}"
+
+
+def _require_binary(profile: Profile, binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise EngineNotInstalledError(
+            f"profile {profile.name!r} needs the program {binary!r} (engine "
+            f"{profile.engine.name!r}), which is not on PATH here. Build or install it with: "
+            f"{profile.engine.install_hint}"
+        )
+    return f"{profile.engine.name} {binary_version(path)}"
+
+
+def binary_version(path: str, timeout_s: float = 20.0) -> str:
+    """A program's `--version` line (llama.cpp: "version: 7000 (abc1234)"), or "unknown"."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "version unknown"
+    m = re.search(r"version:?\s*(\S+(?:\s*\([0-9a-f]+\))?)", out.stdout + out.stderr)
+    return m.group(1) if m else "version unknown"
 
 
 def remote_engine(base_url: str, headers: Mapping[str, str] | None = None) -> str:

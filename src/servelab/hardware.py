@@ -507,7 +507,7 @@ def collect_stack(
         )
     weights_sha = None
     model_dir = None
-    if weights and profile.model.source == "smollm2-gguf":
+    if weights and profile.model.source in ("smollm2-gguf", "smollm2-gguf-file"):
         from servelab.errors import ModelPrepareError
         from servelab.models import prepare_model
 
@@ -524,8 +524,8 @@ def collect_stack(
     return StackIdentity(
         engine=engine,
         engine_name=profile.engine.name,
-        engine_version=distribution_version(profile.engine.distribution),
-        engine_commit=engine_commit(profile.engine.module),
+        engine_version=_engine_version(profile, engine),
+        engine_commit=_engine_commit(profile, engine),
         patches=patch_hashes(profile.patches.files, root),
         model=profile.model.served_name,
         weights_sha256=weights_sha,
@@ -536,6 +536,23 @@ def collect_stack(
         accelerator=profile.hardware.accelerator,
         cards=profile.hardware.count,
     )
+
+
+def _engine_version(profile: Profile, engine: str) -> str | None:
+    """A Python engine's distribution version; a program's from its identity string
+    ("llama.cpp 7000 (abc1234)" -> "7000 (abc1234)")."""
+    e = profile.engine
+    if e.distribution is not None:
+        return distribution_version(e.distribution)
+    rest = engine.removeprefix(e.name).strip()
+    return rest if rest and rest != "version unknown" else None
+
+
+def _engine_commit(profile: Profile, engine: str) -> str | None:
+    if profile.engine.module is not None:
+        return engine_commit(profile.engine.module)
+    m = re.search(r"\(([0-9a-f]{7,40})\)", engine)
+    return m.group(1) if m else None
 
 
 def patches_digest(stack: StackIdentity) -> str | None:

