@@ -107,9 +107,17 @@ class Measurement:
         deadline for the whole workload from now, where the profile sets one)."""
         from servelab.workloads import Settings
 
+        from servelab.engine_traits import traits_of
+
         limits = None if self.profile is None else self.profile.limits
+        traits = traits_of(self.profile)  # no vLLM extension sent to an engine without it
         return Settings.for_limits(
-            limits, request_timeout_s=self.options.request_timeout_s, report=self.progress
+            limits,
+            request_timeout_s=self.options.request_timeout_s,
+            report=self.progress,
+            token_ids=traits.token_ids,
+            ignore_eos=traits.ignore_eos,
+            check_server_cache=traits.metrics is not None,
         )
 
     def progress(self, line: str) -> None:

@@ -8,6 +8,11 @@ vLLM's names (0.32; the CPU build serves the same set): counters
 ``vllm:num_preemptions_total``, ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``; the gauge ``vllm:kv_cache_usage_perc`` (0..1); the
 histogram ``vllm:request_queue_time_seconds`` (its ``_sum``/``_count``).
+
+Those are servelab's names for what an engine did. llama.cpp's ``llama-server --metrics``
+exports ``llamacpp:*``; `canonical` adds servelab's names for the ones that mean the same
+(`LLAMACPP`), keeping the engine's own beside them. A name with no counterpart (llama.cpp has
+no KV-usage gauge, no preemption counter) stays missing: None, never 0.
 """
 
 from __future__ import annotations
@@ -83,6 +88,38 @@ def parse(text: str, *, source: str = "/metrics", content_type: str | None = Non
             if s.value is None:  # a native histogram: no scalar value
                 continue
             out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return canonical(out)
+
+
+#: llama.cpp counter or gauge -> servelab's (vLLM's) name for the same quantity.
+LLAMACPP = {
+    "llamacpp:prompt_tokens_cached_total": "vllm:prefix_cache_hits_total",
+    "llamacpp:tokens_predicted_total": "vllm:generation_tokens_total",
+    "llamacpp:requests_processing": "vllm:num_requests_running",
+    "llamacpp:requests_deferred": "vllm:num_requests_waiting",
+    "llamacpp:spec_decode_num_draft_tokens_total": "vllm:spec_decode_num_draft_tokens_total",
+    "llamacpp:spec_decode_num_accepted_tokens_total": (
+        "vllm:spec_decode_num_accepted_tokens_total"
+    ),
+}
+# llamacpp:prompt_tokens_total excludes cached tokens; vLLM's prompt counter and its
+# prefix-cache queries count every prompt token: processed + cached.
+_LLAMACPP_PROMPT = ("llamacpp:prompt_tokens_total", "llamacpp:prompt_tokens_cached_total")
+
+
+def canonical(samples: Samples) -> Samples:
+    """``samples`` plus servelab's names for an engine's own (llama.cpp: `LLAMACPP`)."""
+    if not any(name.startswith("llamacpp:") for name, _ in samples):
+        return samples
+    out = dict(samples)
+    for (name, labels), value in samples.items():
+        target = LLAMACPP.get(name)
+        if target is not None:
+            out.setdefault((target, labels), value)
+    processed, cached = (samples.get((n, ())) for n in _LLAMACPP_PROMPT)
+    if processed is not None and cached is not None:
+        for target in ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total"):
+            out.setdefault((target, ()), processed + cached)
     return out
 
 
