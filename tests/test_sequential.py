@@ -82,7 +82,7 @@ def test_the_budget_spent_undecided_is_inconclusive_and_says_what_it_resolves() 
     v = sq.decide(p, _diffs(0.0, 8, noise=0.2), "lower")
     assert v.outcome == "inconclusive"
     assert v.resolvable_at_budget is not None and v.resolvable_at_budget > 0.05
-    assert "whole budget resolves about" in v.describe()
+    assert "undecided: at this noise the whole budget resolves about" in v.describe()
 
 
 def test_significant_but_tiny_is_no_change_not_a_regression() -> None:
@@ -144,3 +144,13 @@ def test_interleaving_cancels_a_shared_drift() -> None:
         p, np.random.default_rng(3), noise=0.03, true_change=0.0, trials=4000, drift=0.01
     )
     assert aa.regression <= 0.01
+
+
+def test_a_deadline_reads_the_last_block_as_the_final_look() -> None:
+    p = sq.plan(sq.Design(max_units=30, look_every=4))
+    noisy = _diffs(0.0, 9, noise=0.2)
+    assert sq.decide(p, noisy, "lower").outcome == "continue"
+    assert sq.decide(p, noisy, "lower", final=True).outcome == "inconclusive"
+    assert sq.decide(p, noisy[:3], "lower", final=True).outcome == "inconclusive"
+    clear = sq.decide(p, _diffs(0.3, 9), "lower", final=True)  # 9: no planned look
+    assert clear.outcome == "regression" and clear.units == 9

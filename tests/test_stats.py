@@ -122,3 +122,13 @@ def test_precise_no_change_stays_no_change() -> None:
     c = compare_runs([100.0, 100.5, 99.5, 100.2], [100.1, 99.6, 100.4, 99.9], "higher")
     assert c.ci_low is not None and c.ci_high is not None and -0.05 < c.ci_low < c.ci_high < 0.05
     assert c.outcome == "no change"
+
+
+def test_verdict_text_names_the_design_runs_and_what_they_resolve() -> None:
+    """Issue 19: a verdict says which design gave its two sides, the runs, and the change
+    those runs could resolve."""
+    c = compare_runs([100, 101, 99, 100], [90, 91, 89, 90], "higher")
+    text = c.describe("higher")
+    assert "runs 4 vs baseline 4; design: stored baseline, resolves changes of about " in text
+    assert c.detectable is not None and f"{c.detectable * 100:.1f}%)" in text
+    assert "design: earlier record" in c.describe("higher", design="earlier record")

@@ -174,6 +174,31 @@ def family_of(fig: Figure) -> str:
     return name
 
 
+# Issue 16 item 4: card count as a variable (servelab.cards). Derived at the end of the
+# session from the card variants' output_throughput_c{c}; `{n}` is the variant's card count
+# (also in its profile name, `NAME@2cards`). docs/cards.md says how runs are paired.
+CATALOGUE.update(
+    (s.name, s)
+    for s in (
+        _spec(
+            "output_tok_s_per_card_c{c}",
+            "output throughput per card at concurrency {c}, {n}-card variant",
+            "tok/s/card",
+            "higher",
+            "output_throughput_c{c} of the N-card variant / N, per run",
+        ),
+        _spec(
+            "scaling_efficiency_c{c}",
+            "scaling efficiency at concurrency {c}, {n} cards vs 1",
+            "ratio",
+            "higher",
+            "output_throughput_c{c} at N cards / (N x the median over runs of "
+            "output_throughput_c{c} at 1 card), per run of the N-card variant; 1 = linear",
+        ),
+    )
+)
+
+
 # Issue 17: open-loop rate sweeps, their knee, percentiles as figures, trace replay. A rate
 # in a name is whole milli-requests per second (`_r500`: 0.5 req/s offered); the arrival
 # process, seed, request counts and SLOs are in each figure's notes.

@@ -48,6 +48,13 @@ def add_options(parser: pytest.Parser) -> None:
         help="profile to start and measure (repeatable); default: cpu-smollm2",
     )
     add(
+        "--cards",
+        default=None,
+        metavar="N[,N...]",
+        help="of each profile's [cards] axis, only these card counts (e.g. 1,2); each count "
+        "is its own target, NAME@2cards (docs/cards.md)",
+    )
+    add(
         "--profiles-dir",
         action="append",
         default=[],
@@ -164,7 +171,12 @@ def parse_options(config: pytest.Config) -> Options:
     if not names and not endpoint and available_profiles(dirs).get(DEFAULT_PROFILE):
         names = [DEFAULT_PROFILE]
     try:
-        profiles = load_named(names, dirs)
+        from servelab.cards import expand_all, parse_counts
+
+        cards = config.getoption("--cards")
+        only = None if cards is None else parse_counts(cards)
+        # A [cards] axis becomes one target per card count (NAME@2cards), each its own server.
+        profiles = list(expand_all(load_named(names, dirs), only))
     except ServelabError as exc:
         raise pytest.UsageError(str(exc)) from None
     quality = config.getoption("--quality-file")

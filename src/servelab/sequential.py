@@ -217,7 +217,7 @@ class SequentialVerdict:
         text += ")"
         if self.outcome == "inconclusive" and self.resolvable_at_budget is not None:
             text += (
-                f"; budget spent without a decision: at this noise the whole budget resolves "
+                f"; undecided: at this noise the whole budget resolves "
                 f"about {self.resolvable_at_budget * 100:.1f}%; raise the budget or quiet the host"
             )
         return text
@@ -243,15 +243,27 @@ def log_ratios(a: Sequence[float], b: Sequence[float], per_unit: int = 2) -> lis
 
 
 def decide(
-    p: Plan, diffs: Sequence[float], direction: Direction, runs_per_unit: int = RUNS_PER_UNIT
+    p: Plan,
+    diffs: Sequence[float],
+    direction: Direction,
+    runs_per_unit: int = RUNS_PER_UNIT,
+    *,
+    final: bool = False,
 ) -> SequentialVerdict:
     """The verdict after the units in `diffs` (log ratios B vs A, `log_ratios`).
 
     ``continue`` between planned looks and while nothing is decided; at the last planned
     look an undecided comparison is ``inconclusive``. Units past the budget are ignored.
+    `final` ends the comparison here (a deadline): this look is read as the last one,
+    with the boundary of the latest planned look (stopping early leaves alpha unspent, so
+    the error rates still hold).
     """
     d = p.design
     n = min(len(diffs), d.max_units)
+    z_end = p.z[-1]
+    if final and n >= p.looks[0] and n not in p.looks:
+        latest = max(k for k in p.looks if k <= n)
+        p = Plan(d, (*p.looks, n), (*p.z, p.z[p.looks.index(latest)]))
     max_runs = d.max_units * runs_per_unit
 
     def verdict(outcome: SeqOutcome, **kw: float | None) -> SequentialVerdict:
@@ -262,7 +274,7 @@ def decide(
 
     c = p.boundary(n)
     if c is None:
-        return verdict("continue")
+        return verdict("inconclusive" if final else "continue")
     x = np.asarray(diffs[:n], float)
     mean, sd = float(x.mean()), float(x.std(ddof=1))
     se = sd / math.sqrt(n)
@@ -270,7 +282,7 @@ def decide(
     lo, hi = mean - half, mean + half
     z_pow = float(sps.norm.ppf(DEFAULT_POWER))
     res = math.expm1((c + z_pow) * se) if math.isfinite(c) else None
-    c_end = t_boundary(p.z[-1], d.max_units - 1)
+    c_end = t_boundary(z_end, d.max_units - 1)
     res_budget = math.expm1((c_end + z_pow) * sd / math.sqrt(d.max_units))
     sign = -1.0 if direction == "higher" else 1.0  # > 0 is worse
     worse_by = sign * math.expm1(mean)
@@ -284,7 +296,7 @@ def decide(
         outcome = "improvement"
     elif -lim < lo and hi < lim:
         outcome = "no change"
-    elif n >= d.max_units:
+    elif n >= d.max_units or final:
         outcome = "inconclusive"
     else:
         outcome = "continue"

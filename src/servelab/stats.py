@@ -74,7 +74,9 @@ class Comparison:
     reason: str = ""
     session_cv: float = 0.0  # between-session drift allowed for (log-scale sd per session)
 
-    def describe(self, unit_direction: Direction) -> str:
+    def describe(self, unit_direction: Direction, design: str = "stored baseline") -> str:
+        """The verdict's text; it names the `design` that gave both sides (issue 19), the runs
+        spent and the change they resolve."""
         if self.change is None:
             return f"{self.outcome}: {self.reason}"
         pct = f"{self.change * 100:+.1f}%"
@@ -89,8 +91,11 @@ class Comparison:
         text = (
             f"{self.outcome}: change {pct}{ci}{ptxt} ({better} is better; threshold "
             f"{self.threshold * 100:.1f}%, floor {self.floor * 100:.1f}%, alpha {self.alpha:g}"
-            f"{drift}, runs {self.n_candidate} vs baseline {self.n_baseline})"
+            f"{drift}, runs {self.n_candidate} vs baseline {self.n_baseline}; design: {design}"
         )
+        if self.detectable is not None:
+            text += f", resolves changes of about {self.detectable * 100:.1f}%"
+        text += ")"
         if self.reason:
             text += f"; {self.reason}"
         return text
