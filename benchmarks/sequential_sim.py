@@ -51,11 +51,11 @@ def main() -> int:
         p = sq.plan(sq.Design(max_units=units))
         for j, (label, change, direction, drift) in enumerate(CELLS):
             rng = np.random.default_rng([args.seed, i, j])
-            r = sq.simulate(
+            res = sq.simulate(
                 p, rng, noise=noise, true_change=change, trials=args.trials,
                 direction=direction, drift=drift,
             )  # fmt: skip
-            rows.append({"cell": label, "budget_runs": units * sq.RUNS_PER_UNIT, **r.__dict__})
+            rows.append({"cell": label, "budget_runs": units * sq.RUNS_PER_UNIT, **res.__dict__})
     head = (
         f"{'noise':>6} {'budget':>7} {'cell':<20} {'regr':>7} {'impr':>7} {'no chg':>7} "
         f"{'inconc':>7} {'runs':>6} {'p90':>5}"
