@@ -16,6 +16,7 @@ from servelab.baselines import BaselineStore, Provenance, utc_now
 from servelab.certify import invalid_note
 from servelab.errors import BaselineError
 from servelab.hardware import HostIdentity
+from servelab.profiles import Profile
 from servelab.records import build_record, session_folder, write_record
 from servelab.redact import Redactor, Secret, SecretHeaders
 from servelab.session import SessionInfo, SessionResults
@@ -29,6 +30,9 @@ class Outcome:
     record: Path | None = None
     update_refused: bool = False
     errors: tuple[str, ...] = field(default_factory=tuple)
+    # Session-level figures (card scaling) that regressed or were refused: no test owns
+    # them, so the session fails with these (outside update mode).
+    regressions: tuple[str, ...] = ()
 
 
 def finish(
@@ -42,10 +46,12 @@ def finish(
     update: bool = False,
     logs: Sequence[Path] = (),
     label: str = "session",
+    profiles: Sequence[Profile] = (),
 ) -> Outcome:
     """Write the record (whenever anything was measured or a gate ran) and update baselines
-    when asked and allowed."""
-    lines: list[str] = []
+    when asked and allowed. First, the session-level figures of `profiles` (the session's
+    targets) that need every target's figures: card scaling (`judge_scaling`)."""
+    lines, regressions = judge_scaling(results, profiles, baselines_dir)
     record_path: Path | None = None
     record_sha: str | None = None
     if results.has_data():
@@ -69,7 +75,43 @@ def finish(
     if update:
         more, refused = update_baselines(results, info, baselines_dir, redactor, record_sha)
         lines += more
-    return Outcome(tuple(lines), record_path, refused)
+    return Outcome(tuple(lines), record_path, refused, regressions=tuple(regressions))
+
+
+def judge_scaling(
+    results: SessionResults, profiles: Sequence[Profile], baselines_dir: Path
+) -> tuple[list[str], list[str]]:
+    """Issue 16 item 4: throughput per card and scaling efficiency of every card axis among
+    `profiles`, from the session's (merged) figures; each judged here, once, against the
+    variant's baseline like a measured figure, and added to `results` as its verdict.
+    Returns the lines to show and the regressions / refusals."""
+    from servelab.baselines import Verdict
+    from servelab.cards import session_scaling
+    from servelab.judging import Judge
+
+    done = {(f.identity.profile, f.metric) for f in results.figures}
+    scaled = [
+        s for s in session_scaling(profiles, results.figures) if (s.profile, s.metric) not in done
+    ]
+    judge = Judge(baselines_dir, {p.name: p.limits.session_cv for p in profiles})
+    lines: list[str] = []
+    failed: list[str] = []
+    for s in scaled:
+        target = results.targets.get(s.profile)
+        if s.figure is None or target is None:
+            lines.append(f"[{s.profile}] {s.metric}: not computed: {s.reason or 'no target'}")
+            continue
+        invalid = invalid_note(s.figure.notes)
+        verdict = (
+            Verdict(s.figure, "inconclusive", f"not judged: {invalid}")
+            if invalid
+            else judge(s.figure, target)
+        )
+        results.verdicts.append(verdict)
+        lines.append(f"{s.figure.label()}: {verdict.status}")
+        if verdict.failed:
+            failed.append(f"{s.figure.label()}\n{verdict.text}")
+    return lines, failed
 
 
 def update_baselines(

@@ -261,12 +261,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             update=options.update_baselines,
             logs=logs,
             label=label,
+            profiles=options.profiles,  # card scaling is judged there (servelab.cards)
         )
     except (ServelabError, OSError) as exc:
         run.messages.append(f"servelab: could not write the record: {exc}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         return
     run.messages += outcome.lines
+    if outcome.regressions and not options.update_baselines:
+        # A session-level figure (card scaling) has no test to fail: the session fails.
+        run.messages += [f"servelab: session figure failed: {r}" for r in outcome.regressions]
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     # Issue 18 (step summary, added by the formats task): the verdict table in GitHub's job page.
     from servelab.step_summary import ENV, append
 
@@ -281,4 +287,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         run.update_refused = True
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-

