@@ -22,6 +22,20 @@ DEFAULT_PROFILE = "cpu-smollm2"
 
 
 @dataclass(frozen=True)
+class ABOptions:
+    """Interleaved A/B (issue 19, `servelab.ab`): side A is the selected profile, side B
+    another profile (`profile`) or A's server through a delaying proxy adding `slowdown`
+    times A's measured TPOT per token (a stand-in for a slower engine; 0 for A/A)."""
+
+    profile: Profile | None
+    slowdown: float | None
+    max_runs: int | None  # both sides together; None: enough for 10 % run noise
+    deadline_s: float | None
+    seed: int | None  # block orders; None: drawn, and printed
+    output_tokens: int | None  # per run; None: the profile's decode shape
+
+
+@dataclass(frozen=True)
 class Options:
     profiles: tuple[Profile, ...]
     endpoint: str | None
@@ -35,6 +49,7 @@ class Options:
     quality_file: Path | None = None
     request_timeout_s: float | None = None
     gate_timeout_s: float | None = None
+    ab: ABOptions | None = None  # issue 19: interleaved A/B (perf/test_ab.py)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -134,6 +149,43 @@ def add_options(parser: pytest.Parser) -> None:
         "required with --endpoint",
     )
     add(
+        "--ab-profile",
+        default=None,
+        metavar="NAME",
+        help="interleaved A/B: measure the selected profile (A) and NAME (B) alternately in "
+        "randomized ABBA blocks until a sequential verdict (perf/test_ab.py)",
+    )
+    add(
+        "--ab-slowdown",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="interleaved A/B against a stand-in B: A's server through a proxy adding "
+        "FRACTION of A's TPOT per token (0.05: a 5%% slowdown; 0: A/A)",
+    )
+    add(
+        "--ab-max-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="A/B run budget, both sides together (default: enough for 10%% run noise)",
+    )
+    add(
+        "--ab-deadline",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop the A/B comparison after about S seconds (the verdict says so)",
+    )
+    add("--ab-seed", type=int, default=None, metavar="N", help="seed of the A/B block orders")
+    add(
+        "--ab-output-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per A/B run (default: the profile's decode shape)",
+    )
+    add(
         "--kernels-full",
         action="store_true",
         default=False,
@@ -146,6 +198,29 @@ def _positive(config: pytest.Config, name: str) -> float | None:
     if value is not None and not value > 0:
         raise pytest.UsageError(f"{name} must be a positive number of seconds (got {value})")
     return None if value is None else float(value)
+
+
+def _ab_options(config: pytest.Config, dirs: list[Path]) -> ABOptions | None:
+    name, slowdown = config.getoption("--ab-profile"), config.getoption("--ab-slowdown")
+    if name is None and slowdown is None:
+        return None
+    if name is not None and slowdown is not None:
+        raise pytest.UsageError("--ab-profile and --ab-slowdown exclude each other: one side B")
+    if slowdown is not None and not 0 <= slowdown < 10:
+        raise pytest.UsageError(f"--ab-slowdown must be within [0, 10) (got {slowdown})")
+    runs, tokens = config.getoption("--ab-max-runs"), config.getoption("--ab-output-tokens")
+    if runs is not None and runs < 16:
+        raise pytest.UsageError(f"--ab-max-runs must be at least 16 (4 ABBA blocks; got {runs})")
+    if tokens is not None and tokens < 2:
+        raise pytest.UsageError(f"--ab-output-tokens must be at least 2 (got {tokens})")
+    try:
+        (profile,) = load_named([name], dirs) if name is not None else (None,)
+    except ServelabError as exc:
+        raise pytest.UsageError(f"--ab-profile: {exc}") from None
+    return ABOptions(
+        profile, slowdown, runs, _positive(config, "--ab-deadline"),
+        config.getoption("--ab-seed"), tokens,
+    )  # fmt: skip
 
 
 def _root(config: pytest.Config) -> Path:
@@ -181,6 +256,7 @@ def parse_options(config: pytest.Config) -> Options:
         raise pytest.UsageError(str(exc)) from None
     quality = config.getoption("--quality-file")
     key = config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY")
+    ab = _ab_options(config, dirs)
     return Options(
         profiles=tuple(profiles),
         endpoint=endpoint,
@@ -194,6 +270,7 @@ def parse_options(config: pytest.Config) -> Options:
         quality_file=None if quality is None else (config.invocation_params.dir / quality),
         request_timeout_s=_positive(config, "--request-timeout"),
         gate_timeout_s=_positive(config, "--gate-timeout"),
+        ab=ab,
     )
 
 
