@@ -29,7 +29,7 @@ class MetricSpec:
         identity: Identity,
         warm: bool = True,
         notes: tuple[str, ...] = (),
-        **axis: int,
+        **axis: int | str,
     ) -> Figure:
         return Figure(
             metric=self.name.format(**axis),
@@ -286,5 +286,81 @@ CATALOGUE.update(
         ),
         *_percentile_specs("_r{r}", "at offered {r} mreq/s"),
         *_percentile_specs("_trace", "in trace replay"),
+    )
+)
+
+
+# Issue 16 item 3: accelerator telemetry per measured run (servelab.telemetry). `{test}` is
+# the perf test without `test_`, `{group}` its runs' group (`_c4`, `_p128`, `_r500`), and
+# per-card figures carry `_card{card}`. Power is sampled (NVML nvmlDeviceGetPowerUsage,
+# xpu-smi metric 1) every --telemetry-interval-ms; the notes name the source, the interval,
+# each run's sample count and how its energy was found.
+_WHOLE = "summed over the profile's cards"
+_TELEMETRY: tuple[tuple[str, str, str, Direction, str], ...] = (
+    (
+        "gpu_mean_power_w",
+        "mean accelerator power",
+        "W",
+        "lower",
+        "time-weighted mean of sampled power over the run (trapezoid over the samples, "
+        "interpolated at the run's start and end, / run duration)",
+    ),
+    (
+        "gpu_peak_power_w",
+        "peak accelerator power",
+        "W",
+        "lower",
+        "largest sampled power from the last sample at or before the run's start to the "
+        "first at or after its end",
+    ),
+    (
+        "gpu_energy_j",
+        "accelerator energy per run",
+        "J",
+        "lower",
+        "the card's energy counter at the run's end - at its start (NVML total-energy "
+        "counter, xpu-smi metric 8; linear between samples) where every sample has it, else "
+        "the trapezoid integral of sampled power; the notes say which",
+    ),
+    (
+        "gpu_peak_memory_gib",
+        "peak accelerator memory used",
+        "GiB",
+        "lower",
+        "largest sampled memory used (NVML nvmlDeviceGetMemoryInfo.used, xpu-smi metric "
+        "18) over the same samples as peak power",
+    ),
+)
+CATALOGUE.update(
+    (s.name, s)
+    for family, title, unit, direction, definition in _TELEMETRY
+    for s in (
+        _spec(
+            f"{family}_{{test}}{{group}}",
+            f"{title} ({_WHOLE}), {{test}}{{words}}",
+            unit,
+            direction,
+            f"{definition}; {_WHOLE}",
+        ),
+        _spec(
+            f"{family}_card{{card}}_{{test}}{{group}}",
+            f"{title}, card {{card}}, {{test}}{{words}}",
+            unit,
+            direction,
+            definition,
+        ),
+    )
+)
+CATALOGUE.update(
+    (s.name, s)
+    for s in (
+        _spec(
+            "gpu_output_tok_per_j_{test}{group}",
+            f"output tokens per joule ({_WHOLE}), {{test}}{{words}}",
+            "tok/J",
+            "higher",
+            "sum of usage.completion_tokens of the run's successful requests / the run's "
+            f"accelerator energy ({_WHOLE}; gpu_energy_j)",
+        ),
     )
 )

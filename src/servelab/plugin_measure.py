@@ -7,8 +7,9 @@ Registered by `servelab.plugin`, which imports the fixture.
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
@@ -21,6 +22,7 @@ from servelab.session import SessionResults, request_row
 
 if TYPE_CHECKING:
     from servelab.loadgen import RunResult
+    from servelab.telemetry import Sampler
     from servelab.workloads import Settings
 
 S = TypeVar("S")
@@ -74,6 +76,7 @@ class Measurement:
         results: SessionResults,
         record: Callable[[Figure], Figure],
         report: Callable[[str], None],
+        telemetry: Sampler | None = None,
     ) -> None:
         self.test = test
         self.endpoint = endpoint
@@ -87,6 +90,9 @@ class Measurement:
         self.requests = 0  # requests of the runs kept (issue 24: validity and support)
         self.failed = 0  # of which failed
         self.duration_s = 0.0  # their measured time, summed
+        # Issue 16 item 3: the sampler around this test, and the runs it keeps (by id).
+        self.telemetry = telemetry
+        self._telemetry_runs: dict[int, Run] = {}
 
     @property
     def name(self) -> str:
@@ -190,6 +196,8 @@ class Measurement:
             self.requests += sum(len(res.records) for _, res in kept)
             self.failed += sum(len(res.failed) for _, res in kept)
             self.duration_s += sum(res.duration_s for _, res in kept)
+        for run in kept:
+            self._telemetry_runs.setdefault(id(run[1]), run)
         return kept
 
     def record(
@@ -217,6 +225,49 @@ class Measurement:
         )
         return self._record(figure)
 
+    def finish_telemetry(self, node_id: str) -> None:
+        """Stop the sampler (after a reading past the last kept run) and record each kept
+        run's telemetry: its entry in the session's results, and its figures, one value per
+        run, where anything was measured (servelab.telemetry)."""
+        sampler = self.telemetry
+        if sampler is None:
+            return
+        from servelab import telemetry
+        from servelab.catalogue import spec
+
+        runs = list(self._telemetry_runs.values())
+        try:
+            sampler.stop(until_ns=max((res.end_ns for _, res in runs), default=None))
+        finally:
+            sampler.stop()
+        done = [
+            (
+                labels,
+                res,
+                telemetry.summarize(
+                    sampler,
+                    res.start_ns,
+                    res.end_ns,
+                    telemetry.output_tokens(res),
+                    sampler.interval_ms,
+                ),
+            )
+            for labels, res in runs
+        ]
+        self.results.telemetry[node_id] = telemetry.entry(sampler, done)
+        if sampler.reason is not None:
+            if sampler.source is not None:
+                self.progress(f"telemetry {sampler.reason}")
+            return
+        for f in telemetry.planned_figures(self.test, done):
+            values = tuple(math.nan if v is None else float(v) for v in f.values)
+            notes = (*f.notes, *self.notes, *self.validity(f.metric, values))
+            self._record(
+                spec(f.template).figure(
+                    values, shape=f.shape, identity=self.identity, notes=notes, **f.axis
+                )
+            )
+
     def validity(self, metric: str, values: Sequence[float]) -> tuple[str, str]:
         """Issue 24: "VALID" or "INVALID: why (what to change)", and the figure's support."""
         from servelab.certify import validity_notes
@@ -236,8 +287,18 @@ def servelab_measure(
     servelab_options: Options,
     servelab_state: SessionResults,
     servelab_record: Callable[[Figure], Figure],
-) -> Measurement:
-    return Measurement(
+) -> Iterator[Measurement]:
+    from servelab.telemetry import sampler_for
+
+    hw = servelab_profile.hardware if servelab_profile is not None else None
+    sampler = sampler_for(
+        servelab_options.telemetry,
+        servelab_options.telemetry_interval_ms,
+        hw.accelerator if hw is not None else None,
+        hw.count if hw is not None else 0,
+        servelab_profile.engine.env if servelab_profile is not None else {},
+    )
+    m = Measurement(
         test=request.node.originalname or request.node.name,
         endpoint=servelab_endpoint,
         profile=servelab_profile,
@@ -246,4 +307,9 @@ def servelab_measure(
         results=servelab_state,
         record=servelab_record,
         report=progress_writer(request.config),
+        telemetry=sampler.__enter__(),
     )
+    try:
+        yield m
+    finally:
+        m.finish_telemetry(request.node.nodeid)

@@ -16,6 +16,7 @@ import pytest
 from servelab.errors import ServelabError
 from servelab.profiles import Profile, available_profiles, default_profile_dirs, load_named
 from servelab.redact import Secret
+from servelab.telemetry import DEFAULT_INTERVAL_MS, MODES, Mode
 
 EXTERNAL = "endpoint"
 DEFAULT_PROFILE = "cpu-smollm2"
@@ -50,6 +51,8 @@ class Options:
     request_timeout_s: float | None = None
     gate_timeout_s: float | None = None
     ab: ABOptions | None = None  # issue 19: interleaved A/B (perf/test_ab.py)
+    telemetry: Mode = "auto"  # issue 16 item 3: accelerator telemetry per measured run
+    telemetry_interval_ms: float = DEFAULT_INTERVAL_MS
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -147,6 +150,21 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="TOML",
         help="quality gate file (canaries, recall style) overriding the profile's; "
         "required with --endpoint",
+    )
+    add(
+        "--telemetry",
+        default="auto",
+        choices=MODES,
+        help="accelerator telemetry per measured run (power, energy, memory): auto (NVML "
+        "for cuda profiles, xpu-smi for xpu, none for cpu), off, nvml or xpu-smi",
+    )
+    add(
+        "--telemetry-interval-ms",
+        type=float,
+        default=DEFAULT_INTERVAL_MS,
+        metavar="MS",
+        help=f"telemetry sampling interval (default {DEFAULT_INTERVAL_MS:g} ms; xpu-smi's "
+        "screen dump samples in whole seconds)",
     )
     add(
         "--ab-profile",
@@ -256,6 +274,9 @@ def parse_options(config: pytest.Config) -> Options:
         raise pytest.UsageError(str(exc)) from None
     quality = config.getoption("--quality-file")
     key = config.getoption("--api-key") or os.environ.get("SERVELAB_API_KEY")
+    interval = float(config.getoption("--telemetry-interval-ms"))
+    if not interval >= 10:
+        raise pytest.UsageError(f"--telemetry-interval-ms must be at least 10 (got {interval:g})")
     ab = _ab_options(config, dirs)
     return Options(
         profiles=tuple(profiles),
@@ -271,6 +292,8 @@ def parse_options(config: pytest.Config) -> Options:
         request_timeout_s=_positive(config, "--request-timeout"),
         gate_timeout_s=_positive(config, "--gate-timeout"),
         ab=ab,
+        telemetry=config.getoption("--telemetry"),
+        telemetry_interval_ms=interval,
     )
 
 

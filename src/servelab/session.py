@@ -67,6 +67,9 @@ class SessionResults:
     # "problems": [...]} (servelab.receipts), and how each engine stopped (StopRecord dicts).
     receipts: dict[str, dict[str, Any]] = field(default_factory=dict)
     stops: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Accelerator telemetry by pytest node id: each kept run's figures, status and a short
+    # power/memory series, or why it was not measured (servelab.telemetry).
+    telemetry: dict[str, Any] = field(default_factory=dict)
 
     @property
     def figures(self) -> list[Figure]:
@@ -104,6 +107,7 @@ class SessionResults:
             "session_cache": dict(self.session_cache),
             "receipts": {t: dict(r) for t, r in self.receipts.items()},
             "stops": dict(self.stops),
+            "telemetry": dict(self.telemetry),
         }
 
     # ------------------------------------------------------------ serialization
@@ -140,6 +144,7 @@ class SessionResults:
                 requests=[dict(r) for r in d["requests"]],
                 receipts={str(t): dict(r) for t, r in d.get("receipts", {}).items()},
                 stops={str(t): dict(r) for t, r in d.get("stops", {}).items()},
+                telemetry=dict(d.get("telemetry", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"saved session results are malformed ({exc!r})") from None
@@ -171,6 +176,7 @@ class SessionResults:
                 for key, value in receipts.items():
                     kept.setdefault(key, value)  # the first admission, the first post-run
             out.stops.update(part.stops)
+            out.telemetry.update(part.telemetry)
         return out
 
 
