@@ -291,20 +291,28 @@ def scaling_figures(base: str, by_count: Mapping[int, Sequence[Figure]]) -> list
                 )
             )
             if n != 1:
-                out.append(_efficiency(src, n, c, ones.get(c), one, 1 in by_count))
+                ran = None if 1 not in by_count else bool(by_count[1])
+                out.append(_efficiency(src, n, c, ones.get(c), one, ran))
     return out
 
 
-def _efficiency(src: Figure, n: int, c: int, ref: Figure | None, one: str, ran: bool) -> Scaled:
+def _efficiency(
+    src: Figure, n: int, c: int, ref: Figure | None, one: str, ran: bool | None
+) -> Scaled:
+    """`ran`: None without a 1-card variant in the session, False when it measured nothing."""
     name = src.identity.profile
     metric = EFFICIENCY.format(c=c)
     reason = None
-    if ref is None:
+    if ref is None and ran is None:
+        reason = (
+            f"no 1-card variant in this session: efficiency needs {one} (declare 1 in "
+            f"cards.counts and select it, e.g. --cards 1,{n})"
+        )
+    elif ref is None:
         reason = (
             f"the 1-card variant {one} measured no {src.metric} in this session"
             if ran
-            else f"no 1-card variant was measured in this session: efficiency needs {one} "
-            "(declare 1 in cards.counts and select it, e.g. --cards 1," + str(n) + ")"
+            else f"the 1-card variant {one} measured nothing in this session (skipped or failed)"
         )
     elif ref.shape != src.shape:
         reason = (
