@@ -1,15 +1,16 @@
 """Interleaved A/B of single-stream decode in one session (issue 19, docs/verdicts.md §1).
 
-Side A is the selected profile's server; side B is another profile's (``--ab-profile NAME``,
-started beside it: on a 2-core CPU both stay up and are measured alternately, never at
-once) or A's server through the delaying proxy of `perf/test_verdict_live.py` adding a
+Side A is the selected profile's server; side B is another profile's (``--ab-profile
+NAME``, started beside it: on a 2-core CPU both stay up and are measured alternately, never
+at once) or A's server through the delaying proxy of `perf/test_verdict_live.py` adding a
 fraction of A's measured TPOT to every token (``--ab-slowdown 0.05``: an honest stand-in
-for a 5 % slower engine; ``0``: A/A). One run is one decode request; its value is the
-request's median TPOT. Runs come in randomized ABBA / BAAB blocks and the verdict on the
-blocks' log ratios is sequential (`servelab.sequential`): it stops as soon as it is decided
-(regression, improvement, no change larger than the threshold) or at the run budget
-(``--ab-max-runs``; ``--ab-deadline S`` ends it sooner), and says which, the runs spent and
-the change they resolve. A regression fails the test. Skipped unless an A/B option is given.
+for a 5 % slower engine; ``0``: A/A, B is A's endpoint itself). One run is one decode
+request; its value is the request's median TPOT. Runs come in randomized ABBA / BAAB
+blocks and the verdict on the blocks' log ratios is sequential (`servelab.sequential`): it
+stops as soon as it is decided (regression, improvement, no change larger than the
+threshold) or at the run budget (``--ab-max-runs``; ``--ab-deadline S`` ends it sooner),
+and says which, the runs spent and the change they resolve. A regression fails the test.
+Skipped unless an A/B option is given.
 
     .venv/bin/pytest -m perf perf/test_ab.py --ab-slowdown 0.05 --ab-output-tokens 24
     .venv/bin/pytest -m perf perf/test_ab.py --profile cpu-smollm2 --ab-profile my-copy
@@ -59,6 +60,9 @@ def side_b(
     from perf.test_verdict_live import DelayingProxy
 
     assert opts.slowdown is not None
+    if opts.slowdown == 0:  # A/A: the very same endpoint, no proxy in the way
+        yield a, "A itself (A/A)"
+        return
     delay_s = opts.slowdown * tpot_ms / 1000
     u = urlsplit(a.base_url)
     with DelayingProxy(u.hostname or "127.0.0.1", u.port or 80, delay_s) as proxy:
