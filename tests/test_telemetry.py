@@ -368,7 +368,7 @@ def test_nvml_sampler_reads_every_card_around_the_run() -> None:
         45,
         97,
     )
-    assert not s._alive()
+    assert not s._alive() and s.lost == {}  # stopping loses no card
 
 
 def test_nvml_missing_library_is_not_measured() -> None:
@@ -535,6 +535,28 @@ def test_xpu_smi_live_process_group_is_killed_when_the_sampler_stops(tmp_path: P
             time.sleep(0.02)
         else:
             pytest.fail(f"process {pid} outlived the sampler")
+
+
+def test_xpu_smi_live_dump_that_dies_mid_run_makes_the_run_incomplete() -> None:
+    script = (
+        "import sys, time\n"
+        "print('Timestamp, DeviceId, GPU Power (W), GPU Energy Consumed (J)', flush=True)\n"
+        "for i in range(3):\n"
+        "    print(time.strftime('%H:%M:%S.000') + f', 0, 100.0, {1000 + 5 * i}', flush=True)\n"
+        "    time.sleep(0.05)\n"
+        "sys.stderr.write('device 0 lost')\n"
+        "sys.exit(1)\n"
+    )
+    with Sampler(XpuSmiSource(command=[sys.executable, "-c", script]), 1000) as s:
+        start = time.perf_counter_ns()
+        time.sleep(0.4)
+        end = time.perf_counter_ns()
+        s.stop(until_ns=end)
+    assert s.reason is None and set(s.lost) == {"0"}
+    assert s.lost["0"][1] == "xpu-smi dump stopped (exit 1: device 0 lost)"
+    run = summarize(s, start, end, 10, 1000)
+    assert run.status.startswith("incomplete: card 0 lost at t=")
+    assert run.energy_j is None and run.output_tok_per_j is None
 
 
 def _is_zombie(pid: int) -> bool:

@@ -168,15 +168,17 @@ class Sampler:
             limit = 3 * self.interval_ms / 1000 + 1.0
             self._wait(
                 lambda: (
-                    not self._alive() or any(r.t_ns >= until_ns for r in self.ticks[-1].readings)
+                    not self._alive()
+                    or any(r.t_ns >= until_ns for t in self.ticks[-1:] for r in t.readings)
                 ),
                 limit,
             )
         self._stop.set()
         assert self.source is not None
-        self.source.close()
+        self.source.interrupt()
         self._thread.join(10)
         self._thread = None
+        self.source.close()
 
 
 # --------------------------------------------------------------------------- one run

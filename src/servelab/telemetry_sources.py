@@ -64,7 +64,11 @@ class Source(Protocol):
         """Ticks until `stop` is set (one more after it, where the source can read on
         demand), or until the source ends."""
 
-    def close(self) -> None: ...
+    def interrupt(self) -> None:
+        """Unblock `ticks` from another thread (the sampler is stopping)."""
+
+    def close(self) -> None:
+        """Release the source once `ticks` has returned."""
 
 
 # --------------------------------------------------------------------------- NVML
@@ -192,6 +196,9 @@ class NvmlSource:
             stop.wait(max(0.0, due - time.perf_counter()))
         if self._handles:
             yield self.read()  # the bracket after the last run's end
+
+    def interrupt(self) -> None:
+        pass  # `ticks` waits on the stop event itself
 
     def close(self) -> None:
         if self._nvml is not None:
@@ -383,21 +390,30 @@ class XpuSmiSource:
             out.close()
 
     def ticks(self, interval_s: float, stop: threading.Event) -> Iterator[Tick]:
+        # Rows of one timestamp are one tick, out as soon as every expected card has its
+        # row (the cards asked for, else those of the first whole tick), else when the next
+        # timestamp starts.
         stamp: str | None = None
         tick: list[Reading] = []
         seen: set[str] = set()
+        expected = set(self.cards)
         for line in self._source_lines():
             row = self.parser.feed(line)
             if row is None:
                 continue
-            if stamp is not None and row[0] != stamp and tick:
-                yield Tick(tuple(tick))
-                tick = []
+            if stamp is not None and row[0] != stamp:
+                expected = expected or set(seen)
+                if tick:
+                    yield Tick(tuple(tick))
+                    tick = []
             stamp = row[0]
             if self.cards and row[1].card not in self.cards:
                 continue
             seen.add(row[1].card)
             tick.append(row[1])
+            if expected and {r.card for r in tick} >= expected:
+                yield Tick(tuple(tick))
+                tick = []
         if tick:
             yield Tick(tuple(tick))
         if stop.is_set():
@@ -420,9 +436,12 @@ class XpuSmiSource:
             pass
         return f"xpu-smi dump stopped (exit {code}{': ' + err if err else ''})"
 
-    def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+    def interrupt(self) -> None:
+        """Kill the dump's whole process group (its stdout then ends)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(2)
@@ -430,6 +449,12 @@ class XpuSmiSource:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever it left in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.interrupt()
+        self._proc = None
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
