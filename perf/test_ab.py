@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from servelab import ab, metrics, sequential, workloads
+from servelab.loadgen import RunResult
 from servelab.plugin_measure import Measurement
 from servelab.plugin_options import ABOptions
 from servelab.pool import ServerPool
@@ -85,7 +86,7 @@ def test_ab_decode(
     shape = m.shape("decode", EXTERNAL_SHAPE)
     output = opts.output_tokens or shape.output_tokens
 
-    def one_run(endpoint: Endpoint, side: str, i: int) -> float:
+    def measure(endpoint: Endpoint, side: str, i: int) -> RunResult:
         settings = dataclasses.replace(
             m.settings,
             nonce=f"ab-{side}-{i}-{time.time_ns()}",
@@ -100,7 +101,18 @@ def test_ab_decode(
             warmup_requests=0,
             settings=settings,
         )
-        m.keep([({"side": side, "run": i}, res)])
+        return res
+
+    def one_run(endpoint: Endpoint, side: str, i: int) -> float:
+        # A run the client itself timed badly (its event loop woke late: another process
+        # took the CPU) is measured once again, as the other perf tests do.
+        kept = m.keep(
+            [({"side": side, "run": i}, measure(endpoint, side, i))],
+            remeasure=lambda labels: [
+                ({**x, "again": True}, measure(endpoint, side, i)) for x in labels
+            ],
+        )
+        res = kept[-1][1]
         tpot = metrics.compute(res.records, res.start_ns, res.end_ns).tpot_ms
         return float("nan") if tpot is None else float(tpot.median)
 
