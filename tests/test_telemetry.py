@@ -675,3 +675,34 @@ def test_overhead_benchmark_runs_abab_against_the_stand_in(scripted: Endpoint) -
         assert row["median_tpot_ms"]["ratio"] is not None and row["chunks_per_s"]["ratio"] > 0
     table = bench.table(result["levels"])
     assert table[0].startswith("| c | TPOT without") and len(table) == 4
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_reads_power_and_memory_over_each_run() -> None:
+    import base64
+
+    from servelab import report_data, report_plots
+
+    t = summarize(filled(steady({"0": 100.0, "1": 50.0}, 9)), S, 8 * S, 300, 100)
+    results = SessionResults()
+    results.telemetry["perf/test_decode.py::test_decode_c1[gpu]"] = telemetry.entry(
+        filled([]), [({"run": 0}, run_result(S, 8 * S), t)]
+    )
+    results.telemetry["perf/test_decode.py::test_decode_c1[cpu]"] = telemetry.entry(
+        Sampler(None, 100, "not measured: no accelerator"), []
+    )
+    runs = report_data.telemetry_runs({"lab": results.lab()})
+    assert [(r.test.split("[")[1], r.status) for r in runs] == [
+        ("cpu]", "not measured: no accelerator"),
+        ("gpu]", "measured"),
+    ]
+    gpu = runs[1]
+    assert gpu.labels == "run 0" and gpu.energy_j == pytest.approx(1050.0)
+    assert gpu.t_s[0] == 0.0 and gpu.power_w[0] == 150.0 and gpu.memory_gib[-1] == 2 * (5.0 + 8)
+    assert report_data.telemetry_runs({"lab": {}}) == []  # a record from before telemetry
+    if report_plots.available() is None:
+        png = report_plots.telemetry_png(runs, "test_decode_c1")
+        assert png is not None and base64.b64decode(png).startswith(b"\x89PNG")
+    assert report_plots.telemetry_png(runs[:1], "x") is None  # nothing to draw

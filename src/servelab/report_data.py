@@ -255,3 +255,58 @@ def distributions(rows: Sequence[Mapping[str, Any]]) -> list[Distribution]:
         for group in order
         if (vs := values.get((name, group)))
     ]
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+@dataclass(frozen=True)
+class TelemetryRun:
+    """One measured run's accelerator telemetry, from the record's `lab.telemetry` (issue 16
+    item 3): its figures summed over cards, its status, and power and memory over the run."""
+
+    test: str  # pytest node id
+    labels: str  # "run 0, concurrency 4"
+    status: str  # "measured", "not measured: ...", "incomplete: ..."
+    source: str
+    mean_power_w: float | None
+    peak_power_w: float | None
+    energy_j: float | None
+    energy_method: str | None
+    output_tok_per_j: float | None
+    peak_memory_gib: float | None
+    t_s: tuple[float, ...]
+    power_w: tuple[float | None, ...]  # summed over cards
+    memory_gib: tuple[float | None, ...]
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def telemetry_runs(record: Mapping[str, Any]) -> list[TelemetryRun]:
+    """Every run's telemetry in a record (none in a record written before telemetry); a test
+    with no run (not measured) appears once, with its reason."""
+    out: list[TelemetryRun] = []
+    for test, entry in sorted(((record.get("lab") or {}).get("telemetry") or {}).items()):
+        runs = entry.get("runs") or [{"status": entry.get("status", "?")}]
+        for run in runs:
+            series = run.get("series") or {}
+            out.append(
+                TelemetryRun(
+                    test=str(test),
+                    labels=", ".join(f"{k} {v}" for k, v in (run.get("labels") or {}).items()),
+                    status=str(run.get("status", "?")),
+                    source=str(run.get("source", entry.get("source", "?"))),
+                    mean_power_w=_num(run.get("mean_power_w")),
+                    peak_power_w=_num(run.get("peak_power_w")),
+                    energy_j=_num(run.get("energy_j")),
+                    energy_method=run.get("energy_method"),
+                    output_tok_per_j=_num(run.get("output_tok_per_j")),
+                    peak_memory_gib=_num(run.get("peak_memory_gib")),
+                    t_s=tuple(float(t) for t in series.get("t_s", ())),
+                    power_w=tuple(_num(p) for p in series.get("power_w", ())),
+                    memory_gib=tuple(_num(m) for m in series.get("memory_gib", ())),
+                )
+            )
+    return out

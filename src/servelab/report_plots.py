@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from servelab.figures import Figure
-from servelab.report_data import AXIS_LABEL, Distribution, History, Series
+from servelab.report_data import AXIS_LABEL, Distribution, History, Series, TelemetryRun
 
 
 def available() -> str | None:
@@ -145,4 +145,24 @@ def band_png(fig_: Figure, verdict: Mapping[str, Any]) -> str:
     ax.set_ylabel(fig_.unit)
     ax.set_title(f"{fig_.metric} ({fig_.shape.describe()}): {verdict.get('status')}", fontsize=8)
     ax.legend(fontsize=6, loc="best")
+    return _png(fig)
+
+
+def telemetry_png(runs: Sequence[TelemetryRun], title: str) -> str | None:
+    """Power and memory (summed over cards) against seconds from each run's start: two
+    panels (W, GiB), one line per run; None when no run has a series."""
+    drawn = [r for r in runs if r.t_s]
+    if not drawn:
+        return None
+    fig, (power, memory) = _panels(2)
+    for r in drawn:
+        label = r.labels or r.test
+        power.plot(r.t_s, [float("nan") if p is None else p for p in r.power_w], label=label)
+        memory.plot(r.t_s, [float("nan") if m is None else m for m in r.memory_gib], label=label)
+    for ax, unit, what in ((power, "W", "power"), (memory, "GiB", "memory used")):
+        ax.set_title(f"{title}: {what}", fontsize=9)
+        ax.set_xlabel("seconds from the run's start")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    _legend_below(power)
     return _png(fig)
