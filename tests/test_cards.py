@@ -483,3 +483,56 @@ def test_variants_whose_cards_are_missing_skip_each_with_its_reason(
     )
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*no 3-card variant (its cards.counts: 1, 2, 4)*"])
+
+
+RECORDS = """
+from servelab.catalogue import spec
+from servelab.figures import Identity, Shape
+from servelab.hardware import host_key
+
+ONE = {one}
+TWO = {two}
+
+def fig(n, runs):
+    name = "gemma4-12b-cards@1card" if n == 1 else f"gemma4-12b-cards@{{n}}cards"
+    ident = Identity(name, "vllm 0.11.1+xpu", host_key(), "gemma4-12b-it-int4-autoround")
+    return spec("output_throughput_c{{c}}").figure(
+        tuple(runs), shape=Shape(119, 512, 8), identity=ident, notes=("VALID",), c=8
+    )
+
+def test_one_card(servelab_record):
+    servelab_record(fig(1, ONE))
+
+def test_two_cards(servelab_record):
+    servelab_record(fig(2, TWO))
+"""
+
+
+def test_the_session_judges_scaling_at_its_end_and_shows_it(pytester: pytest.Pytester) -> None:
+    """Recorded stand-in figures for two variants (no engine): at the end of the session the
+    scaling figures join the summary, the verdict table, the record and the baselines; a drop
+    in scaling against the stored baseline fails the session (no test owns the figure)."""
+    args = ("-p", "no:cacheprovider", "--results-dir", "res", "--baselines-dir", "base")
+    args += ("--profile", "gemma4-12b-cards", "--cards", "1,2")
+    pytester.makepyfile(RECORDS.format(one="[255.0, 262.0, 258.0]", two="[430.0, 441.0, 436.0]"))
+    first = pytester.runpytest_inprocess(*args, "--update-baselines")
+    first.assert_outcomes(passed=2)
+    assert first.ret == pytest.ExitCode.OK
+    first.stdout.fnmatch_lines(
+        [
+            "*servelab figures*",
+            "scaling efficiency at concurrency 8, 2 cards vs 1 ?scaling_efficiency_c8? = 0.845*",
+            "*servelab verdicts*",
+            "*scaling_efficiency_c8*",
+            "*baseline updated*gemma4-12b-cards@2cards.json*",
+        ]
+    )
+    recs = sorted(pytester.path.glob("res/records/*/record.json"))
+    assert len(recs) == 1 and "scaling_efficiency_c8" in recs[0].read_text()
+    # One card got faster, two did not: each measured figure passes its test, the scaling
+    # efficiency (436 / (2 x 342) = 0.64 against 0.845) regresses and fails the session.
+    pytester.makepyfile(RECORDS.format(one="[340.0, 345.0, 342.0]", two="[430.0, 441.0, 436.0]"))
+    second = pytester.runpytest_inprocess(*args)
+    second.assert_outcomes(passed=2)
+    assert second.ret == pytest.ExitCode.TESTS_FAILED
+    second.stdout.fnmatch_lines(["*session figure failed: scaling efficiency at concurrency 8*"])
