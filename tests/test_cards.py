@@ -512,8 +512,8 @@ def test_the_session_judges_scaling_at_its_end_and_shows_it(pytester: pytest.Pyt
     """Recorded stand-in figures for two variants (no engine): at the end of the session the
     scaling figures join the summary, the verdict table, the record and the baselines; a drop
     in scaling against the stored baseline fails the session (no test owns the figure)."""
-    args = ("-p", "no:cacheprovider", "--results-dir", "res", "--baselines-dir", "base")
-    args += ("--profile", "gemma4-12b-cards", "--cards", "1,2")
+    args: tuple[str, ...] = ("-p", "no:cacheprovider", "--results-dir", "res")
+    args += ("--baselines-dir", "base", "--profile", "gemma4-12b-cards", "--cards", "1,2")
     pytester.makepyfile(RECORDS.format(one="[255.0, 262.0, 258.0]", two="[430.0, 441.0, 436.0]"))
     first = pytester.runpytest_inprocess(*args, "--update-baselines")
     first.assert_outcomes(passed=2)
