@@ -706,3 +706,94 @@ def test_report_reads_power_and_memory_over_each_run() -> None:
         png = report_plots.telemetry_png(runs, "test_decode_c1")
         assert png is not None and base64.b64decode(png).startswith(b"\x89PNG")
     assert report_plots.telemetry_png(runs[:1], "x") is None  # nothing to draw
+
+
+# --------------------------------------------------------------------------- the plugin
+
+FAKE_PYNVML = '''
+"""A stand-in pynvml for this pytester session (no NVIDIA card here): 150 W, 12 GiB."""
+import time
+NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+class NVMLError(Exception):
+    pass
+class _Mem:
+    used = 12 * 1024**3
+class _Util:
+    gpu, memory = 97, 40
+_t0 = [0.0]
+def nvmlInit(): _t0[0] = time.perf_counter()
+def nvmlShutdown(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetPowerUsage(h): return 150_000
+def nvmlDeviceGetTotalEnergyConsumption(h): return round((time.perf_counter() - _t0[0]) * 150_000)
+def nvmlDeviceGetClockInfo(h, kind): return 1980
+def nvmlDeviceGetMemoryInfo(h): return _Mem()
+def nvmlDeviceGetTemperature(h, kind): return 45
+def nvmlDeviceGetUtilizationRates(h): return _Util()
+'''
+
+PERF_TEST = """
+import time
+import pytest
+from servelab.client import RequestRecord
+from servelab.figures import Shape
+from servelab.loadgen import RunResult
+pytestmark = pytest.mark.perf
+
+def rec(t0):
+    return RequestRecord(
+        index=0, api="completions", arrival_ns=t0, send_ns=t0, first_token_ns=t0 + 1,
+        first_text_ns=t0 + 1, end_ns=t0 + 2, done_ns=t0 + 3, chunk_ns=(t0 + 1, t0 + 2),
+        chunk_tokens=(1, 1), text="x", finish_reason="length", prompt_tokens=16,
+        completion_tokens=8, cached_tokens=None, requested_prompt_tokens=16,
+        requested_output_tokens=8, status_code=200, error=None)
+
+def test_decode_c1(servelab_measure):
+    m = servelab_measure
+    runs = []
+    for i in range(3):
+        start = time.perf_counter_ns()
+        time.sleep(0.05)
+        end = time.perf_counter_ns()
+        runs.append(({"run": i}, RunResult((rec(start),), start, end, 1, 1, (), 50.0)))
+    m.keep(runs)
+    m.record("decode_tok_s", [100.0, 101.0, 99.0], Shape(16, 8, 1))
+"""
+
+
+@pytest.mark.parametrize("mode", ["nvml", "auto"])
+def test_the_plugin_records_telemetry_per_perf_test(pytester: pytest.Pytester, mode: str) -> None:
+    """Through the installed plugin against the quality stub: `--telemetry nvml` (a stand-in
+    pynvml on the session's path) records the figures and the record's lab.telemetry; the
+    default on an external endpoint records only why it measured nothing."""
+    import json
+
+    from tests.test_quality import GOOD, Stub
+
+    pytester.makepyfile(test_perf=PERF_TEST, pynvml=FAKE_PYNVML)
+    q = pytester.path / "q.toml"
+    q.write_text(GOOD)
+    results = pytester.path / "results"
+    with Stub("right") as stub:
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "--endpoint", stub.url + "/v1", f"--quality-file={q}",
+            f"--results-dir={results}", f"--baselines-dir={pytester.path / 'baselines'}",
+            f"--telemetry={mode}", "--telemetry-interval-ms=10", "test_perf.py",
+        )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    (path,) = (results / "records").glob("*/record.json")
+    record = json.loads(path.read_text())
+    (entry,) = record["lab"]["telemetry"].values()
+    metrics = [f["metric"] for f in record["results"][0]["figures"]]
+    if mode == "auto":
+        assert entry["status"].startswith("not measured: external endpoint")
+        assert metrics == ["decode_tok_s"]
+        return
+    assert entry["status"] == "measured" and len(entry["runs"]) == 3
+    assert metrics == [
+        "decode_tok_s", "gpu_mean_power_w_decode_c1", "gpu_peak_power_w_decode_c1",
+        "gpu_energy_j_decode_c1", "gpu_output_tok_per_j_decode_c1", "gpu_peak_memory_gib_decode_c1",
+    ]  # fmt: skip
+    power = next(f for f in record["results"][0]["figures"] if f["metric"].startswith("gpu_mean"))
+    assert power["runs"] == pytest.approx([150.0] * 3) and power["unit"] == "W"
