@@ -47,15 +47,16 @@ def _require_binary(profile: Profile, binary: str) -> str:
 
 
 def binary_version(path: str, timeout_s: float = 20.0) -> str:
-    """A program's `--version` line (llama.cpp: "version: 7000 (abc1234)"), or "unknown"."""
+    """A program's `--version` (llama.cpp: "version: 0.5.0-dev (build 1, commit 0c1e570)" ->
+    "0.5.0-dev (build 1, commit 0c1e570)"), or "version unknown"."""
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return "version unknown"
-    m = re.search(r"version:?\s*(\S+(?:\s*\([0-9a-f]+\))?)", out.stdout + out.stderr)
-    return m.group(1) if m else "version unknown"
+    m = re.search(r"version:?\s*([^\n]+)", out.stdout + out.stderr)
+    return m.group(1).strip() if m else "version unknown"
 
 
 def remote_engine(base_url: str, headers: Mapping[str, str] | None = None) -> str:

@@ -540,7 +540,7 @@ def collect_stack(
 
 def _engine_version(profile: Profile, engine: str) -> str | None:
     """A Python engine's distribution version; a program's from its identity string
-    ("llama.cpp 7000 (abc1234)" -> "7000 (abc1234)")."""
+    ("llama.cpp 0.5.0-dev (build 1, commit 0c1e570)" -> "0.5.0-dev (build 1, commit 0c1e570)")."""
     e = profile.engine
     if e.distribution is not None:
         return distribution_version(e.distribution)
@@ -551,7 +551,7 @@ def _engine_version(profile: Profile, engine: str) -> str | None:
 def _engine_commit(profile: Profile, engine: str) -> str | None:
     if profile.engine.module is not None:
         return engine_commit(profile.engine.module)
-    m = re.search(r"\(([0-9a-f]{7,40})\)", engine)
+    m = re.search(r"commit ([0-9a-f]{7,40})", engine)
     return m.group(1) if m else None
 
 
