@@ -1,5 +1,8 @@
 """Sequential verdict on paired differences: stop as soon as the answer is known.
 
+(Over 400 lines: the rule and its vectorized simulation live together, as in stats.py,
+so that they cannot drift apart.)
+
 Two sides measured in one session, interleaved (`servelab.ab`), give one log ratio
 ``log(B) - log(A)`` per paired unit (an ABBA block: mean of its two B runs less the mean of
 its two A runs, on the log scale, which cancels a linear drift within the block). After each
