@@ -143,7 +143,7 @@ class FakeNvml:
             "nvmlShutdown": lambda: None,
             "nvmlDeviceGetCount": lambda: len(self.cards),
             "nvmlDeviceGetHandleByIndex": lambda i: i,
-            "nvmlDeviceGetHandleByUUID": lambda uuid: int(uuid.rsplit("-", 1)[1]),
+            "nvmlDeviceGetHandleByUUID": lambda uuid: int(uuid.decode().rsplit("-", 1)[1]),
             "nvmlDeviceGetPowerUsage": self.power_mw,
             "nvmlDeviceGetTotalEnergyConsumption": self.energy_mj,
             "nvmlDeviceGetClockInfo": lambda h, kind: (self.card(h), 1980 if kind == 1 else 2619)[
@@ -493,6 +493,12 @@ def test_xpu_smi_live_command_missing_or_failing_is_not_measured(tmp_path: Path)
     with Sampler(XpuSmiSource(command=denied), 1000) as s:
         pass
     assert s.reason == "not measured: xpu-smi dump stopped (exit 3: Permission denied)"
+    broken = tmp_path / "xpu-smi"  # executable, but its interpreter is missing: exec fails
+    broken.write_text("#!/servelab/no/such/interpreter\n")
+    broken.chmod(0o755)
+    with Sampler(XpuSmiSource(command=[str(broken), "dump"]), 1000) as s:
+        pass
+    assert s.reason is not None and s.reason.startswith(f"not measured: {broken} could not start")
     assert dump_command(("0", "1"), 0.1)[-8:] == [
         "xpu-smi",
         "dump",

@@ -123,6 +123,9 @@ class Sampler:
         except TelemetryUnavailable as exc:
             self.reason = f"not measured: {exc}"
             return self
+        except Exception as exc:  # a reader's own fault is "not measured", never a crash
+            self.reason = f"not measured: {self.source.name} failed to open ({exc!r})"
+            return self
         self._thread = threading.Thread(target=self._run, name="servelab-telemetry", daemon=True)
         self._thread.start()
         self._wait(lambda: bool(self.ticks) or not self._alive(), 5.0)

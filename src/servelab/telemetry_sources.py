@@ -122,7 +122,8 @@ class NvmlSource:
                 if card.isdigit():
                     handle = nvml.nvmlDeviceGetHandleByIndex(int(card))
                 else:
-                    handle = nvml.nvmlDeviceGetHandleByUUID(card)
+                    # bytes: older nvidia-ml-py passes it to c_char_p as it is
+                    handle = nvml.nvmlDeviceGetHandleByUUID(card.encode())
                 self._handles[card] = handle
                 nvml.nvmlDeviceGetPowerUsage(handle)  # NoPermission shows here
                 try:
@@ -362,14 +363,18 @@ class XpuSmiSource:
         if shutil.which(tool) is None:
             raise TelemetryUnavailable(f"{tool} is not on PATH (install Intel XPU Manager)")
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
-        self._proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own process group: killed whole in close()
-        )
+        try:
+            self._proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,  # its own process group: killed whole in close()
+            )
+        except OSError as exc:  # not executable, permission denied
+            self.close()
+            raise TelemetryUnavailable(f"{tool} could not start ({exc})") from None
 
     def interval(self, interval_s: float) -> None:
         """Set the live command's interval (before `open`)."""
