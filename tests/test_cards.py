@@ -465,7 +465,7 @@ def test_variants_whose_cards_are_missing_skip_each_with_its_reason(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(PROBE)
-    result = pytester.runpytest_subprocess(
+    result = pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "--profile", "gemma4-12b-cards", "--cards", "1,2", "-rs"
     )
     result.assert_outcomes(skipped=2)
@@ -478,7 +478,7 @@ def test_variants_whose_cards_are_missing_skip_each_with_its_reason(
     assert "@4cards" not in result.stdout.str()
     logs = pytester.path / "results" / "logs"
     assert not logs.exists() or not any(logs.iterdir())  # no engine was started
-    bad = pytester.runpytest_subprocess(
+    bad = pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "--profile", "gemma4-12b-cards", "--cards", "3"
     )
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
