@@ -331,7 +331,24 @@ def test_a_missing_run_stays_missing_and_invalid_inputs_make_invalid_figures() -
     assert eff is not None and eff.notes[0].startswith("INVALID")
     assert "output_throughput_c8 of gemma4-12b-cards@1card is INVALID" in eff.notes[0]
     one = out[("gemma4-12b-cards@1card", "output_tok_s_per_card_c8")].figure
-    assert one is not None and "is INVALID: output_throughput_c8: too short" in one.notes[0]
+    assert one is not None and "of gemma4-12b-cards@1card is INVALID (see" in one.notes[0]
+
+
+def test_an_input_too_short_for_a_verdict_does_not_make_a_forged_invalid() -> None:
+    """The 1-card reference had 2 runs; the 2-card efficiency has 3 of its own: its INVALID
+    note names the input without claiming its own runs are too few (`servelab verify`)."""
+    from servelab.records import figure_dict
+    from servelab.verify import check_not_judged
+
+    short = "INVALID: output_throughput_c8: N = 2 run(s), a verdict needs at least 3"
+    figs = {1: [source(1, 8, (255.0, 262.0), (short,))], 2: [source(2, 8, (430.0, 441.0, 436.0))]}
+    eff = by_metric(scaling_figures("gemma4-12b-cards", figs))[
+        ("gemma4-12b-cards@2cards", "scaling_efficiency_c8")
+    ].figure
+    assert eff is not None and eff.notes[0].startswith("INVALID")
+    assert "a verdict needs at least" not in eff.notes[0]
+    check = check_not_judged("here", figure_dict(eff), {"text": f"not judged: {eff.notes[0]}"})
+    assert check.status == "ok", check
 
 
 def test_other_figures_are_not_sources() -> None:

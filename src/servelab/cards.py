@@ -251,10 +251,13 @@ def _notes(metric: str, runs: Sequence[float], derived: str, *inputs: Figure) ->
     n = sum(1 for v in runs if math.isfinite(v))
     validity = figure_validity(metric, samples=n)
     why = list(validity.reasons)
-    for f in inputs:
-        bad = invalid_note(f.notes)
-        if bad:
-            why.append(f"its input {f.metric} of {f.identity.profile} is {bad}")
+    # An input's INVALID reasons are that figure's (named, not copied): `servelab verify`
+    # checks a copied "needs at least 3 runs" against this figure's own runs.
+    why += [
+        f"its input {f.metric} of {f.identity.profile} is INVALID (see that figure's notes)"
+        for f in inputs
+        if invalid_note(f.notes)
+    ]
     state = "INVALID: " + "; ".join(why) if why else "VALID"
     return (state, support_note(n, 0, None, 50.0), derived)
 
