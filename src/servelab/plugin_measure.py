@@ -111,9 +111,8 @@ class Measurement:
     def settings(self) -> Settings:
         """Request settings bounded by the profile's limits and the command line (a new
         deadline for the whole workload from now, where the profile sets one)."""
-        from servelab.workloads import Settings
-
         from servelab.engine_traits import traits_of
+        from servelab.workloads import Settings
 
         limits = None if self.profile is None else self.profile.limits
         traits = traits_of(self.profile)  # no vLLM extension sent to an engine without it
