@@ -309,6 +309,14 @@ def test_alternating_turns_agree_with_vllm_bench_serve(
     servelab_endpoint: Endpoint, servelab_profile: Profile | None
 ) -> None:
     vs = _vllm()
+    from servelab.engine_traits import traits_of
+
+    if not traits_of(servelab_profile).keep_alive:
+        pytest.skip(
+            "vLLM's benchmark client keeps connections alive; this engine closes them "
+            "unannounced (servelab.engine_traits): perf/test_client_rates.py compares the two "
+            "clients with a connection per request"
+        )
     limits = servelab_profile.limits if servelab_profile else Limits()
     ep = servelab_endpoint
     prompts = workloads.Prompts(ep)

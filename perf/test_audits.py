@@ -38,7 +38,19 @@ def test_integrity_audits(servelab_measure: Measurement) -> None:
     except ClientError:
         declared = False
     texts = Prompts(ep, count=count).make(PROMPT_TOKENS, "audit", N)
-    payloads = [completion_payload(ep.model, t, OUTPUT_TOKENS, seed=0) for t in texts]
+    s = m.settings  # the engine's own request fields (engine_traits), as measured requests
+    payloads = [
+        completion_payload(
+            ep.model,
+            t,
+            OUTPUT_TOKENS,
+            seed=0,
+            token_ids=s.token_ids,
+            ignore_eos=s.ignore_eos,
+            extra=dict(s.extra_body) or None,
+        )
+        for t in texts
+    ]
     greedy = [{**p, "temperature": 0.0} for p in payloads]
     timeout = m.timeout_s
     solo = run_requests(ep, greedy, concurrency=1, timeout_s=timeout)

@@ -72,11 +72,17 @@ def _levels(profile: Profile | None) -> list[int]:
     return levels
 
 
-async def _second_turn(rf: Any, ep: Endpoint, texts: list[str], level: int) -> list[Any]:
+async def _second_turn(
+    rf: Any, ep: Endpoint, texts: list[str], level: int, settings: workloads.Settings
+) -> list[Any]:
     import aiohttp
 
-    extra = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
-    connector = aiohttp.TCPConnector(limit=level, keepalive_timeout=60, force_close=False)
+    from servelab.engine_traits import traits_of
+
+    # The same request fields and connection policy as servelab's own turns.
+    extra = {"temperature": 0.0, "top_p": 1.0, "seed": 0, **dict(settings.extra_body)}
+    fresh = not traits_of(ep.profile).keep_alive
+    connector = aiohttp.TCPConnector(limit=level, keepalive_timeout=60, force_close=fresh)
     timeout = aiohttp.ClientTimeout(total=6 * 60 * 60)
     gate = asyncio.Semaphore(level)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -114,7 +120,12 @@ def _servelab_turn(
 ) -> RunResult:
     payloads = [
         completion_payload(
-            ep.model, t, OUTPUT, ignore_eos=settings.ignore_eos, token_ids=settings.token_ids
+            ep.model,
+            t,
+            OUTPUT,
+            ignore_eos=settings.ignore_eos,
+            token_ids=settings.token_ids,
+            extra=dict(settings.extra_body) or None,
         )
         for t in texts
     ]
@@ -160,7 +171,8 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
                     f"{'n/a' if busy is None else f'{busy:.0%}'}"
                 )
             else:
-                ttft, tpot = _second_values(asyncio.run(_second_turn(rf, ep, texts, level)))
+                outs = asyncio.run(_second_turn(rf, ep, texts, level, settings))
+                ttft, tpot = _second_values(outs)
             side_values = ours if side == "servelab" else theirs
             side_values["median_ttft_ms"].append(ttft)
             side_values["median_tpot_ms"].append(tpot)

@@ -240,7 +240,10 @@ def test_stack_command_is_rendered_with_the_profiles_values(name: str) -> None:
     line = " ".join(stack.command)
     for placeholder in ("{model}", "{served_name}", "{host}", "{port}", "{context_len}", "{py"):
         assert placeholder not in line, line
-    assert f"--max-model-len {profile.model.context_len}" in line
+    if profile.engine.kind == "vllm":
+        assert f"--max-model-len {profile.model.context_len}" in line
+    else:  # llama-server's --ctx-size is shared by its slots: the profile states it whole
+        assert f"--alias {profile.model.served_name}" in line
     assert stack.cards == profile.hardware.count
     assert stack.accelerator == profile.hardware.accelerator
     if profile.model.path:

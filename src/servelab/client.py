@@ -409,12 +409,16 @@ def _cause(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- http client
 
 
-def make_http_client(concurrency: int) -> httpx.AsyncClient:
-    """An AsyncClient sized for `concurrency` streams; timeouts are the client's own job."""
+def make_http_client(concurrency: int, *, keep_alive: bool = True) -> httpx.AsyncClient:
+    """An AsyncClient sized for `concurrency` streams; timeouts are the client's own job.
+
+    ``keep_alive=False`` opens a connection per request, for a server that closes a kept
+    connection after a streamed response without saying so (llama.cpp's, see
+    `servelab.engine_traits`)."""
     n = max(1, concurrency)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=30.0),
-        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n if keep_alive else 0),
         http2=False,
         trust_env=False,
     )

@@ -55,7 +55,7 @@ def binary_version(path: str, timeout_s: float = 20.0) -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "version unknown"
-    m = re.search(r"version:?\s*([^\n]+)", out.stdout + out.stderr)
+    m = re.search(r"^version:?[ \t]*(\S[^\n]*)", out.stdout + out.stderr, re.MULTILINE)
     return m.group(1).strip() if m else "version unknown"
 
 

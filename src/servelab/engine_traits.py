@@ -37,6 +37,14 @@ class EngineTraits:
     token_ids: bool
     # GET path that names the engine's version (None: none).
     version_path: str | None
+    # Connections may be reused. llama-server (cpp-httplib) closed a kept connection after a
+    # streamed response, unannounced, in 2-9 of 15-45 back-to-back requests (2026-12-06): the
+    # next request on it failed "Server disconnected without sending a response". For it the
+    # client opens a connection per request (TTFT then includes a localhost TCP connect).
+    keep_alive: bool = True
+    # Body fields every measured request carries (llama.cpp: no reuse of a slot's cached
+    # prompt, which would serve a chance common first word of two prompts from cache).
+    measured_extra: tuple[tuple[str, object], ...] = ()
 
     def describe(self) -> str:
         return (
@@ -51,7 +59,16 @@ TRAITS: dict[str, EngineTraits] = {
     "vllm": EngineTraits("vllm", "vllm", "vllm", True, True, "/version"),
     # llama-server: /tokenize {"content"} -> {"tokens"}; /apply-template for chat; --metrics
     # exports llamacpp:*; accepts ignore_eos; no return_token_ids.
-    "llama.cpp": EngineTraits("llama.cpp", "llama.cpp", "llama.cpp", True, False, "/props"),
+    "llama.cpp": EngineTraits(
+        "llama.cpp",
+        "llama.cpp",
+        "llama.cpp",
+        True,
+        False,
+        "/props",
+        keep_alive=False,
+        measured_extra=(("cache_prompt", False),),
+    ),
     # transformers serve: no /tokenize, no /metrics, rejects ignore_eos.
     "transformers": EngineTraits("transformers", None, None, False, False, None),
 }

@@ -177,6 +177,7 @@ class _Target:
     base_url: str
     model: str
     headers: tuple[tuple[str, str], ...]
+    keep_alive: bool = True  # reuse connections (servelab.engine_traits.EngineTraits)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(base_url=self.base_url, model=self.model, headers=dict(self.headers))
@@ -328,7 +329,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         return rec
 
     slots = cap or max(1, len(job.items))
-    async with make_http_client(slots) as http:
+    async with make_http_client(slots, keep_alive=job.target.keep_alive) as http:
         wait = (job.start_at_ns - time.perf_counter_ns()) / 1e9
         if wait > 0:
             await asyncio.sleep(wait)
@@ -396,7 +397,14 @@ def _items(
 
 
 def _target(endpoint: Endpoint) -> _Target:
-    return _Target(endpoint.base_url, endpoint.model, tuple(dict(endpoint.headers).items()))
+    from servelab.engine_traits import traits_of
+
+    return _Target(
+        endpoint.base_url,
+        endpoint.model,
+        tuple(dict(endpoint.headers).items()),
+        traits_of(endpoint.profile).keep_alive,
+    )
 
 
 async def run_requests_async(

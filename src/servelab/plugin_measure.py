@@ -123,6 +123,7 @@ class Measurement:
             token_ids=traits.token_ids,
             ignore_eos=traits.ignore_eos,
             check_server_cache=traits.metrics is not None,
+            extra_body=traits.measured_extra,
         )
 
     def progress(self, line: str) -> None:

