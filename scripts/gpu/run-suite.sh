@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit,clocks.max.s
 t0=$(date +%s)
 # -W default: this image's package versions may warn where the CI's do not (the ini turns
 # warnings into errors); the warnings are still printed.
-python3 -m pytest -m perf -p no:cacheprovider -W default --profile "$PROFILE" \
+timeout -s INT "${SUITE_TIMEOUT:-420}" python3 -m pytest -m perf -p no:cacheprovider -W default --profile "$PROFILE" \
   --results-dir results --update-baselines -rA "$@" 2>&1 | tee "$OUT/perf.log"
 rc=${PIPESTATUS[0]}
 echo "perf suite: exit $rc in $(( $(date +%s) - t0 )) s"
@@ -36,8 +36,9 @@ if [ -f benchmarks/telemetry_overhead.py ]; then
     --n-gpu-layers 99 --metrics --no-webui > "$OUT/bench-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 60); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
-  timeout 240 python3 benchmarks/telemetry_overhead.py --base-url http://127.0.0.1:$port \
-    --model smollm2 --concurrency 1,64 --out "$OUT/telemetry-overhead.json" 2>&1 | tail -25
+  timeout 120 python3 benchmarks/telemetry_overhead.py --base-url http://127.0.0.1:$port \
+    --model smollm2 --concurrency 1,64 --requests 64 --output-tokens 64 --repetitions 3 \
+    --out "$OUT/telemetry-overhead.json" 2>&1 | tail -25
   kill -TERM $pid; wait $pid
 fi
 exit "$rc"
