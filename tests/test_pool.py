@@ -153,3 +153,33 @@ def test_pool_close_restores_the_signal_handlers(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is not before
     pool.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_card_count_variant_stops_its_siblings_first(tmp_path: Path) -> None:
+    """`NAME@2cards` needs the cards `NAME@1card` holds: the pool stops the sibling (by its
+    stop policy, recorded) before starting the next variant; an unrelated profile stays."""
+    import dataclasses
+
+    from servelab.profiles import CardsSpec, load_profile
+
+    path = tmp_path / "stub.toml"
+    path.write_text(PROFILE.format(stub=STUB, starts=tmp_path / "starts.txt"))
+    stub = load_profile(path)
+
+    def variant(n: int) -> Any:
+        return dataclasses.replace(
+            stub, name=f"stub@{n}cards", cards=CardsSpec(counts=(1, 2), base="stub")
+        )
+
+    pool = ServerPool(tmp_path / "logs")
+    try:
+        other = pool.get(stub)
+        one = pool.get(variant(1))
+        assert alive(one.pid)
+        two = pool.get(variant(2))
+        assert alive(two.pid) and not alive(one.pid)
+        assert "stub@1cards" in pool.stops and pool.engine_pids(variant(1)) == []
+        assert alive(other.pid)  # not a sibling
+    finally:
+        pool.close()
+    assert not alive(two.pid) and not alive(other.pid)

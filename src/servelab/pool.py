@@ -98,6 +98,7 @@ class ServerPool:
         self.startup_timeout_s = startup_timeout_s
         self._owned: dict[str, ManagedServer] = {}
         self._started: dict[str, Started] = {}
+        self._bases: dict[str, str] = {}  # card-count variant -> its profile (servelab.cards)
         self.signals = TerminationSignals()
         #: How each engine this pool stopped went, by profile (`close` fills it).
         self.stops: dict[str, StopRecord] = {}
@@ -108,9 +109,30 @@ class ServerPool:
             self.ensure_alive(profile)
             return self._started[profile.name]
         self.signals.install()  # before the start: a signal during it must stop it too
+        self._free_cards_of(profile)
         started = self._start(profile) if self.shared_dir is None else self._get_shared(profile)
         self._started[profile.name] = started
+        base = None if profile.cards is None else profile.cards.base
+        if base is not None:
+            self._bases[profile.name] = base
         return started
+
+    def _free_cards_of(self, profile: Profile) -> None:
+        """A card-count variant (`NAME@2cards`) needs the cards its siblings hold: stop every
+        started sibling first, by its stop policy (its StopRecord joins `stops`)."""
+        base = None if profile.cards is None else profile.cards.base
+        if base is None:
+            return
+        if self.shared_dir is not None:
+            raise ServerError(
+                f"profile {profile.name!r} is a card-count variant of {base!r}: its variants "
+                "take turns on the same cards, which xdist workers cannot coordinate; run "
+                "the perf tests without -n"
+            )
+        for name in [n for n, b in self._bases.items() if b == base and n != profile.name]:
+            self._release(name)
+            del self._started[name], self._bases[name]
+            self._owned.pop(name, None)
 
     def ensure_alive(self, profile: Profile) -> None:
         started = self._started.get(profile.name)
