@@ -4,6 +4,9 @@
 # wheel there. $SL lies outside the checkout, so it survives while the machine stays warm.
 # With .gpu/a/llama-server.xz.part-* present (brought back by an earlier build), the build is
 # skipped.
+# FlashAttention kernels are off by default (LLAMA_CUDA_FA=ON builds them): their 82 template
+# instances are about half of the CUDA sources, and a lent machine's minutes are few; a
+# record's stack names the llama.cpp commit, and BENCHMARKS.md the flags.
 set -euo pipefail
 SL=${SL:-/opt/servelab-gpu}
 ARCH=${CUDA_ARCH:-90}
@@ -25,7 +28,7 @@ t0=$(date +%s)
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
-  -DBUILD_SHARED_LIBS=OFF > "$SL/cmake.log" 2>&1
+  -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA_FA="${LLAMA_CUDA_FA:-OFF}" > "$SL/cmake.log" 2>&1
 cmake --build build --target llama-server -j "$(nproc)" > "$SL/build.log" 2>&1 \
   || { tail -40 "$SL/build.log"; exit 1; }
 echo "llama-server built in $(( $(date +%s) - t0 )) s: $("$SL/llama.cpp/build/bin/llama-server" --version 2>&1 | head -1)"
