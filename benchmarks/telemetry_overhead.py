@@ -12,7 +12,9 @@ without). The JSON (`--out`) holds every run.
         --model smollm2 --concurrency 1,64 --requests 128 --output-tokens 128 \\
         --repetitions 5 --telemetry nvml --out results/telemetry_overhead.json
 
-Prompts are counted in words (the same prompts on both sides; their token count does not
+`--profile` (default cuda-llamacpp-smollm2) only sets the engine dialect the client speaks
+(llama-server: a connection per request, as in the perf suite); `--profile none` speaks
+vLLM's. Prompts are counted in words (the same prompts on both sides; their token count does not
 matter here). The sampler reads NVML (or xpu-smi) every `--interval-ms` on its own thread
 in the client's process, exactly as the perf suite runs it.
 """
@@ -186,11 +188,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--telemetry", choices=("nvml", "xpu-smi"), default="nvml")
     ap.add_argument("--cards", default="", help="card ids, comma-separated (default: all)")
     ap.add_argument("--interval-ms", type=float, default=telemetry.DEFAULT_INTERVAL_MS)
+    ap.add_argument(
+        "--profile",
+        default="cuda-llamacpp-smollm2",
+        help="profile whose engine dialect the client speaks (llama-server: a connection per "
+        "request); 'none': vLLM's",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     cards = tuple(x.strip() for x in args.cards.split(",") if x.strip())
-    endpoint = Endpoint(base_url=args.base_url.rstrip("/"), model=args.model)
+    profile = None
+    if args.profile != "none":
+        from servelab.profiles import default_profile_dirs, load_named
+
+        (profile,) = load_named([args.profile], default_profile_dirs())
+    endpoint = Endpoint(base_url=args.base_url.rstrip("/"), model=args.model, profile=profile)
 
     def make_sampler() -> telemetry.Sampler:
         p = telemetry.Plan(args.telemetry, cards)

@@ -11,6 +11,7 @@ documented `dump` text, written by hand into tests/data/telemetry (see its READM
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -659,7 +660,9 @@ def scripted() -> Iterator[Endpoint]:
             proc.stdout.close()
 
 
-def test_overhead_benchmark_runs_abab_against_the_stand_in(scripted: Endpoint) -> None:
+def test_overhead_benchmark_runs_abab_against_the_stand_in(
+    scripted: Endpoint, tmp_path: Path
+) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import telemetry_overhead as bench
@@ -681,6 +684,19 @@ def test_overhead_benchmark_runs_abab_against_the_stand_in(scripted: Endpoint) -
         assert row["median_tpot_ms"]["ratio"] is not None and row["chunks_per_s"]["ratio"] > 0
     table = bench.table(result["levels"])
     assert table[0].startswith("| c | TPOT without") and len(table) == 4
+    # The command line, as the GPU script runs it (here NVML is absent: not measured, said so).
+    out = tmp_path / "overhead.json"
+    argv = ["--base-url", scripted.base_url, "--model", "scripted", "--concurrency", "2"]
+    argv += ["--requests", "2", "--output-tokens", "4", "--repetitions", "1", "--out", str(out)]
+    assert bench.main([*argv, "--profile", "cuda-llamacpp-smollm2"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "servelab-telemetry-overhead" and len(doc["runs"]) == 2
+    assert all(r["failed"] == 0 for r in doc["runs"])
+    if importlib.util.find_spec("pynvml") is None:
+        assert doc["levels"][0]["telemetry"] == [
+            "not measured: pynvml is not importable "
+            "(No module named 'pynvml'); install nvidia-ml-py"
+        ]
 
 
 # --------------------------------------------------------------------------- report
@@ -773,7 +789,6 @@ def test_the_plugin_records_telemetry_per_perf_test(pytester: pytest.Pytester, m
     """Through the installed plugin against the quality stub: `--telemetry nvml` (a stand-in
     pynvml on the session's path) records the figures and the record's lab.telemetry; the
     default on an external endpoint records only why it measured nothing."""
-    import json
 
     from tests.test_quality import GOOD, Stub
 
