@@ -80,6 +80,9 @@ def trial(
     calib = [one_run(a, args, f"{k}-cal{i}") for i in range(3)]
     tpot = statistics.median(calib)
     rng = np.random.default_rng([args.seed, k])
+    deadline = args.deadline
+    if args.end_by is not None:
+        deadline = max(1.0, min(deadline, args.end_by - time.time()))
 
     def run(b: Endpoint) -> ab.ABResult:
         return ab.run_ab(
@@ -88,7 +91,7 @@ def trial(
             plan,
             "lower",
             rng,
-            deadline_s=args.deadline,
+            deadline_s=deadline,
         )
 
     delay_ms = 0.0
@@ -152,6 +155,7 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=570.0)
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--stop-by", type=float, default=None, help="no new trial after this epoch")
+    ap.add_argument("--end-by", type=float, default=None, help="every trial ends by this epoch")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--endpoint", default=None, help="a running server instead (a check)")
     args = ap.parse_args()
