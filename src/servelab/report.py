@@ -164,6 +164,33 @@ def _distribution_section(dists: Sequence[Distribution], plots: bool) -> list[st
     return parts
 
 
+
+def _telemetry_section(rec: Mapping[str, Any], plots: bool) -> list[str]:
+    """Issue 16 item 3: each run's accelerator telemetry (lab.telemetry)."""
+    runs = report_data.telemetry_runs(rec)
+    if not runs:
+        return []
+    parts = ["<h3>Accelerator telemetry per run</h3>"]
+    by_test: dict[str, list[report_data.TelemetryRun]] = {}
+    for r in runs:
+        by_test.setdefault(r.test, []).append(r)
+    for test, mine in by_test.items():
+        title = f"{test}: power and memory over each run"
+        parts += _img(title, report_plots.telemetry_png(mine, test) if plots else None)
+    parts.append(
+        "<table><tr><th>test</th><th>run</th><th>status</th><th>mean W</th><th>peak W</th>"
+        "<th>energy J (method)</th><th>tok/J</th><th>peak GiB</th></tr>"
+    )
+    for r in runs:
+        parts.append(
+            f"<tr><td>{esc(r.test)}</td><td>{esc(r.labels)}</td><td>{esc(r.status)}</td>"
+            f"<td>{_fmt(r.mean_power_w)}</td><td>{_fmt(r.peak_power_w)}</td>"
+            f"<td>{_fmt(r.energy_j)} ({esc(str(r.energy_method))})</td>"
+            f"<td>{_fmt(r.output_tok_per_j)}</td><td>{_fmt(r.peak_memory_gib)}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
 def _session_section(
     label: str, rec: Mapping[str, Any], figs: Sequence[tuple[Figure, dict[str, Any]]]
 ) -> list[str]:
@@ -232,6 +259,7 @@ def render_html(
         sessions.append((label, [f for f, _ in figs]))
         banded += [(f, d) for f, d in figs if (d.get("verdict") or {}).get("baseline")]
         parts += _session_section(label, rec, figs)
+        parts += _telemetry_section(rec, plots)
         rows = [red.data(dict(r)) for r in requests[i]] if i < len(requests) else []
         dists = report_data.distributions(rows)
         if dists:
