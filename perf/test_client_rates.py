@@ -81,8 +81,10 @@ async def _second_turn(
 
     # The same request fields and connection policy as servelab's own turns.
     extra = {"temperature": 0.0, "top_p": 1.0, "seed": 0, **dict(settings.extra_body)}
-    fresh = not traits_of(ep.profile).keep_alive
-    connector = aiohttp.TCPConnector(limit=level, keepalive_timeout=60, force_close=fresh)
+    if traits_of(ep.profile).keep_alive:
+        connector = aiohttp.TCPConnector(limit=level, keepalive_timeout=60)
+    else:  # aiohttp refuses a keep-alive timeout together with force_close
+        connector = aiohttp.TCPConnector(limit=level, force_close=True)
     timeout = aiohttp.ClientTimeout(total=6 * 60 * 60)
     gate = asyncio.Semaphore(level)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -105,13 +107,20 @@ async def _second_turn(
 
 
 def _second_values(outs: list[Any]) -> tuple[float, float]:
-    """Median TTFT and median TPOT (ms) as vLLM's calculate_metrics defines them."""
+    """Median TTFT and median TPOT (ms) as vLLM's calculate_metrics defines them.
+
+    vLLM's function reads `usage` only from a chunk without choices; llama.cpp sends usage
+    with its last choice, so there it reads 0 tokens. The length is forced (ignore_eos, which
+    servelab's own turns verify against usage), so the asked length stands in, and the
+    function's own chunk count must reach it."""
     failed = [o.error for o in outs if not o.success]
     assert not failed, f"second client: {len(failed)} failed requests, first: {failed[0][:300]}"
-    lens = {o.output_tokens for o in outs}
+    lens = {o.output_tokens or OUTPUT for o in outs}
     assert lens == {OUTPUT}, f"second client: output lengths {sorted(lens)}, asked {OUTPUT}"
+    chunks = {len(o.itl) + 1 for o in outs}
+    assert min(chunks) >= OUTPUT, f"second client: {sorted(chunks)} chunks for {OUTPUT} tokens"
     ttft = statistics.median(o.ttft * 1e3 for o in outs)
-    tpot = statistics.median((o.latency - o.ttft) / (o.output_tokens - 1) * 1e3 for o in outs)
+    tpot = statistics.median((o.latency - o.ttft) / (OUTPUT - 1) * 1e3 for o in outs)
     return ttft, tpot
 
 
