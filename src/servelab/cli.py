@@ -152,7 +152,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
             (
                 e["name"],
                 acc,
-                f"{e['engine']['name']} ({e['engine']['distribution']})",
+                f"{e['engine']['name']} ({e['engine']['distribution'] or e['engine']['binary']})",
                 ",".join(e["patches"]) or "none",
                 str(e["model"]["context_len"]),
                 "yes" if e["available_here"] else f"no: {e['unavailable_because']}",
