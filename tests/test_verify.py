@@ -200,6 +200,27 @@ def test_verdict_under_session_drift_verifies(tmp_path: Path) -> None:
     assert report.ok, report.lines()
 
 
+def test_a_record_from_before_the_inconclusive_rule_still_verifies(tmp_path: Path) -> None:
+    """Records written before issue 19's fix say "no change" where the rule now says
+    "inconclusive": not forged, and the check says which rule it was."""
+    rows, figs = session_rows_and_figures()
+    _, old = session_rows_and_figures(scale=2.0)
+    verdicts = judged(figs, old, session_cv=0.1)
+    record = write(tmp_path / "r", rows, verdicts)
+
+    def older(rec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        for f in rec["results"][0]["figures"]:
+            v = f.get("verdict") or {}
+            if v.get("status") == "inconclusive" and v.get("comparison"):
+                v["status"] = "no change"
+                v["comparison"]["outcome"] = "no change"
+
+    rewrite(record, older)
+    report = verify_record(record)
+    assert report.ok, report.lines()
+    assert any("rule before 2026-12-06" in c.what for c in report.checks), report.lines(True)
+
+
 def test_unjudged_figures_and_dropped_runs_verify(tmp_path: Path) -> None:
     rows, figs = session_rows_and_figures()
     # Measurement.keep dropped run 1 (client lag): the figure says so in its notes.
