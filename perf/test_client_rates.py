@@ -33,7 +33,6 @@ import pytest
 
 from perf.test_agreement import MAX_NOISE, agreement
 from servelab import metrics, workloads
-from servelab.client import completion_payload
 from servelab.loadgen import RunResult, run_requests_async
 from servelab.profiles import Profile
 from servelab.server import Endpoint
@@ -127,21 +126,11 @@ def _second_values(outs: list[Any]) -> tuple[float, float]:
 def _servelab_turn(
     ep: Endpoint, texts: list[str], level: int, settings: workloads.Settings
 ) -> RunResult:
-    payloads = [
-        completion_payload(
-            ep.model,
-            t,
-            OUTPUT,
-            ignore_eos=settings.ignore_eos,
-            token_ids=settings.token_ids,
-            extra=dict(settings.extra_body) or None,
-        )
-        for t in texts
-    ]
+    bodies = workloads.payloads(ep, texts, OUTPUT, settings)
     return asyncio.run(
         run_requests_async(
             ep,
-            payloads,
+            bodies,
             concurrency=level,
             prompt_tokens=[PROMPT] * len(texts),
             timeout_s=settings.timeout_s,

@@ -139,9 +139,11 @@ class Prompts:
         return texts
 
 
-def _payloads(
+def payloads(
     endpoint: Endpoint, texts: Sequence[str], output_tokens: int, s: Settings
 ) -> list[dict[str, Any]]:
+    """Measured completion bodies: forced length, token ids and the engine's own fields as
+    ``s`` says (`Settings`, from the engine's traits)."""
     return [
         completion_payload(
             endpoint.model,
@@ -169,7 +171,7 @@ def _run(
     before = server_cache_hits(endpoint) if s.check_server_cache else None
     res = run_requests(
         endpoint,
-        _payloads(endpoint, texts, output_tokens, s),
+        payloads(endpoint, texts, output_tokens, s),
         concurrency=concurrency,
         arrivals_s=arrivals_s,
         prompt_tokens=[prompt_tokens] * len(texts),
