@@ -142,5 +142,12 @@ def test_ab_decode(
     m.progress(text)
     print(f"\nA {[round(x, 2) for x in result.a]}\nB {[round(x, 2) for x in result.b]}\n{text}")
     request.node.user_properties.append(("servelab_ab", text))
+    m.results.ab[request.node.nodeid] = {  # into the record's lab section
+        "target_a": m.name,
+        "target_b": label,
+        "metric": f"median_tpot_ms p{shape.prompt_tokens}/o{output}",
+        "summary": text,
+        **dataclasses.asdict(result),
+    }
     if result.verdict.outcome == "regression":
         pytest.fail(text, pytrace=False)

@@ -112,3 +112,19 @@ def test_merge_keeps_every_measurement_and_states_shared_facts_once() -> None:
     assert [r["i"] for r in merged.requests] == [0, 1, 2]
     assert merged.metrics == {"t.py::a": "x", "t.py::b": "y", "t.py::c": "z"}
     assert merged.session_cache == {"s": 1}
+
+
+def test_ab_verdicts_reach_the_record_and_survive_xdist() -> None:
+    """An interleaved A/B verdict (perf/test_ab.py) is kept by node id in the record's lab
+    section, through a saved part and a merge of two workers' parts."""
+    entry = {"a": "cpu-smollm2", "b": "proxy +5%", "summary": "regression", "a_runs": [1.0]}
+    one = SessionResults(ab={"perf/test_ab.py::test_ab_decode[cpu-smollm2]": entry})
+    assert one.has_data()
+    back = SessionResults.from_dict(json.loads(json.dumps(one.to_dict())))
+    assert back.lab()["ab"] == one.ab
+    merged = SessionResults.merge([SessionResults(), back])
+    assert merged.ab == one.ab
+    assert SessionResults.from_dict({**one.to_dict(), "ab": {}}).ab == {}
+    old = one.to_dict()
+    del old["ab"]  # a part saved before A/B verdicts were kept
+    assert SessionResults.from_dict(old).ab == {}

@@ -70,6 +70,9 @@ class SessionResults:
     # Accelerator telemetry by pytest node id: each kept run's figures, status and a short
     # power/memory series, or why it was not measured (servelab.telemetry).
     telemetry: dict[str, Any] = field(default_factory=dict)
+    # Interleaved A/B verdicts by pytest node id: both sides' runs, the block orders and the
+    # sequential verdict (servelab.ab, perf/test_ab.py).
+    ab: dict[str, Any] = field(default_factory=dict)
 
     @property
     def figures(self) -> list[Figure]:
@@ -95,6 +98,7 @@ class SessionResults:
             or self.session_cache
             or self.receipts
             or self.stops
+            or self.ab
         )
 
     def lab(self) -> dict[str, Any]:
@@ -108,6 +112,7 @@ class SessionResults:
             "receipts": {t: dict(r) for t, r in self.receipts.items()},
             "stops": dict(self.stops),
             "telemetry": dict(self.telemetry),
+            "ab": dict(self.ab),
         }
 
     # ------------------------------------------------------------ serialization
@@ -145,6 +150,7 @@ class SessionResults:
                 receipts={str(t): dict(r) for t, r in d.get("receipts", {}).items()},
                 stops={str(t): dict(r) for t, r in d.get("stops", {}).items()},
                 telemetry=dict(d.get("telemetry", {})),
+                ab=dict(d.get("ab", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"saved session results are malformed ({exc!r})") from None
@@ -177,6 +183,7 @@ class SessionResults:
                     kept.setdefault(key, value)  # the first admission, the first post-run
             out.stops.update(part.stops)
             out.telemetry.update(part.telemetry)
+            out.ab.update(part.ab)
         return out
 
 
