@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from servelab import arrivals, selftest, workloads
 from servelab.loadgen import RunResult
 from servelab.server import Endpoint
+from tests.fakes import scripted_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TTFT_S, ITL_S = 0.040, 0.010
@@ -29,22 +28,8 @@ def words(p: object) -> int:
 
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[Endpoint]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.scripted_server", "--ttft-ms", "40", "--itl-ms", "10"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("port "), line
-        yield Endpoint(base_url=f"http://127.0.0.1:{int(line.split()[1])}", model="scripted")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with scripted_server.process(40, 10) as endpoint:
+        yield endpoint
 
 
 def _setup(ep: Endpoint) -> tuple[workloads.Prompts, workloads.Settings]:

@@ -43,6 +43,7 @@ from servelab.telemetry_sources import (
     XpuSmiSource,
     dump_command,
 )
+from tests.fakes import scripted_server
 
 DATA = Path(__file__).parent / "data" / "telemetry"
 ROOT = Path(__file__).resolve().parents[1]
@@ -642,22 +643,8 @@ def test_measurement_without_an_accelerator_records_the_reason_only() -> None:
 
 @pytest.fixture
 def scripted() -> Iterator[Endpoint]:
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.scripted_server", "--ttft-ms", "5", "--itl-ms", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("port "), line
-        yield Endpoint(base_url=f"http://127.0.0.1:{int(line.split()[1])}", model="scripted")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with scripted_server.process(5, 2) as endpoint:
+        yield endpoint
 
 
 def test_overhead_benchmark_runs_abba_against_the_stand_in(

@@ -20,7 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 try:
@@ -151,6 +156,28 @@ class ScriptedServer(ThreadedAsyncServer):
         tail = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
         w.write(_chunked(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await w.drain()
+
+
+@contextmanager
+def process(ttft_ms: float, itl_ms: float) -> Iterator[Any]:
+    """This server in its own process (its own event loop and interpreter), as an Endpoint;
+    killed on exit."""
+    from servelab.server import Endpoint
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "tests.fakes.scripted_server"]
+    cmd += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("port "), line
+        yield Endpoint(base_url=f"http://127.0.0.1:{int(line.split()[1])}", model="scripted")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def main() -> None:
