@@ -36,8 +36,8 @@ if [ -f benchmarks/telemetry_overhead.py ]; then
     --n-gpu-layers 99 --metrics --no-webui > "$OUT/bench-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 60); do curl -sf localhost:$port/health > /dev/null && break; sleep 1; done
-  timeout "${BENCH_TIMEOUT:-120}" python3 benchmarks/telemetry_overhead.py --base-url http://127.0.0.1:$port \
-    --model smollm2 --concurrency 1,64 --requests 32 --output-tokens 64 --repetitions 3 \
+  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/telemetry_overhead.py --base-url http://127.0.0.1:$port \
+    --model smollm2 --concurrency 1,64 --requests 64 --output-tokens 64 --repetitions ${BENCH_REPS:-8} \
     --out "$OUT/telemetry-overhead.json" 2>&1 | tail -25
   kill -TERM $pid; wait $pid
 fi
