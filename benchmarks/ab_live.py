@@ -4,7 +4,7 @@ Starts the profile's server once (servelab's pool; stopped at the end, also on C
 runs ``--trials`` comparisons one after another, alternating a stand-in slowdown and an
 A/A pair:
 
-* ``slow``: B is A's server through the delaying proxy of `perf/test_verdict_live.py`,
+* ``slow``: B is A's server through the delaying proxy (`servelab.delay_proxy`),
   adding ``--slowdown`` (default 5 %) of A's TPOT, measured just before the trial, to every
   token; must be called a regression;
 * ``A/A``: B is A's endpoint itself; must not be called a regression.
@@ -24,28 +24,23 @@ About 1-10 minutes a trial on 2 cores (server start about a minute once).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from servelab import ab, metrics, sequential, workloads
+from servelab.delay_proxy import delayed
+from servelab.pool import ServerPool
+from servelab.profiles import default_profile_dirs, load_named
+from servelab.server import Endpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # perf.test_verdict_live: the delaying proxy
-
-from perf.test_verdict_live import DelayingProxy  # noqa: E402
-
-from servelab import ab, metrics, sequential, workloads  # noqa: E402
-from servelab.pool import ServerPool  # noqa: E402
-from servelab.profiles import default_profile_dirs, load_named  # noqa: E402
-from servelab.server import Endpoint  # noqa: E402
 
 
 def one_run(endpoint: Endpoint, args: argparse.Namespace, tag: str, again: bool = False) -> float:
@@ -97,9 +92,7 @@ def trial(
     delay_ms = 0.0
     if kind == "slow":
         delay_ms = args.slowdown * tpot
-        u = urlsplit(a.base_url)
-        with DelayingProxy(u.hostname or "127.0.0.1", u.port or 80, delay_ms / 1000) as proxy:
-            b = dataclasses.replace(a, base_url=f"http://127.0.0.1:{proxy.listen_port}")
+        with delayed(a, delay_ms / 1000) as b:
             one_run(b, args, f"{k}-Bwarm")
             res = run(b)
     else:

@@ -8,7 +8,10 @@ servelab's coordination of the workers, not the engine.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +224,69 @@ def test_each_figure_is_judged_once_under_xdist(
     # ... and the verdict each worker gave travels to the record unchanged.
     (res,) = only_record(results)["results"]
     assert {f["verdict"]["status"] for f in res["figures"]} == {"no baseline"}
+
+
+# ------------------------------------------------- issue 25: receipts and stops in the record
+
+#: Two decode tests on one managed stand-in engine: under ``-n 2`` each worker runs one.
+TWO_DECODES = """
+import pytest
+from servelab import workloads
+
+@pytest.mark.parametrize("i", range(2))
+def test_decode(servelab_endpoint, servelab_profile, i):
+    settings = workloads.Settings.for_limits(
+        servelab_profile.limits, first_token_timeout_s=10, progress=False
+    )
+    workloads.decode(
+        servelab_endpoint, prompt_tokens=8, output_tokens=4, runs=3, settings=settings
+    )
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["plain", "xdist"])
+def test_every_record_carries_both_receipts_and_each_engines_stop(
+    pytester: pytest.Pytester, xdist: bool
+) -> None:
+    """Issue 25: a session's record holds each target's admission and post-run receipts,
+    their difference and how its engine stopped, with and without xdist. Under ``-n 2`` the
+    shared engine is stopped by the controller: it used to do that after the record was
+    written, so the record had neither the stop nor the post-run receipt."""
+    from tests.test_faults import PROFILE, STUB, leftovers, pids_alive
+
+    path = pytester.path
+    profiles = path / "profiles"
+    profiles.mkdir()
+    pids = path / "pids-stub.txt"
+    (profiles / "stub.toml").write_text(PROFILE.format(name="stub", mode="ok", stub=STUB, pids=pids))
+    (path / "test_inner.py").write_text(TWO_DECODES)
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error", "-rA"]
+    args += ["--profiles-dir", str(profiles), "--profile", "stub", "test_inner.py"]
+    args += ["-n", "2", "-v"] if xdist else []
+    search = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(search), "COLUMNS": "400"}
+    done = subprocess.Popen(
+        args, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out, _ = done.communicate(timeout=180)
+    finally:
+        if done.poll() is None:
+            done.kill()
+            done.communicate()
+    assert done.returncode == pytest.ExitCode.OK, out
+    if xdist:
+        assert "[gw0]" in out and "[gw1]" in out, out  # both workers used the engine
+    lab = only_record(path / "results")["lab"]
+    receipts, stops = lab["receipts"], lab["stops"]
+    assert set(receipts) == {"stub"} and set(stops) == {"stub"}, (receipts, stops, out)
+    assert {"admission", "post_run", "difference"} <= set(receipts["stub"]), receipts
+    assert receipts["stub"]["admission"]["problems"] == []
+    assert receipts["stub"]["post_run"]["problems"] == []
+    stop = stops["stub"]
+    assert stop["clean_stop"] is True and stop["signal"] == "SIGTERM", stop
+    assert stop["forced"] is False and stop["seconds"] < 10, stop
+    engine = [int(x) for x in pids.read_text().split()]
+    assert stop["pid"] == engine[0]
+    assert not pids_alive(engine)
+    assert leftovers(str(path), done.pid) == []

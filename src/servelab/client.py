@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import httpx
 
+from servelab.errors import ClientError
 from servelab.server import Endpoint
 from servelab.sse import SSEDecoder
 
@@ -44,6 +45,8 @@ Api = Literal["completions", "chat"]
 DEFAULT_TIMEOUT_S = 600.0
 #: How the error of a request that timed out waiting for its first token begins.
 FIRST_TOKEN_TIMEOUT = "timeout: no first token"
+#: How the error of a request the client aborted on purpose (``cancel_after``) begins.
+CANCELLED = "cancelled by the client"
 _ERROR_BODY_LIMIT = 2000
 
 
@@ -79,6 +82,12 @@ class RequestRecord:
     @property
     def success(self) -> bool:
         return self.error is None
+
+    @property
+    def cancelled(self) -> bool:
+        """The client aborted this stream on purpose (`stream_completion`'s ``cancel_after``):
+        neither a success nor a failure of the server."""
+        return self.error is not None and self.error.startswith(CANCELLED)
 
     @property
     def first_token_timed_out(self) -> bool:
@@ -118,7 +127,7 @@ class RequestRecord:
 
 def completion_payload(
     model: str,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_tokens: int,
     *,
     ignore_eos: bool = True,
@@ -126,14 +135,19 @@ def completion_payload(
     seed: int | None = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A streaming /v1/completions body with usage requested.
+    """A streaming /v1/completions body with usage requested. ``prompt`` is text or a list
+    of token ids (exact lengths and exactly shared prefixes, as in a trace's replay).
 
     ``ignore_eos`` also sets ``min_tokens`` so the output length is exactly ``max_tokens``;
     ``token_ids`` asks vLLM for each chunk's token ids (``return_token_ids``), which lets the
     client count tokens per chunk. Both are vLLM extensions: turn them off for other servers.
     """
     return _streaming_body(
-        {"model": model, "prompt": prompt, "max_tokens": max_tokens},
+        {
+            "model": model,
+            "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
+            "max_tokens": max_tokens,
+        },
         max_tokens,
         ignore_eos=ignore_eos,
         token_ids=token_ids,
@@ -307,13 +321,20 @@ async def stream_completion(
     arrival_ns: int | None = None,
     requested_prompt_tokens: int | None = None,
     worker: int = 0,
+    cancel_after: int | None = None,
 ) -> RequestRecord:
     """Send one streaming request and record it. Never raises for a failed request.
 
     ``payload`` is a body from `completion_payload` or `chat_payload` (``messages`` selects
     the chat API). ``timeout_s`` bounds the whole request, ``first_token_timeout_s`` (default:
-    ``timeout_s``) the wait for the first token chunk.
+    ``timeout_s``) the wait for the first token chunk. ``cancel_after`` (k >= 1): the client
+    closes the stream once k token chunks have come, as a user who stops reading would; the
+    record's error then begins with `CANCELLED` (`RequestRecord.cancelled`).
     """
+    if cancel_after is not None and cancel_after < 1:
+        raise ClientError(
+            f"stream_completion: cancel_after must be >= 1 token chunk (got {cancel_after})"
+        )
     api = api_of(payload)
     url = endpoint.api_base + ("/chat/completions" if api == "chat" else "/completions")
     acc = _Acc()
@@ -347,6 +368,12 @@ async def stream_completion(
                             break
                         if not had_token and acc.first_token_ns is not None:
                             cm.reschedule(t0 + timeout_s)
+                        if cancel_after is not None and len(acc.chunk_ns) >= cancel_after:
+                            # Leaving the stream unread closes its connection: the server
+                            # sees the client go, as it would a user's closed tab.
+                            acc.error = f"{CANCELLED} after {len(acc.chunk_ns)} token chunks"
+                            ok = False
+                            break
                     if ok:
                         ts = time.perf_counter_ns()
                         for data in dec.close():
