@@ -364,3 +364,27 @@ CATALOGUE.update(
         ),
     )
 )
+
+# Issue 24 item 3 (H4): integrity-audit figures (servelab.audits, perf/test_audits.py). One
+# value per request; each audit also gates its test.
+CATALOGUE.update(
+    (s.name, s)
+    for s in (
+        _spec(
+            "audit_output_length_ratio",
+            "output length / length asked, without ignore_eos (LoadGen TEST09)",
+            "x asked",
+            "higher",
+            "usage.completion_tokens / max_tokens per request, the model free to stop at EOS; "
+            "the audit gates on their mean within +/-10 % of 1 (servelab.audits.length_audit)",
+        ),
+        _spec(
+            "audit_forced_length_ratio",
+            "output length / length forced with ignore_eos",
+            "x forced",
+            "higher",
+            "usage.completion_tokens / max_tokens per request with ignore_eos; the audit gates "
+            "on every request exactly 1 (servelab.audits.forced_length_audit)",
+        ),
+    )
+)
