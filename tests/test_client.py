@@ -178,3 +178,33 @@ def test_reset_names_its_cause() -> None:
     assert r.error == (
         "ReadError mid-stream: ConnectionResetError: [Errno 104] Connection reset by peer"
     )
+
+
+def test_cancel_after_closes_the_stream_mid_generation() -> None:
+    """Issue 17 item 7: after k token chunks the client stops reading and records why."""
+    parts: list[bytes | float | Exception] = [
+        chunk("a", token_ids=[1]),
+        chunk("b", token_ids=[2]),
+        chunk("c", token_ids=[3]),
+        usage(5, 3),
+        DONE,
+    ]
+    r = asyncio.run(one(parts, cancel_after=2))
+    assert r.cancelled and not r.success and not r.first_token_timed_out
+    assert r.error == "cancelled by the client after 2 token chunks"
+    assert len(r.chunk_ns) == 2 and r.text == "ab" and r.completion_tokens is None
+    assert r.done_ns is not None
+    full = asyncio.run(one(parts, cancel_after=3))  # the last chunk: cancelled all the same
+    assert full.cancelled and len(full.chunk_ns) == 3
+    assert not asyncio.run(one(parts)).cancelled
+
+
+def test_cancel_after_must_be_positive() -> None:
+    with pytest.raises(client.ClientError, match="cancel_after must be >= 1"):
+        asyncio.run(one([DONE], cancel_after=0))
+
+
+def test_a_prompt_of_token_ids_is_sent_as_a_list() -> None:
+    body = completion_payload("m", (5, 6, 7), 2)
+    assert body["prompt"] == [5, 6, 7]
+    assert completion_payload("m", "hi", 2)["prompt"] == "hi"

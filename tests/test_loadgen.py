@@ -281,3 +281,34 @@ def test_deadline_bounds_the_whole_run(fault_server: FaultServer) -> None:
     assert first is not None and first.startswith("the run's deadline passed (timeout: no first")
     assert [r.error for r in res.records[1:]] == ["not sent: the run's deadline had passed"] * 2
     assert res.stuck() is None  # cut short by the deadline: no evidence of a stuck server
+
+
+def test_cancelled_streams_are_kept_apart_from_failures(fault_server: FaultServer) -> None:
+    """Issue 17 item 7: the client closes chosen streams after k token chunks; those records
+    are cancelled (neither success nor failure), the others complete and the run counts."""
+    ep = Endpoint(base_url=f"http://127.0.0.1:{fault_server.port}", model="m")
+    payloads = [completion_payload("m", "ok", 6) for _ in range(4)]
+    res = run_requests(ep, payloads, concurrency=2, cancel_after=[None, 2, None, 1], progress=False)
+    assert [r.cancelled for r in res.records] == [False, True, False, True]
+    assert [len(r.chunk_ns) for r in res.cancelled] == [2, 1]
+    assert res.records[1].error == "cancelled by the client after 2 token chunks"
+    assert res.failed == () and res.error_rate == 0.0 and res.invalid_reasons() == []
+    assert [r.index for r in res.survivors().records] == [0, 2]
+    assert all(r.success and r.output_tokens == 6 for r in res.survivors().records)
+
+
+def test_cancel_after_is_checked() -> None:
+    ep = Endpoint(base_url="http://127.0.0.1:9", model="m")
+    one = [completion_payload("m", "ok", 2)]
+    with pytest.raises(ClientError, match="1 cancel_after entries for 2 payloads"):
+        run_requests(ep, one * 2, cancel_after=[1], progress=False)
+    with pytest.raises(ClientError, match="cancel_after must be None or >= 1"):
+        run_requests(ep, one, cancel_after=[0], progress=False)
+
+
+def test_expected_cache_hits_do_not_invalidate_a_run() -> None:
+    """Multi-turn sessions and a trace's shared prefixes are meant to hit the cache."""
+    parts = [chunk("a"), chunk("b"), usage(300, 2, 256), DONE]
+    rec = asyncio.run(record(parts))
+    res = RunResult((rec,), 0, 10**9, 1, 1, (), 50.0, 256.0, expect_cached=True)
+    assert res.invalid_reasons() == [] and res.cache_hits() == []

@@ -81,6 +81,9 @@ class RunResult:
     # Prompt tokens the server's own counter (vLLM: vllm:prefix_cache_hits_total) says came
     # from its prefix cache during the run; None where not scraped.
     server_cache_hits: float | None = None
+    # The workload shares prompt prefixes on purpose (multi-turn sessions, a trace's shared
+    # hash ids): cached prompt tokens are what it measures, not a leak between measurements.
+    expect_cached: bool = False
 
     @property
     def duration_s(self) -> float:
@@ -88,7 +91,17 @@ class RunResult:
 
     @property
     def failed(self) -> tuple[RequestRecord, ...]:
-        return tuple(r for r in self.records if not r.success)
+        """Requests that did not succeed, less those the client cancelled on purpose."""
+        return tuple(r for r in self.records if not r.success and not r.cancelled)
+
+    @property
+    def cancelled(self) -> tuple[RequestRecord, ...]:
+        """Requests the client aborted mid-stream on purpose (``cancel_after``)."""
+        return tuple(r for r in self.records if r.cancelled)
+
+    def survivors(self) -> RunResult:
+        """This run without its cancelled requests: what the users who stayed saw."""
+        return dataclasses.replace(self, records=tuple(r for r in self.records if not r.cancelled))
 
     @property
     def error_rate(self) -> float:
@@ -118,6 +131,8 @@ class RunResult:
         ]
 
     def cache_hits(self) -> list[str]:
+        if self.expect_cached:
+            return []
         hits = [
             f"request {r.index}: {r.cached_tokens} prompt tokens came from the prefix cache"
             for r in self.records
@@ -186,7 +201,7 @@ class _Target:
 @dataclass(frozen=True)
 class _Job:
     target: _Target
-    items: tuple[tuple[int, dict[str, Any], float | None, int | None], ...]
+    items: tuple[tuple[int, dict[str, Any], float | None, int | None, int | None], ...]
     concurrency: int | None
     timeout_s: float
     first_token_timeout_s: float | None
@@ -265,6 +280,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         payload: dict[str, Any],
         offset_s: float | None,
         prompt_len: int | None,
+        cancel_after: int | None,
     ) -> RequestRecord:
         if offset_s:
             due = job.start_at_ns + int(offset_s * 1e9)
@@ -273,10 +289,10 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 await asyncio.sleep(wait)
         arrival = time.perf_counter_ns()
         if sem is None:
-            rec = await _send(http, endpoint, payload, index, arrival, prompt_len)
+            rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         else:
             async with sem:
-                rec = await _send(http, endpoint, payload, index, arrival, prompt_len)
+                rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         if pbar is not None:
             pbar.update(1)
         return rec
@@ -288,6 +304,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         index: int,
         arrival: int,
         prompt_len: int | None,
+        cancel_after: int | None,
     ) -> RequestRecord:
         if stuck:
             return _not_sent(job, index, payload, arrival, prompt_len, f"not sent: {stuck[0]}")
@@ -312,6 +329,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 arrival_ns=arrival,
                 requested_prompt_tokens=prompt_len,
                 worker=job.worker,
+                cancel_after=cancel_after,
             )
         except Exception as exc:  # a client bug fails this request, not the whole run
             why = f"client error ({type(exc).__name__}: {exc})"
@@ -363,6 +381,7 @@ def _check_run_args(
     workers: int,
     arrivals_s: Sequence[float] | None,
     prompt_tokens: Sequence[int | None] | None,
+    cancel_after: Sequence[int | None] | None = None,
 ) -> None:
     if n == 0:
         raise ClientError("run_requests: no payloads given; a run needs at least one request")
@@ -378,19 +397,31 @@ def _check_run_args(
         raise ClientError(
             f"run_requests: {len(prompt_tokens)} prompt lengths for {n} payloads; give one each"
         )
+    if cancel_after is not None and len(cancel_after) != n:
+        raise ClientError(
+            f"run_requests: {len(cancel_after)} cancel_after entries for {n} payloads; give one "
+            "each (None: not cancelled)"
+        )
+    if cancel_after is not None and any(k is not None and k < 1 for k in cancel_after):
+        raise ClientError(
+            "run_requests: cancel_after must be None or >= 1 token chunk per request "
+            f"(got {list(cancel_after)})"
+        )
 
 
 def _items(
     payloads: Sequence[Mapping[str, Any]],
     arrivals_s: Sequence[float] | None,
     prompt_tokens: Sequence[int | None] | None,
-) -> list[tuple[int, dict[str, Any], float | None, int | None]]:
+    cancel_after: Sequence[int | None] | None = None,
+) -> list[tuple[int, dict[str, Any], float | None, int | None, int | None]]:
     return [
         (
             i,
             dict(p),
             None if arrivals_s is None else float(arrivals_s[i]),
             None if prompt_tokens is None else prompt_tokens[i],
+            None if cancel_after is None else cancel_after[i],
         )
         for i, p in enumerate(payloads)
     ]
@@ -421,13 +452,14 @@ async def run_requests_async(
     lag_interval_ms: float = 5.0,
     deadline_ns: int | None = None,
     stop_when_stuck: bool = False,
+    cancel_after: Sequence[int | None] | None = None,
 ) -> RunResult:
     """`run_requests` inside an already running event loop (one process, no workers)."""
     n = len(payloads)
-    _check_run_args(n, concurrency, 1, arrivals_s, prompt_tokens)
+    _check_run_args(n, concurrency, 1, arrivals_s, prompt_tokens, cancel_after)
     job = _Job(
         _target(endpoint),
-        tuple(_items(payloads, arrivals_s, prompt_tokens)),
+        tuple(_items(payloads, arrivals_s, prompt_tokens, cancel_after)),
         concurrency,
         timeout_s,
         first_token_timeout_s,
@@ -458,6 +490,7 @@ def run_requests(
     lag_interval_ms: float = 5.0,
     deadline_ns: int | None = None,
     stop_when_stuck: bool = False,
+    cancel_after: Sequence[int | None] | None = None,
 ) -> RunResult:
     """Send every payload and return the run's records (a sync wrapper over asyncio).
 
@@ -472,9 +505,11 @@ def run_requests(
     wait for a first token. ``deadline_ns`` (a ``perf_counter_ns`` value) ends the run: no
     request starts after it and none runs past it. ``stop_when_stuck``: once a request timed
     out waiting for its first token while no other got a token, the rest are not sent.
+    ``cancel_after`` (one entry per payload, None: not cancelled) makes the client close
+    request i's stream after that many token chunks (`RunResult.cancelled`; not failures).
     """
     n = len(payloads)
-    _check_run_args(n, concurrency, workers, arrivals_s, prompt_tokens)
+    _check_run_args(n, concurrency, workers, arrivals_s, prompt_tokens, cancel_after)
     workers = min(workers, n)
     if workers == 1:
         return asyncio.run(
@@ -491,11 +526,12 @@ def run_requests(
                 lag_interval_ms=lag_interval_ms,
                 deadline_ns=deadline_ns,
                 stop_when_stuck=stop_when_stuck,
+                cancel_after=cancel_after,
             )
         )
     return _run_in_workers(
         _target(endpoint),
-        _items(payloads, arrivals_s, prompt_tokens),
+        _items(payloads, arrivals_s, prompt_tokens, cancel_after),
         concurrency,
         timeout_s,
         first_token_timeout_s,
@@ -510,7 +546,7 @@ def run_requests(
 
 def _run_in_workers(
     target: _Target,
-    items: list[tuple[int, dict[str, Any], float | None, int | None]],
+    items: list[tuple[int, dict[str, Any], float | None, int | None, int | None]],
     concurrency: int | None,
     timeout_s: float,
     first_token_timeout_s: float | None,
