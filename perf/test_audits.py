@@ -4,16 +4,26 @@ declares a cache (vLLM's prefix caching, read from its /metrics); usage, streame
 and re-tokenized text agree; greedy outputs at concurrency 4 are identical to the same
 server's solo outputs. Each audit is a gate: a failure fails the test with its reasons.
 
+The output-length audit (LoadGen TEST09, and the forced length behind every measured
+figure) records its figures: each request's output length over the length asked, without
+`ignore_eos` (`audit_output_length_ratio`: their mean within +/-10 % of 1) and with it
+(`audit_forced_length_ratio`: every one exactly 1). Its prompts are number sequences the
+model continues past the length asked, so an honest server reaches the length without
+being forced; a server that stops short, or ignores the forced length, fails.
+
 Each audit fails on a stand-in built to break it (tests/test_audits.py).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from servelab import audits, prometheus
 from servelab.client import completion_payload
 from servelab.errors import ClientError
+from servelab.figures import Shape
 from servelab.loadgen import run_requests
 from servelab.plugin_measure import Measurement
 from servelab.prompts import server_token_counter
@@ -71,3 +81,68 @@ def test_integrity_audits(servelab_measure: Measurement) -> None:
         m.progress(a.describe())
     failed = [a.describe() for a in results if not a.ok]
     assert not failed, "integrity audits failed:\n" + "\n".join(failed)
+
+
+LENGTH_ASKED, LENGTH_N, LENGTH_C = 16, 8, 4
+
+
+def _counting(k: int) -> str:
+    """A number sequence from `k`: the model continues it past any short length."""
+    return ", ".join(str(k + j) for j in range(6)) + ","
+
+
+def test_output_length_audit(servelab_measure: Measurement) -> None:
+    m = servelab_measure
+    ep, s = m.endpoint, m.settings
+    salt = time.time_ns() % 10**6  # new numbers each session: no prefix-cache hit
+    starts = [1000 + salt * 10 + 7919 * i for i in range(2 * LENGTH_N)]
+
+    def bodies(ks: list[int], forced: bool) -> list[dict[str, object]]:
+        return [
+            completion_payload(
+                ep.model,
+                _counting(k),
+                LENGTH_ASKED,
+                seed=0,
+                token_ids=s.token_ids,
+                ignore_eos=forced,
+                extra=dict(s.extra_body) or None,
+            )
+            for k in ks
+        ]
+
+    free = run_requests(
+        ep, bodies(starts[:LENGTH_N], False), concurrency=LENGTH_C, timeout_s=m.timeout_s
+    )
+    runs = [({"audit": "length", "ignore_eos": False}, free)]
+    forced = None
+    if s.ignore_eos:
+        forced = run_requests(
+            ep, bodies(starts[LENGTH_N:], True), concurrency=LENGTH_C, timeout_s=m.timeout_s
+        )
+        runs.append(({"audit": "length", "ignore_eos": True}, forced))
+    else:
+        m.progress("forced length not audited: the engine has no ignore_eos (engine_traits)")
+    results = [audits.length_audit(free.records, LENGTH_ASKED)]
+    if forced is not None:
+        results.append(audits.forced_length_audit(forced.records, LENGTH_ASKED))
+    for a in results:
+        m.progress(a.describe())
+    m.keep(runs)
+    shape = Shape(prompt_tokens=None, output_tokens=LENGTH_ASKED, concurrency=LENGTH_C)
+    note = f"{LENGTH_N} number-sequence prompts, max_tokens {LENGTH_ASKED}, concurrency {LENGTH_C}"
+    m.record(
+        "audit_output_length_ratio",
+        audits.length_ratios(free.records, LENGTH_ASKED),
+        shape,
+        notes=(note, results[0].describe()),
+    )
+    if forced is not None:
+        m.record(
+            "audit_forced_length_ratio",
+            audits.length_ratios(forced.records, LENGTH_ASKED),
+            shape,
+            notes=(note, results[1].describe()),
+        )
+    failed = [a.describe() for a in results if not a.ok]
+    assert not failed, "output-length audit failed:\n" + "\n".join(failed)

@@ -70,3 +70,28 @@ def test_batch_invariance_passes_honest_and_fails_a_batch_dependent_server() -> 
         a = audits.batch_invariance(solo, batched)
         assert a.value == share, a.describe()
     assert "differs from solo at character" in a.problems[0]
+
+
+def test_forced_length_audit_passes_honest_and_fails_a_server_ignoring_ignore_eos() -> None:
+    # The "eos" stand-in stops early only without ignore_eos: forced, it gives every token.
+    for mode in ("ok", "eos"):
+        with server(mode) as ep:
+            good = audits.forced_length_audit(send(ep, PROMPTS, 8), 8)
+        assert good.ok and good.value == 1.0, good.describe()
+    with server("noforce") as ep:
+        recs = send(ep, PROMPTS, 8)
+    bad = audits.forced_length_audit(recs, 8)
+    assert not bad.ok and bad.value == 0.0
+    assert "4 output tokens for 8 forced (finish 'stop')" in bad.problems[0], bad.problems
+    assert audits.length_ratios(recs, 8) == [0.5] * 4
+    # The mean-length audit (TEST09) fails it too: half the length is -50 %.
+    assert not audits.length_audit(recs, 8).ok
+
+
+def test_length_audit_tolerance_is_ten_percent_either_way() -> None:
+    with server("ok") as ep:
+        recs = send(ep, PROMPTS, 10, ignore_eos=False)
+    assert audits.length_audit(recs, 10).value == 1.0
+    assert audits.length_audit(recs, 11).ok  # 10 / 11 = -9 %
+    assert not audits.length_audit(recs, 12).ok  # 10 / 12 = -17 %
+    assert not audits.length_audit(recs, 9).ok  # 10 / 9 = +11 %: too long fails too

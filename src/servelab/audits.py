@@ -10,7 +10,8 @@ records; the perf tests send the requests, these judge them.
   counter is given) the re-tokenized text agree; the first token came; a forced length ends
   on "length" and an EOS on "stop" (TEST06).
 - **output length**: without `ignore_eos`, the mean output length is within +/-10 % of the
-  length asked for (TEST09).
+  length asked for (TEST09); with `ignore_eos`, every request's output length is exactly the
+  length asked for (a server that ignores the forced length measures other work).
 - **batch invariance**: greedy outputs under concurrent load are identical to the same
   server's solo outputs for the same prompts (the lab's `exact_vs_own_solo`), reported as
   the share identical and the first divergence.
@@ -136,6 +137,27 @@ def length_audit(
             f"({(ratio - 1) * 100:+.0f}%, allowed +/-{tolerance * 100:g}%)",
         )
     return Audit("output length", ratio, "of asked", problems)
+
+
+def forced_length_audit(records: Sequence[RequestRecord], asked: int) -> Audit:
+    """With `ignore_eos`: every request's output length (usage, else token ids) equals
+    `asked`. Value: the share of requests that got exactly that many tokens."""
+    if not records:
+        return Audit("forced length", None, "", ("no requests",))
+    problems = [
+        f"request {r.index}: {r.output_tokens} output tokens for {asked} forced "
+        f"(finish {r.finish_reason!r}{'' if r.success else f', failed: {r.error}'})"
+        for r in records
+        if r.output_tokens != asked
+    ]
+    value = 1 - len(problems) / len(records)
+    return Audit("forced length", value, "share exact", tuple(problems))
+
+
+def length_ratios(records: Sequence[RequestRecord], asked: int) -> list[float | None]:
+    """Each request's output length over `asked` (None where nothing counted it): the
+    output-length audits' figure values, one per request."""
+    return [None if r.output_tokens is None else r.output_tokens / asked for r in records]
 
 
 def batch_invariance(solo: Sequence[RequestRecord], batched: Sequence[RequestRecord]) -> Audit:

@@ -54,7 +54,8 @@ class ScriptedServer(ThreadedAsyncServer):
         # Stand-ins built to break one audit each (servelab.audits): "cache" answers a prompt
         # it has seen 5x sooner and reports its tokens cached; "truncate" streams one token
         # fewer than its usage counts; "batch" changes its output while another request is in
-        # flight; "eos" stops at half the length asked unless `ignore_eos` forces it.
+        # flight; "eos" stops at half the length asked unless `ignore_eos` forces it;
+        # "noforce" stops there even when `ignore_eos` asks for the whole length.
         self.mode = mode
         self.seen: set[str] = set()
         self.in_flight = 0
@@ -128,14 +129,15 @@ class ScriptedServer(ThreadedAsyncServer):
             ttft_s, cached = self.ttft_s / 5, len(prompt_text.split())
         self.seen.add(prompt_text)
         shown = k - 1 if self.mode == "truncate" else k
-        if self.mode == "eos" and not body.get("ignore_eos"):
+        early = self.mode == "noforce" or (self.mode == "eos" and not body.get("ignore_eos"))
+        if early:
             k = shown = max(1, k // 2)
         writes: list[int] = []
         # loop.time() is time.monotonic(): the same clock as CLOCK_MONOTONIC ns.
         self.log[str(body.get("prompt", ""))] = {"received_ns": int(t0 * 1e9), "writes_ns": writes}
         self.in_flight += 1
         crowded = False
-        finish = "stop" if self.mode == "eos" and not body.get("ignore_eos") else "length"
+        finish = "stop" if early else "length"
         try:
             for i in range(shown):
                 due = t0 + ttft_s + i * self.itl_s
@@ -184,7 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ttft-ms", type=float, required=True)
     ap.add_argument("--itl-ms", type=float, required=True)
-    ap.add_argument("--mode", default="ok", choices=["ok", "cache", "truncate", "batch", "eos"])
+    ap.add_argument(
+        "--mode", default="ok", choices=["ok", "cache", "truncate", "batch", "eos", "noforce"]
+    )
     args = ap.parse_args()
     server = ScriptedServer(args.ttft_ms / 1000, args.itl_ms / 1000, args.mode)
     with server:
