@@ -18,6 +18,7 @@ import pytest
 
 from servelab import client
 from servelab.client import RequestRecord, completion_payload, stream_completion
+from servelab.errors import ClientError
 from servelab.server import Endpoint
 from tests.fakes.sse import DONE, chunk, usage
 
@@ -200,7 +201,7 @@ def test_cancel_after_closes_the_stream_mid_generation() -> None:
 
 
 def test_cancel_after_must_be_positive() -> None:
-    with pytest.raises(client.ClientError, match="cancel_after must be >= 1"):
+    with pytest.raises(ClientError, match="cancel_after must be >= 1"):
         asyncio.run(one([DONE], cancel_after=0))
 
 

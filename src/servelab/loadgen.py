@@ -247,7 +247,9 @@ def _not_sent(
     )
 
 
-async def _watch_loop(interval_ms: float, samples: list[float], stop: asyncio.Event) -> None:
+async def watch_loop(interval_ms: float, samples: list[float], stop: asyncio.Event) -> None:
+    """Append how late each `interval_ms` sleep woke up (ms) until `stop` is set; also
+    watches `servelab.conversations`' runs."""
     interval_ns = int(interval_ms * 1e6)
     while not stop.is_set():
         t = time.perf_counter_ns()
@@ -255,7 +257,8 @@ async def _watch_loop(interval_ms: float, samples: list[float], stop: asyncio.Ev
         samples.append((time.perf_counter_ns() - t - interval_ns) / 1e6)
 
 
-def _lag_summary(interval_ms: float, samples: list[float], cpu_s: float | None) -> LoopLag:
+def lag_summary(interval_ms: float, samples: list[float], cpu_s: float | None) -> LoopLag:
+    """`watch_loop`'s samples as a `LoopLag` (p99 and max, never below 0)."""
     if not samples:
         return LoopLag(interval_ms, 0, None, None, cpu_s)
     s = sorted(samples)
@@ -354,7 +357,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         start = max(job.start_at_ns, time.perf_counter_ns())
         job = dataclasses.replace(job, start_at_ns=start)
         cpu0 = time.process_time()
-        watchdog = asyncio.create_task(_watch_loop(job.lag_interval_ms, samples, stop))
+        watchdog = asyncio.create_task(watch_loop(job.lag_interval_ms, samples, stop))
         try:
             tasks = [asyncio.create_task(one(http, *item)) for item in job.items]
             records = list(await asyncio.gather(*tasks))
@@ -365,7 +368,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 pbar.close()
         cpu = time.process_time() - cpu0
     end = time.perf_counter_ns()
-    return records, _lag_summary(job.lag_interval_ms, samples, cpu), start, end
+    return records, lag_summary(job.lag_interval_ms, samples, cpu), start, end
 
 
 def _progress(total: int) -> Any:

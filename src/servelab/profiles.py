@@ -191,6 +191,41 @@ class TraceShape:
     path: str
     speedup: float = 1.0
     runs: int = 3
+    # Issue 17: requests that share hash ids share those prompt blocks (the same token ids
+    # for the same id), so the replay exercises the prefix cache; False: every prompt new.
+    shared_prefixes: bool = True
+    block_tokens: int = 512  # tokens per hash id (Mooncake's published traces: 512)
+
+
+@dataclass(frozen=True)
+class MultiTurnShape:
+    """Multi-turn conversations (issue 17 item 5, servelab.conversations): `sessions` side by
+    side, `turns` each; every turn sends the whole history plus a new user message."""
+
+    sessions: int
+    turns: int
+    first_tokens: int  # turn 1's opening context
+    user_tokens: int  # each later turn's new message
+    output_tokens: int
+    think_s: float = 0.0
+    runs: int = 3  # each a fresh set of conversations (--runs overrides)
+    control: bool = True  # also run the no-reuse control arm (a salt heads every prompt)
+
+
+@dataclass(frozen=True)
+class CancellationShape:
+    """Cancellation (issue 17 item 7): closed loop at `concurrency`; `cancel_share` of the
+    `requests` are closed by the client after `cancel_after_tokens` token chunks."""
+
+    requests: int
+    concurrency: int
+    prompt_tokens: int
+    output_tokens: int
+    cancel_share: float
+    cancel_after_tokens: int
+    seed: int = 0
+    runs: int = 3
+    idle_timeout_s: float = 10.0  # how long the engine may take to show every block freed
 
 
 @dataclass(frozen=True)
@@ -203,6 +238,8 @@ class Workloads:
     rate_sweep: RateSweepShape | None = None
     trace: TraceShape | None = None
     capacity: CapacityShape | None = None
+    multiturn: MultiTurnShape | None = None
+    cancellation: CancellationShape | None = None
 
 
 @dataclass(frozen=True)
@@ -390,6 +427,7 @@ def _check_semantics(p: Profile, where: str) -> None:
         raise ProfileError(f"{where}: field 'quality.identity_fraction' must be within (0, 1]")
     w = p.workloads
     ctx = p.model.context_len
+    _check_load_shapes(w, where)
     for label, need in _shape_needs(w):
         if need > ctx:
             raise ProfileError(
@@ -413,9 +451,38 @@ def _shape_needs(w: Workloads) -> list[tuple[str, int]]:
         needs.append(("rate_sweep", w.rate_sweep.prompt_tokens + w.rate_sweep.output_tokens))
     if w.capacity:
         needs.append(("capacity", w.capacity.prompt_tokens + w.capacity.output_tokens))
+    if w.multiturn:
+        t = w.multiturn
+        # + 8 tokens a turn for the transcript's "User:" / "Assistant:" cues
+        per_turn = t.user_tokens + t.output_tokens + 8
+        needs.append(("multiturn", t.first_tokens + (t.turns - 1) * per_turn + per_turn))
+    if w.cancellation:
+        cancel = w.cancellation
+        needs.append(("cancellation", cancel.prompt_tokens + cancel.output_tokens))
     if w.recall:
         from servelab.recall import WRAPPER_TOKENS, estimated_tokens
 
         r = w.recall
         needs.append(("recall", estimated_tokens(r.lines) + WRAPPER_TOKENS + r.max_tokens))
     return needs
+
+
+def _check_load_shapes(w: Workloads, where: str) -> None:
+    """Issue 17's shapes: what a schema's types cannot say."""
+    c = w.cancellation
+    if c is not None and not (0.0 < c.cancel_share < 1.0):
+        raise ProfileError(
+            f"{where}: field 'workloads.cancellation.cancel_share' must be within (0, 1): some "
+            f"streams cancelled, some surviving (got {c.cancel_share})"
+        )
+    if c is not None and not (1 <= c.cancel_after_tokens < c.output_tokens):
+        raise ProfileError(
+            f"{where}: field 'workloads.cancellation.cancel_after_tokens' must be within [1, "
+            f"output_tokens) so a stream is cancelled mid-generation (got "
+            f"{c.cancel_after_tokens} for {c.output_tokens} output tokens)"
+        )
+    if w.trace is not None and w.trace.block_tokens < 1:
+        raise ProfileError(
+            f"{where}: field 'workloads.trace.block_tokens' must be >= 1 token per hash id "
+            f"(got {w.trace.block_tokens}; Mooncake's published traces use 512)"
+        )

@@ -1,6 +1,8 @@
 """The engine's Prometheus ``/metrics``: parsed with ``prometheus_client``'s parsers (the
 Prometheus text format 0.0.4 and OpenMetrics 1.0, exemplars and float timestamps included), a
 scrape, and the deltas that matter for a workload (scraped before and after it).
+(Over 400 lines: parsing, scraping and reading the engine's counters and gauges, deltas and
+the idle check included, are one concept: the engine's own account of a workload.)
 
 vLLM's names (0.32; the CPU build serves the same set): counters
 ``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total`` (tokens),
@@ -18,6 +20,7 @@ no KV-usage gauge, no preemption counter) stays missing: None, never 0.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -362,3 +365,104 @@ def peaks_of(seen: list[Samples], interval_s: float) -> Peaks:
         run = run + 1 if f else 0
         longest = max(longest, run)
     return Peaks(len(seen), mx(KV_USAGE), mx(RUNNING), mx(WAITING), sum(flags), longest, interval_s)
+
+
+# --------------------------------------------------------------------------- idle check
+
+ABORTS = "vllm:request_success_total"  # label finished_reason="abort": aborted by the client
+
+
+def aborted(samples: Samples) -> float | None:
+    """Requests the engine finished as aborted (vLLM counts a client's disconnect so);
+    None when the server exports no such counter."""
+    values = [
+        v
+        for (n, labels), v in samples.items()
+        if n == ABORTS and dict(labels).get("finished_reason") == "abort"
+    ]
+    return sum(values) if values else None
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine's load gauges at one scrape; a gauge it does not export is None."""
+
+    running: float | None
+    waiting: float | None
+    kv_usage: float | None  # 0..1
+
+    @classmethod
+    def of(cls, samples: Samples) -> EngineLoad:
+        return cls(total(samples, RUNNING), total(samples, WAITING), total(samples, KV_USAGE))
+
+    def describe(self) -> str:
+        kv = "n/a" if self.kv_usage is None else f"{self.kv_usage:.2%}"
+        return f"running {self.running}, waiting {self.waiting}, KV usage {kv}"
+
+    def busy(self, idle: EngineLoad, kv_tolerance: float = 0.0) -> list[str]:
+        """Why the engine is not back at `idle` (empty: it is): requests still running or
+        waiting, or KV usage above its idle level by more than `kv_tolerance`. A gauge
+        missing from either scrape is said so, never taken as 0."""
+        out = [
+            f"{name} {value:g} > 0"
+            for name, value in (("running", self.running), ("waiting", self.waiting))
+            if value is not None and value > 0
+        ]
+        out += [
+            f"{name} not exported"
+            for name, value in (("running", self.running), ("waiting", self.waiting))
+            if value is None
+        ]
+        if self.kv_usage is None or idle.kv_usage is None:
+            out.append(f"{KV_USAGE} not exported: KV release cannot be checked")
+        elif self.kv_usage > idle.kv_usage + kv_tolerance:
+            out.append(
+                f"KV usage {self.kv_usage:.2%} > its idle level {idle.kv_usage:.2%}"
+                + (f" + {kv_tolerance:.2%}" if kv_tolerance else "")
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Settled:
+    """How an engine came back to idle after a workload (`wait_until_idle`)."""
+
+    idle: bool
+    after_s: float  # from the call to the first idle scrape (or to giving up)
+    scrapes: int
+    last: EngineLoad
+    why_busy: tuple[str, ...]  # at the last scrape; empty when idle
+
+    def describe(self) -> str:
+        if self.idle:
+            return (
+                f"back to idle {self.after_s * 1000:.0f} ms after the run ({self.last.describe()})"
+            )
+        return (
+            f"not idle {self.after_s:.1f} s after the run ({'; '.join(self.why_busy)}; "
+            f"{self.scrapes} scrapes)"
+        )
+
+
+def wait_until_idle(
+    base_url: str,
+    idle: EngineLoad,
+    headers: Mapping[str, str] | None = None,
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.05,
+    kv_tolerance: float = 0.0,
+) -> Settled:
+    """Scrape ``/metrics`` every `interval_s` until no request runs or waits and KV usage is
+    back to the `idle` level (what an engine that released every request's blocks shows),
+    or `timeout_s` passes."""
+    t0 = time.perf_counter_ns()
+    scrapes = 0
+    while True:
+        load = EngineLoad.of(scrape(base_url, headers, timeout_s=5.0))
+        scrapes += 1
+        why = load.busy(idle, kv_tolerance)
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+        if not why or elapsed >= timeout_s:
+            return Settled(not why, elapsed, scrapes, load, tuple(why))
+        time.sleep(interval_s)

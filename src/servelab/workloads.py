@@ -16,6 +16,7 @@ test's deadline passes, instead of sending every remaining request into the same
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 import time
@@ -23,8 +24,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from servelab import arrivals as arrivals_mod
-from servelab import prometheus
+from servelab import conversations, prometheus
 from servelab.client import DEFAULT_TIMEOUT_S, completion_payload
 from servelab.errors import ClientError
 from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, run_requests
@@ -167,6 +170,7 @@ def _run(
     concurrency: int | None,
     arrivals_s: Sequence[float] | None = None,
     progress: bool | None = None,
+    cancel_after: Sequence[int | None] | None = None,
 ) -> RunResult:
     before = server_cache_hits(endpoint) if s.check_server_cache else None
     res = run_requests(
@@ -182,6 +186,7 @@ def _run(
         max_loop_lag_ms=s.max_loop_lag_ms,
         deadline_ns=s.deadline_ns,
         stop_when_stuck=s.stop_when_stuck,
+        cancel_after=cancel_after,
     )
     _stop_if_stuck(endpoint, res, s)
     after = server_cache_hits(endpoint) if before is not None else None
@@ -487,6 +492,116 @@ def replay(
         max_loop_lag_ms=s.max_loop_lag_ms,
         deadline_ns=s.deadline_ns,
         stop_when_stuck=s.stop_when_stuck,
+    )
+    _stop_if_stuck(endpoint, res, s)
+    after = server_cache_hits(endpoint) if before is not None else None
+    if before is not None and after is not None:
+        res = dataclasses.replace(res, server_cache_hits=after - before)
+    return res
+
+
+def cancel_plan(
+    requests: int, share: float, after_chunks: int, seed: int = 0
+) -> tuple[int | None, ...]:
+    """Per request: after how many token chunks the client cancels it (None: never).
+    round(share x requests) of them, chosen by a seeded generator, are cancelled.
+
+    >>> cancel_plan(4, 0.5, 3, seed=0)
+    (None, None, 3, 3)
+    """
+    if not 0.0 <= share <= 1.0 or after_chunks < 1:
+        raise ClientError(
+            f"cancellation: share must be within [0, 1] and after_chunks >= 1 (got {share}, "
+            f"{after_chunks}); fix workloads.cancellation"
+        )
+    k = round(share * requests)
+    chosen = set(np.random.default_rng(seed).choice(requests, size=k, replace=False).tolist())
+    return tuple(after_chunks if i in chosen else None for i in range(requests))
+
+
+def cancellation(
+    endpoint: Endpoint,
+    *,
+    requests: int,
+    concurrency: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    cancel_after: Sequence[int | None],
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> RunResult:
+    """Closed loop at ``concurrency`` (all due at once) where the client closes request i's
+    stream after ``cancel_after[i]`` token chunks (`cancel_plan`), mid-generation."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    if len(cancel_after) != requests:
+        raise ClientError(f"cancellation: {len(cancel_after)} cancel entries for {requests}")
+    texts = p.make(prompt_tokens, "cancel", requests)
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        settings=s,
+    )
+    return _run(
+        endpoint,
+        texts,
+        prompt_tokens,
+        output_tokens,
+        s,
+        concurrency=concurrency,
+        cancel_after=cancel_after,
+    )
+
+
+def multi_turn(
+    endpoint: Endpoint,
+    *,
+    plan: conversations.Plan,
+    tag: str = "mt",
+    warmup_requests: int = 1,
+    settings: Settings | None = None,
+    prompts: Prompts | None = None,
+) -> RunResult:
+    """One run of `servelab.conversations.Plan` ``plan``: fresh user messages (salted with
+    ``tag``), every session side by side; the server's prefix-cache hit counter is read
+    around it (`RunResult.server_cache_hits`)."""
+    s = settings or Settings()
+    p = prompts or Prompts(endpoint, nonce=s.nonce)
+    messages = [
+        [
+            p.make(plan.first_tokens if t == 0 else plan.user_tokens, f"{tag}-s{i}-t{t}", 1)[0]
+            for t in range(plan.turns)
+        ]
+        for i in range(plan.sessions)
+    ]
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=plan.user_tokens,
+        output_tokens=plan.output_tokens,
+        settings=s,
+    )
+
+    def body(prompt: str) -> dict[str, Any]:
+        return payloads(endpoint, [prompt], plan.output_tokens, s)[0]
+
+    before = server_cache_hits(endpoint) if s.check_server_cache else None
+    res = asyncio.run(
+        conversations.run_async(
+            endpoint,
+            plan,
+            messages,
+            body,
+            timeout_s=s.timeout_s,
+            first_token_timeout_s=s.first_token_timeout_s,
+            nonce=f"{tag}:{p.nonce}",
+            max_loop_lag_ms=s.max_loop_lag_ms,
+        )
     )
     _stop_if_stuck(endpoint, res, s)
     after = server_cache_hits(endpoint) if before is not None else None
