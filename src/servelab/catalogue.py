@@ -388,3 +388,76 @@ CATALOGUE.update(
         ),
     )
 )
+
+
+# Issue 17 items 5, 6, 7 (H5): multi-turn sessions by turn index (`_turn{t}`, 1-based; the
+# control arm, a fresh salt heading every prompt, ends in `_control`), per session, trace
+# replay with shared prefixes, and the surviving streams of a run with cancellations.
+_MT = "median over the run's sessions of"
+CATALOGUE.update(
+    (s.name, s)
+    for s in (
+        _spec(
+            "mt_ttft_ms_turn{t}",
+            "time to first token at turn {t} of multi-turn sessions",
+            "ms",
+            "lower",
+            f"{_MT} turn t's TTFT (first chunk with choices - send); turn t's prompt is the "
+            "whole history (turns 1..t-1 and their answers) plus a new user message",
+        ),
+        _spec(
+            "mt_ttft_ms_turn{t}_control",
+            "time to first token at turn {t} of multi-turn sessions, no prefix to reuse",
+            "ms",
+            "lower",
+            f"{_MT} turn t's TTFT when a fresh salt heads every turn's prompt (the same "
+            "lengths with nothing cached): the control arm of mt_ttft_ms_turn{t}",
+        ),
+        _spec(
+            "mt_cached_share_turn{t}",
+            "share of turn {t}'s prompt tokens served from the prefix cache",
+            "ratio",
+            "higher",
+            f"{_MT} usage.prompt_tokens_details.cached_tokens / usage.prompt_tokens at turn t",
+        ),
+        _spec(
+            "mt_session_s",
+            "multi-turn session duration",
+            "s",
+            "lower",
+            f"{_MT} last token chunk of its last turn - send of its first, think delays included",
+        ),
+        _spec(
+            "mt_output_throughput",
+            "output throughput of multi-turn sessions",
+            "tok/s",
+            "higher",
+            "sum of usage.completion_tokens over every turn of every session / run duration",
+        ),
+        _spec(
+            "trace_cached_share",
+            "share of prompt tokens served from the prefix cache, trace replay",
+            "ratio",
+            "higher",
+            "sum of usage.prompt_tokens_details.cached_tokens / sum of usage.prompt_tokens over "
+            "the run's requests, prompts sharing the trace's hash-id blocks (the notes give "
+            "the share a cache of the trace's block size could serve)",
+        ),
+        _spec(
+            "cancel_survivor_output_throughput",
+            "output throughput of the surviving streams, with cancellations",
+            "tok/s",
+            "higher",
+            "sum of usage.completion_tokens of the streams not cancelled / run duration",
+        ),
+        _spec(
+            "cancel_release_ms",
+            "time for the engine to release cancelled requests",
+            "ms",
+            "lower",
+            "from the run's end to the first /metrics scrape (every 50 ms) with no request "
+            "running or waiting and KV cache usage back to its level before the run",
+        ),
+        *_percentile_specs("_cancel", "of surviving streams, with cancellations"),
+    )
+)
