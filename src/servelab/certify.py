@@ -1,4 +1,5 @@
-"""Numbers a reader can trust: certified percentiles and validity verdicts (pure functions).
+"""(Over 400 lines: certified percentiles, validity rules and the load they judge are one verdict.)
+Numbers a reader can trust: certified percentiles and validity verdicts (pure functions).
 
 Certified percentiles follow MLPerf LoadGen's early-stopping criterion
 (`loadgen/early_stopping.cc`): with ``h`` samples under a latency bound and ``t`` over it,
@@ -31,14 +32,19 @@ under a cap, no overload. The rules are here; the plugin decides where to apply 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import betainc
 
 from servelab.stats import MIN_RUNS
+
+if TYPE_CHECKING:
+    from servelab.client import RequestRecord
 
 #: LoadGen's confidence for early stopping.
 CONFIDENCE = 0.99
@@ -209,6 +215,45 @@ class Validity:
         return "INVALID: " + "; ".join(parts)
 
 
+def _load_reasons(
+    metric: str,
+    peak_outstanding: int | None,
+    offered_rate: float | None,
+    achieved_rate: float | None,
+    p99_schedule_delay_s: float | None,
+    rules: ValidityRules,
+) -> tuple[list[str], list[str]]:
+    """Overload, achieved against offered rate, and schedule delay: (reasons, advice)."""
+    reasons: list[str] = []
+    advice: list[str] = []
+    cap = rules.max_outstanding
+    if cap is not None and peak_outstanding is not None and peak_outstanding > cap:
+        reasons.append(f"{metric}: overloaded: {peak_outstanding} requests in flight, cap {cap}")
+        advice.append(
+            "lower the offered rate or concurrency (or raise the cap, limits.max_outstanding, "
+            "where a queue is what the test measures)"
+        )
+    if offered_rate and achieved_rate is not None:
+        share = achieved_rate / offered_rate
+        if share < rules.min_achieved_rate:
+            reasons.append(
+                f"{metric}: achieved {achieved_rate:.4g}/s of the offered {offered_rate:.4g}/s "
+                f"({share * 100:.1f}%, minimum {rules.min_achieved_rate * 100:g}%)"
+            )
+            advice.append(
+                "the client started requests behind its schedule: lower the rate, or send "
+                "from more worker processes (Settings.workers)"
+            )
+    late = rules.max_schedule_delay_s
+    if late is not None and p99_schedule_delay_s is not None and p99_schedule_delay_s > late:
+        reasons.append(
+            f"{metric}: the client started requests late (p99 {p99_schedule_delay_s * 1000:.3g} "
+            f"ms, cap {late * 1000:g} ms)"
+        )
+        advice.append("the client cannot hold this rate on this machine: lower it")
+    return reasons, advice
+
+
 def figure_validity(
     metric: str,
     *,
@@ -233,9 +278,7 @@ def figure_validity(
         # which need MIN_RUNS fresh runs; a tail percentile is a claim about requests and must
         # be certifiable (LoadGen's early-stopping bound).
         if samples < MIN_RUNS:
-            reasons.append(
-                f"{metric}: N = {samples} run(s), a verdict needs at least {MIN_RUNS}"
-            )
+            reasons.append(f"{metric}: N = {samples} run(s), a verdict needs at least {MIN_RUNS}")
             advice.append(f"measure at least {MIN_RUNS} runs (--runs)")
     elif samples < (need := min_samples(p, 0, rules.confidence)):
         reasons.append(
@@ -256,25 +299,102 @@ def figure_validity(
             f"{metric}: measured {duration_s:.3g} s, under the minimum {rules.min_duration_s:g} s"
         )
         advice.append("measure longer (more output tokens, requests or runs)")
-    cap = rules.max_outstanding
-    if cap is not None and peak_outstanding is not None and peak_outstanding > cap:
-        reasons.append(f"{metric}: overloaded: {peak_outstanding} requests in flight, cap {cap}")
-        advice.append("lower the offered rate or concurrency")
-    if offered_rate and achieved_rate is not None:
-        share = achieved_rate / offered_rate
-        if share < rules.min_achieved_rate:
-            reasons.append(
-                f"{metric}: achieved {achieved_rate:.4g}/s of the offered {offered_rate:.4g}/s "
-                f"({share * 100:.1f}%, minimum {rules.min_achieved_rate * 100:g}%)"
-            )
-            advice.append("the client or server fell behind the schedule: lower the rate")
-    late = rules.max_schedule_delay_s
-    if late is not None and p99_schedule_delay_s is not None and p99_schedule_delay_s > late:
-        reasons.append(
-            f"{metric}: the client started requests late (p99 {p99_schedule_delay_s * 1000:.3g} "
-            f"ms, cap {late * 1000:g} ms)"
-        )
-        advice.append("the client cannot hold this rate on this machine: lower it")
+    more = _load_reasons(
+        metric, peak_outstanding, offered_rate, achieved_rate, p99_schedule_delay_s, rules
+    )
+    reasons += more[0]
+    advice += more[1]
+    return Validity(not reasons, tuple(reasons), tuple(advice))
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class Load:
+    """How one run's load was delivered: the peak of requests in flight and, for open-loop
+    load, the schedule's offered rate against the rate the client really started requests
+    at, and how late it started them (LoadGen reports scheduled against achieved; a client
+    that falls behind its schedule measures itself)."""
+
+    requests: int
+    peak_outstanding: int
+    offered_rps: float | None = None  # open loop: (n - 1) / span of the schedule
+    achieved_rps: float | None = None  # open loop: (n - 1) / span of the client's starts
+    delay_s: tuple[float, float, float] | None = None  # schedule delay p50, p99, max
+
+    def describe(self) -> str:
+        out = f"{self.requests} requests, at most {self.peak_outstanding} in flight"
+        if self.offered_rps is not None and self.achieved_rps is not None:
+            out += f"; offered {self.offered_rps:.4g}/s, started {self.achieved_rps:.4g}/s"
+        if self.delay_s is not None:
+            p50, p99, top = (x * 1000 for x in self.delay_s)
+            out += f"; schedule delay p50 {p50:.3g} / p99 {p99:.3g} / max {top:.3g} ms"
+        return out
+
+
+def peak_outstanding(spans: Sequence[tuple[int, int]]) -> int:
+    """The most (start, end) intervals open at once (an end before a start at one instant)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: e)
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def _rate(times_s: Sequence[float]) -> float | None:
+    span = max(times_s) - min(times_s) if len(times_s) > 1 else 0.0
+    return (len(times_s) - 1) / span if span > 0 else None
+
+
+def load_of(
+    records: Sequence[RequestRecord],
+    start_ns: int,
+    end_ns: int,
+    offsets_s: Sequence[float] | None = None,
+) -> Load:
+    """A run's `Load` from its records (a request is in flight from its send to its stream's
+    end, or the run's end where it has none); `offsets_s`, the open-loop schedule (one offset
+    per request index, from the run's start), adds offered and achieved rates and delays."""
+    spans = [(r.send_ns, r.done_ns or r.end_ns or end_ns) for r in records]
+    load = Load(len(records), peak_outstanding(spans))
+    if offsets_s is None or len(offsets_s) != len(records) or not records:
+        return load
+    by_index = sorted(records, key=lambda r: r.index)
+    starts = [(r.arrival_ns - start_ns) / 1e9 for r in by_index]
+    delays = np.asarray([max(0.0, a - o) for a, o in zip(starts, offsets_s, strict=True)])
+    return Load(
+        load.requests,
+        load.peak_outstanding,
+        _rate(list(offsets_s)),
+        _rate(starts),
+        (
+            float(np.percentile(delays, 50)),
+            float(np.percentile(delays, 99)),
+            float(delays.max()),
+        ),
+    )
+
+
+def load_validity(metric: str, loads: Sequence[Load], rules: ValidityRules) -> Validity:
+    """The load rules of `figure_validity` (overload, achieved rate, schedule delay) over a
+    test's runs: the worst run of each decides."""
+    if not loads:
+        return Validity(True)
+    shares = [x for x in loads if x.offered_rps and x.achieved_rps is not None]
+    worst = min(
+        shares, key=lambda x: (x.achieved_rps or 0.0) / (x.offered_rps or 1.0), default=None
+    )
+    delays = [x.delay_s[1] for x in loads if x.delay_s is not None]
+    reasons, advice = _load_reasons(
+        metric,
+        max(x.peak_outstanding for x in loads),
+        None if worst is None else worst.offered_rps,
+        None if worst is None else worst.achieved_rps,
+        max(delays, default=None),
+        rules,
+    )
     return Validity(not reasons, tuple(reasons), tuple(advice))
 
 
@@ -304,10 +424,14 @@ def validity_notes(
     duration_s: float | None,
     max_error_rate: float = 0.0,
     requests: int | None = None,
+    loads: Sequence[Load] = (),
+    load_rules: ValidityRules | None = None,
 ) -> tuple[str, str]:
     """A measured figure's two notes: its validity (`Validity.describe`) judged on its finite
     run values (a figure's value is their median: they are its support), the failed
-    requests and measured time behind it; and its sample support."""
+    requests and measured time behind it, and the load of its test's runs (`loads`, judged
+    by `load_rules`: overload, achieved rate, schedule delay; the worst run decides); and its
+    sample support, with the heaviest run's load."""
     p = reported_percentile(metric)
     n = sum(1 for v in values if math.isfinite(v))
     if p > 50 and requests is not None:
@@ -315,6 +439,18 @@ def validity_notes(
         # median of per-run percentiles); `requests` counts the whole test's, so share them
         # out over the runs: never more than the requests that were really behind one value.
         n = (requests - failed) // max(1, len(values))
-    rules = ValidityRules(max_error_rate=max_error_rate)
+    rules = load_rules or ValidityRules()
+    rules = dataclasses.replace(rules, max_error_rate=max_error_rate)
     verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)
-    return verdict.describe(), support_note(n, failed, duration_s, p, requests)
+    by_load = load_validity(metric, loads, rules)
+    if not by_load.valid:
+        verdict = Validity(
+            False, verdict.reasons + by_load.reasons, verdict.advice + by_load.advice
+        )
+    support = support_note(n, failed, duration_s, p, requests)
+    if loads:
+        worst = max(loads, key=lambda x: x.peak_outstanding)
+        support += f"; load: {worst.describe()}" + (
+            f" (worst of {len(loads)} runs)" if len(loads) > 1 else ""
+        )
+    return verdict.describe(), support
