@@ -127,6 +127,31 @@ def test_terminal_table_has_value_baseline_change_verdict(tmp_path: Path) -> Non
     assert lines[3].endswith("not compared")
 
 
+def test_terminal_table_shows_each_figures_validity_and_support() -> None:
+    """Issue 24: VALID / INVALID and the sample support of every figure, then each INVALID
+    figure's reasons and advice; a figure without validity notes says so."""
+    support = (
+        "support: N = 14 runs (a median over runs is judged from 3); 14 requests, 0 failed, "
+        "12.5 s measured; load: 14 requests, at most 1 in flight"
+    )
+    ok = Figure(**{**FIGS[0].__dict__, "notes": ("VALID", support)})
+    why = "INVALID: p99_ttft_ms: p99 not certifiable at N = 10 (measure at least 459 requests)"
+    bad = Figure(
+        **{**FIGS[1].__dict__, "metric": "p99_ttft_ms", "notes": (why, "support: N = 10 requests")}
+    )
+    lines = terminal_table([ok, bad, FIGS[2]])
+    at = lines.index("") + 1
+    assert lines[at].split() == ["metric", "validity", "sample", "support"]
+    rows = lines[at + 2 : at + 5]
+    assert rows[0].startswith("cpu-smollm2: output_throughput")
+    assert rows[0].split()[2:4] == ["VALID", "N"]
+    assert rows[0].endswith("N = 14 runs; 14 requests, 0 failed, 12.5 s measured")
+    assert re.search(r"p99_ttft_ms +INVALID +N = 10 requests$", rows[1]), rows[1]
+    assert re.search(r" not stated +-$", rows[2]), rows[2]
+    assert lines[-2] == "1 INVALID figure(s), not judged and never a baseline:"
+    assert lines[-1] == f"  cpu-smollm2: {why}"
+
+
 # --------------------------------------------------------------------------- real records
 # Figures named and shaped as the perf tests name them (perf/test_concurrency.py,
 # test_prefill.py, test_decode.py, test_session_cache.py), rows from real RequestRecords, and

@@ -11,11 +11,13 @@ records only, so `servelab report` works outside pytest.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from servelab import report_data, report_plots
 from servelab.baselines import Verdict, figure_key
+from servelab.certify import invalid_note
 from servelab.figures import Figure
 from servelab.records import record_figures
 from servelab.redact import Redactor
@@ -50,15 +52,47 @@ def terminal_rows(judged: Sequence[Figure | Verdict]) -> list[tuple[str, str, st
     return rows
 
 
-def terminal_table(judged: Sequence[Figure | Verdict]) -> list[str]:
-    header = ("metric", "value (median)", "baseline (median)", "change (geomean)", "verdict")
-    rows = [header, *terminal_rows(judged)]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+def validity_cells(f: Figure) -> tuple[str, str]:
+    """(VALID / INVALID / "not stated", its sample support in short) from a figure's notes
+    (issue 24: `servelab.certify.validity_notes` wrote them; a figure from an older record or
+    an import has none)."""
+    status = "not stated"
+    if invalid_note(f.notes) is not None:
+        status = "INVALID"
+    elif "VALID" in f.notes:
+        status = "VALID"
+    support = next((n for n in f.notes if n.startswith("support: ")), None)
+    if support is None:
+        return status, "-"
+    short = support.removeprefix("support: ").split("; load: ")[0]
+    return status, re.sub(r" \([^()]*\)", "", short)
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for i, r in enumerate(rows):
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def terminal_table(judged: Sequence[Figure | Verdict]) -> list[str]:
+    """The verdict table, then each figure's validity and sample support, then every INVALID
+    figure's reasons and what to change."""
+    header = ("metric", "value (median)", "baseline (median)", "change (geomean)", "verdict")
+    out = _aligned([header, *terminal_rows(judged)])
+    figs = [item.figure if isinstance(item, Verdict) else item for item in judged]
+    if not figs:
+        return out
+    rows = [("metric", "validity", "sample support")]
+    rows += [(f"{f.identity.profile}: {f.metric}", *validity_cells(f)) for f in figs]
+    out += ["", *_aligned(rows)]
+    bad = [(f, note) for f in figs if (note := invalid_note(f.notes)) is not None]
+    if bad:
+        out += ["", f"{len(bad)} INVALID figure(s), not judged and never a baseline:"]
+        out += [f"  {f.identity.profile}: {note}" for f, note in bad]
     return out
 
 
@@ -164,7 +198,6 @@ def _distribution_section(dists: Sequence[Distribution], plots: bool) -> list[st
     return parts
 
 
-
 def _telemetry_section(rec: Mapping[str, Any], plots: bool) -> list[str]:
     """Issue 16 item 3: each run's accelerator telemetry (lab.telemetry)."""
     runs = report_data.telemetry_runs(rec)
@@ -190,6 +223,7 @@ def _telemetry_section(rec: Mapping[str, Any], plots: bool) -> list[str]:
         )
     parts.append("</table>")
     return parts
+
 
 def _session_section(
     label: str, rec: Mapping[str, Any], figs: Sequence[tuple[Figure, dict[str, Any]]]
