@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servelab.errors import ConfigError
+from servelab.prompts import salt_rng
 from servelab.schema import read
 
 #: Tokens per hash id in the published Mooncake traces.
@@ -151,3 +152,70 @@ def replay_offsets(trace: Trace, speedup: float = 1.0) -> tuple[float, ...]:
 def lengths(trace: Trace) -> Sequence[tuple[int, int]]:
     """(input, output) tokens per request, in trace order."""
     return [(e.input_length, e.output_length) for e in trace.entries]
+
+
+# --------------------------------------------------------------------------- shared prefixes
+
+
+def _prefix_hits(trace: Trace) -> list[int]:
+    """Per request: how many of its leading hash ids an earlier request already sent as the
+    same leading run (prefix caching reuses a block only after the same blocks before it)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for e in trace.entries:
+        ids = e.hash_ids
+        k = 0
+        while k < len(ids) and ids[: k + 1] in seen:
+            k += 1
+        out.append(k)
+        seen.update(ids[: j + 1] for j in range(len(ids)))
+    return out
+
+
+def cacheable_tokens(trace: Trace, cache_block: int | None = None) -> list[int]:
+    """Per request: prompt tokens a prefix cache could serve, from the trace's hash ids (the
+    same id, the same `block_tokens` tokens). With `cache_block` (the engine's block size),
+    only whole engine blocks count and the prompt's last token is always computed, as in
+    vLLM."""
+    out = []
+    for e, k in zip(trace.entries, _prefix_hits(trace), strict=True):
+        shared = min(k * trace.block_tokens, e.input_length)
+        if cache_block:
+            shared = min(shared, e.input_length - 1) // cache_block * cache_block
+        out.append(shared)
+    return out
+
+
+def cacheable_share(trace: Trace, cache_block: int | None = None) -> float:
+    """Share of all prompt tokens a prefix cache could serve (`cacheable_tokens`)."""
+    total = sum(e.input_length for e in trace.entries)
+    return sum(cacheable_tokens(trace, cache_block)) / total
+
+
+def prompt_token_ids(trace: Trace, pool: Sequence[int], *, nonce: str) -> list[list[int]]:
+    """Each request's prompt as token ids: hash id h is the same `block_tokens` ids wherever
+    it appears (drawn from `pool`, seeded by `nonce` and h), truncated to the request's
+    input length; tokens past its hash ids are its own. A new `nonce` gives prompts that
+    share nothing with an earlier replay's.
+
+    >>> t = parse_trace('{"timestamp": 0, "input_length": 3, "output_length": 1, '
+    ...                 '"hash_ids": [7]}\\n{"timestamp": 1, "input_length": 4, '
+    ...                 '"output_length": 1, "hash_ids": [7]}', source="t", block_tokens=2)
+    >>> a, b = prompt_token_ids(t, range(100, 200), nonce="n")
+    >>> (len(a), len(b), a[:2] == b[:2], a[2:] == b[2:3])
+    (3, 4, True, False)
+    """
+    if not pool:
+        raise ConfigError("trace replay: an empty token pool; prompts need token ids to draw")
+    ids = tuple(pool)
+
+    def draw(salt: str, n: int) -> list[int]:
+        return [ids[j] for j in salt_rng(f"{nonce}:{salt}").integers(0, len(ids), size=n)]
+
+    out = []
+    for i, e in enumerate(trace.entries):
+        tokens = [t for h in e.hash_ids for t in draw(f"block{h}", trace.block_tokens)]
+        if len(tokens) < e.input_length:
+            tokens += draw(f"tail{i}", e.input_length - len(tokens))
+        out.append(tokens[: e.input_length])
+    return out

@@ -449,16 +449,26 @@ def replay(
     warmup_requests: int = 1,
     settings: Settings | None = None,
     prompts: Prompts | None = None,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> RunResult:
     """Open loop with a length per request (a trace's replay, `servelab.traces`): request i
-    has ``lengths[i]`` = (prompt, output) tokens and becomes due at ``offsets_s[i]``."""
+    has ``lengths[i]`` = (prompt, output) tokens and becomes due at ``offsets_s[i]``. With
+    ``prompt_ids`` (`traces.prompt_token_ids`) request i sends those token ids, prefixes
+    shared as the trace shares hash ids, and the run expects cache hits; else every prompt
+    is new text."""
     s = settings or Settings()
     p = prompts or Prompts(endpoint, nonce=s.nonce)
     if not lengths or len(lengths) != len(offsets_s):
         raise ClientError(
             f"replay: {len(lengths)} requests but {len(offsets_s)} arrival times; one each"
         )
-    texts = [p.make(n_in, f"replay{i}", 1)[0] for i, (n_in, _) in enumerate(lengths)]
+    texts: Sequence[str | Sequence[int]]
+    if prompt_ids is None:
+        texts = [p.make(n_in, f"replay{i}", 1)[0] for i, (n_in, _) in enumerate(lengths)]
+    elif [len(x) for x in prompt_ids] != [n_in for n_in, _ in lengths]:
+        raise ClientError("replay: prompt_ids must hold one prompt of each request's length")
+    else:
+        texts = prompt_ids
     smallest = min(lengths)
     warm_up(
         endpoint,
@@ -497,7 +507,36 @@ def replay(
     after = server_cache_hits(endpoint) if before is not None else None
     if before is not None and after is not None:
         res = dataclasses.replace(res, server_cache_hits=after - before)
-    return res
+    return dataclasses.replace(res, expect_cached=prompt_ids is not None)
+
+
+def token_pool(endpoint: Endpoint, timeout_s: float = 60.0) -> list[int]:
+    """Ordinary token ids of the served model (`servelab.prompts.WORDS` through the server's
+    ``/tokenize``, no special tokens), to draw token-id prompts from."""
+    import httpx
+
+    from servelab.engine_traits import traits_of
+    from servelab.prompts import WORDS
+
+    text = " " + " ".join(WORDS)
+    url = endpoint.base_url.rstrip("/") + "/tokenize"
+    if traits_of(endpoint.profile).tokenize == "llama.cpp":
+        body: dict[str, Any] = {"content": text, "add_special": False}
+    else:
+        body = {"model": endpoint.model, "prompt": text, "add_special_tokens": False}
+    try:
+        r = httpx.post(
+            url, json=body, headers=dict(endpoint.headers), timeout=timeout_s, trust_env=False
+        )
+        tokens = r.json().get("tokens") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ClientError(f"{url}: tokenize request failed: {exc}") from exc
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise ClientError(
+            f"{url}: HTTP {r.status_code}, no token list ({r.text[:200]!r}); a trace's shared "
+            "prefixes need the server's /tokenize (or set workloads.trace.shared_prefixes = false)"
+        )
+    return sorted(set(tokens))
 
 
 def cancel_plan(
