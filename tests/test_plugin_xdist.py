@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -258,7 +259,8 @@ def test_every_record_carries_both_receipts_and_each_engines_stop(
     profiles = path / "profiles"
     profiles.mkdir()
     pids = path / "pids-stub.txt"
-    (profiles / "stub.toml").write_text(PROFILE.format(name="stub", mode="ok", stub=STUB, pids=pids))
+    profile = PROFILE.format(name="stub", mode="ok", stub=STUB, pids=pids)
+    (profiles / "stub.toml").write_text(profile)
     (path / "test_inner.py").write_text(TWO_DECODES)
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error", "-rA"]
     args += ["--profiles-dir", str(profiles), "--profile", "stub", "test_inner.py"]
@@ -290,3 +292,29 @@ def test_every_record_carries_both_receipts_and_each_engines_stop(
     assert stop["pid"] == engine[0]
     assert not pids_alive(engine)
     assert leftovers(str(path), done.pid) == []
+
+
+def test_an_interrupted_session_still_records_the_stop_and_the_post_run_receipt(
+    pytester: pytest.Pytester,
+) -> None:
+    """SIGTERM mid-test (a CI cancel): the engine is stopped in pytest's own end-of-session
+    teardown, which used to run after servelab wrote the record; now the record follows it."""
+    from tests.test_faults import WAITING, Session, pids_alive
+
+    s = Session(pytester.path, {"stub": "ok"}, WAITING)
+    try:
+        s.wait_marker()
+        engine = s.engine_pids("stub")
+        s.proc.send_signal(signal.SIGTERM)
+        code, out, _ = s.finish()
+    finally:
+        for pid in pids_alive(s.engine_pids("stub")):
+            os.kill(pid, signal.SIGKILL)
+    assert code == pytest.ExitCode.INTERRUPTED, out
+    record = s.record()
+    lab = record["lab"]
+    assert isinstance(lab, dict)
+    assert {"admission", "post_run", "difference"} <= set(lab["receipts"]["stub"]), out
+    assert lab["stops"]["stub"]["pid"] == engine[0], lab["stops"]
+    assert not pids_alive(engine)
+    assert s.leftovers() == []

@@ -54,6 +54,7 @@ from servelab.xdist import (
     save_worker_part,
     start_controller,
     stop_controller,
+    stop_shared_engines,
 )
 
 __all__ = [
@@ -211,14 +212,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 # ---------------------------------------------------------------------------- the end
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Write the session's record (also after Ctrl-C, SIGTERM or a failed gate) and run the
     baseline update workflow; a refused update fails the session.
 
-    Under xdist a worker only saves its part; the controller writes the one record."""
+    Last (trylast): after pytest's own end-of-session teardown, which is where the session
+    fixtures of an interrupted session are torn down; the engines are stopped and their
+    stops and post-run receipts (issue 25) are in the results before the record is written.
+    Under xdist a worker only saves its part; the controller merges the parts, stops the
+    engines the workers shared (`stop_shared_engines`) and writes the one record."""
     from servelab.baselines import servelab_commit, who
     from servelab.finish import finish, session_redactor
     from servelab.hardware import collect_host
+    from servelab.plugin_fixtures import _receipt_args
 
     config = session.config
     run = config.stash.get(RUN_KEY, None)
@@ -226,6 +233,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     run.results = collect_session(config, run.results, run.messages)
     res = run.results
+    stop_shared_engines(
+        config, res, run.options.profiles, run.messages, **_receipt_args(run.options)
+    )
     if not res.has_data() and not run.options.update_baselines:
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -32,7 +33,7 @@ from servelab.errors import ServerError
 from servelab.models import PreparedModel, prepare_model
 from servelab.profiles import Profile
 from servelab.server import Endpoint, ManagedServer, group_members, log_tail, terminate_group
-from servelab.stop_policy import StopRecord, StopSpec
+from servelab.stop_policy import StopRecord
 
 
 @dataclass(frozen=True)
@@ -266,35 +267,43 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def stop_shared(
-    shared_dir: Path, specs: dict[str, StopSpec] | None = None
+    shared_dir: Path,
+    profiles: Mapping[str, Profile] | None = None,
+    errors: list[str] | None = None,
 ) -> dict[str, StopRecord]:
     """Stop every server the workers of one xdist session started (run by the controller),
-    each by its profile's stop policy (``specs`` by profile; default: SIGTERM, then SIGKILL),
-    and return how each stopped."""
+    each by its profile's stop policy and stop timeout (``profiles`` by name; a server whose
+    profile is not given: SIGTERM, then SIGKILL after 30 s), and return how each stopped.
+    A stopped server's state file is removed, so a second call stops nothing twice. A server
+    that could not be stopped cleanly raises ServerError after the others were stopped, or,
+    where ``errors`` is given, is described there and the others' records are returned."""
     from filelock import FileLock
 
     records: dict[str, StopRecord] = {}
-    errors: list[str] = []
+    failed: list[str] = []
     for state_path in sorted(shared_dir.glob("server-*.json")):
         with FileLock(str(state_path) + ".lock"):
             state = read_state(state_path)
             if state is None:
                 continue
             name = state_path.stem.removeprefix("server-")
+            profile = (profiles or {}).get(name)
             try:
                 pid, port = int(state["pid"]), int(state["port"])
-                spec = (specs or {}).get(name)
                 records[name] = terminate_group(
                     pid,
                     port=port,
+                    timeout_s=30.0 if profile is None else profile.readiness.stop_timeout_s,
                     what=f"profile {name!r}",
-                    spec=spec,
+                    spec=None if profile is None else profile.stop,
                     profile=name,
                     base_url=str(state.get("base_url") or "") or None,
                 )
             except ServerError as exc:
-                errors.append(str(exc))
+                failed.append(str(exc))
             state_path.unlink(missing_ok=True)
-    if errors:
-        raise ServerError("teardown failed: " + "; ".join(errors))
+    if errors is not None:
+        errors += failed
+    elif failed:
+        raise ServerError("teardown failed: " + "; ".join(failed))
     return records

@@ -5,7 +5,8 @@ worker (`workerinput`). Workers share each target's server through it (`servelab
 run each target's quality gate once (`run_once`, `SessionGates`) and save their
 `SessionResults` there after every test (`save_worker_part`). At session end the controller
 merges those parts (`collect_session`): every figure was judged where it was measured and
-travels with its verdict, so nothing is judged again; the plugin writes the session's one
+travels with its verdict, so nothing is judged again; it stops the shared engines and takes
+the post-run receipts (`stop_shared_engines`), then the plugin writes the session's one
 record and prints the same summary as a run without xdist.
 
 Without xdist none of this runs: `shared_folder` is None and the gate simply runs.
@@ -21,15 +22,18 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from servelab.errors import QualityGateError, RecordError, ServelabError
 from servelab.gate_report import GateReport
 from servelab.session import SessionResults
+
+if TYPE_CHECKING:
+    from servelab.profiles import Profile
 
 # ------------------------------------------------------------- controller and workers
 
@@ -58,7 +62,8 @@ def start_controller(config: pytest.Config) -> None:
 
 
 def stop_controller(config: pytest.Config) -> None:
-    """On the controller: stop every shared server and remove the shared folder."""
+    """On the controller, last: stop any shared server still running (normally
+    `stop_shared_engines` already did, before the record) and remove the shared folder."""
     from servelab.pool import stop_shared
 
     shared = config.stash.get(SHARED_KEY, None)
@@ -67,6 +72,36 @@ def stop_controller(config: pytest.Config) -> None:
             stop_shared(shared)
         finally:
             shutil.rmtree(shared, ignore_errors=True)
+
+
+def stop_shared_engines(
+    config: pytest.Config,
+    results: SessionResults,
+    profiles: Sequence[Profile],
+    messages: list[str],
+    **receipt_kwargs: Any,
+) -> None:
+    """On the xdist controller, before the record is written: stop every engine the workers
+    shared, each by its profile's stop policy, and put into ``results`` (merged from every
+    worker) how each stopped and each target's post-run receipt (`servelab.receipts`), as
+    the pool fixture does without xdist. A post-run problem or a failed stop invalidates
+    the session and is shown in ``messages``. Elsewhere nothing: no shared folder."""
+    from servelab.pool import stop_shared
+    from servelab.receipts import post_run_into
+
+    shared = config.stash.get(SHARED_KEY, None)
+    if shared is None or hasattr(config, "workerinput"):
+        return
+    errors: list[str] = []
+    stops = stop_shared(shared, {p.name: p for p in profiles}, errors)
+    results.stops.update({name: record.to_dict() for name, record in stops.items()})
+    problems = [f"engine teardown failed: {e}" for e in errors]
+    problems += [
+        f"post-run health check: {p}"
+        for p in post_run_into(results.receipts, profiles, stops, **receipt_kwargs)
+    ]
+    results.invalidate(problems)
+    messages += [f"servelab: {p}" for p in problems]
 
 
 def shared_folder(config: pytest.Config) -> Path | None:
