@@ -21,7 +21,9 @@ from servelab.errors import QualityGateError
 from servelab.gate_report import GateReport
 from servelab.quality import (
     Canary,
+    GateLimits,
     load_quality_file,
+    recheck_canaries,
     resolve_quality_path,
     run_gate,
 )
@@ -141,10 +143,13 @@ def test_judge_exact_close_and_regex() -> None:
 
 
 class Stub:
-    """Streaming OpenAI-compatible stub. ``mode``: right | wrong | unstable."""
+    """Streaming OpenAI-compatible stub. ``mode``: right | wrong | unstable | drift (right,
+    but after ``drift_after`` requests its "7" answer changes bytes: " 7" becomes "7 ",
+    still right by the canary's regex, no longer the same answer)."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, drift_after: int = 8) -> None:
         self.mode = mode
+        self.drift_after = drift_after
         self.calls = 0
         self.pongs = 0
         self.lock = threading.Lock()
@@ -158,6 +163,7 @@ class Stub:
     def answer(self, text: str) -> str:
         with self.lock:
             self.calls += 1
+            drifted = self.mode == "drift" and self.calls > self.drift_after
         lane = re.search(r"answer_word for lane (\w+)\?", text)
         if lane:
             word = recall.expected_word(lane.group(1))
@@ -168,7 +174,9 @@ class Stub:
             with self.lock:
                 self.pongs += 1
                 k = self.pongs
-            return "pong" if self.mode == "right" or k % 2 else "pong "
+            return "pong" if self.mode in ("right", "drift") or k % 2 else "pong "
+        if drifted:
+            return "7 "
         return " 7" if self.mode != "wrong" else " 8"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -468,3 +476,61 @@ def test_lab_records_adopt_another_process_reports(qfile: Path) -> None:
     assert controller.patches["stub"].all_applied
     with pytest.raises(QualityGateError, match="malformed"):
         patch_report_from_dict({"root": "/"})
+
+
+# --------------------------------------------------------------------------- end of session
+
+
+def test_canaries_asked_again_match_the_start_or_fail_as_changed(qfile: Path) -> None:
+    """Issue 24 item 3: the gate's canaries asked again after the load; a changed answer
+    fails even when it is still right by the canary's own judge."""
+    qset = load_quality_file(qfile)
+    for mode, ok in (("right", True), ("drift", False)):
+        with Stub(mode) as stub:
+            start = gate(stub, qfile, lines=None)  # 8 requests: 2 canaries x (2 + 2)
+            assert start.passed, start.reasons()
+            ep = Endpoint(base_url=stub.url, model=MODEL)
+            check = recheck_canaries(ep, qset, start, limits=GateLimits(10))
+        assert check.passed is ok, check.problems
+        assert check.name == "canaries again" and len(check.outcomes) == 2
+    assert check.summary.startswith("1/2 canary answers at the end of the session identical")
+    (problem,) = check.problems
+    assert problem.startswith("canary 'seven': the answer at the end of the session differs")
+    assert "'7 '" in problem
+
+
+END = (ROOT / "perf" / "test_zz_canaries_again.py").read_text()
+
+
+@pytest.mark.parametrize("mode", ["right", "drift"])
+def test_end_of_session_canaries_reach_the_record(
+    pytester: pytest.Pytester, qfile: Path, mode: str
+) -> None:
+    """The perf module, run last after a speed test: its check joins the record's gates as
+    "<target> (end of session)"; a change invalidates the session and refuses baselines."""
+    pytester.makepyfile(test_speed=SPEED, test_zz_canaries_again=END)
+    with Stub(mode, drift_after=8) as stub:
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "--endpoint",
+            stub.url + "/v1",
+            f"--quality-file={qfile}",
+            f"--results-dir={pytester.path / 'results'}",
+            f"--baselines-dir={pytester.path / 'baselines'}",
+            "--update-baselines",
+        )
+    (path,) = (pytester.path / "results" / "records").glob("*/record.json")
+    record = json.loads(path.read_text())
+    end = record["lab"]["gates"]["endpoint (end of session)"]
+    baselines = [p for p in (pytester.path / "baselines").rglob("*") if p.is_file()]
+    result.stdout.fnmatch_lines(["*[[]endpoint (end of session)[]] quality gate *"])
+    if mode == "right":
+        result.assert_outcomes(passed=3)
+        assert end["passed"] is True and record["session"]["invalid_reasons"] == []
+        assert baselines
+        return
+    result.assert_outcomes(passed=2, failed=1)
+    assert end["passed"] is False and not baselines
+    reasons = record["session"]["invalid_reasons"]
+    assert any("(end of session)] canaries again: canary 'seven'" in r for r in reasons), reasons

@@ -1,4 +1,5 @@
-"""Quality gates that run before any speed verdict: canaries, output identity, fact recall.
+"""(Over 400 lines: the gate and its end-of-session re-check ask the same canaries the same way.)
+Quality gates that run before any speed verdict: canaries, output identity, fact recall.
 
 A gate is three checks against the served model, all greedy (temperature 0, top_p 1, a
 fixed seed):
@@ -242,6 +243,76 @@ def run_canaries(
         () if ok else tuple(diffs),
     )
     return canary_check, identity
+
+
+#: The check's name for the canaries asked again at the end of a session.
+CANARIES_AGAIN = "canaries again"
+
+
+def end_gate_key(target: str) -> str:
+    """Where the end-of-session canary check is kept (`SessionResults.gates`): beside the
+    target's own gate, never replacing it (under xdist the first worker's gate wins)."""
+    return f"{target} (end of session)"
+
+
+def recheck_canaries(
+    endpoint: Endpoint,
+    qset: QualitySet,
+    start: GateReport,
+    *,
+    limits: GateLimits,
+) -> CheckResult:
+    """Each canary asked once more, one at a time, as the gate asked it (greedy, the same
+    seed), after the session's load: its answer must still be right and byte-identical to
+    the gate's first sequential answer (`start`, the session's opening gate). A changed
+    answer means the server's state drifted under load (a cache, a batch, a leak): the
+    session's speed results no longer describe the server the gate passed."""
+    if not qset.canaries:
+        return CheckResult(CANARIES_AGAIN, True, "no canaries configured")
+    first = {
+        o.case: o.output_sha256
+        for c in start.checks
+        if c.name == "canaries"
+        for o in c.outcomes
+        if o.mode == "sequential #1"
+    }
+    payloads = [
+        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
+        for c in qset.canaries
+    ]
+    res = limits.run(endpoint, payloads, concurrency=1)
+    problems: list[str] = []
+    outcomes: list[Outcome] = []
+    same = 0
+    for c, rec in zip(qset.canaries, sorted(res.records, key=lambda r: r.index), strict=True):
+        why: str | None
+        if rec.error is not None:
+            why = f"canary {c.id!r} (end of session): request failed: {rec.error}"
+        else:
+            why = c.judge(rec.text)
+            was = first.get(c.id)
+            if was is None:
+                why = why or f"canary {c.id!r}: the opening gate has no answer to compare with"
+            elif rec.output_sha256 != was:
+                why = (
+                    f"canary {c.id!r}: the answer at the end of the session differs from the "
+                    f"start ({rec.text!r}; sha256 {rec.output_sha256[:12]} vs {was[:12]})"
+                    + (f"; {why}" if why else "")
+                )
+            else:
+                same += 1
+        problems += [why] if why else []
+        sha = None if rec.error else rec.output_sha256
+        outcomes.append(Outcome(c.id, "end of session", why is None, sha, rec.prompt_tokens, why))
+    n = len(qset.canaries)
+    return CheckResult(
+        CANARIES_AGAIN,
+        not problems,
+        f"{same}/{n} canary answers at the end of the session identical to the start "
+        f"(seed {qset.seed})",
+        tuple(problems),
+        tuple(outcomes),
+    )
 
 
 def run_recall(
