@@ -52,6 +52,9 @@ class EngineSpec:
     module: str | None = None
     # An engine that is a program (llama.cpp's llama-server): its name on PATH or a path.
     binary: str | None = None
+    # Python modules the engine imports beyond its own (`transformers serve`: fastapi,
+    # uvicorn, openai): missing, the profile is refused with install_hint.
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
