@@ -6,8 +6,10 @@ Figures for the streams that stayed: output throughput and p50/p90/p99 of TTFT, 
 E2EL (p99.9 where the sample certifies it). And the engine's side, through its ``/metrics``
 (`servelab.prometheus.wait_until_idle`): after each run no request may be left running or
 waiting and KV cache usage must come back to its level before the run — the cancelled
-requests' blocks were released; the time it took is a figure (`cancel_release_ms`). A server
-without those gauges skips that check, saying so.
+requests' blocks were released; the time it took is a figure (`cancel_release_ms`). And the
+engine must have stopped generating for them: its ``vllm:generation_tokens_total`` rose by
+fewer tokens than the run would have cost without cancellations. A server without those
+gauges and counters skips those checks, saying so.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from servelab.plugin_measure import Measurement
 from servelab.profiles import CancellationShape
 
 pytestmark = pytest.mark.perf
+GENERATED = "vllm:generation_tokens_total"
 
 EXTERNAL_SHAPE = CancellationShape(
     requests=8,
@@ -53,7 +56,7 @@ def test_cancellation(servelab_measure: Measurement) -> None:
 
     measured: list[tuple[dict[str, Any], RunResult]] = []
     settled: list[prometheus.Settled | None] = []
-    aborts: list[float | None] = []
+    generated: list[float | None] = []
     idle: prometheus.EngineLoad | None = None
     for i in range(runs):
         m.progress(
@@ -70,7 +73,7 @@ def test_cancellation(servelab_measure: Measurement) -> None:
                 settings=m.settings,
             )
             idle = _load(m)
-        before = _scrape_aborts(m)
+        before = _generated(m)
         res = workloads.cancellation(
             m.endpoint,
             requests=shape.requests,
@@ -87,8 +90,8 @@ def test_cancellation(servelab_measure: Measurement) -> None:
             )
             settled.append(back)
             m.progress(back.describe())
-        after = _scrape_aborts(m)
-        aborts.append(None if before is None or after is None else after - before)
+        after = _generated(m)
+        generated.append(None if before is None or after is None else after - before)
         measured.append(({"run": i}, res))
 
     kept = m.keep(measured, may_drop=True)
@@ -99,8 +102,13 @@ def test_cancellation(servelab_measure: Measurement) -> None:
         f"{shape.cancel_after_tokens} of {shape.output_tokens} tokens; figures over the "
         f"{shape.requests - cancelled_n} surviving streams; {len(kept)} of {runs} runs kept"
     )
-    engine = "engine counted aborts per run: " + ", ".join(
-        "n/a" if a is None else f"{a:g}" for a in aborts
+    planned = shape.requests * shape.output_tokens
+    read = (shape.requests - cancelled_n) * shape.output_tokens
+    read += cancelled_n * shape.cancel_after_tokens
+    engine = (
+        "tokens the engine generated per run (vllm:generation_tokens_total): "
+        + ", ".join("n/a" if g is None else f"{g:g}" for g in generated)
+        + f"; the clients read {read}, a run without cancellations generates {planned}"
     )
     notes = (label, engine)
     fig_shape = Shape(shape.prompt_tokens, shape.output_tokens, concurrency=shape.concurrency)
@@ -141,10 +149,13 @@ def test_cancellation(servelab_measure: Measurement) -> None:
     )
     stuck = [f"run {i + 1}: {s.describe()}" for i, s in enumerate(settled) if s and not s.idle]
     assert not stuck, "the engine did not release the cancelled requests: " + "; ".join(stuck)
+    full = [g for g in generated if g is not None and g >= planned]
+    assert not full, f"the engine generated every cancelled stream to its end: {engine}"
 
 
-def _scrape_aborts(m: Measurement) -> float | None:
+def _generated(m: Measurement) -> float | None:
     try:
-        return prometheus.aborted(prometheus.scrape(m.endpoint.base_url, m.endpoint.headers))
+        samples = prometheus.scrape(m.endpoint.base_url, m.endpoint.headers)
     except ServelabError:
         return None
+    return prometheus.total(samples, GENERATED)

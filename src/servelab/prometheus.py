@@ -369,19 +369,6 @@ def peaks_of(seen: list[Samples], interval_s: float) -> Peaks:
 
 # --------------------------------------------------------------------------- idle check
 
-ABORTS = "vllm:request_success_total"  # label finished_reason="abort": aborted by the client
-
-
-def aborted(samples: Samples) -> float | None:
-    """Requests the engine finished as aborted (vLLM counts a client's disconnect so);
-    None when the server exports no such counter."""
-    values = [
-        v
-        for (n, labels), v in samples.items()
-        if n == ABORTS and dict(labels).get("finished_reason") == "abort"
-    ]
-    return sum(values) if values else None
-
 
 @dataclass(frozen=True)
 class EngineLoad:
