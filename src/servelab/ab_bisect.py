@@ -12,16 +12,33 @@ regression there, nothing to bisect.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from servelab.ab import ABResult, Measure, run_ab
+from servelab.errors import ServelabError
 from servelab.figures import Direction
 from servelab.sequential import Plan
 
 T = TypeVar("T")
+
+
+class BisectError(ServelabError, ValueError):
+    """A bisect that cannot start (fewer than two builds)."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build in a bisect's list: its place (0 the reference) and what it is, shown as its
+    label (builds may repeat: two stand-ins of the same delay are still two builds)."""
+
+    index: int
+    label: str = field(compare=False)
+
+    def __repr__(self) -> str:
+        return self.label
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,36 @@ class BisectResult(Generic[T]):
     def runs(self) -> int:
         return sum(s.result.verdict.runs for s in self.steps)
 
+    @property
+    def answered(self) -> bool:
+        """Whether the search ended with an answer: the first regressed build, or none
+        (the last build decided unchanged or improved); not when a step was undecided."""
+        if self.first_bad is not None:
+            return True
+        return bool(self.steps) and self.steps[-1].result.verdict.outcome in (
+            "no change",
+            "improvement",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the record: the builds by label, the answer and every step's A/B."""
+        return {
+            "builds": [repr(b) for b in self.builds],
+            "first_bad": self.first_bad,
+            "first_bad_build": None
+            if self.first_bad is None
+            else repr(self.builds[self.first_bad]),
+            "last_good": self.last_good,
+            "answered": self.answered,
+            "stopped": self.stopped,
+            "runs": self.runs,
+            "summary": self.describe(),
+            "steps": [
+                {"index": st.index, "build": repr(st.build), **asdict(st.result)}
+                for st in self.steps
+            ],
+        }
+
     def describe(self) -> str:
         tail = f" ({len(self.steps)} A/B comparisons, {self.runs} runs)"
         if self.first_bad is not None:
@@ -69,7 +116,10 @@ def bisect_builds(
     metric regressed against the reference; `measure_of(build)` measures one run of it."""
     items = tuple(builds)
     if len(items) < 2:
-        raise ValueError(f"bisect needs a reference and at least one later build, got {len(items)}")
+        raise BisectError(
+            f"bisect needs a reference and at least one later build, got {len(items)}: "
+            "name at least one build after the reference"
+        )
     reference = measure_of(items[0])
     steps: list[Step[T]] = []
 

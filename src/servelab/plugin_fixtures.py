@@ -75,7 +75,7 @@ def _watchdog(config: pytest.Config) -> Any:
     from servelab.watchdog import SessionWatchdog
 
     run = _run(config)
-    profiles = run.options.profiles
+    profiles = served_profiles(run.options)
     floors = [
         p.limits.min_free_memory_gib for p in profiles if p.limits.min_free_memory_gib is not None
     ]
@@ -86,6 +86,14 @@ def _watchdog(config: pytest.Config) -> Any:
         since_s=SESSION_T0,
         on_trip=lambda reason: run.results.invalidate([reason]),
     )
+
+
+def served_profiles(options: Options) -> tuple[Profile, ...]:
+    """Every profile this session may serve: the selected ones and the A/B side ones (their
+    post-run receipts are taken like the selected targets'; one never started is skipped)."""
+    extra = () if options.ab is None else options.ab.side_profiles
+    names = {p.name for p in options.profiles}
+    return (*options.profiles, *(p for p in extra if p.name not in names))
 
 
 def _receipt_args(options: Options) -> dict[str, Any]:
@@ -101,7 +109,10 @@ def _post_run(config: pytest.Config, pool: ServerPool) -> None:
     run.results.stops.update({n: r.to_dict() for n, r in pool.stops.items()})
     if pool.shared_dir is None:  # under xdist the controller stops the shared engines
         problems = post_run_into(
-            run.results.receipts, run.options.profiles, pool.stops, **_receipt_args(run.options)
+            run.results.receipts,
+            served_profiles(run.options),
+            pool.stops,
+            **_receipt_args(run.options),
         )
         run.results.invalidate(f"post-run health check: {p}" for p in problems)
 
@@ -127,9 +138,8 @@ def servelab_session_endpoint(
 ) -> tuple[Endpoint, Identity]:
     """The target's endpoint, started (or reached) once; its `Target` (identity, stack,
     fingerprint) is fixed here and joins the session's results."""
-    from servelab.engine import remote_engine, require_engine
-    from servelab.hardware import accelerator_available, collect_host
-    from servelab.receipts import admit_into
+    from servelab.engine import remote_engine
+    from servelab.hardware import accelerator_available
 
     profile = servelab_profile
     if profile is None:
@@ -140,15 +150,27 @@ def servelab_session_endpoint(
     ok, why = accelerator_available(hw.accelerator, hw.count)
     if not ok:
         pytest.skip(f"profile {profile.name!r} needs {hw.count}x {hw.accelerator}: {why}")
+    return _start_profile(profile, servelab_options, servelab_state, servelab_pool)
+
+
+def _start_profile(
+    profile: Profile, options: Options, state: SessionResults, pool: ServerPool
+) -> tuple[Endpoint, Identity]:
+    """Admit (a health receipt first; a refusal starts no engine), start and fix the
+    target of `profile`: every served target of the session, A's or B's, comes through here."""
+    from servelab.engine import require_engine
+    from servelab.hardware import collect_host
+    from servelab.receipts import admit_into
+
     try:
         engine = require_engine(profile)
         admit_into(  # issue 25: a health receipt first; a refusal starts no engine
-            servelab_state.receipts,
+            state.receipts,
             profile,
-            own_pids=servelab_pool.engine_pids(profile),
-            **_receipt_args(servelab_options),
+            own_pids=pool.engine_pids(profile),
+            **_receipt_args(options),
         )
-        started = servelab_pool.get(profile)
+        started = pool.get(profile)
         host = collect_host()
     except ServelabError as exc:
         problem = str(exc)
@@ -159,7 +181,7 @@ def servelab_session_endpoint(
     identity = Identity(
         profile=profile.name, engine=engine, host=host.key, model=profile.model.served_name
     )
-    servelab_state.targets[profile.name] = make_target(
+    state.targets[profile.name] = make_target(
         identity,
         profile,
         host,
@@ -168,6 +190,31 @@ def servelab_session_endpoint(
         command=started.command,
     )
     return started.endpoint, identity
+
+
+def side_target(request: pytest.FixtureRequest, profile: Profile) -> Endpoint:
+    """A second served target of the session (side B of an A/B, a build of a bisect), given
+    everything the selected target gets: hardware check, admission receipt, start by the
+    session's pool (so its stop is recorded and its post-run receipt taken at the end), its
+    `Target` in the results, the patch check and the quality gate (once per session; a failed
+    gate fails the calling test and marks the session invalid), a liveness check."""
+    from servelab.hardware import accelerator_available
+    from servelab.plugin_gate import gate_side_target
+
+    options: Options = request.getfixturevalue("servelab_options")
+    state: SessionResults = request.getfixturevalue("servelab_state")
+    pool: ServerPool = request.getfixturevalue("servelab_pool")
+    hw = profile.hardware
+    ok, why = accelerator_available(hw.accelerator, hw.count)
+    if not ok:
+        pytest.skip(f"side B profile {profile.name!r} needs {hw.count}x {hw.accelerator}: {why}")
+    endpoint, _identity = _start_profile(profile, options, state, pool)
+    gate_side_target(request, profile, endpoint)
+    try:
+        pool.ensure_alive(profile)
+    except ServelabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return endpoint
 
 
 def _external_endpoint(options: Options, remote_engine: Any) -> tuple[Endpoint, Identity]:

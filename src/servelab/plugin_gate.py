@@ -34,6 +34,7 @@ from servelab.xdist import SessionGates, shared_folder
 
 if TYPE_CHECKING:
     from servelab.quality import QualitySet
+    from servelab.server import Endpoint
 
 
 def _quality_set(options: Options, profile: Profile | None) -> QualitySet | None:
@@ -107,14 +108,48 @@ def servelab_quality_gate(
     servelab_options: Options,
 ) -> GateReport:
     """The quality gate of this target, run once, before its first speed test."""
+    if servelab_profile is not None:
+        _check_patches(servelab_profile, servelab_state)
+    qset = request.getfixturevalue("servelab_quality_set")
+    endpoint, _identity = request.getfixturevalue("servelab_session_endpoint")
+    return gate_target(request, servelab_target, servelab_profile, endpoint, qset)
+
+
+def gate_side_target(request: pytest.FixtureRequest, profile: Profile, endpoint: Endpoint) -> None:
+    """Patch check and quality gate of a second target of the session (side B of an A/B,
+    a build of a bisect: `servelab.plugin_fixtures.side_target`), exactly as the selected
+    target's: once per session, its report kept and written; a failed gate marks the session
+    invalid and fails the calling test, as it would fail every speed test of that target."""
+    results: SessionResults = request.getfixturevalue("servelab_state")
+    options: Options = request.getfixturevalue("servelab_options")
+    _check_patches(profile, results)
+    try:
+        qset = _quality_set(options, profile)
+    except ServelabError as exc:
+        pytest.fail(f"[{profile.name}] {exc}", pytrace=False)
+    report = gate_target(request, profile.name, profile, endpoint, qset)
+    if not report.passed:
+        pytest.fail(
+            f"no speed verdict: the quality gate of {profile.name!r} failed: "
+            + "; ".join(report.reasons()),
+            pytrace=False,
+        )
+
+
+def gate_target(
+    request: pytest.FixtureRequest,
+    target: str,
+    profile: Profile | None,
+    endpoint: Endpoint,
+    qset: QualitySet | None,
+) -> GateReport:
+    """Run `target`'s quality gate once per session (shared by xdist workers), keep its
+    report in the session's results and write it; a failed gate invalidates the session."""
     from servelab import recall
     from servelab.quality import run_gate
 
-    results = servelab_state
-    profile = servelab_profile
-    if profile is not None:
-        _check_patches(profile, results)
-    qset = request.getfixturevalue("servelab_quality_set")
+    results: SessionResults = request.getfixturevalue("servelab_state")
+    o: Options = request.getfixturevalue("servelab_options")
     shape = None if profile is None else profile.workloads.recall
     try:
         if profile is not None and shape is not None:
@@ -126,17 +161,15 @@ def servelab_quality_gate(
             )
     except ServelabError as exc:
         pytest.fail(str(exc), pytrace=False)
-    endpoint, _identity = request.getfixturevalue("servelab_session_endpoint")
     if qset is None:
         reason = (
-            f"quality gate [{servelab_target}]: no quality file for an external endpoint; "
+            f"quality gate [{target}]: no quality file for an external endpoint; "
             "pass --quality-file (canaries with exact answers for the served model)"
         )
         results.invalidate([reason])
         pytest.fail(reason, pytrace=False)
     from servelab.workloads import request_timeouts
 
-    o = servelab_options
     limits = None if profile is None else profile.limits
     timeout_s, first_token_s = request_timeouts(limits, request_timeout_s=o.request_timeout_s)
     if profile is None and o.request_timeout_s is None:
@@ -147,11 +180,11 @@ def servelab_quality_gate(
     gates: SessionGates = request.getfixturevalue("servelab_gates")  # once, also under xdist
     try:
         report = gates.run(
-            servelab_target,
+            target,
             partial(
                 run_gate,
                 endpoint,
-                servelab_target,
+                target,
                 qset,
                 repeats=2 if profile is None else profile.quality.repeats,
                 identity_fraction=1.0 if profile is None else profile.quality.identity_fraction,
@@ -165,12 +198,12 @@ def servelab_quality_gate(
             ),
         )
     except ServelabError as exc:
-        results.invalidate([f"quality gate [{servelab_target}] could not run: {exc}"])
+        results.invalidate([f"quality gate [{target}] could not run: {exc}"])
         pytest.fail(str(exc), pytrace=False)
-    results.gates[servelab_target] = report
+    results.gates[target] = report
     if not report.passed:
         results.invalidate(report.reasons())
-    _write(o, servelab_target, report, results)
+    _write(o, target, report, results)
     return report
 
 

@@ -26,7 +26,9 @@ DEFAULT_PROFILE = "cpu-smollm2"
 class ABOptions:
     """Interleaved A/B (issue 19, `servelab.ab`): side A is the selected profile, side B
     another profile (`profile`) or A's server through a delaying proxy adding `slowdown`
-    times A's measured TPOT per token (a stand-in for a slower engine; 0 for A/A)."""
+    times A's measured TPOT per token (a stand-in for a slower engine; 0 for A/A). Or a
+    bisect (`bisect`, `servelab.ab_bisect`): the later builds, oldest first, each a profile
+    or a stand-in slowdown as above; the reference build is A."""
 
     profile: Profile | None
     slowdown: float | None
@@ -34,6 +36,13 @@ class ABOptions:
     deadline_s: float | None
     seed: int | None  # block orders; None: drawn, and printed
     output_tokens: int | None  # per run; None: the profile's decode shape
+    bisect: tuple[Profile | float, ...] = ()  # --ab-bisect: builds after A, oldest first
+
+    @property
+    def side_profiles(self) -> tuple[Profile, ...]:
+        """The profiles this A/B may start beside A (side B, the bisect's profile builds)."""
+        both = (self.profile, *self.bisect)
+        return tuple(b for b in both if isinstance(b, Profile))
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,14 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="S",
         help="stop the A/B comparison after about S seconds (the verdict says so)",
     )
+    add(
+        "--ab-bisect",
+        default=None,
+        metavar="BUILDS",
+        help="bisect for the first regressed build: BUILDS is a comma-separated list, oldest "
+        "first, of profile names or stand-in slowdowns (fractions of A's TPOT added per token "
+        "by a proxy); the reference build is the selected target (A) (docs/verdicts.md)",
+    )
     add("--ab-seed", type=int, default=None, metavar="N", help="seed of the A/B block orders")
     add(
         "--ab-output-tokens",
@@ -218,12 +235,49 @@ def _positive(config: pytest.Config, name: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _slowdown(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _bisect_builds(text: str, dirs: list[Path]) -> tuple[Profile | float, ...]:
+    items = [x.strip() for x in text.split(",")]
+    if not items or any(not x for x in items):
+        raise pytest.UsageError(
+            f"--ab-bisect {text!r}: give a comma-separated list of builds after A, oldest "
+            "first, with no empty item (e.g. --ab-bisect 0,0,0.05,0.05)"
+        )
+    builds: list[Profile | float] = []
+    for item in items:
+        fraction = _slowdown(item)
+        if fraction is not None:
+            if not 0 <= fraction < 10:
+                raise pytest.UsageError(
+                    f"--ab-bisect: slowdown {item} must be within [0, 10) (a fraction of A's "
+                    "TPOT added per token)"
+                )
+            builds.append(fraction)
+            continue
+        try:
+            (profile,) = load_named([item], dirs)
+        except ServelabError as exc:
+            raise pytest.UsageError(f"--ab-bisect: {exc}") from None
+        builds.append(profile)
+    return tuple(builds)
+
+
 def _ab_options(config: pytest.Config, dirs: list[Path]) -> ABOptions | None:
     name, slowdown = config.getoption("--ab-profile"), config.getoption("--ab-slowdown")
-    if name is None and slowdown is None:
+    builds = config.getoption("--ab-bisect")
+    if name is None and slowdown is None and builds is None:
         return None
-    if name is not None and slowdown is not None:
-        raise pytest.UsageError("--ab-profile and --ab-slowdown exclude each other: one side B")
+    if sum(x is not None for x in (name, slowdown, builds)) > 1:
+        raise pytest.UsageError(
+            "--ab-profile, --ab-slowdown and --ab-bisect exclude each other: one comparison "
+            "a session"
+        )
     if slowdown is not None and not 0 <= slowdown < 10:
         raise pytest.UsageError(f"--ab-slowdown must be within [0, 10) (got {slowdown})")
     runs, tokens = config.getoption("--ab-max-runs"), config.getoption("--ab-output-tokens")
@@ -238,6 +292,7 @@ def _ab_options(config: pytest.Config, dirs: list[Path]) -> ABOptions | None:
     return ABOptions(
         profile, slowdown, runs, _positive(config, "--ab-deadline"),
         config.getoption("--ab-seed"), tokens,
+        () if builds is None else _bisect_builds(builds, dirs),
     )  # fmt: skip
 
 
