@@ -64,7 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def engine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """vLLM's TurboQuant files: the bundle SERVELAB_ENGINE_KERNELS names, else the installed vLLM's."""
+    """vLLM's TurboQuant files: the bundle SERVELAB_ENGINE_KERNELS names, else the installed one."""
     from servelab.kernels.engine.bundle import (
         build_bundle,
         installed_engine_root,
@@ -88,19 +88,19 @@ def engine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def engine_report(request: pytest.FixtureRequest, engine_bundle: Any) -> Iterator[Any]:
+def engine_report(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Rows of preset x check x verdict, saved at the end of the session (issue 20).
 
     Written to RESULTS_DIR/engine-kernels/<engine>__<device>.json (a worker suffix under
     xdist); SERVELAB_ENGINE_KERNELS_OUT overrides the folder (the GPU script points it at $OUT).
     """
+    from servelab.kernels.engine.bundle import installed_engine_version, load_bundle
     from servelab.kernels.engine.report import Report
 
+    named = os.environ.get("SERVELAB_ENGINE_KERNELS")
+    engine = load_bundle(Path(named)).engine_version if named else installed_engine_version()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    report = Report(engine_bundle.engine_version, device, meta={
-        "bundle_files": engine_bundle.manifest["files"],
-        "torch": torch.__version__,
-    })
+    report = Report(engine, device, meta={"torch": torch.__version__})
     yield report
     if not report.rows:
         return

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,10 +86,13 @@ def test_backend_setup_is_what_the_driver_repeats(engine_bundle: Any) -> None:
 
 @pytest.mark.kernels
 def test_bundle_imports_with_the_installed_engine_hidden(engine_bundle: Any) -> None:
-    """A clean interpreter (-I) loads the ops from the bundle; a vllm module from elsewhere fails."""
+    """A clean interpreter (-I) loads the ops from the bundle; vllm from elsewhere fails."""
     proc = subprocess.run(
         [sys.executable, "-I", driver.__file__, "--imports-only", str(engine_bundle.root)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded: dict[str, str | None] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,8 +103,13 @@ def test_bundle_imports_with_the_installed_engine_hidden(engine_bundle: Any) -> 
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("name", NAMES)
-def test_codebook_against_lloyd_max(name: str, static: dict[str, Any], engine_report: Report) -> None:
-    rows = {r.check: r for r in _add(engine_report, checks.check_codebook(name, D, static["presets"][name]))}
+def test_codebook_against_lloyd_max(
+    name: str, static: dict[str, Any], engine_report: Report
+) -> None:
+    rows = {
+        r.check: r
+        for r in _add(engine_report, checks.check_codebook(name, D, static["presets"][name]))
+    }
     assert rows["midpoints_are_midpoints"].verdict == "pass"
     assert rows["codebook_distortion"].verdict == "pass", rows["codebook_distortion"].line()
     # Known mismatch (docs/kernels-engine.md): vLLM integrates each cell with a 200-point
@@ -116,7 +123,10 @@ def test_codebook_against_lloyd_max(name: str, static: dict[str, Any], engine_re
 @pytest.mark.kernels
 @pytest.mark.parametrize("name", NAMES)
 def test_preset_table_and_bytes(name: str, static: dict[str, Any], engine_report: Report) -> None:
-    rows = _add(engine_report, checks.check_preset_table(name, D, static["presets"][name], static["tq_presets"]))
+    rows = _add(
+        engine_report,
+        checks.check_preset_table(name, D, static["presets"][name], static["tq_presets"]),
+    )
     assert not _failed(rows), _failed(rows)
 
 
@@ -129,7 +139,9 @@ def _build_cases(on_gpu: bool) -> dict[str, engine_cases.Case]:
     else:
         rand = engine_cases.random_case("random", 20, 2, 1, 3, 32, D, [32, 19], splits=8)
     out = {"random": rand}
-    out.update({c.name: c for c in engine_cases.adversarial_cases(D, 21, tokens=16 if not on_gpu else 64)})
+    out.update(
+        {c.name: c for c in engine_cases.adversarial_cases(D, 21, tokens=16 if not on_gpu else 64)}
+    )
     return out
 
 
@@ -149,9 +161,19 @@ def engine_run(engine_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     if not on_gpu:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-I", driver.__file__, str(engine_bundle.root), str(work / "spec.pt"),
-         str(work / "out.pt")],
-        capture_output=True, text=True, timeout=1200, env=env, check=False,
+        [
+            sys.executable,
+            "-I",
+            driver.__file__,
+            str(engine_bundle.root),
+            str(work / "spec.pt"),
+            str(work / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         pytest.fail(f"the engine driver failed:\n{proc.stderr[-4000:]}")
@@ -162,7 +184,9 @@ def engine_run(engine_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _case(engine_run: dict[str, Any], name: str, case: str) -> tuple[engine_cases.Case, dict[str, Any], dict[str, Any]]:
+def _case(
+    engine_run: dict[str, Any], name: str, case: str
+) -> tuple[engine_cases.Case, dict[str, Any], dict[str, Any]]:
     c = engine_run["case_objects"][case]
     rec = engine_run["presets"][name]
     return c, rec, rec["cases"][case]
@@ -171,7 +195,9 @@ def _case(engine_run: dict[str, Any], name: str, case: str) -> tuple[engine_case
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", NAMES)
-def test_store_against_servelab(name: str, case: str, engine_run: dict[str, Any], engine_report: Report) -> None:
+def test_store_against_servelab(
+    name: str, case: str, engine_run: dict[str, Any], engine_report: Report
+) -> None:
     c, rec, res = _case(engine_run, name, case)
     rows = _add(engine_report, checks.check_store(name, c, rec, res["cache"]))
     failed = _failed(rows)
@@ -182,7 +208,9 @@ def test_store_against_servelab(name: str, case: str, engine_run: dict[str, Any]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_decode_against_float64(name: str, engine_run: dict[str, Any], engine_report: Report) -> None:
+def test_decode_against_float64(
+    name: str, engine_run: dict[str, Any], engine_report: Report
+) -> None:
     c, rec, res = _case(engine_run, name, "random")
     rows = _add(engine_report, checks.check_decode(name, c, rec, res["cache"], res["decode"]))
     failed = _failed(rows)

@@ -48,14 +48,12 @@ BACKEND_FILE = "vllm/v1/attention/backends/turboquant_attn.py"
 SHIM_HEADER = '"""servelab shim, not vLLM code (servelab.kernels.engine.bundle): {what}"""\n'
 
 SHIMS: dict[str, str] = {
-    "vllm/__init__.py": SHIM_HEADER.format(
-        what="the package root, without the engine's imports."
-    )
+    "vllm/__init__.py": SHIM_HEADER.format(what="the package root, without the engine's imports.")
     + "\nENGINE_VERSION = {version!r}\n",
     "vllm/platforms/__init__.py": SHIM_HEADER.format(
         what="current_platform, answering from torch what the TurboQuant ops ask."
     )
-    + '''
+    + """
 import torch
 
 
@@ -75,7 +73,7 @@ class _Platform:
 
 
 current_platform = _Platform()
-''',
+""",
     "vllm/triton_utils/__init__.py": SHIM_HEADER.format(
         what="the real triton and triton.language, never placeholders."
     )

@@ -59,8 +59,16 @@ def _pages(b: int, t: int, block_size: int, gen: torch.Generator) -> torch.Tenso
 
 
 def random_case(
-    name: str, seed: int, b: int, hk: int, hq: int, t: int, d: int, seq_lens: list[int],
-    block_size: int = 16, splits: int = 32,
+    name: str,
+    seed: int,
+    b: int,
+    hk: int,
+    hq: int,
+    t: int,
+    d: int,
+    seq_lens: list[int],
+    block_size: int = 16,
+    splits: int = 32,
 ) -> Case:
     """Gaussian q, k, v (logit std 1 at scale 1/√d), ragged lengths, shuffled pages."""
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +80,15 @@ def random_case(
         f"block {block_size}, {splits} splits, seed {seed}"
     )
     return Case(
-        name, k, v, q, torch.tensor(seq_lens, dtype=torch.int32), block_size,
-        _pages(b, t, block_size, g), splits, what,
+        name,
+        k,
+        v,
+        q,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        block_size,
+        _pages(b, t, block_size, g),
+        splits,
+        what,
     )
 
 
@@ -88,28 +103,51 @@ def adversarial_cases(d: int, seed: int, tokens: int = 64) -> list[Case]:
 
     def case(name: str, k: torch.Tensor, v: torch.Tensor, what: str) -> Case:
         return Case(
-            name, k.contiguous(), v.contiguous(), torch.empty(0), torch.tensor([t], dtype=torch.int32),
-            16, _pages(1, t, 16, g), 32, what,
+            name,
+            k.contiguous(),
+            v.contiguous(),
+            torch.empty(0),
+            torch.tensor([t], dtype=torch.int32),
+            16,
+            _pages(1, t, 16, g),
+            32,
+            what,
         )
 
-    out.append(case(
-        "constant", torch.ones(1, 1, t, d) * scale, noise_v,
-        f"keys = s·(1, …, 1) (a Hadamard row), s in [0.5, 3.5], d={d}, {t} tokens",
-    ))
+    out.append(
+        case(
+            "constant",
+            torch.ones(1, 1, t, d) * scale,
+            noise_v,
+            f"keys = s·(1, …, 1) (a Hadamard row), s in [0.5, 3.5], d={d}, {t} tokens",
+        )
+    )
     rows = h[torch.randint(0, d, (t,), generator=g)].reshape(1, 1, t, d)
-    out.append(case(
-        "hadamard_rows", rows * scale, noise_v,
-        f"keys = s·(random row of the ±1 Sylvester Hadamard), d={d}, {t} tokens",
-    ))
+    out.append(
+        case(
+            "hadamard_rows",
+            rows * scale,
+            noise_v,
+            f"keys = s·(random row of the ±1 Sylvester Hadamard), d={d}, {t} tokens",
+        )
+    )
     k_rand = torch.randn(1, 1, t, d, generator=g)
-    out.append(case(
-        "value_offset", k_rand, 300.0 + 0.1 * noise_v,
-        f"values = 300 + 0.1·N(0, 1) (a row's range ≈ 0.6, far below the offset), d={d}",
-    ))
-    out.append(case(
-        "fp8_out_of_range", k_rand * 400.0, noise_v,
-        f"keys = 400·N(0, 1): |k| past FP8 e4m3's 448 in ~30 % of coordinates, d={d}",
-    ))
+    out.append(
+        case(
+            "value_offset",
+            k_rand,
+            300.0 + 0.1 * noise_v,
+            f"values = 300 + 0.1·N(0, 1) (a row's range ≈ 0.6, far below the offset), d={d}",
+        )
+    )
+    out.append(
+        case(
+            "fp8_out_of_range",
+            k_rand * 400.0,
+            noise_v,
+            f"keys = 400·N(0, 1): |k| past FP8 e4m3's 448 in ~30 % of coordinates, d={d}",
+        )
+    )
     return out
 
 
@@ -125,8 +163,12 @@ class Layout:
     @classmethod
     def from_engine(cls, d: int, rec: dict[str, Any]) -> Layout:
         return cls(
-            d, bool(rec["key_fp8"]), int(rec["key_mse_bits"]), int(rec["value_quant_bits"]),
-            int(rec["key_packed_size"]), bool(rec["norm_correction"]),
+            d,
+            bool(rec["key_fp8"]),
+            int(rec["key_mse_bits"]),
+            int(rec["value_quant_bits"]),
+            int(rec["key_packed_size"]),
+            bool(rec["norm_correction"]),
         )
 
     @property

@@ -1,3 +1,4 @@
+# Over 400 lines: one function per engine piece (codebook, presets, store, decode) + thresholds.
 """The engine's TurboQuant pieces against servelab's, as report rows (docs/kernels-engine.md).
 
 Each function takes what the driver saved for one preset (and case) and returns ``Row``s; the
@@ -50,23 +51,61 @@ def check_codebook(name: str, d: int, rec: dict[str, Any]) -> list[Row]:
     note = " (FP8 keys: the table is built but unused by keys)" if rec["key_fp8"] else ""
     diff = float((eng - ref).abs().max())
     rows = [
-        Row(name, "codebook_vs_gaussian_lloyd_max", _verdict(diff <= CODEBOOK_TOL), diff,
-            f"{CODEBOOK_TOL:g}", "sqrt(d)*c", f"{2**bits} levels at d={d}{note}"),
-        Row(name, "codebook_vs_exact_law", "figure", float((eng - exact).abs().max()), "",
-            "sqrt(d)*c", "vLLM solves the Gaussian limit, not the sphere law (§2.2)"),
+        Row(
+            name,
+            "codebook_vs_gaussian_lloyd_max",
+            _verdict(diff <= CODEBOOK_TOL),
+            diff,
+            f"{CODEBOOK_TOL:g}",
+            "sqrt(d)*c",
+            f"{2**bits} levels at d={d}{note}",
+        ),
+        Row(
+            name,
+            "codebook_vs_exact_law",
+            "figure",
+            float((eng - exact).abs().max()),
+            "",
+            "sqrt(d)*c",
+            "vLLM solves the Gaussian limit, not the sphere law (§2.2)",
+        ),
     ]
     mids = rec["midpoints"].double()
     want_mids = (rec["centroids"].double()[:-1] + rec["centroids"].double()[1:]) / 2
     mdiff = float((mids - want_mids).abs().max()) * math.sqrt(d)
-    rows.append(Row(name, "midpoints_are_midpoints", _verdict(mdiff <= 1e-6), mdiff, "1e-06",
-                    "sqrt(d)*c", "the store's bucket edges"))
-    cb = Codebook(d, bits, "gaussian", tuple(float(c) for c in rec["centroids"].double()),
-                  tuple(float(m) for m in mids), 0)
+    rows.append(
+        Row(
+            name,
+            "midpoints_are_midpoints",
+            _verdict(mdiff <= 1e-6),
+            mdiff,
+            "1e-06",
+            "sqrt(d)*c",
+            "the store's bucket edges",
+        )
+    )
+    cb = Codebook(
+        d,
+        bits,
+        "gaussian",
+        tuple(float(c) for c in rec["centroids"].double()),
+        tuple(float(m) for m in mids),
+        0,
+    )
     ours = lloyd_max_codebook(d, bits, "gaussian")
     got, want = distortion(cb, "exact"), distortion(ours, "exact")
     rel = abs(got - want) / want
-    rows.append(Row(name, "codebook_distortion", _verdict(rel <= 1e-3), got, f"{want:.6g} ± 0.1 %",
-                    "D_mse", "under the exact law at d (quadrature), vs servelab's codebook"))
+    rows.append(
+        Row(
+            name,
+            "codebook_distortion",
+            _verdict(rel <= 1e-3),
+            got,
+            f"{want:.6g} ± 0.1 %",
+            "D_mse",
+            "under the exact law at d (quadrature), vs servelab's codebook",
+        )
+    )
     return rows
 
 
@@ -75,27 +114,50 @@ def check_preset_table(name: str, d: int, rec: dict[str, Any], table: dict[str, 
     entry = table.get(name)
     rows: list[Row] = []
     if entry is None:
-        return [Row(name, "preset_in_engine", "fail", None, "", "", "the engine has no such preset")]
-    want = {"key_quant_bits": p.key_bits, "value_quant_bits": p.value_bits,
-            "norm_correction": p.norm_correction}
+        return [
+            Row(name, "preset_in_engine", "fail", None, "", "", "the engine has no such preset")
+        ]
+    want = {
+        "key_quant_bits": p.key_bits,
+        "value_quant_bits": p.value_bits,
+        "norm_correction": p.norm_correction,
+    }
     bad = {k: (entry.get(k), v) for k, v in want.items() if entry.get(k) != v}
-    rows.append(Row(name, "preset_table", _verdict(not bad), None, "", "",
-                    f"engine vs servelab: {bad}" if bad else f"engine entry {entry}"))
+    rows.append(
+        Row(
+            name,
+            "preset_table",
+            _verdict(not bad),
+            None,
+            "",
+            "",
+            f"engine vs servelab: {bad}" if bad else f"engine entry {entry}",
+        )
+    )
     for check, got, ref in (
         ("key_bytes", rec["key_packed_size"], p.key_bytes(d)),
         ("value_bytes", rec["value_packed_size"], p.value_bytes(d)),
         ("bytes_per_token_head", rec["slot_size"], p.bytes_per_token_head(d)),
     ):
         rows.append(Row(name, check, _verdict(got == ref), float(got), f"= {ref}", "B", f"d={d}"))
-    rows.append(Row(name, "allocated_bytes_per_token_head", "figure",
-                    float(rec["slot_size_aligned"]), "", "B", "slot_size rounded up to even"))
+    rows.append(
+        Row(
+            name,
+            "allocated_bytes_per_token_head",
+            "figure",
+            float(rec["slot_size_aligned"]),
+            "",
+            "B",
+            "slot_size rounded up to even",
+        )
+    )
     return rows
 
 
 def _engine_rule_key_codes(k: torch.Tensor, had: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     """The engine's key path in torch: x/(‖x‖ + 1e-8) @ H, then #midpoints ≤ y."""
     norms = k.norm(dim=-1, keepdim=True)
-    y = (k / (norms + 1e-8)) @ had
+    y: torch.Tensor = (k / (norms + 1e-8)) @ had
     return (y.unsqueeze(-1) >= mids).sum(-1).to(torch.uint8)
 
 
@@ -113,7 +175,9 @@ def _first(mask: torch.Tensor) -> str:
     return "none" if not len(idx) else f"first at [b, h, t, j] = {idx[0].tolist()}"
 
 
-def engine_dequantize(planes: dict[str, torch.Tensor], layout: Layout, rec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def engine_dequantize(
+    planes: dict[str, torch.Tensor], layout: Layout, rec: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [B, Hk, T, d] in float64 from the engine's bytes, with the engine's semantics."""
     d = layout.head_size
     if layout.key_fp8:
@@ -125,7 +189,9 @@ def engine_dequantize(planes: dict[str, torch.Tensor], layout: Layout, rec: dict
             c = c / (c.norm(dim=-1, keepdim=True) + 1e-16)
         k = planes["key_norm"].double().unsqueeze(-1) * (c @ rec["hadamard"].double())
     vidx = unpack_bits(planes["value_codes"], layout.value_bits, d).double()
-    v = vidx * planes["value_scale"].double().unsqueeze(-1) + planes["value_zero"].double().unsqueeze(-1)
+    v = vidx * planes["value_scale"].double().unsqueeze(-1) + planes[
+        "value_zero"
+    ].double().unsqueeze(-1)
     return k, v
 
 
@@ -139,69 +205,162 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
     if layout.key_fp8:
         want = case.k.float().to(torch.float8_e4m3fn).view(torch.uint8)
         bad = planes["key_codes"] != want
-        rows.append(Row(name, f"{case.name}/fp8_key_bytes", _verdict(not bool(bad.any())),
-                        float(bad.sum()), "0", "bytes", f"vs torch float8_e4m3fn cast; {_first(bad)}; {tag}"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/fp8_key_bytes",
+                _verdict(not bool(bad.any())),
+                float(bad.sum()),
+                "0",
+                "bytes",
+                f"vs torch float8_e4m3fn cast; {_first(bad)}; {tag}",
+            )
+        )
         nan = (planes["key_codes"] & 0x7F) == 0x7F
-        rows.append(Row(name, f"{case.name}/fp8_key_nan_bytes", "figure", float(nan.sum()), "", "bytes",
-                        "NaN codes (0x7f/0xff) in the engine's FP8 keys"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/fp8_key_nan_bytes",
+                "figure",
+                float(nan.sum()),
+                "",
+                "bytes",
+                "NaN codes (0x7f/0xff) in the engine's FP8 keys",
+            )
+        )
     else:
         had, mids = rec["hadamard"].float(), rec["midpoints"].float()
         eng = unpack_bits(planes["key_codes"], layout.key_bits, d)
         rule = _engine_rule_key_codes(case.k.float(), had, mids)
         bad = eng != rule
-        rows.append(Row(name, f"{case.name}/key_codes_bit_exact", _verdict(not bool(bad.any())),
-                        float(bad.sum()), "0", "codes",
-                        f"Triton bucketize+pack vs the engine's rule in torch; {_first(bad)}; {tag}"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/key_codes_bit_exact",
+                _verdict(not bool(bad.any())),
+                float(bad.sum()),
+                "0",
+                "codes",
+                f"Triton bucketize+pack vs the engine's rule in torch; {_first(bad)}; {tag}",
+            )
+        )
         sl = unpack_bits(ours.key_codes, layout.key_bits, d)
         diff = eng != sl
-        rows.append(Row(name, f"{case.name}/key_codes_vs_servelab", "figure",
-                        float(diff.float().mean()), "", "fraction",
-                        f"{int(diff.sum())} of {diff.numel()} codes differ from servelab's quantizer "
-                        f"(Gaussian codebook from another solver; ties at 0 go up in vLLM, down in "
-                        f"servelab); {_first(diff)}"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/key_codes_vs_servelab",
+                "figure",
+                float(diff.float().mean()),
+                "",
+                "fraction",
+                f"{int(diff.sum())} of {diff.numel()} codes differ from servelab's quantizer "
+                "(vLLM's codebook comes from a 200-point trapezoid solver: codes near a cell "
+                f"edge land apart); {_first(diff)}",
+            )
+        )
         norm = case.k.float().norm(dim=-1).half()
         nbad = planes["key_norm"].view(torch.int16) != norm.view(torch.int16)
-        rows.append(Row(name, f"{case.name}/key_norm_fp16", _verdict(not bool(nbad.any())),
-                        float(nbad.sum()), "0", "norms", f"fp16 ‖k‖ (NC applied at decode); {_first(nbad)}"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/key_norm_fp16",
+                _verdict(not bool(nbad.any())),
+                float(nbad.sum()),
+                "0",
+                "norms",
+                f"fp16 ‖k‖ (NC applied at decode); {_first(nbad)}",
+            )
+        )
     q, s16, z16 = _engine_rule_values(case.v.float(), layout.value_bits)
-    vbad = (unpack_bits(planes["value_codes"], layout.value_bits, d) != q)
+    vbad = unpack_bits(planes["value_codes"], layout.value_bits, d) != q
     mbad = (planes["value_scale"].view(torch.int16) != s16.view(torch.int16)) | (
-        planes["value_zero"].view(torch.int16) != z16.view(torch.int16))
-    rows.append(Row(name, f"{case.name}/value_bytes_bit_exact",
-                    _verdict(not bool(vbad.any() or mbad.any())), float(vbad.sum() + mbad.sum()), "0",
-                    "codes+scales", f"vs the engine's rule in torch; {_first(vbad)}; {tag}"))
+        planes["value_zero"].view(torch.int16) != z16.view(torch.int16)
+    )
+    rows.append(
+        Row(
+            name,
+            f"{case.name}/value_bytes_bit_exact",
+            _verdict(not bool(vbad.any() or mbad.any())),
+            float(vbad.sum() + mbad.sum()),
+            "0",
+            "codes+scales",
+            f"vs the engine's rule in torch; {_first(vbad)}; {tag}",
+        )
+    )
     vdiff = unpack_bits(planes["value_codes"], layout.value_bits, d) != unpack_bits(
-        ours.value_codes, layout.value_bits, d)
-    rows.append(Row(name, f"{case.name}/value_codes_vs_servelab", "figure", float(vdiff.float().mean()),
-                    "", "fraction", "vLLM rounds (v − min)/scale + 0.5 in fp32 before fp16; servelab "
-                    "rounds against the stored fp16 scale and zero"))
+        ours.value_codes, layout.value_bits, d
+    )
+    rows.append(
+        Row(
+            name,
+            f"{case.name}/value_codes_vs_servelab",
+            "figure",
+            float(vdiff.float().mean()),
+            "",
+            "fraction",
+            "vLLM rounds (v − min)/scale + 0.5 in fp32 before fp16; servelab "
+            "rounds against the stored fp16 scale and zero",
+        )
+    )
     k_e, v_e = engine_dequantize(planes, layout, rec)
     step = planes["value_scale"].double().clamp_min(1e-30).unsqueeze(-1)
     verr = float(((v_e - case.v.double()).abs() / step).max())
     k_s, v_s = KVCodec.build(name, d).decode(ours, torch.float64)
     serr = float(((v_s - case.v.double()).abs() / step).max())
     adversarial = not case.decodes
-    rows.append(Row(name, f"{case.name}/value_error_steps", "figure" if adversarial else _verdict(verr <= VALUE_STEP_TOL),
-                    verr, "" if adversarial else f"{VALUE_STEP_TOL:g}", "steps",
-                    f"max |v̂ − v| / scale (servelab on the same input: {serr:.4g})"))
+    rows.append(
+        Row(
+            name,
+            f"{case.name}/value_error_steps",
+            "figure" if adversarial else _verdict(verr <= VALUE_STEP_TOL),
+            verr,
+            "" if adversarial else f"{VALUE_STEP_TOL:g}",
+            "steps",
+            f"max |v̂ − v| / scale (servelab on the same input: {serr:.4g})",
+        )
+    )
     kn = case.k.double().norm(dim=-1).clamp_min(1e-30)
     d_eng = float((((k_e - case.k.double()).norm(dim=-1) / kn) ** 2).mean())
     d_ours = float((((k_s - case.k.double()).norm(dim=-1) / kn) ** 2).mean())
     if layout.key_fp8:
-        rows.append(Row(name, f"{case.name}/key_distortion", "figure", d_eng, "", "D",
-                        f"E‖k − k̂‖²/‖k‖², FP8 (servelab: {d_ours:.4g})"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/key_distortion",
+                "figure",
+                d_eng,
+                "",
+                "D",
+                f"E‖k − k̂‖²/‖k‖², FP8 (servelab: {d_ours:.4g})",
+            )
+        )
     else:
         cb = lloyd_max_codebook(d, layout.key_bits, "gaussian")
-        theory = norm_corrected_distortion(cb, "exact") if layout.norm_correction else distortion(cb, "exact")
+        theory = (
+            norm_corrected_distortion(cb, "exact")
+            if layout.norm_correction
+            else distortion(cb, "exact")
+        )
         ok = abs(d_eng / theory - 1) <= 0.10
-        rows.append(Row(name, f"{case.name}/key_distortion", "figure" if adversarial else _verdict(ok),
-                        d_eng, "" if adversarial else f"{theory:.4g} ± 10 %", "D",
-                        f"E‖u − û‖² over {case.k.shape[2] * case.k.shape[0] * case.k.shape[1]} keys "
-                        f"(servelab: {d_ours:.4g}; theory {theory:.4g})"))
+        rows.append(
+            Row(
+                name,
+                f"{case.name}/key_distortion",
+                "figure" if adversarial else _verdict(ok),
+                d_eng,
+                "" if adversarial else f"{theory:.4g} ± 10 %",
+                "D",
+                f"E‖u − û‖² over {case.k.shape[2] * case.k.shape[0] * case.k.shape[1]} keys "
+                f"(servelab: {d_ours:.4g}; theory {theory:.4g})",
+            )
+        )
     return rows
 
 
-def check_decode(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor, out: torch.Tensor) -> list[Row]:
+def check_decode(
+    name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor, out: torch.Tensor
+) -> list[Row]:
     d = case.k.shape[-1]
     layout = Layout.from_engine(d, rec)
     k_e, v_e = engine_dequantize(engine_planes(cache, case, layout), layout, rec)
@@ -211,18 +370,35 @@ def check_decode(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor
     err = (o - ref).abs()
     excess = float((err - DECODE_TOL * (1 + ref.abs())).max())
     nan = int(torch.isnan(o).sum())
-    rows = [Row(name, f"{case.name}/decode_vs_dequantized", _verdict(excess <= 0 and nan == 0),
-                float(err.max()), f"atol=rtol={DECODE_TOL:g}", "abs",
-                f"float64 attention over the engine's own dequantized cache; NaN {nan}; {case.what}")]
+    rows = [
+        Row(
+            name,
+            f"{case.name}/decode_vs_dequantized",
+            _verdict(excess <= 0 and nan == 0),
+            float(err.max()),
+            f"atol=rtol={DECODE_TOL:g}",
+            "abs",
+            f"float64 attention over the engine's own dequantized cache; NaN {nan}; {case.what}",
+        )
+    ]
     exact = reference_decode_attention(q, case.k.double(), case.v.double(), seq_lens=case.seq_lens)
     ours = KVCodec.build(name, d)
-    sl = reference_decode_attention(q, *ours.decode(ours.encode(case.k, case.v), torch.float64),
-                                    seq_lens=case.seq_lens)
+    sl = reference_decode_attention(
+        q, *ours.decode(ours.encode(case.k, case.v), torch.float64), seq_lens=case.seq_lens
+    )
     floor, ceiling = FULL_PATH_BOUNDS[name]
     cos = float(torch.nn.functional.cosine_similarity(o, exact, dim=-1).min())
     rel = float((o - exact).norm() / exact.norm())
     rel_sl = float((sl - exact).norm() / exact.norm())
-    rows.append(Row(name, f"{case.name}/decode_vs_original", _verdict(cos > floor and rel < ceiling),
-                    rel, f"rel L2 < {ceiling}, min cos > {floor}", "rel L2",
-                    f"min cosine {cos:.5f}; servelab's path on the same input: rel L2 {rel_sl:.4g}"))
+    rows.append(
+        Row(
+            name,
+            f"{case.name}/decode_vs_original",
+            _verdict(cos > floor and rel < ceiling),
+            rel,
+            f"rel L2 < {ceiling}, min cos > {floor}",
+            "rel L2",
+            f"min cosine {cos:.5f}; servelab's path on the same input: rel L2 {rel_sl:.4g}",
+        )
+    )
     return rows

@@ -124,7 +124,8 @@ def static_records(root: Path, d: int, presets: list[str], device: str = "cpu") 
         root, "vllm/model_executor/layers/quantization/turboquant/config.py", "_sl_engine_tq_config"
     )
     cen_mod = _load_by_path(
-        root, "vllm/model_executor/layers/quantization/turboquant/centroids.py",
+        root,
+        "vllm/model_executor/layers/quantization/turboquant/centroids.py",
         "_sl_engine_tq_centroids",
     )
     ns: dict[str, Any] = {"torch": torch, "math": math, "functools": functools}
@@ -207,31 +208,49 @@ def _run_case(
 
     k = case["key"].to(device)
     v = case["value"].to(device)
-    n, hk, d = k.shape
+    _, hk, d = k.shape
     # Allocated as the backend's cache ([blocks, Hk, block_size, slot]) and viewed the way
     # do_kv_cache_update and forward view it: transpose(1, 2), a strided view.
     alloc = torch.zeros(
-        case["num_blocks"], hk, case["block_size"], cfg.slot_size_aligned,
-        dtype=torch.uint8, device=device,
+        case["num_blocks"],
+        hk,
+        case["block_size"],
+        cfg.slot_size_aligned,
+        dtype=torch.uint8,
+        device=device,
     )
     cache = alloc.transpose(1, 2)
     t0 = time.perf_counter_ns()
     kern["store"].triton_turboquant_store(
-        k, v, cache, case["slot_mapping"].to(device), had, midpoints,
-        mse_bits=cfg.key_mse_bits, key_packed_size=cfg.key_packed_size,
-        value_quant_bits=cfg.effective_value_quant_bits, key_fp8=cfg.key_fp8,
+        k,
+        v,
+        cache,
+        case["slot_mapping"].to(device),
+        had,
+        midpoints,
+        mse_bits=cfg.key_mse_bits,
+        key_packed_size=cfg.key_packed_size,
+        value_quant_bits=cfg.effective_value_quant_bits,
+        key_fp8=cfg.key_fp8,
     )
     t1 = time.perf_counter_ns()
     res: dict[str, Any] = {"cache": cache.contiguous().cpu(), "store_ns": t1 - t0}
     q = case["query"].to(device)
     if q.numel():
         o = kern["decode"].triton_turboquant_decode_attention(
-            query=q, kv_cache=cache, block_table=case["block_table"].to(device),
-            seq_lens=case["seq_lens"].to(device), Pi=had, centroids=centroids,
-            scale=1.0 / math.sqrt(d), mse_bits=cfg.key_mse_bits,
+            query=q,
+            kv_cache=cache,
+            block_table=case["block_table"].to(device),
+            seq_lens=case["seq_lens"].to(device),
+            Pi=had,
+            centroids=centroids,
+            scale=1.0 / math.sqrt(d),
+            mse_bits=cfg.key_mse_bits,
             key_packed_size=cfg.key_packed_size,
-            value_quant_bits=cfg.effective_value_quant_bits, key_fp8=cfg.key_fp8,
-            norm_correction=cfg.norm_correction, PiT=had,
+            value_quant_bits=cfg.effective_value_quant_bits,
+            key_fp8=cfg.key_fp8,
+            norm_correction=cfg.norm_correction,
+            PiT=had,
             max_num_kv_splits=int(case["splits"]),
         )
         res["decode"] = o.float().cpu()

@@ -35,7 +35,9 @@ class Row:
     def line(self) -> str:
         fig = "" if self.figure is None else f" {self.figure:.6g}{self.unit and ' ' + self.unit}"
         limit = f" (limit {self.threshold})" if self.threshold else ""
-        return f"{self.verdict.upper():6} {self.preset:20} {self.check:28}{fig}{limit} {self.detail}"
+        return (
+            f"{self.verdict.upper():6} {self.preset:20} {self.check:28}{fig}{limit} {self.detail}"
+        )
 
 
 @dataclass
@@ -51,8 +53,10 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         rows = [
-            {**asdict(r), "figure": None if r.figure is None or not math.isfinite(r.figure)
-             else r.figure}
+            {
+                **asdict(r),
+                "figure": None if r.figure is None or not math.isfinite(r.figure) else r.figure,
+            }
             for r in self.rows
         ]
         return {
