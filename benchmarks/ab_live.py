@@ -24,6 +24,7 @@ About 1-10 minutes a trial on 2 cores (server start about a minute once).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -72,6 +73,7 @@ def trial(
     k: int, kind: str, a: Endpoint, args: argparse.Namespace, plan: sequential.Plan
 ) -> dict[str, Any]:
     load0 = os.getloadavg()[0]
+    start_utc = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     calib = [one_run(a, args, f"{k}-cal{i}") for i in range(3)]
     tpot = statistics.median(calib)
     rng = np.random.default_rng([args.seed, k])
@@ -107,6 +109,7 @@ def trial(
     row: dict[str, Any] = {
         "trial": k,
         "kind": kind,
+        "start_utc": start_utc,
         "outcome": v.outcome,
         "runs": v.runs,
         "seconds": round(res.seconds, 1),
