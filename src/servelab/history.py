@@ -121,9 +121,18 @@ def record_folders(results_dir: Path) -> list[Path]:
 def load_series(results_dir: Path, profile: str | None = None) -> list[Series]:
     """One series per (host key, profile, figure key) over every record under
     `results_dir/records`, ordered by session start; INVALID figures are not points."""
+    return series_of(
+        [(folder.name, load_record(folder)) for folder in record_folders(results_dir)], profile
+    )
+
+
+def series_of(
+    records: Sequence[tuple[str, Mapping[str, Any]]], profile: str | None = None
+) -> list[Series]:
+    """`load_series` over records at hand, each with its name (a record folder's, or a
+    report's session label): one series per (host key, profile, figure key)."""
     series: dict[tuple[str, str, str], Series] = {}
-    for folder in record_folders(results_dir):
-        rec = load_record(folder)
+    for name, rec in records:
         session = rec.get("session") or {}
         started = float(session.get("started_at") or 0.0)
         for r in rec["results"]:
@@ -144,7 +153,7 @@ def load_series(results_dir: Path, profile: str | None = None) -> list[Series]:
                 s.points.append(
                     Point(
                         started,
-                        folder.name,
+                        name,
                         float(value),
                         stack,
                         str(f.get("direction", "higher")),

@@ -225,6 +225,80 @@ def _telemetry_section(rec: Mapping[str, Any], plots: bool) -> list[str]:
     return parts
 
 
+def _load_curves_section(
+    sessions: Sequence[tuple[str, Sequence[Figure]]], plots: bool
+) -> list[str]:
+    """Issue 17: each rate sweep's latency-throughput curve with its knee, and each capacity
+    search's levels against its SLOs; a table for each."""
+    from servelab import report_sweeps
+
+    found = [s for label, figs in sessions for s in report_sweeps.sweeps(label, figs)]
+    caps = [c for label, figs in sessions for c in report_sweeps.capacity_curves(label, figs)]
+    if not found and not caps:
+        return []
+    parts = ["<h2>Load curves: the knee and capacity under SLOs</h2>"]
+    for sw in found:
+        title = f"{sw.profile}: latency against throughput, knee {_fmt(sw.knee_rps)} req/s"
+        parts += [f"<h3>{esc(title)} ({esc(sw.session)})</h3>"]
+        parts += _img(title, report_plots.knee_png(sw) if plots else None)
+        names = sorted({k for p in sw.points for k in p.latency_ms})
+        head = "".join(f"<th>{esc(n)} ms</th>" for n in names)
+        parts.append(f"<table><tr><th>offered /s</th><th>achieved /s</th>{head}</tr>")
+        for p in sw.points:
+            star = " (knee)" if p is sw.knee_point() else ""
+            cells = "".join(f"<td>{_fmt(p.latency_ms.get(n))}</td>" for n in names)
+            parts.append(
+                f"<tr><td>{p.offered_rps:g}{star}</td><td>{_fmt(p.achieved_rps)}</td>{cells}</tr>"
+            )
+        parts.append("</table>")
+    for c in caps:
+        slos = ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in c.slos_ms.items())
+        title = f"{c.profile}: capacity {_fmt(c.capacity_rps)} req/s under {slos}"
+        parts += [f"<h3>{esc(title)} ({esc(c.session)})</h3>"]
+        parts += _img(title, report_plots.capacity_png(c) if plots and c.levels else None)
+        parts.append(
+            "<table><tr><th>search</th><th>load /s</th><th>percentiles (verdict)</th></tr>"
+        )
+        for lv in c.levels:
+            got = "; ".join(
+                f"{k} {_fmt(v)} ms ({lv.verdicts.get(k)})" for k, v in lv.values_ms.items()
+            )
+            parts.append(
+                f"<tr><td>{lv.search}</td><td>{lv.load_rps:g}</td><td>{esc(got)}</td></tr>"
+            )
+        parts.append("</table>")
+    return parts
+
+
+def _change_points_section(
+    records: Sequence[tuple[str, Mapping[str, Any]]], plots: bool
+) -> list[str]:
+    """Issue 24 item 6: `servelab history` over the records in this report: each figure's
+    series with its change points (a plot for each series that has one), in a table."""
+    from servelab import history
+    from servelab.errors import ConfigError
+
+    series = [s for s in history.series_of(records) if len(s.points) > 1]
+    if not series:
+        return []
+    parts = ["<h2>Change points over history (servelab history)</h2>"]
+    try:
+        series = [history.analyse(s) for s in series]
+    except ConfigError as exc:
+        return [*parts, f"<p class='note'>Change points not computed: {esc(str(exc))}</p>"]
+    for s in series:
+        if s.change_points:
+            title = f"change points: {s.figure} ({s.profile} on {s.host})"
+            parts += _img(title, report_plots.change_points_png(s) if plots else None)
+    parts.append("<table><tr><th>series</th><th>points</th><th>change points</th></tr>")
+    for s in series:
+        found = "; ".join(c.describe() for c in s.change_points) or "none"
+        where = f"{s.profile} on {s.host}: {s.figure}"
+        parts.append(f"<tr><td>{esc(where)}</td><td>{len(s.points)}</td><td>{esc(found)}</td></tr>")
+    parts += ["</table>", f"<p>{esc(history.lines(series)[-1])}</p>"]
+    return parts
+
+
 def _session_section(
     label: str, rec: Mapping[str, Any], figs: Sequence[tuple[Figure, dict[str, Any]]]
 ) -> list[str]:
@@ -299,10 +373,13 @@ def render_html(
         if dists:
             parts += _distribution_section(dists, plots)
     parts += _series_section(report_data.series(sessions), plots)
+    parts += _load_curves_section(sessions, plots)
     if len(sessions) > 1:
         parts += _history_section(
             report_data.history(sessions), [label for label, _ in sessions], plots
         )
+        named = [(label, red.data(r)) for (label, _), r in zip(sessions, records, strict=True)]
+        parts += _change_points_section(named, plots)
     parts.append("<h2>Each metric against its baseline band</h2>")
     if not banded:
         parts.append("<p>No figure was judged against a stored baseline: no bands to draw.</p>")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -165,4 +166,100 @@ def telemetry_png(runs: Sequence[TelemetryRun], title: str) -> str | None:
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     _legend_below(power)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- issue 24 / 17
+
+
+def change_points_png(series: Any) -> str:
+    """One `servelab.history.Series`: its points in session order, each segment's mean
+    between change points (dashed), each change point (red line, its change) and each
+    annotated reset (grey dotted line)."""
+    fig, (ax,) = _panels(1, 6.0, 3.0)
+    xs = list(range(len(series.points)))
+    ax.plot(xs, [p.value for p in series.points], marker="o", ms=3, lw=1, label="record value")
+    cuts = [0, *(c.index for c in series.change_points), len(xs)]
+    for lo, hi in itertools.pairwise(cuts):
+        if hi > lo:
+            mean = sum(p.value for p in series.points[lo:hi]) / (hi - lo)
+            ax.hlines(mean, lo - 0.4, hi - 0.6, colors="tab:green", linestyles="dashed")
+    for c in series.change_points:
+        ax.axvline(c.index - 0.5, color="tab:red", lw=1.2)
+        ax.annotate(
+            f"{c.change * 100:+.1f}% ({c.kind})",
+            (c.index - 0.5, c.after),
+            fontsize=7,
+            color="tab:red",
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    for i, r in series.resets:
+        ax.axvline(i - 0.5, color="grey", ls=":", lw=1.2)
+        ax.annotate(f"reset: {r.reason[:40]}", (i - 0.5, series.points[i].value), fontsize=6)
+    ax.set_title(f"{series.figure}\n{series.profile} on {series.host}", fontsize=8)
+    ax.set_xlabel("record (session order)")
+    ax.set_ylabel(series.points[0].unit if series.points else "")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def knee_png(sweep: Any) -> str:
+    """A `servelab.report_sweeps.Sweep`: latency against achieved throughput (each point
+    labelled with its offered rate, the knee starred), and achieved against offered rate
+    beside the line where they are equal."""
+    fig, (lat, rate) = _panels(2, 5.5, 3.6)
+    pts = sweep.points
+    knee = sweep.knee_point()
+    achieved = [p.achieved_rps for p in pts]
+    names = sorted({k for p in pts for k in p.latency_ms if k.split()[1] in ("e2el", "ttft")})
+    for name in names:
+        ys = [p.latency_ms.get(name, float("nan")) for p in pts]
+        lat.plot(achieved, ys, marker="o", label=name)
+        for p, y in zip(pts, ys, strict=True):
+            lat.annotate(f"{p.offered_rps:g}/s", (p.achieved_rps, y), fontsize=6)
+        if knee is not None and name in knee.latency_ms:
+            lat.plot([knee.achieved_rps], [knee.latency_ms[name]], "r*", ms=12)
+    if knee is not None:
+        lat.axvline(knee.achieved_rps, color="tab:red", ls="--", lw=1, label="knee")
+    lat.set_title(f"{sweep.profile}: latency against throughput ({sweep.session})", fontsize=8)
+    lat.set_xlabel("achieved requests/s")
+    lat.set_ylabel("ms (median of runs)")
+    lat.grid(alpha=0.3)
+    _legend_below(lat)
+    offered = [p.offered_rps for p in pts]
+    rate.plot(offered, achieved, marker="o", label="achieved")
+    rate.plot(offered, offered, color="grey", ls=":", label="achieved = offered")
+    if sweep.knee_rps is not None:
+        rate.axvline(sweep.knee_rps, color="tab:red", ls="--", lw=1, label="knee")
+    rate.set_title(f"{sweep.profile}: achieved against offered rate", fontsize=8)
+    rate.set_xlabel("offered requests/s")
+    rate.set_ylabel("achieved requests/s")
+    rate.grid(alpha=0.3)
+    _legend_below(rate)
+    return _png(fig)
+
+
+def capacity_png(curve: Any) -> str:
+    """A `servelab.report_sweeps.CapacityCurve`: each SLO'd percentile at every load the
+    searches tried (filled: held, hollow: missed), its bound, and the capacity found."""
+    keys = sorted({k for lv in curve.levels for k in lv.values_ms})
+    fig, axes = _panels(max(1, len(keys)), 5.0, 3.4)
+    for ax, key in zip(axes, keys, strict=False):
+        lat = key.split()[1]
+        for lv in curve.levels:
+            v = lv.values_ms.get(key)
+            if v is None:
+                continue
+            ok = lv.verdicts.get(key) != "missed"
+            ax.plot([lv.load_rps], [v], "o", color="tab:blue", mfc="tab:blue" if ok else "none")
+        if lat in curve.slos_ms:
+            ax.axhline(curve.slos_ms[lat], color="tab:orange", ls="--", label=f"SLO {lat}")
+        if curve.capacity_rps is not None:
+            ax.axvline(curve.capacity_rps, color="tab:red", lw=1, label="capacity (median)")
+        ax.set_title(f"{curve.profile}: {key} against load ({curve.session})", fontsize=8)
+        ax.set_xlabel("offered requests/s")
+        ax.set_ylabel("ms")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
     return _png(fig)
