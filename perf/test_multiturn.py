@@ -97,11 +97,15 @@ def test_multiturn(servelab_measure: Measurement) -> None:
     )
     per_turn = shape.user_tokens + shape.output_tokens
     for t in range(1, shape.turns + 1):
+        # Turn t's prompt: the opening, (t - 1) earlier answers and t - 1 new messages (the
+        # transcript's cue words aside; each row has usage.prompt_tokens); its context is
+        # what came before the newest message.
+        history = shape.first_tokens + (t - 1) * per_turn - shape.user_tokens if t > 1 else None
         fig_shape = Shape(
-            shape.first_tokens + (t - 1) * per_turn + shape.user_tokens,
+            shape.first_tokens + (t - 1) * per_turn,
             shape.output_tokens,
             concurrency=shape.sessions,
-            context_tokens=shape.first_tokens + (t - 1) * per_turn,
+            context_tokens=history,
         )
 
         def by_turn(arm: str, read: Any, t: int = t) -> list[float | None]:
@@ -111,9 +115,14 @@ def test_multiturn(servelab_measure: Measurement) -> None:
             ]
 
         m.record("mt_ttft_ms_turn{t}", by_turn("reuse", _ttft_ms), fig_shape, notes=notes, t=t)
-        m.record(
-            "mt_cached_share_turn{t}", by_turn("reuse", _cached_share), fig_shape, notes=notes, t=t
-        )
+        if t > 1:  # turn 1 has no history: nothing to serve from the cache
+            m.record(
+                "mt_cached_share_turn{t}",
+                by_turn("reuse", _cached_share),
+                fig_shape,
+                notes=notes,
+                t=t,
+            )
         if shape.control:
             m.record(
                 "mt_ttft_ms_turn{t}_control",
