@@ -228,3 +228,76 @@ def test_a_deliberately_overloaded_open_loop_run_is_invalid_through_measurement(
         assert (note is None) is ok, fig.notes
         assert any("schedule delay p50" in n and "at most 8 in flight" in n for n in fig.notes)
     assert note is not None and "overloaded: 8 requests in flight, cap 4" in note
+
+
+QUALITY = """\
+schema_version = 1
+seed = 7
+[[canary]]
+id = "words"
+api = "completion"
+prompt = "say four words"
+max_tokens = 4
+expect = "w0 w1 w2 w3"
+"""
+
+SHORT_AND_OVERLOADED = """
+import pytest
+from servelab.client import completion_payload
+from servelab.figures import Shape
+from servelab.loadgen import run_requests
+
+pytestmark = pytest.mark.perf
+
+
+def test_shortened(servelab_measure):
+    m = servelab_measure
+    body = [completion_payload(m.endpoint.model, "a b", 4)]
+    m.keep([({"run": 0}, run_requests(m.endpoint, body, progress=False))])
+    m.record("decode_tok_s", [10.0], Shape(2, 4, 1))
+
+
+def test_overloaded(servelab_measure):
+    m = servelab_measure
+    m.max_outstanding = 2
+    offsets = [0.002 * i for i in range(8)]
+    body = [completion_payload(m.endpoint.model, f"p {i}", 4) for i in range(8)]
+    res = run_requests(m.endpoint, body, concurrency=None, arrivals_s=offsets, progress=False)
+    m.keep([({"run": 0}, m.scheduled(res, offsets))])
+    m.record("achieved_rps_r{r}", [4.0, 4.1, 3.9], Shape(2, 4, 8), r=500)
+"""
+
+
+def test_a_shortened_or_overloaded_session_prints_invalid_with_advice(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """Issue 24's done-when through the whole plugin: each figure's validity and sample
+    support in the terminal table; a run shortened to one run, and an open-loop run past its
+    cap of requests in flight, are INVALID there with what to change. The scripted stand-in
+    (80 ms a request) is honest here: what is tested is servelab's bookkeeping and report."""
+    qfile = tmp_path / "q.toml"
+    qfile.write_text(QUALITY)
+    pytester.makepyfile(test_perf=SHORT_AND_OVERLOADED)
+    with ScriptedServer(0.05, 0.01) as s:
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "--endpoint",
+            f"http://127.0.0.1:{s.port}/v1",
+            f"--quality-file={qfile}",
+            f"--results-dir={pytester.path / 'results'}",
+            f"--baselines-dir={pytester.path / 'baselines'}",
+        )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*metric*validity*sample support*",
+            "*endpoint: decode_tok_s*INVALID*N = 1 runs; 1 requests, 0 failed*",
+            "*endpoint: achieved_rps_r500*INVALID*N = 3 runs; 8 requests, 0 failed*",
+            "2 INVALID figure(s), not judged and never a baseline:",
+            "*INVALID: decode_tok_s: N = 1 run(s), a verdict needs at least 3 (measure at least"
+            " 3 runs (--runs))",
+            "*INVALID: achieved_rps_r500: overloaded: 8 requests in flight, cap 2 (lower the "
+            "offered rate or concurrency*",
+        ]
+    )
