@@ -37,7 +37,8 @@ pytestmark = pytest.mark.engine_kernels
 
 D = 128
 NAMES = tuple(PRESETS)
-CASES = ("random", "constant", "hadamard_rows", "value_offset", "fp8_out_of_range")
+DECODE_CASES = ("random", "random_fp16")
+CASES = (*DECODE_CASES, "constant", "hadamard_rows", "value_offset", "fp8_out_of_range")
 # The Triton interpreter (3.9) converts fp32 to fp8e4nv without the carry into the exponent
 # (0.4999 -> 0.25, not 0.5) and flushes subnormals (0.0016 -> 0): its FP8 bytes are not the
 # GPU's. Found by this suite; the FP8 rows stay in the report, the tests xfail there.
@@ -134,15 +135,20 @@ def test_preset_table_and_bytes(name: str, static: dict[str, Any], engine_report
 
 
 def _build_cases(on_gpu: bool) -> dict[str, engine_cases.Case]:
+    rc = engine_cases.random_case
+    f16 = torch.float16
     if on_gpu:
-        rand = engine_cases.random_case("random", 20, 4, 4, 20, 512, D, [512, 300, 77, 1])
-    else:
-        rand = engine_cases.random_case("random", 20, 2, 1, 3, 32, D, [32, 19], splits=8)
-    out = {"random": rand}
-    out.update(
-        {c.name: c for c in engine_cases.adversarial_cases(D, 21, tokens=16 if not on_gpu else 64)}
-    )
-    return out
+        cases = [
+            rc("random", 20, 4, 4, 20, 512, D, [512, 300, 77, 1]),
+            rc("random_fp16", 22, 2, 8, 32, 1024, D, [1024, 513], dtype=f16),
+        ]
+    else:  # Triton's interpreter: small shapes, fewer splits
+        cases = [
+            rc("random", 20, 2, 1, 3, 32, D, [32, 19], splits=8),
+            rc("random_fp16", 22, 1, 1, 4, 32, D, [29], splits=8, dtype=f16),
+        ]
+    cases += engine_cases.adversarial_cases(D, 21, tokens=64 if on_gpu else 16)
+    return {c.name: c for c in cases}
 
 
 @pytest.fixture(scope="session")
@@ -207,11 +213,12 @@ def test_store_against_servelab(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", DECODE_CASES)
 @pytest.mark.parametrize("name", NAMES)
 def test_decode_against_float64(
-    name: str, engine_run: dict[str, Any], engine_report: Report
+    name: str, case: str, engine_run: dict[str, Any], engine_report: Report
 ) -> None:
-    c, rec, res = _case(engine_run, name, "random")
+    c, rec, res = _case(engine_run, name, case)
     rows = _add(engine_report, checks.check_decode(name, c, rec, res["cache"], res["decode"]))
     failed = _failed(rows)
     if failed and rec["key_fp8"] and engine_run["interpreter"]:

@@ -21,9 +21,9 @@ from servelab.kernels.turboquant.rotation import sylvester_hadamard
 @dataclass(frozen=True)
 class Case:
     name: str
-    k: torch.Tensor  # [B, Hk, T, d] float32
+    k: torch.Tensor  # [B, Hk, T, d], float32 or the served dtype
     v: torch.Tensor
-    q: torch.Tensor  # [B, Hq, d] float32, empty for store-only cases
+    q: torch.Tensor  # [B, Hq, d], empty for store-only cases
     seq_lens: torch.Tensor  # [B] int32
     block_size: int
     block_table: torch.Tensor  # [B, T // block_size] int32, a permutation of pages
@@ -69,15 +69,20 @@ def random_case(
     seq_lens: list[int],
     block_size: int = 16,
     splits: int = 32,
+    dtype: torch.dtype = torch.float32,
 ) -> Case:
-    """Gaussian q, k, v (logit std 1 at scale 1/√d), ragged lengths, shuffled pages."""
+    """Gaussian q, k, v (logit std 1 at scale 1/√d), ragged lengths, shuffled pages.
+
+    ``dtype`` is what the engine receives (the backend serves fp16/bf16); the decode output
+    comes back in the query's dtype.
+    """
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, hk, t, d, generator=g)
-    v = torch.randn(b, hk, t, d, generator=g)
-    q = torch.randn(b, hq, d, generator=g)
+    k = torch.randn(b, hk, t, d, generator=g).to(dtype)
+    v = torch.randn(b, hk, t, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
     what = (
-        f"Gaussian q/k/v, B={b}, Hq={hq}, Hk={hk}, T={t}, seq_lens={seq_lens}, d={d}, "
-        f"block {block_size}, {splits} splits, seed {seed}"
+        f"Gaussian q/k/v in {str(dtype).removeprefix('torch.')}, B={b}, Hq={hq}, Hk={hk}, "
+        f"T={t}, seq_lens={seq_lens}, d={d}, block {block_size}, {splits} splits, seed {seed}"
     )
     return Case(
         name,

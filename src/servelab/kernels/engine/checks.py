@@ -24,6 +24,7 @@ from servelab.kernels.turboquant.codebook import (
     norm_corrected_distortion,
 )
 
+FP8_MAX = 448.0  # e4m3fn's largest finite value
 CODEBOOK_TOL = 1e-3  # §2.8, in √d·c units
 DECODE_TOL = 1e-3  # §2.8: fused vs explicit dequantization, atol = rtol
 # servelab's own full-path bounds (tests/kernels/test_turboquant_attention.py): min cosine,
@@ -204,7 +205,10 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
     ours = KVCodec.build(name, d).encode(case.k, case.v)
     if layout.key_fp8:
         want = case.k.float().to(torch.float8_e4m3fn).view(torch.uint8)
-        bad = planes["key_codes"] != want
+        # In range the cast is defined (round to nearest even); past ±448 saturating and NaN
+        # are both seen in the wild, so those bytes are a figure below, not a verdict.
+        in_range = case.k.float().abs() <= FP8_MAX
+        bad = (planes["key_codes"] != want) & in_range
         rows.append(
             Row(
                 name,
@@ -225,7 +229,8 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
                 float(nan.sum()),
                 "",
                 "bytes",
-                "NaN codes (0x7f/0xff) in the engine's FP8 keys",
+                f"NaN codes (0x7f/0xff) in the engine's FP8 keys; "
+                f"{int((~in_range).sum())} inputs past ±{FP8_MAX:g}",
             )
         )
     else:
