@@ -25,6 +25,10 @@ from servelab.kernels.turboquant.codebook import (
 )
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
+# An fp32 dot product of two unit vectors at d = 128 is within d·2⁻²⁴ ≈ 7.6e-6 of the exact
+# value in any summation order: a code whose rotated value lies that close to an edge may
+# land on either side in the engine's GEMM (cuBLAS) and in this check's (CPU).
+EDGE_EPS = 2e-5
 CODEBOOK_TOL = 1e-3  # §2.8, in √d·c units
 DECODE_TOL = 1e-3  # §2.8: fused vs explicit dequantization, atol = rtol
 # servelab's own full-path bounds (tests/kernels/test_turboquant_attention.py): min cosine,
@@ -163,12 +167,22 @@ def _engine_rule_key_codes(k: torch.Tensor, had: torch.Tensor, mids: torch.Tenso
 
 
 def _engine_rule_values(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Codes, fp16 scale, fp16 zero, and where the code sits within 1e-5 of a rounding edge."""
     levels = (1 << bits) - 1
     lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
     s = (hi - lo) / levels
     s = torch.where(s > 1e-8, s, torch.full_like(s, 1e-8))
-    q = ((v - lo) / s + 0.5).to(torch.int32).clamp(0, levels).to(torch.uint8)
-    return q, s.squeeze(-1).half(), lo.squeeze(-1).half()
+    t = (v - lo) / s + 0.5
+    q = t.to(torch.int32).clamp(0, levels).to(torch.uint8)
+    near = (t.double() - t.double().round()).abs() < 1e-5
+    return q, s.squeeze(-1).half(), lo.squeeze(-1).half(), near
+
+
+def _near_edge(k: torch.Tensor, had: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """Coordinates whose rotated value lies within EDGE_EPS of a midpoint (float64)."""
+    k64 = k.double()
+    y: torch.Tensor = (k64 / (k64.norm(dim=-1, keepdim=True) + 1e-8)) @ had.double()
+    return (y.unsqueeze(-1) - mids.double()).abs().min(-1).values < EDGE_EPS
 
 
 def _first(mask: torch.Tensor) -> str:
@@ -237,7 +251,8 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
         had, mids = rec["hadamard"].float(), rec["midpoints"].float()
         eng = unpack_bits(planes["key_codes"], layout.key_bits, d)
         rule = _engine_rule_key_codes(case.k.float(), had, mids)
-        bad = eng != rule
+        near = _near_edge(case.k, rec["hadamard"], rec["midpoints"])
+        bad = (eng != rule) & ~near
         rows.append(
             Row(
                 name,
@@ -246,7 +261,9 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
                 float(bad.sum()),
                 "0",
                 "codes",
-                f"Triton bucketize+pack vs the engine's rule in torch; {_first(bad)}; {tag}",
+                f"Triton bucketize+pack vs the engine's rule in torch; "
+                f"{int(((eng != rule) & near).sum())} more within {EDGE_EPS:g} of an edge "
+                f"(the GEMM's summation order); {_first(bad)}; {tag}",
             )
         )
         sl = unpack_bits(ours.key_codes, layout.key_bits, d)
@@ -265,20 +282,22 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
             )
         )
         norm = case.k.float().norm(dim=-1).half()
-        nbad = planes["key_norm"].view(torch.int16) != norm.view(torch.int16)
+        ulps = (planes["key_norm"].view(torch.int16).int() - norm.view(torch.int16).int()).abs()
+        nbad = ulps > 1
         rows.append(
             Row(
                 name,
                 f"{case.name}/key_norm_fp16",
                 _verdict(not bool(nbad.any())),
                 float(nbad.sum()),
-                "0",
+                "0 past 1 ulp",
                 "norms",
-                f"fp16 ‖k‖ (NC applied at decode); {_first(nbad)}",
+                f"fp16 ‖k‖ (NC applied at decode); {int((ulps == 1).sum())} off by one fp16 "
+                f"ulp (an fp32 norm at an fp16 rounding edge); {_first(nbad)}",
             )
         )
-    q, s16, z16 = _engine_rule_values(case.v.float(), layout.value_bits)
-    vbad = unpack_bits(planes["value_codes"], layout.value_bits, d) != q
+    q, s16, z16, vnear = _engine_rule_values(case.v.float(), layout.value_bits)
+    vbad = (unpack_bits(planes["value_codes"], layout.value_bits, d) != q) & ~vnear
     mbad = (planes["value_scale"].view(torch.int16) != s16.view(torch.int16)) | (
         planes["value_zero"].view(torch.int16) != z16.view(torch.int16)
     )
