@@ -30,5 +30,5 @@ PY
 # The installed vLLM cannot stand in: the driver loads vllm.* from the bundle only, or fails.
 "$PY" -I src/servelab/kernels/engine/driver.py --imports-only "$DEST/bundle" > /dev/null
 SERVELAB_ENGINE_KERNELS="$PWD/$DEST/bundle" "$PY" -m pytest -q -p no:cacheprovider \
-  -m "engine_kernels and not slow" tests/kernels/test_engine_turboquant.py tests/kernels/test_engine_paged.py
+  -m "engine_kernels and not slow" tests/kernels/test_engine_*.py
 du -sh "$DEST"

@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))'
 export PYTHONPATH=src SERVELAB_ENGINE_KERNELS="$PWD/$B/bundle" SERVELAB_ENGINE_KERNELS_OUT="$OUT/engine-kernels"
 rc=0
-python3 -m pytest -m engine_kernels tests/kernels/test_engine_turboquant.py tests/kernels/test_engine_paged.py \
+python3 -m pytest -m engine_kernels tests/kernels/test_engine_*.py \
   -p no:cacheprovider -q -rfEsx --junitxml="$OUT/engine-kernels-junit.xml" 2>&1 | tee "$OUT/engine-kernels.log" || rc=$?
 python3 - "$OUT/engine-kernels" <<'PY'
 import json, sys
