@@ -162,3 +162,24 @@ def test_limits_are_checked(tmp_path: Path, line: str, message: str) -> None:
     p.write_text(text)
     with pytest.raises(ProfileError, match=re.escape(message)):
         load_profile(p)
+
+
+def test_issue17_load_shapes_load_and_are_checked(tmp_path: Path) -> None:
+    """H5: the multiturn and cancellation shapes and the trace's shared-prefix settings."""
+    p = load_profile(write(tmp_path, "cpu-smollm2", default_text()))
+    assert p.workloads.multiturn is not None and p.workloads.multiturn.turns >= 2
+    c = p.workloads.cancellation
+    assert c is not None and 0 < c.cancel_after_tokens < c.output_tokens
+    assert p.workloads.trace is not None and p.workloads.trace.block_tokens == 64
+    bad = default_text().replace("cancel_share = 0.5", "cancel_share = 1.0")
+    with pytest.raises(ProfileError, match=r"cancel_share' must be within \(0, 1\)"):
+        load_profile(write(tmp_path, "cpu-smollm2", bad))
+    bad = default_text().replace("cancel_after_tokens = 4", "cancel_after_tokens = 16")
+    with pytest.raises(ProfileError, match="cancelled mid-generation"):
+        load_profile(write(tmp_path, "cpu-smollm2", bad))
+    bad = default_text().replace("block_tokens = 64", "block_tokens = 0")
+    with pytest.raises(ProfileError, match="block_tokens' must be >= 1"):
+        load_profile(write(tmp_path, "cpu-smollm2", bad))
+    long = default_text().replace("first_tokens = 136", "first_tokens = 2000")
+    with pytest.raises(ProfileError, match="workload multiturn needs"):
+        load_profile(write(tmp_path, "cpu-smollm2", long))

@@ -213,3 +213,67 @@ def test_scrape_reads_openmetrics_by_its_content_type() -> None:
         server.server_close()
         thread.join(timeout=5.0)
     assert prometheus.total(s, "vllm:prefix_cache_hits_total") == 16128.0
+
+
+# --------------------------------------------------------------------------- idle check (H5)
+
+
+def test_engine_load_says_why_it_is_busy() -> None:
+    """Issue 17 item 7: back to idle means nothing running or waiting and KV usage at its
+    level before the run; a missing gauge is said so, never read as 0."""
+    idle = prometheus.EngineLoad.of(page(0.0, 0, 0))
+    assert idle == prometheus.EngineLoad(0.0, 0.0, 0.0) and idle.busy(idle) == []
+    busy = prometheus.EngineLoad.of(page(0.04, 1, 2))
+    assert busy.busy(idle) == [
+        "running 1 > 0",
+        "waiting 2 > 0",
+        "KV usage 4.00% > its idle level 0.00%",
+    ]
+    assert prometheus.EngineLoad.of(page(0.04, 0, 0)).busy(idle, kv_tolerance=0.05) == []
+    bare = prometheus.EngineLoad.of(prometheus.parse(f"vllm:num_requests_running{{{L}}} 0\n"))
+    assert bare.busy(idle) == [
+        "waiting not exported",
+        "vllm:kv_cache_usage_perc not exported: KV release cannot be checked",
+    ]
+
+
+def test_wait_until_idle_polls_until_the_blocks_are_released() -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    pages = [(0.08, 2, 0), (0.02, 0, 0), (0.0, 0, 0)]
+    served: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            kv, running, waiting = pages[min(len(served), len(pages) - 1)]
+            served.append(1)
+            body = (
+                f"vllm:kv_cache_usage_perc{{{L}}} {kv}\n"
+                f"vllm:num_requests_running{{{L}}} {running}\n"
+                f"vllm:num_requests_waiting{{{L}}} {waiting}\n"
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    idle = prometheus.EngineLoad(0.0, 0.0, 0.0)
+    try:
+        done = prometheus.wait_until_idle(url, idle, interval_s=0.01, timeout_s=5.0)
+        assert done.idle and done.scrapes == 3 and done.why_busy == ()
+        assert "back to idle" in done.describe()
+        served.clear()
+        pages[:] = [(0.08, 1, 0)]
+        stuck = prometheus.wait_until_idle(url, idle, interval_s=0.01, timeout_s=0.05)
+        assert not stuck.idle and stuck.why_busy[0] == "running 1 > 0"
+        assert "not idle" in stuck.describe() and "KV usage 8.00%" in stuck.describe()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -215,3 +215,22 @@ def test_cpu_profile_carries_the_new_shapes() -> None:
     assert sweeps.sweep_rates(rs.rates, rs.start_rps, rs.factor, rs.steps) == (2.0, 4.0, 8.0)
     assert rs.requests_per_rate * len(rs.rates) <= 30  # a CI-sized sweep
     assert p.path is not None and (p.path.parent / tr.path).is_file()
+
+
+def test_issue17_h5_figures_are_in_the_catalogue() -> None:
+    """The names perf/test_multiturn.py, test_cancellation.py and test_trace_replay.py record."""
+    for t in (1, 2, 3):
+        assert spec("mt_ttft_ms_turn{t}").name.format(t=t) == f"mt_ttft_ms_turn{t}"
+    for name in (
+        "mt_ttft_ms_turn{t}_control",
+        "mt_cached_share_turn{t}",
+        "mt_session_s",
+        "mt_output_throughput",
+        "trace_cached_share",
+        "cancel_survivor_output_throughput",
+        "cancel_release_ms",
+    ):
+        assert name in CATALOGUE
+    for lat in ("ttft", "tpot", "itl", "e2el"):
+        for q in (50, 90, 99, 999):
+            assert f"p{q}_{lat}_ms_cancel" in CATALOGUE

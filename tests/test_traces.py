@@ -73,3 +73,41 @@ def test_speedup_must_be_positive_and_a_missing_file_is_named(tmp_path: Path) ->
             traces.replay_offsets(t, bad)
     with pytest.raises(ConfigError, match="cannot read it"):
         traces.load_trace(tmp_path / "missing.jsonl")
+
+
+SHARED = REPO / "fixtures" / "traces" / "mooncake-shared.jsonl"
+
+
+def test_cacheable_share_follows_the_leading_hash_ids() -> None:
+    """Issue 17: a block counts as cacheable only after the same leading run of ids; at the
+    engine's block size only whole blocks count and the last prompt token is computed."""
+    t = traces.load_trace(SHARED, block_tokens=64)
+    assert t.block_tokens == 64
+    assert traces.cacheable_tokens(t) == [0, 128, 0, 192, 0, 128, 64, 128]
+    assert traces.cacheable_share(t) == pytest.approx(640 / 1064)
+    assert traces.cacheable_tokens(t, 128) == [0, 128, 0, 128, 0, 128, 0, 128]
+    chain = traces.parse_trace(
+        "\n".join([line(0, 8, 1, "[1, 2]"), line(1, 8, 1, "[3, 2]"), line(2, 4, 1, "[1]")]),
+        source="t",
+        block_tokens=4,
+    )
+    # id 2 after a different first block is not a cached prefix; a whole prompt is
+    assert traces.cacheable_tokens(chain) == [0, 0, 4]
+    assert traces.cacheable_tokens(chain, 2) == [0, 0, 2]
+
+
+def test_prompt_token_ids_share_blocks_by_hash_id() -> None:
+    t = traces.load_trace(SHARED, block_tokens=64)
+    pool = list(range(1000, 1500))
+    ids = traces.prompt_token_ids(t, pool, nonce="a")
+    assert [len(x) for x in ids] == [e.input_length for e in t.entries]
+    assert all(tok in set(pool) for x in ids for tok in x)
+    assert ids[0][:128] == ids[1][:128] and ids[0][128:150] != ids[1][128:150]
+    assert ids[3][:160] == ids[0]  # [0, 1, 2] then its own block 5
+    assert ids[6] == ids[0][:64]  # [0]: the first block, whole prompt
+    assert ids[4][:128] == ids[5][:128] and ids[2][:40] != ids[0][:40]
+    again = traces.prompt_token_ids(t, pool, nonce="a")
+    fresh = traces.prompt_token_ids(t, pool, nonce="b")
+    assert again == ids and fresh[0][:64] != ids[0][:64]
+    with pytest.raises(ConfigError, match="empty token pool"):
+        traces.prompt_token_ids(t, [], nonce="a")

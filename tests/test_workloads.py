@@ -8,6 +8,7 @@ not any engine's speed, so no figure is taken from it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import threading
@@ -310,3 +311,90 @@ def test_settings_follow_the_profile_limits_and_the_command_line() -> None:
     s = workloads.Settings.for_limits(lim)
     assert (s.timeout_s, s.first_token_timeout_s, s.deadline_ns) == (300.0, None, None)
     assert workloads.request_timeouts(None) == (client.DEFAULT_TIMEOUT_S, None)
+
+
+# --------------------------------------------------------------------------- issue 17 (H5)
+
+
+def test_multi_turn_sends_the_whole_history_each_turn(stand_in: StandIn) -> None:
+    """Issue 17 item 5: turn t's prompt is turn t-1's prompt, its answer and a new message;
+    turns of a session wait for the answer and the think delay; sessions run side by side."""
+    from servelab import conversations
+
+    ep, p, s = setup(stand_in)
+    plan = conversations.Plan(
+        sessions=2, turns=3, first_tokens=12, user_tokens=5, output_tokens=3, think_s=0.05
+    )
+    stand_in.prompts.clear()
+    res = workloads.multi_turn(ep, plan=plan, tag="h", warmup_requests=0, settings=s, prompts=p)
+    assert [r.index for r in res.records] == list(range(6)) and res.expect_cached
+    assert conversations.turns_not_sent(plan, res) == 0
+    for session in range(2):
+        recs = res.records[session * 3 : session * 3 + 3]
+        for prev, cur in itertools.pairwise(recs):
+            assert cur.send_ns >= (prev.end_ns or 0) + 45_000_000  # the 50 ms think delay
+    by_session: dict[str, list[str]] = {}
+    for x in stand_in.prompts:
+        assert isinstance(x, str)
+        by_session.setdefault(x.split(conversations.USER)[1][:12], []).append(x)
+    assert len(by_session) == 2
+    for prompts in by_session.values():
+        first, second, third = sorted(prompts, key=len)
+        assert second.startswith(first + " w0 w1 w2" + conversations.USER)
+        assert third.startswith(second + " w0 w1 w2" + conversations.USER)
+    assert [len(v) for v in conversations.turn_values(plan, res, lambda r: 1.0)] == [2, 2, 2]
+
+
+def test_multi_turn_control_arm_shares_no_prefix(stand_in: StandIn) -> None:
+    from servelab import conversations
+
+    ep, p, s = setup(stand_in)
+    plan = conversations.Plan(
+        sessions=1, turns=3, first_tokens=8, user_tokens=4, output_tokens=2, reuse=False
+    )
+    stand_in.prompts.clear()
+    res = workloads.multi_turn(ep, plan=plan, tag="c", warmup_requests=0, settings=s, prompts=p)
+    assert not res.expect_cached and len(res.records) == 3
+    heads = [x.split("\n")[0] for x in stand_in.prompts if isinstance(x, str)]
+    assert len(set(heads)) == 3 and all(h.startswith("[s0t") for h in heads)
+
+
+def test_conversation_plan_is_checked() -> None:
+    from servelab import conversations
+
+    with pytest.raises(ClientError, match="sessions and turns must be >= 1"):
+        conversations.Plan(sessions=0, turns=2, first_tokens=4, user_tokens=2, output_tokens=1)
+    with pytest.raises(ClientError, match="think_s >= 0"):
+        conversations.Plan(
+            sessions=1, turns=2, first_tokens=4, user_tokens=2, output_tokens=1, think_s=-1
+        )
+
+
+def test_cancel_plan_is_seeded_and_checked() -> None:
+    a = workloads.cancel_plan(10, 0.3, 2, seed=1)
+    assert a == workloads.cancel_plan(10, 0.3, 2, seed=1)
+    assert sum(k is not None for k in a) == 3 and set(a) == {None, 2}
+    assert workloads.cancel_plan(10, 0.3, 2, seed=2) != a
+    with pytest.raises(ClientError, match="share must be within"):
+        workloads.cancel_plan(4, 1.5, 2)
+    with pytest.raises(ClientError, match="after_chunks >= 1"):
+        workloads.cancel_plan(4, 0.5, 0)
+
+
+def test_cancellation_closes_the_planned_streams(stand_in: StandIn) -> None:
+    ep, p, s = setup(stand_in)
+    plan = workloads.cancel_plan(6, 0.5, 2, seed=0)
+    res = workloads.cancellation(
+        ep,
+        requests=6,
+        concurrency=3,
+        prompt_tokens=8,
+        output_tokens=6,
+        cancel_after=plan,
+        warmup_requests=0,
+        settings=s,
+        prompts=p,
+    )
+    assert [r.cancelled for r in res.records] == [k is not None for k in plan]
+    assert all(len(r.chunk_ns) == 2 for r in res.cancelled)
+    assert res.invalid_reasons() == [] and len(res.survivors().records) == 3
