@@ -6,6 +6,10 @@ spacing). Without ramp-up the arrival times are rescaled so the last one falls e
 N / rate (vLLM's normalization, which removes the seed-to-seed spread of summed gaps). With
 a linear or exponential ramp the rate moves from ``start_rps`` to ``end_rps`` by progress
 i / (N - 1), and no rescaling is done.
+
+`vllm_seeded` gives the very arrival times ``vllm bench serve --seed S`` uses: it seeds
+numpy's legacy global generator (``np.random.seed``) and draws the gaps from it, a different
+stream from ``default_rng(S)``'s.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def schedule(
     rate_rps: float,
     *,
     burstiness: float = 1.0,
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | np.random.RandomState | None = None,
     seed: int | None = 0,
     ramp: Ramp | None = None,
     start_rps: float | None = None,
@@ -93,3 +97,10 @@ def schedule(
     if ramp is None and offsets[-1] != 0 and not math.isinf(rate_rps):
         offsets = offsets * ((n / rate_rps) / offsets[-1])
     return Schedule(tuple(float(x) for x in offsets), tuple(rates), burstiness, seed)
+
+
+def vllm_seeded(n: int, rate_rps: float, *, burstiness: float = 1.0, seed: int = 0) -> Schedule:
+    """`schedule` with ``vllm bench serve``'s generator for ``--seed seed`` (numpy's legacy
+    ``RandomState``, which ``np.random.seed`` seeds): the same offsets its ``get_request``
+    waits for, when nothing else draws from that generator first."""
+    return schedule(n, rate_rps, burstiness=burstiness, rng=np.random.RandomState(seed), seed=seed)
