@@ -15,6 +15,12 @@ from servelab.errors import EngineNotInstalledError
 from servelab.profiles import Profile
 
 
+class EngineExtraMissingError(EngineNotInstalledError):
+    """The engine is installed, but not the optional modules it serves with
+    (`EngineSpec.requires`, e.g. the `transformers-serve` extra): a profile that is an
+    option, not the default, is skipped for it rather than failed."""
+
+
 def require_engine(profile: Profile) -> str:
     """The installed engine's "distribution version" (a program: "name version"), or
     EngineNotInstalledError naming the install command."""
@@ -31,6 +37,13 @@ def require_engine(profile: Profile) -> str:
             f"profile {profile.name!r} needs the engine {e.distribution!r} "
             f"(module {e.module!r}), which is not installed in this Python. "
             f"Install it with: {e.install_hint}"
+        )
+    missing = [m for m in e.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineExtraMissingError(
+            f"profile {profile.name!r}: the engine {e.distribution} {version} is installed but "
+            f"the module(s) {', '.join(missing)} it needs to serve are not (profile field "
+            f"engine.requires). Install them with: {e.install_hint}"
         )
     return f"{e.distribution} {version}"
 

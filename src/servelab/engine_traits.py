@@ -45,6 +45,18 @@ class EngineTraits:
     # Body fields every measured request carries (llama.cpp: no reuse of a slot's cached
     # prompt, which would serve a chance common first word of two prompts from cache).
     measured_extra: tuple[tuple[str, object], ...] = ()
+    # The server answers only to the model path it was started with: `transformers serve
+    # PATH` refuses any other `model` ("Server is pinned to 'PATH'", HTTP 400) and has no
+    # --served-model-name, so requests name that path (the record keeps served_name).
+    model_is_path: bool = False
+    # GET /v1/models lists the served model. transformers serve lists the Hugging Face hub
+    # cache instead (HTTP 500 where there is none, 2026-12-06): readiness then goes straight
+    # to the 1-token completion, which shows the served model answering.
+    lists_models: bool = True
+    # A stream ends with `data: [DONE]`. transformers serve ends it after the chunk with
+    # finish_reason and usage and sends none: there a stream is complete when its body ends
+    # after a finish_reason (`servelab.client`).
+    done_marker: bool = True
 
     def describe(self) -> str:
         return (
@@ -53,6 +65,24 @@ class EngineTraits:
             "output length "
             + ("forced (ignore_eos)" if self.ignore_eos else "varies (no ignore_eos)")
         )
+
+    def figure_notes(self) -> tuple[str, ...]:
+        """What every figure measured on this engine must say about how it was measured
+        (none for an engine that forces lengths and exports /metrics)."""
+        notes: list[str] = []
+        if not self.ignore_eos:
+            notes.append(
+                f"output lengths varied: engine kind {self.kind} has no ignore_eos, so each "
+                "request ran to EOS or max_tokens"
+            )
+        if self.metrics is None:
+            notes.append(f"server /metrics not available (engine kind {self.kind})")
+        if self.tokenize is None:
+            notes.append(
+                f"prompt lengths counted by the served model's own tokenizer, locally (engine "
+                f"kind {self.kind} has no /tokenize)"
+            )
+        return tuple(notes)
 
 
 TRAITS: dict[str, EngineTraits] = {
@@ -69,8 +99,19 @@ TRAITS: dict[str, EngineTraits] = {
         keep_alive=False,
         measured_extra=(("cache_prompt", False),),
     ),
-    # transformers serve: no /tokenize, no /metrics, rejects ignore_eos.
-    "transformers": EngineTraits("transformers", None, None, False, False, None),
+    # transformers serve: no /tokenize, no /metrics, rejects ignore_eos (HTTP 422
+    # "Unexpected fields"); requests must name the model path it was started with.
+    "transformers": EngineTraits(
+        "transformers",
+        None,
+        None,
+        False,
+        False,
+        None,
+        model_is_path=True,
+        lists_models=False,
+        done_marker=False,
+    ),
 }
 
 

@@ -65,8 +65,9 @@ def _words(rng: np.random.Generator, n: int) -> list[str]:
 def server_token_counter(
     endpoint: Endpoint, *, http: httpx.Client | None = None, timeout_s: float = 60.0
 ) -> TokenCounter:
-    """Count tokens with the server's ``/tokenize`` in its engine's dialect (vLLM, llama.cpp);
-    ClientError if it has none.
+    """Count tokens as the server counts them: its ``/tokenize`` in its engine's dialect
+    (vLLM, llama.cpp), or, for an engine kind without one (``transformers serve``), the
+    served model's own tokenizer read from ``endpoint.model_path``; ClientError if neither.
 
     For chat messages the count includes the chat template and the generation prompt,
     exactly what the server will see.
@@ -78,9 +79,13 @@ def server_token_counter(
     url = base + "/tokenize"
     headers = dict(endpoint.headers)
     if dialect is None:
+        kind = endpoint.profile.engine.kind if endpoint.profile else "?"
+        if endpoint.model_path is not None and endpoint.model_path.is_dir():
+            return hf_token_counter(str(endpoint.model_path))
         raise ClientError(
-            f"{url}: engine kind {endpoint.profile.engine.kind if endpoint.profile else '?'!r} "
-            "has no /tokenize: pass a local counter (prompts.hf_token_counter(model_dir))"
+            f"{url}: engine kind {kind!r} has no /tokenize and the endpoint names no model "
+            f"directory with a tokenizer (model_path {endpoint.model_path}): serve a prepared "
+            "model directory, or pass a local counter (prompts.hf_token_counter(model_dir))"
         )
 
     def post(target: str, body: dict[str, Any]) -> Any:
@@ -133,14 +138,22 @@ def server_token_counter(
 
 
 def hf_token_counter(model_dir: str) -> TokenCounter:
-    """Count tokens with the model's own tokenizer (transformers), as the server would."""
+    """Count tokens with the model's own tokenizer (transformers), as the server would:
+    ``transformers serve`` tokenizes a completions prompt with ``tokenizer(prompt)`` and chat
+    messages with ``apply_chat_template(..., add_generation_prompt=True)``, as here."""
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers comes with vLLM
         raise ClientError(
             "counting tokens locally needs transformers; install it or use a server with /tokenize"
         ) from exc
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ClientError(
+            f"{model_dir}: no tokenizer to count prompt tokens with ({exc}); the model "
+            "directory must hold the tokenizer the server uses (servelab prepare-model writes it)"
+        ) from exc
 
     def count(prompt: str | Sequence[Mapping[str, str]]) -> int:
         if isinstance(prompt, str):

@@ -25,6 +25,7 @@ from typing import IO
 
 import httpx
 
+from servelab.engine_traits import traits_of
 from servelab.errors import ServerError
 from servelab.profiles import Profile
 from servelab.stop_policy import StopRecord, StopSpec, stop_group
@@ -43,10 +44,19 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
     managed: bool = False
     log_path: Path | None = None
+    # The served model's files on this machine (a managed server's prepared model; None for
+    # an external endpoint): where a local tokenizer is read for an engine without /tokenize.
+    model_path: Path | None = None
 
     @property
     def api_base(self) -> str:
         return self.base_url.rstrip("/") + "/v1"
+
+
+def served_model(profile: Profile, model_path: Path) -> str:
+    """The `model` a request must name: the profile's served name, or the model path itself
+    for an engine that answers only to it (`EngineTraits.model_is_path`)."""
+    return str(model_path) if traits_of(profile).model_is_path else profile.model.served_name
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -181,10 +191,11 @@ class ManagedServer:
             raise ServerError(f"profile {self.profile.name!r}: server was never started")
         return Endpoint(
             base_url=f"http://{self.host}:{self.port}",
-            model=self.profile.model.served_name,
+            model=served_model(self.profile, self.model_path),
             profile=self.profile,
             managed=True,
             log_path=self.log_path,
+            model_path=self.model_path,
         )
 
     def returncode(self) -> int | None:
@@ -226,13 +237,14 @@ class ManagedServer:
                         last_problem = f"HTTP {r.status_code}"
                         time.sleep(poll)
                         continue
-                    stage = "models"
-                    r = http.get(endpoint.api_base + "/models")
-                    names = [m.get("id") for m in r.json().get("data", [])]
-                    if endpoint.model not in names:
-                        last_problem = f"/v1/models lists {names}, not {endpoint.model!r}"
-                        time.sleep(poll)
-                        continue
+                    if traits_of(self.profile).lists_models:
+                        stage = "models"
+                        r = http.get(endpoint.api_base + "/models")
+                        names = [m.get("id") for m in r.json().get("data", [])]
+                        if endpoint.model not in names:
+                            last_problem = f"/v1/models lists {names}, not {endpoint.model!r}"
+                            time.sleep(poll)
+                            continue
                     stage = "completion"
                     r = http.post(
                         endpoint.api_base + "/completions",
