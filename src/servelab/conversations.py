@@ -123,18 +123,20 @@ async def run_async(
     first_token_timeout_s: float | None = None,
     nonce: str = "",
     max_loop_lag_ms: float = DEFAULT_MAX_LOOP_LAG_MS,
+    keep_alive: bool = True,
 ) -> RunResult:
     """Run every session of `plan` side by side; `messages[s][t]` is session s's user
     message of turn t (the first one already carries the opening context) and `body(prompt)`
     the request body. A session whose turn failed sends no further turns; the records of
-    the turns not sent are missing, and `turns_not_sent` says how many."""
+    the turns not sent are missing, and `turns_not_sent` says how many. ``keep_alive=False``:
+    a connection per request (`servelab.engine_traits`, llama.cpp)."""
     if len(messages) != plan.sessions or any(len(m) != plan.turns for m in messages):
         raise ClientError(
             f"conversations: need {plan.sessions} sessions x {plan.turns} user messages"
         )
     samples: list[float] = []
     stop = asyncio.Event()
-    async with make_http_client(plan.sessions) as http:
+    async with make_http_client(plan.sessions, keep_alive=keep_alive) as http:
         start = time.perf_counter_ns()
         cpu0 = time.process_time()
         watchdog = asyncio.create_task(watch_loop(5.0, samples, stop))

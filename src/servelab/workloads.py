@@ -608,6 +608,8 @@ def multi_turn(
     """One run of `servelab.conversations.Plan` ``plan``: fresh user messages (salted with
     ``tag``), every session side by side; the server's prefix-cache hit counter is read
     around it (`RunResult.server_cache_hits`)."""
+    from servelab.engine_traits import traits_of
+
     s = settings or Settings()
     p = prompts or Prompts(endpoint, nonce=s.nonce)
     messages = [
@@ -640,6 +642,7 @@ def multi_turn(
             first_token_timeout_s=s.first_token_timeout_s,
             nonce=f"{tag}:{p.nonce}",
             max_loop_lag_ms=s.max_loop_lag_ms,
+            keep_alive=traits_of(endpoint.profile).keep_alive,
         )
     )
     _stop_if_stuck(endpoint, res, s)
