@@ -139,6 +139,24 @@ def trial(
     return row
 
 
+def aborted(k: int, kind: str, started: float, why: str) -> dict[str, Any]:
+    """The row of a trial that ended without a verdict."""
+    when = datetime.datetime.fromtimestamp(started, datetime.UTC)
+    return {
+        "trial": k,
+        "kind": kind,
+        "start_utc": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "outcome": "aborted",
+        "runs": None,
+        "seconds": round(time.time() - started, 1),
+        "stopped_by": "aborted",
+        "change": None,
+        "ci": [None, None],
+        "noise_a": math.nan,
+        "text": why,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=2)
@@ -173,7 +191,12 @@ def main() -> int:
             if args.stop_by is not None and time.time() > args.stop_by:
                 print("stop-by time reached: no new trial", flush=True)
                 break
-            rows.append(trial(k, kinds[k % 2], a, args, plan))
+            started = time.time()
+            try:
+                rows.append(trial(k, kinds[k % 2], a, args, plan))
+            except ab.ABError as exc:  # a twice-invalid run (the host too loaded): kept, go on
+                print(f"trial {k} {kinds[k % 2]} aborted: {exc}", flush=True)
+                rows.append(aborted(k, kinds[k % 2], started, str(exc)))
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 info = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -55,7 +55,7 @@ def main() -> int:
         if group:
             outcomes = sorted({r["outcome"] for r in group})
             counts = {o: sum(r["outcome"] == o for r in group) for o in outcomes}
-            runs = sorted(r["runs"] for r in group)
+            runs = sorted(r["runs"] for r in group if r["runs"] is not None)
             minutes = max(r["seconds"] for r in group) / 60
             print(f"{label} outcomes {counts}; runs {runs}; longest {minutes:.1f} min")
     return 0
