@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from servelab import conversations, metrics, workloads
+from servelab import conversations, metrics
 from servelab.figures import Shape
 from servelab.loadgen import RunResult
 from servelab.plugin_measure import Measurement
@@ -76,7 +76,7 @@ def test_multiturn(servelab_measure: Measurement) -> None:
         for reuse in arms if i % 2 == 0 else arms[::-1]:
             arm = "reuse" if reuse else "control"
             m.progress(f"run {i + 1}/{runs}, {arm}: {plan(reuse).describe()}")
-            res = workloads.multi_turn(
+            res = conversations.measure(
                 m.endpoint,
                 plan=plan(reuse),
                 tag=f"mt{i}{arm}",

@@ -326,7 +326,7 @@ def test_multi_turn_sends_the_whole_history_each_turn(stand_in: StandIn) -> None
         sessions=2, turns=3, first_tokens=12, user_tokens=5, output_tokens=3, think_s=0.05
     )
     stand_in.prompts.clear()
-    res = workloads.multi_turn(ep, plan=plan, tag="h", warmup_requests=0, settings=s, prompts=p)
+    res = conversations.measure(ep, plan=plan, tag="h", warmup_requests=0, settings=s, prompts=p)
     assert [r.index for r in res.records] == list(range(6)) and res.expect_cached
     assert conversations.turns_not_sent(plan, res) == 0
     for session in range(2):
@@ -353,7 +353,7 @@ def test_multi_turn_control_arm_shares_no_prefix(stand_in: StandIn) -> None:
         sessions=1, turns=3, first_tokens=8, user_tokens=4, output_tokens=2, reuse=False
     )
     stand_in.prompts.clear()
-    res = workloads.multi_turn(ep, plan=plan, tag="c", warmup_requests=0, settings=s, prompts=p)
+    res = conversations.measure(ep, plan=plan, tag="c", warmup_requests=0, settings=s, prompts=p)
     assert not res.expect_cached and len(res.records) == 3
     heads = [x.split("\n")[0] for x in stand_in.prompts if isinstance(x, str)]
     assert len(set(heads)) == 3 and all(h.startswith("[s0t") for h in heads)

@@ -17,11 +17,13 @@ Timestamps only; metrics come afterwards (`servelab.metrics`, `turn_values`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from servelab import workloads
 from servelab.client import RequestRecord, make_http_client, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, lag_summary, watch_loop
@@ -187,3 +189,59 @@ def turn_values(
         if r.success and (v := read(r)) is not None:
             out[turn_of(plan, r)].append(v)
     return out
+
+
+def measure(
+    endpoint: Endpoint,
+    *,
+    plan: Plan,
+    tag: str = "mt",
+    warmup_requests: int = 1,
+    settings: workloads.Settings | None = None,
+    prompts: workloads.Prompts | None = None,
+) -> RunResult:
+    """One run of ``plan`` as a workload: fresh user messages (salted with
+    ``tag``), every session side by side; the server's prefix-cache hit counter is read
+    around it (`RunResult.server_cache_hits`)."""
+    from servelab.engine_traits import traits_of
+
+    s = settings or workloads.Settings()
+    p = prompts or workloads.Prompts(endpoint, nonce=s.nonce)
+    messages = [
+        [
+            p.make(plan.first_tokens if t == 0 else plan.user_tokens, f"{tag}-s{i}-t{t}", 1)[0]
+            for t in range(plan.turns)
+        ]
+        for i in range(plan.sessions)
+    ]
+    workloads.warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=plan.user_tokens,
+        output_tokens=plan.output_tokens,
+        settings=s,
+    )
+
+    def body(prompt: str) -> dict[str, Any]:
+        return workloads.payloads(endpoint, [prompt], plan.output_tokens, s)[0]
+
+    before = workloads.server_cache_hits(endpoint) if s.check_server_cache else None
+    res = asyncio.run(
+        run_async(
+            endpoint,
+            plan,
+            messages,
+            body,
+            timeout_s=s.timeout_s,
+            first_token_timeout_s=s.first_token_timeout_s,
+            nonce=f"{tag}:{p.nonce}",
+            max_loop_lag_ms=s.max_loop_lag_ms,
+            keep_alive=traits_of(endpoint.profile).keep_alive,
+        )
+    )
+    workloads.stop_if_stuck(endpoint, res, s)
+    after = workloads.server_cache_hits(endpoint) if before is not None else None
+    if before is not None and after is not None:
+        res = dataclasses.replace(res, server_cache_hits=after - before)
+    return res

@@ -16,7 +16,6 @@ test's deadline passes, instead of sending every remaining request into the same
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from servelab import arrivals as arrivals_mod
-from servelab import conversations, prometheus
+from servelab import prometheus
 from servelab.client import DEFAULT_TIMEOUT_S, completion_payload
 from servelab.errors import ClientError
 from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, run_requests
@@ -188,14 +187,14 @@ def _run(
         stop_when_stuck=s.stop_when_stuck,
         cancel_after=cancel_after,
     )
-    _stop_if_stuck(endpoint, res, s)
+    stop_if_stuck(endpoint, res, s)
     after = server_cache_hits(endpoint) if before is not None else None
     if before is not None and after is not None:
         res = dataclasses.replace(res, server_cache_hits=after - before)
     return res
 
 
-def _stop_if_stuck(endpoint: Endpoint, res: RunResult, s: Settings) -> None:
+def stop_if_stuck(endpoint: Endpoint, res: RunResult, s: Settings) -> None:
     """Raise ClientError when the server is shown stuck or the workload's deadline passed."""
     why = res.stuck() if s.stop_when_stuck else None
     if why is not None:
@@ -503,7 +502,7 @@ def replay(
         deadline_ns=s.deadline_ns,
         stop_when_stuck=s.stop_when_stuck,
     )
-    _stop_if_stuck(endpoint, res, s)
+    stop_if_stuck(endpoint, res, s)
     after = server_cache_hits(endpoint) if before is not None else None
     if before is not None and after is not None:
         res = dataclasses.replace(res, server_cache_hits=after - before)
@@ -594,59 +593,3 @@ def cancellation(
         concurrency=concurrency,
         cancel_after=cancel_after,
     )
-
-
-def multi_turn(
-    endpoint: Endpoint,
-    *,
-    plan: conversations.Plan,
-    tag: str = "mt",
-    warmup_requests: int = 1,
-    settings: Settings | None = None,
-    prompts: Prompts | None = None,
-) -> RunResult:
-    """One run of `servelab.conversations.Plan` ``plan``: fresh user messages (salted with
-    ``tag``), every session side by side; the server's prefix-cache hit counter is read
-    around it (`RunResult.server_cache_hits`)."""
-    from servelab.engine_traits import traits_of
-
-    s = settings or Settings()
-    p = prompts or Prompts(endpoint, nonce=s.nonce)
-    messages = [
-        [
-            p.make(plan.first_tokens if t == 0 else plan.user_tokens, f"{tag}-s{i}-t{t}", 1)[0]
-            for t in range(plan.turns)
-        ]
-        for i in range(plan.sessions)
-    ]
-    warm_up(
-        endpoint,
-        p,
-        requests=warmup_requests,
-        prompt_tokens=plan.user_tokens,
-        output_tokens=plan.output_tokens,
-        settings=s,
-    )
-
-    def body(prompt: str) -> dict[str, Any]:
-        return payloads(endpoint, [prompt], plan.output_tokens, s)[0]
-
-    before = server_cache_hits(endpoint) if s.check_server_cache else None
-    res = asyncio.run(
-        conversations.run_async(
-            endpoint,
-            plan,
-            messages,
-            body,
-            timeout_s=s.timeout_s,
-            first_token_timeout_s=s.first_token_timeout_s,
-            nonce=f"{tag}:{p.nonce}",
-            max_loop_lag_ms=s.max_loop_lag_ms,
-            keep_alive=traits_of(endpoint.profile).keep_alive,
-        )
-    )
-    _stop_if_stuck(endpoint, res, s)
-    after = server_cache_hits(endpoint) if before is not None else None
-    if before is not None and after is not None:
-        res = dataclasses.replace(res, server_cache_hits=after - before)
-    return res
