@@ -156,10 +156,129 @@ def test_live_llamacpp_counts_match_what_it_serves(llama_endpoint: object) -> No
         ("/completions", {"prompt": prompt}, 40),
         ("/chat/completions", {"messages": messages}, 60),
     ):
-        r = httpx.post(
-            base + path, json={"model": ep.model, "max_tokens": 1, **body}, timeout=120
-        )
+        r = httpx.post(base + path, json={"model": ep.model, "max_tokens": 1, **body}, timeout=120)
         assert r.status_code == 200, r.text[:300]
         assert r.json()["usage"]["prompt_tokens"] == n
     samples = prometheus.scrape(ep.base_url)
     assert (prometheus.total(samples, "vllm:prompt_tokens_total") or 0) >= 100
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def test_the_transformers_profile_serves_the_prepared_directory_bounded() -> None:
+    p = _profile("cpu-transformers-smollm2")
+    t = traits_of(p)
+    assert t is TRAITS["transformers"]
+    assert (t.model_is_path, t.lists_models, t.done_marker, t.keep_alive) == (
+        True,
+        False,
+        False,
+        True,
+    )
+    # The same prepared HF directory as the CPU default (its tokenizer counts the prompts).
+    assert p.model.source == _profile("cpu-smollm2").model.source == "smollm2-gguf"
+    argv = p.render_command(model="/m/smollm2", port=8123, python="/py")
+    assert argv[:5] == ["/py", "-m", "transformers.cli.transformers", "serve", "/m/smollm2"]
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert "--continuous-batching" in argv
+    # Unbounded, continuous batching sized its KV cache from host memory: OOM-killed at 20 GB.
+    assert (
+        int(argv[argv.index("--cb-num-blocks") + 1]) * int(argv[argv.index("--cb-block-size") + 1])
+        <= 8192
+    )
+    assert p.engine.env["OMP_NUM_THREADS"] == "1"
+    assert set(p.engine.requires) >= {"fastapi", "uvicorn", "openai"}
+    assert "transformers-serve" in p.engine.install_hint
+    # It defines no workload its engine cannot show (session cache: no cache-hit report).
+    assert p.workloads.session_cache is None
+
+
+def test_requests_name_the_path_a_transformers_server_is_pinned_to() -> None:
+    from servelab.server import served_model
+
+    assert served_model(_profile("cpu-transformers-smollm2"), Path("/m/x")) == "/m/x"
+    assert served_model(_profile("cpu-smollm2"), Path("/m/x")) == "smollm2-135m-instruct"
+
+
+def test_every_figure_from_an_engine_without_ignore_eos_says_lengths_varied() -> None:
+    notes = TRAITS["transformers"].figure_notes()
+    assert any(n.startswith("output lengths varied") and "ignore_eos" in n for n in notes)
+    assert any("/metrics not available" in n for n in notes)
+    assert any("own tokenizer" in n for n in notes)
+    # Engines that force lengths and export /metrics add nothing to their figures.
+    assert TRAITS["vllm"].figure_notes() == TRAITS["llama.cpp"].figure_notes() == ()
+
+
+def test_a_missing_serving_module_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from servelab import engine
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "uvicorn" else real(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(
+        engine.EngineExtraMissingError, match=r"uvicorn.*engine\.requires.*transformers-serve"
+    ):
+        require_engine(_profile("cpu-transformers-smollm2"))
+
+
+@pytest.fixture(scope="module")
+def transformers_endpoint(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The real `transformers serve` (its CPU profile), started by servelab's lifecycle."""
+    profile = _profile("cpu-transformers-smollm2")
+    try:
+        require_engine(profile)
+    except EngineNotInstalledError as exc:
+        pytest.skip(str(exc))
+    from servelab.models import default_cache_dir, prepare_model
+    from servelab.server import ManagedServer
+
+    if not sorted(default_cache_dir().glob("models/smollm2-*/tokenizer.json")):
+        pytest.skip("no prepared SmolLM2 model in the servelab cache (servelab prepare-model)")
+    model = prepare_model(profile)
+    server = ManagedServer(profile, model.path, tmp_path_factory.mktemp("logs"))
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+@pytest.mark.slow  # starts transformers serve (~30 s on 2 cores); not in CI
+def test_live_transformers_local_counts_match_what_it_serves(transformers_endpoint: object) -> None:
+    """The served directory's tokenizer counts exactly the prompt tokens `transformers serve`
+    reports in usage, for a completion and a chat request; it rejects ignore_eos and has no
+    /tokenize or /metrics (what its traits declare)."""
+    from servelab.prompts import exact_messages, exact_prompt, server_token_counter
+    from servelab.server import Endpoint
+
+    assert isinstance(transformers_endpoint, Endpoint)
+    ep = transformers_endpoint
+    assert ep.model_path is not None and ep.model == str(ep.model_path)
+    count = server_token_counter(ep)
+    prompt = exact_prompt(ep, 40, "live-count", count=count)
+    messages = exact_messages(ep, 60, "live-chat", count=count)
+    base = ep.api_base
+    for path, body, n in (
+        ("/completions", {"prompt": prompt}, 40),
+        ("/chat/completions", {"messages": messages}, 60),
+    ):
+        r = httpx.post(base + path, json={"model": ep.model, "max_tokens": 1, **body}, timeout=300)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["prompt_tokens"] == n
+    r = httpx.post(
+        base + "/completions",
+        json={"model": ep.model, "prompt": "x", "max_tokens": 1, "ignore_eos": True},
+        timeout=60,
+    )
+    assert r.status_code == 422 and "ignore_eos" in r.text
+    for path in ("/tokenize", "/metrics"):
+        assert (
+            httpx.request(
+                "POST" if path == "/tokenize" else "GET", ep.base_url + path, timeout=30
+            ).status_code
+            == 404
+        )

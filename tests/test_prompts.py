@@ -96,3 +96,98 @@ def test_local_tokenizer_fallback_counts_like_the_model() -> None:
         assert count(text) == n
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     assert count(msgs) > count("What is the capital of France?")  # the chat template adds tokens
+
+
+# --------------------------------------------------------------------------- local tokenizer
+# An engine kind without /tokenize (transformers serve) is counted with the served model
+# directory's own tokenizer (Endpoint.model_path), as that server tokenizes.
+
+
+def _transformers_endpoint(model_path: object) -> object:
+    from pathlib import Path
+
+    from servelab.profiles import load_profile
+    from servelab.server import Endpoint
+
+    root = Path(__file__).resolve().parents[1]
+    profile = load_profile(root / "fixtures" / "profiles" / "cpu-transformers-smollm2.toml")
+    assert profile.engine.kind == "transformers"
+    return Endpoint("http://127.0.0.1:9", "m", profile=profile, model_path=model_path)  # type: ignore[arg-type]
+
+
+def test_an_engine_without_tokenize_counts_with_the_served_models_tokenizer(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    def fake_hf(model_dir: str) -> prompts.TokenCounter:
+        seen.append(model_dir)
+        return word_counter(bos=0)
+
+    monkeypatch.setattr(prompts, "hf_token_counter", fake_hf)
+    ep = _transformers_endpoint(tmp_path)
+    count = prompts.server_token_counter(ep)  # type: ignore[arg-type]
+    assert seen == [str(tmp_path)]  # no request to the server: nothing listens on port 9
+    assert count("one two three") == 3
+    # The workloads' Prompts take the same path: exact lengths without /tokenize.
+    from servelab.workloads import Prompts
+
+    texts = Prompts(ep, nonce="n").make(12, "decode", 2)  # type: ignore[arg-type]
+    assert [count(t) for t in texts] == [12, 12]
+
+
+def test_an_engine_without_tokenize_and_without_a_model_directory_says_what_to_do(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    for where in (None, tmp_path / "missing"):  # type: ignore[operator]
+        with pytest.raises(ClientError, match=r"no /tokenize.*no model directory"):
+            prompts.server_token_counter(_transformers_endpoint(where))  # type: ignore[arg-type]
+
+
+def _tiny_tokenizer_dir(root: object) -> object:
+    """A word-level tokenizer with a chat template, saved as a model directory would hold it."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = Path(str(root))
+    vocab = {w: i for i, w in enumerate(["<unk>", "S", "user", "assistant", "a", "b", "c"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}S {{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}S assistant {% endif %}"
+    )
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "chat_template": template,
+            }
+        )
+    )
+    return d
+
+
+@pytest.mark.slow  # importing transformers takes ~10 s on 2 cores
+def test_the_local_counter_counts_prompts_and_templated_chat_exactly(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    d = _tiny_tokenizer_dir(tmp_path)
+    count = prompts.hf_token_counter(str(d))
+    assert count("a b c c") == 4  # a completions prompt: its tokens, nothing added
+    # Chat: the template and the generation prompt count ("S user a b S assistant").
+    assert count([{"role": "user", "content": "a b"}]) == 6
+    text = prompts.exact_text(count, 9, "tiny")
+    assert count(text) == 9
+
+
+@pytest.mark.slow  # importing transformers takes ~10 s on 2 cores
+def test_a_model_directory_without_a_tokenizer_is_a_client_error(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    with pytest.raises(ClientError, match="no tokenizer to count prompt tokens"):
+        prompts.hf_token_counter(str(tmp_path))
