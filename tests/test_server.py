@@ -178,3 +178,63 @@ def test_engine_not_installed_names_install_command(tmp_path: Path) -> None:
     p.write_text(text)
     with pytest.raises(EngineNotInstalledError, match=r"no-engine.*Install it with: \./dev setup"):
         require_engine(load_profile(p))
+
+
+# ------------------------------------------------- an engine pinned to its path (transformers)
+# `transformers serve PATH` answers only to PATH and lists the HF hub cache at /v1/models
+# (HTTP 500 where there is none): readiness must not wait for /v1/models, and requests must
+# name the path. A stand-in with exactly those two behaviours, started through a profile.
+
+PINNED_STUB = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+pinned, port = sys.argv[1], int(sys.argv[3])
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def _send(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/health":
+            self._send(200, {"status": "ok"})
+        else:
+            self._send(500, {"error": "CacheNotFound"})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("model") != pinned:
+            self._send(400, {"detail": f"Server is pinned to {pinned!r}"})
+        else:
+            self._send(200, {"choices": [{"text": "x", "index": 0}]})
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_an_engine_pinned_to_its_model_path_is_ready_and_named_by_it(tmp_path: Path) -> None:
+    stub = tmp_path / "pinned_stub.py"
+    stub.write_text(PINNED_STUB)
+    text = (ROOT / "fixtures" / "profiles" / "cpu-transformers-smollm2.toml").read_text()
+    start, end = text.index("command = ["), text.index("# OMP_NUM_THREADS")
+    text = (
+        text[:start]
+        + f'command = ["{{python}}", "{stub}"]\nargs = ["{{model}}", "--port", "{{port}}"]\n'
+        + text[end:]
+    )
+    text = text.replace('name = "cpu-transformers-smollm2"', 'name = "pinned"')
+    (tmp_path / "pinned.toml").write_text(text)
+    profile = load_profile(tmp_path / "pinned.toml")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    server = ManagedServer(profile, model_dir, tmp_path / "logs", startup_timeout_s=30)
+    try:
+        ep = server.start()  # before the fix: stuck at stage 'models' (HTTP 500) until timeout
+        assert ep.model == str(model_dir) and ep.model_path == model_dir
+        r = httpx.post(ep.api_base + "/completions", json={"model": ep.model, "prompt": "p"})
+        assert r.status_code == 200
+    finally:
+        server.stop()
