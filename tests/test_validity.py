@@ -19,14 +19,13 @@ from servelab.certify import (
     peak_outstanding,
     validity_notes,
 )
-from servelab.client import RequestRecord, completion_payload
+from servelab.client import RequestRecord
 from servelab.figures import Figure, Identity, Shape
 from servelab.finish import update_baselines
-from servelab.loadgen import run_requests
+from servelab.loadgen import RunResult
 from servelab.plugin_measure import Measurement
 from servelab.plugin_options import Options
 from servelab.redact import Redactor
-from servelab.server import Endpoint
 from servelab.session import SessionInfo, SessionResults
 from servelab.target import make_target
 from tests.fakes.hosts import TEST_HOST
@@ -209,15 +208,15 @@ def test_validity_notes_carry_the_load_and_judge_it() -> None:
     assert "lower the offered rate or concurrency" in valid
 
 
+def _run(records: list[RequestRecord], end_s: float) -> RunResult:
+    """A run as the client returns it, from synthetic records: no event-loop lag, so the
+    test does not depend on how busy the machine is."""
+    return RunResult(tuple(records), 0, int(end_s * 1e9), None, 1, (), 50.0)
+
+
 def test_a_deliberately_overloaded_open_loop_run_is_invalid_through_measurement() -> None:
-    """The scripted stand-in (tests/fakes/scripted_server.py) is honest here: the point is
-    servelab's own bookkeeping of requests in flight and of the schedule, which needs a
-    server whose latency is known (100 ms a request), not a real engine."""
-    offsets = [0.005 * i for i in range(8)]  # 200 req/s: all 8 in flight at once
-    with ScriptedServer(0.05, 0.01) as s:
-        ep = Endpoint(base_url=f"http://127.0.0.1:{s.port}", model="scripted")
-        body = [completion_payload("scripted", f"p {i}", 6) for i in range(8)]
-        res = run_requests(ep, body, concurrency=None, arrivals_s=offsets, progress=False)
+    offsets = [0.005 * i for i in range(8)]  # 200 req/s, each request 1 s: all 8 in flight
+    res = _run([_rec(i, o, o, o + 1.0) for i, o in enumerate(offsets)], 1.1)
     for cap, ok in ((8, True), (4, False)):
         recorded: list[Figure] = []
         m = _measurement(recorded, Options.__new__(Options))
@@ -245,7 +244,7 @@ SHORT_AND_OVERLOADED = """
 import pytest
 from servelab.client import completion_payload
 from servelab.figures import Shape
-from servelab.loadgen import run_requests
+from servelab.loadgen import RunResult, run_requests
 
 pytestmark = pytest.mark.perf
 
@@ -301,3 +300,17 @@ def test_a_shortened_or_overloaded_session_prints_invalid_with_advice(
             "offered rate or concurrency*",
         ]
     )
+
+
+def test_a_sweeps_tail_percentile_rests_on_one_runs_requests_not_the_tests() -> None:
+    """Bug seen in a live record: a rate sweep's 48 requests over 3 rates x 3 sweeps made a
+    per-run p99 of 6 requests read "N = 16" (48 / 3 values); one value rests on 6."""
+    one = [_rec(i, 0.1 * i, 0.1 * i, 0.1 * i + 0.5) for i in range(6)]
+    runs = [({"run": i, "rate_rps": rate}, _run(one, 1.2)) for i in range(3) for rate in (2, 4, 8)]
+    recorded: list[Figure] = []
+    m = _measurement(recorded, Options.__new__(Options))
+    m.keep(runs)
+    fig = m.record("p99_ttft_ms_r{r}", [1.0, 1.0, 1.0], Shape(1, 2, 6), r=2000)
+    note = invalid_note(fig.notes)
+    assert note is not None and "p99 not certifiable at N = 6 " in note, fig.notes
+    assert any(n.startswith("support: N = 6 requests") for n in fig.notes)

@@ -426,12 +426,14 @@ def validity_notes(
     requests: int | None = None,
     loads: Sequence[Load] = (),
     load_rules: ValidityRules | None = None,
+    run_requests: int | None = None,
 ) -> tuple[str, str]:
     """A measured figure's two notes: its validity (`Validity.describe`) judged on its finite
     run values (a figure's value is their median: they are its support), the failed
     requests and measured time behind it, and the load of its test's runs (`loads`, judged
     by `load_rules`: overload, achieved rate, schedule delay; the worst run decides); and its
-    sample support, with the heaviest run's load."""
+    sample support, with the heaviest run's load. `run_requests`: the fewest successful
+    requests of any one run behind the test (a tail percentile's support is at most that)."""
     p = reported_percentile(metric)
     n = sum(1 for v in values if math.isfinite(v))
     if p > 50 and requests is not None:
@@ -439,6 +441,11 @@ def validity_notes(
         # median of per-run percentiles); `requests` counts the whole test's, so share them
         # out over the runs: never more than the requests that were really behind one value.
         n = (requests - failed) // max(1, len(values))
+        if run_requests is not None:
+            # A test of several load levels (a rate sweep) shares its requests over levels
+            # as well as runs: the smallest run's successful requests are what one value
+            # rests on at most.
+            n = min(n, run_requests)
     rules = load_rules or ValidityRules()
     rules = dataclasses.replace(rules, max_error_rate=max_error_rate)
     verdict = figure_validity(metric, samples=n, failed=failed, duration_s=duration_s, rules=rules)

@@ -99,6 +99,7 @@ class Measurement:
         # validity; open-loop schedules by run (`scheduled`); the overload cap (None: the
         # profile's limits.max_outstanding where it has one, else no cap).
         self.loads: list[Load] = []
+        self.run_successes: list[int] = []  # each kept run's successful requests
         self.max_outstanding: int | None = None
         self._schedules: dict[int, tuple[float, ...]] = {}
         # Issue 16 item 3: the sampler around this test, and the runs it keeps (by id).
@@ -232,6 +233,7 @@ class Measurement:
         for _, res in kept:
             offsets = self._schedules.get(id(res), getattr(res, "offsets_s", None))
             self.loads.append(load_of(res.records, res.start_ns, res.end_ns, offsets))
+            self.run_successes.append(len(res.records) - len(res.failed))
         if not any(labels.get("again") for labels, _ in runs):  # `again` runs count below
             self.requests += sum(len(res.records) for _, res in kept)
             self.failed += sum(len(res.failed) for _, res in kept)
@@ -322,6 +324,7 @@ class Measurement:
             self.requests,
             loads=self.loads,
             load_rules=self.load_rules,
+            run_requests=min(self.run_successes, default=None),
         )
 
 
