@@ -282,3 +282,20 @@ def test_live_transformers_local_counts_match_what_it_serves(transformers_endpoi
             ).status_code
             == 404
         )
+
+
+def test_a_record_of_an_engine_without_ignore_eos_says_lengths_were_not_forced() -> None:
+    """The record's notes (record.md, community row) come from the raw rows: requests sent
+    without ignore_eos carry no requested_output_tokens (`client.requested_output`)."""
+    from servelab.client import completion_payload, requested_output
+    from servelab.record_markdown import forced_output_note
+
+    t = TRAITS["transformers"]
+    body = completion_payload("m", "p", 16, ignore_eos=t.ignore_eos, token_ids=t.token_ids)
+    assert "ignore_eos" not in body and "min_tokens" not in body
+    assert "return_token_ids" not in body  # transformers serve refuses it (HTTP 422) too
+    rows = [{"requested_output_tokens": requested_output(body), "completion_tokens": 11}]
+    assert forced_output_note(rows) == "output length not forced (the model could stop at EOS)"
+    forced = completion_payload("m", "p", 16)  # vLLM: forced, and the note says so
+    rows = [{"requested_output_tokens": requested_output(forced), "completion_tokens": 16}]
+    assert (forced_output_note(rows) or "").startswith("output length forced via ignore_eos")
