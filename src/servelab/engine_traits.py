@@ -3,12 +3,13 @@
 A profile's ``engine.kind`` names the protocol family (``vllm``, ``llama.cpp``,
 ``transformers``); its traits say how prompts are counted exactly, which ``/metrics``
 dialect the engine exports (mapped onto servelab's names by `servelab.prometheus`), whether
-an output length can be forced (``ignore_eos``), and which per-chunk extras it streams. The
-traits are recorded with the target's stack, so a figure from an engine that could not force
-its output length says so.
+an output length can be forced (``ignore_eos``), and which per-chunk extras it streams, and
+how the server departs from the OpenAI wire format (model pinned to its path, no
+``/v1/models``, no ``[DONE]``). `EngineTraits.figure_notes` is what every figure from an
+engine that could not force its output length (or has no /metrics or /tokenize) must say.
 
 Measured (llama.cpp b-series server in the llama-cpp-python 0.3.36 sdist; transformers 5.17
-``transformers serve``; vLLM 0.32 CPU): see docs/engines.md.
+and 5.19 ``transformers serve``; vLLM 0.32 CPU): see docs/engines.md.
 """
 
 from __future__ import annotations
