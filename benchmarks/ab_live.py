@@ -75,6 +75,9 @@ def trial(
     load0 = os.getloadavg()[0]
     start_utc = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     calib = [one_run(a, args, f"{k}-cal{i}") for i in range(3)]
+    calib = [x for x in calib if math.isfinite(x)]  # a twice-invalid run gives nan
+    if not calib:
+        raise ab.ABError(f"trial {k}: no valid calibration run of A (the host too loaded)")
     tpot = statistics.median(calib)
     rng = np.random.default_rng([args.seed, k])
     deadline = args.deadline
