@@ -311,7 +311,14 @@ def test_alternating_turns_agree_with_vllm_bench_serve(
     vs = _vllm()
     from servelab.engine_traits import traits_of
 
-    if not traits_of(servelab_profile).keep_alive:
+    traits = traits_of(servelab_profile)
+    if not traits.ignore_eos:
+        pytest.skip(
+            "both clients force output lengths with ignore_eos (vLLM's benchmark client sends "
+            f"it too); engine kind {traits.kind} rejects it, so they could not measure the "
+            "same work (servelab.engine_traits)"
+        )
+    if not traits.keep_alive:
         pytest.skip(
             "vLLM's benchmark client keeps connections alive; this engine closes them "
             "unannounced (servelab.engine_traits): perf/test_client_rates.py compares the two "

@@ -45,8 +45,10 @@ def test_integrity_audits(servelab_measure: Measurement) -> None:
         pytest.skip(f"{m.name}: the server has no /tokenize to build exact prompts with")
     try:
         declared = bool(reuses_cache(prometheus.scrape(ep.base_url, ep.headers)))
-    except ClientError:
-        declared = False
+    except ClientError:  # no /metrics: the engine kind's declaration (engine_traits)
+        from servelab.engine_traits import traits_of
+
+        declared = bool(traits_of(m.profile).prefix_cache)
     texts = Prompts(ep, count=count).make(PROMPT_TOKENS, "audit", N)
     s = m.settings  # the engine's own request fields (engine_traits), as measured requests
     payloads = [

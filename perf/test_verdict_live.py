@@ -76,6 +76,14 @@ def test_injected_slowdown_is_caught_and_unchanged_runs_pass(
     servelab_state: SessionResults,
     tmp_path: Path,
 ) -> None:
+    from servelab.engine_traits import traits_of
+
+    traits = traits_of(servelab_endpoint.profile)
+    if not traits.ignore_eos:
+        pytest.skip(
+            f"the live verdict compares TPOT over forced {OUTPUT}-token outputs; engine kind "
+            f"{traits.kind} has no ignore_eos (servelab.engine_traits)"
+        )
     arms: dict[str, list[float]] = {"base": [], "again": [], "slow": []}
     targets = {"base": servelab_endpoint, "again": servelab_endpoint, "slow": slow_endpoint}
     _one_run(servelab_endpoint, "warmup", 0, servelab_state)  # warm, excluded

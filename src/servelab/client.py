@@ -322,6 +322,7 @@ async def stream_completion(
     requested_prompt_tokens: int | None = None,
     worker: int = 0,
     cancel_after: int | None = None,
+    done_marker: bool = True,
 ) -> RequestRecord:
     """Send one streaming request and record it. Never raises for a failed request.
 
@@ -330,6 +331,8 @@ async def stream_completion(
     ``timeout_s``) the wait for the first token chunk. ``cancel_after`` (k >= 1): the client
     closes the stream once k token chunks have come, as a user who stops reading would; the
     record's error then begins with `CANCELLED` (`RequestRecord.cancelled`).
+    ``done_marker=False``: the engine sends no ``data: [DONE]`` (`EngineTraits.done_marker`);
+    its stream is complete when the body ends after a chunk with a finish_reason.
     """
     if cancel_after is not None and cancel_after < 1:
         raise ClientError(
@@ -394,8 +397,12 @@ async def stream_completion(
     if acc.error is None:
         if acc.first_token_ns is None:
             acc.error = "no token chunk received (stream had no event with choices)"
-        elif not acc.seen_done:
-            acc.error = "stream ended before [DONE]"
+        elif not acc.seen_done and (done_marker or acc.finish_reason is None):
+            acc.error = (
+                "stream ended before [DONE]"
+                if done_marker
+                else "stream ended without a finish_reason (this engine sends no [DONE])"
+            )
     rp = requested_prompt_tokens
     return RequestRecord(
         index=index,

@@ -193,6 +193,7 @@ class _Target:
     model: str
     headers: tuple[tuple[str, str], ...]
     keep_alive: bool = True  # reuse connections (servelab.engine_traits.EngineTraits)
+    done_marker: bool = True  # streams end with [DONE] (servelab.engine_traits.EngineTraits)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(base_url=self.base_url, model=self.model, headers=dict(self.headers))
@@ -333,6 +334,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 requested_prompt_tokens=prompt_len,
                 worker=job.worker,
                 cancel_after=cancel_after,
+                done_marker=job.target.done_marker,
             )
         except Exception as exc:  # a client bug fails this request, not the whole run
             why = f"client error ({type(exc).__name__}: {exc})"
@@ -438,6 +440,7 @@ def _target(endpoint: Endpoint) -> _Target:
         endpoint.model,
         tuple(dict(endpoint.headers).items()),
         traits_of(endpoint.profile).keep_alive,
+        traits_of(endpoint.profile).done_marker,
     )
 
 

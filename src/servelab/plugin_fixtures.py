@@ -158,7 +158,7 @@ def _start_profile(
 ) -> tuple[Endpoint, Identity]:
     """Admit (a health receipt first; a refusal starts no engine), start and fix the
     target of `profile`: every served target of the session, A's or B's, comes through here."""
-    from servelab.engine import require_engine
+    from servelab.engine import EngineExtraMissingError, require_engine
     from servelab.hardware import collect_host
     from servelab.receipts import admit_into
 
@@ -172,6 +172,8 @@ def _start_profile(
         )
         started = pool.get(profile)
         host = collect_host()
+    except EngineExtraMissingError as exc:  # an optional profile's extra: skip, saying so
+        pytest.skip(str(exc))
     except ServelabError as exc:
         problem = str(exc)
     else:

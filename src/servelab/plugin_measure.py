@@ -91,7 +91,11 @@ class Measurement:
         self.results = results
         self._record = record
         self.report = report
-        self.notes: list[str] = []  # added to every figure this test records
+        from servelab.engine_traits import traits_of
+
+        # Added to every figure this test records; first what the engine could not do
+        # (lengths not forced, no /metrics, local token counts: EngineTraits.figure_notes).
+        self.notes: list[str] = list(traits_of(profile).figure_notes())
         self.requests = 0  # requests of the runs kept (issue 24: validity and support)
         self.failed = 0  # of which failed
         self.duration_s = 0.0  # their measured time, summed

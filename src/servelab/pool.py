@@ -32,7 +32,14 @@ from typing import Any
 from servelab.errors import ServerError
 from servelab.models import PreparedModel, prepare_model
 from servelab.profiles import Profile
-from servelab.server import Endpoint, ManagedServer, group_members, log_tail, terminate_group
+from servelab.server import (
+    Endpoint,
+    ManagedServer,
+    group_members,
+    log_tail,
+    served_model,
+    terminate_group,
+)
 from servelab.stop_policy import StopRecord
 
 
@@ -212,14 +219,15 @@ class ServerPool:
         with FileLock(str(state_path) + ".lock"):
             state = read_state(state_path)
             if state is not None and group_members(int(state["pid"])):
+                model = prepare_model(profile, self.cache_dir)
                 endpoint = Endpoint(
                     base_url=str(state["base_url"]),
-                    model=profile.model.served_name,
+                    model=served_model(profile, model.path),
                     profile=profile,
                     managed=True,
                     log_path=Path(str(state["log_path"])),
+                    model_path=model.path,
                 )
-                model = prepare_model(profile, self.cache_dir)
                 return Started(endpoint, model, None, int(state["pid"]), tuple(state["command"]))
             started = self._start(profile)
             write_state(
