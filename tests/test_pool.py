@@ -183,3 +183,32 @@ def test_a_card_count_variant_stops_its_siblings_first(tmp_path: Path) -> None:
     finally:
         pool.close()
     assert not alive(two.pid) and not alive(other.pid)
+
+
+def test_an_engine_that_never_gets_ready_is_stopped_and_its_stop_recorded(tmp_path: Path) -> None:
+    """Issue 25: a start that fails (here: never ready within the readiness timeout) stops the
+    engine by its policy; that stop is an engine's stop like any other and joins `stops`
+    (before, only stops at session end were recorded)."""
+    from servelab.errors import ServerError
+    from servelab.profiles import load_profile
+
+    path = tmp_path / "silent.toml"
+    lines = PROFILE.format(stub=STUB, starts=tmp_path / "starts.txt").splitlines()
+    swap = {
+        "name": 'name = "silent"',
+        "command": 'command = ["sleep", "60"]',  # never listens: never ready
+        "args": "args = []",
+        "timeout_s": "timeout_s = 1",
+    }
+    path.write_text("\n".join(swap.get(line.split(" =")[0], line) for line in lines) + "\n")
+    profile = load_profile(path)
+    assert profile.engine.command == ("sleep", "60"), profile.engine.command
+    pool = ServerPool(tmp_path / "logs")
+    try:
+        with pytest.raises(ServerError, match="not ready"):
+            pool.get(profile)
+    finally:
+        pool.close()
+    stop = pool.stops["silent"]
+    assert stop.signal == "SIGTERM" and stop.clean_stop and not stop.forced
+    assert not alive(stop.pid)

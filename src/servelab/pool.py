@@ -199,7 +199,12 @@ class ServerPool:
             # (the workers' parent process), which stops it at session end.
             owner_pid=os.getppid() if self.shared_dir is not None else os.getpid(),
         )
-        endpoint = server.start()
+        try:
+            endpoint = server.start()
+        finally:
+            # A start that fails stops the engine by its policy: an engine's stop like any other.
+            if server.stop_record is not None:
+                self.stops[profile.name] = server.stop_record
         self._owned[profile.name] = server
         assert server.pid is not None and server.port is not None
         return Started(
