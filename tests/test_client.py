@@ -141,6 +141,17 @@ def test_stream_without_done_or_tokens_fails() -> None:
     assert r.error is not None and r.error.startswith("no token chunk")
 
 
+def test_an_engine_without_done_ends_on_its_finish_reason() -> None:
+    """transformers serve sends no [DONE] (EngineTraits.done_marker): with done_marker=False a
+    stream that ends after a finish_reason is complete; one cut before it still fails."""
+    ended = [chunk("a"), chunk("b", finish_reason="length"), usage(1, 2)]
+    assert asyncio.run(one(ended)).error == "stream ended before [DONE]"
+    r = asyncio.run(one(ended, done_marker=False))
+    assert r.success and r.error is None and r.output_tokens == 2
+    cut = asyncio.run(one([chunk("a"), usage(1, 1)], done_marker=False))
+    assert cut.error is not None and "without a finish_reason" in cut.error
+
+
 def test_unterminated_final_event_is_accepted() -> None:
     r = asyncio.run(one([chunk("a"), b"data: [DONE]"]))
     assert r.success

@@ -154,6 +154,18 @@ def test_open_loop_arrivals_are_respected(fault_server: FaultServer) -> None:
     for r, off in zip(res.records, offsets, strict=True):
         assert (r.arrival_ns - res.start_ns) / 1e9 == pytest.approx(off, abs=0.05)
         assert r.send_ns >= r.arrival_ns
+    assert res.offsets_s == tuple(offsets)  # the schedule the validity verdict checks
+    two = run_requests(
+        ep,
+        [completion_payload("m", "ok", 2)] * 3,
+        concurrency=None,
+        arrivals_s=[0.3, 0.0, 0.15],
+        workers=2,
+        progress=False,
+    )
+    assert two.offsets_s == (0.3, 0.0, 0.15)  # by request index, across worker processes
+    closed = run_requests(ep, [completion_payload("m", "ok", 2)], progress=False)
+    assert closed.offsets_s is None
 
 
 def test_closed_loop_queues_behind_the_cap(fault_server: FaultServer) -> None:

@@ -152,6 +152,7 @@ def test_recall_must_fit_context(tmp_path: Path) -> None:
         ("session_cv = 1.5", "limits.session_cv' must be within [0, 1)"),
         ("first_token_timeout_s = 0", "limits.first_token_timeout_s' must be a positive"),
         ("gate_timeout_s = -5.0", "limits.gate_timeout_s' must be a positive"),
+        ("max_outstanding = 0", "limits.max_outstanding' must be a positive number"),
     ],
 )
 def test_limits_are_checked(tmp_path: Path, line: str, message: str) -> None:
@@ -162,6 +163,16 @@ def test_limits_are_checked(tmp_path: Path, line: str, message: str) -> None:
     p.write_text(text)
     with pytest.raises(ProfileError, match=re.escape(message)):
         load_profile(p)
+
+
+def test_max_outstanding_is_read(tmp_path: Path) -> None:
+    """Issue 24: the overload cap of the validity verdict comes from the profile."""
+    text = (ROOT / "fixtures" / "profiles" / "cpu-smollm2.toml").read_text()
+    p = tmp_path / "cpu-smollm2.toml"
+    p.write_text(text.replace("[limits]\n", "[limits]\nmax_outstanding = 12\n"))
+    assert load_profile(p).limits.max_outstanding == 12
+    default = load_profile(ROOT / "fixtures" / "profiles" / "cpu-smollm2.toml")
+    assert default.limits.max_outstanding is None
 
 
 def test_issue17_load_shapes_load_and_are_checked(tmp_path: Path) -> None:

@@ -84,6 +84,9 @@ class RunResult:
     # The workload shares prompt prefixes on purpose (multi-turn sessions, a trace's shared
     # hash ids): cached prompt tokens are what it measures, not a leak between measurements.
     expect_cached: bool = False
+    # The open-loop schedule (one offset in seconds per request index, from the run's start;
+    # None: closed loop): what the validity verdict compares the requests' due times with.
+    offsets_s: tuple[float, ...] | None = None
 
     @property
     def duration_s(self) -> float:
@@ -478,7 +481,16 @@ async def run_requests_async(
         stop_when_stuck,
     )
     records, lag, start, end = await _run_job(job)
-    return RunResult(tuple(records), start, end, concurrency, 1, (lag,), max_loop_lag_ms)
+    return RunResult(
+        tuple(records),
+        start,
+        end,
+        concurrency,
+        1,
+        (lag,),
+        max_loop_lag_ms,
+        offsets_s=None if arrivals_s is None else tuple(float(a) for a in arrivals_s),
+    )
 
 
 def run_requests(
@@ -641,7 +653,18 @@ def _run_in_workers(
         workers,
         tuple(results[w][1] for w in range(workers)),
         max_loop_lag_ms,
+        offsets_s=_offsets(items),
     )
+
+
+def _offsets(
+    items: Sequence[tuple[int, dict[str, Any], float | None, int | None, int | None]],
+) -> tuple[float, ...] | None:
+    """The open-loop schedule of a run's items, by request index (None: closed loop)."""
+    due = sorted((index, arrival) for index, _, arrival, _, _ in items)
+    if not due or any(a is None for _, a in due):
+        return None
+    return tuple(float(a) for _, a in due if a is not None)
 
 
 def _worker_entry(job: _Job, ready: Any, go: Any, start_at: Any, results_q: Any) -> None:

@@ -173,7 +173,7 @@ class Measurement:
 
         cap = self.max_outstanding
         if cap is None:
-            cap = getattr(self.limits, "max_outstanding", None)  # a field profiles may gain
+            cap = self.limits.max_outstanding  # the profile's cap (limits.max_outstanding)
         return ValidityRules(
             max_outstanding=cap,
             min_achieved_rate=MIN_ACHIEVED_SHARE,

@@ -268,6 +268,9 @@ class Limits:
     # available host memory, free disk under the results and cache folders (None: no floor).
     min_free_memory_gib: float | None = None
     min_free_disk_gib: float | None = None
+    # Overload (servelab.certify): a run with more requests in flight than this is INVALID
+    # (None: no cap).
+    max_outstanding: int | None = None
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,10 @@ def _check_semantics(p: Profile, where: str) -> None:
             raise ProfileError(
                 f"{where}: field 'limits.{name}' must be a positive number of seconds"
             )
+    if p.limits.max_outstanding is not None and p.limits.max_outstanding < 1:
+        raise ProfileError(
+            f"{where}: field 'limits.max_outstanding' must be a positive number of requests"
+        )
     for name in ("min_free_memory_gib", "min_free_disk_gib"):
         value = getattr(p.limits, name)
         if value is not None and value < 0:
