@@ -663,7 +663,10 @@ def test_overhead_benchmark_runs_abba_against_the_stand_in(
     runs = result["runs"]
     assert [(r["concurrency"], r["sampler"]) for r in runs] == [
         # ABBA: the side that leads alternates by repetition (an order effect cancels)
-        (c, s) for c in (1, 4) for rep in range(2) for s in ((False, True), (True, False))[rep]
+        (c, s)
+        for c in (1, 4)
+        for rep in range(2)
+        for s in ((False, True), (True, False))[rep]
     ]
     assert all(r["failed"] == 0 and r["chunks_per_s"] > 0 for r in runs)
     assert all(r["telemetry_status"] == "measured" for r in runs if r["sampler"])

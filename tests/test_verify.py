@@ -218,7 +218,9 @@ def test_a_record_from_before_the_inconclusive_rule_still_verifies(tmp_path: Pat
     rewrite(record, older)
     report = verify_record(record)
     assert report.ok, report.lines()
-    assert any("rule before 2026-12-06" in c.what for c in report.checks), report.lines(verbose=True)
+    assert any("rule before 2026-12-06" in c.what for c in report.checks), report.lines(
+        verbose=True
+    )
 
 
 def test_unjudged_figures_and_dropped_runs_verify(tmp_path: Path) -> None:
