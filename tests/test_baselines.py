@@ -379,7 +379,10 @@ def test_a_verdict_between_sessions_allows_for_their_drift(store: BaselineStore)
 def test_the_drift_seen_in_the_history_widens_the_prior(store: BaselineStore) -> None:
     """Earlier baselines of the same stack that moved by ~20 % between sessions teach the
     verdict more drift than a 2 % prior: a +25 % change is then not a regression."""
-    key_fig = lambda runs: fig(runs, "ttft_ms", direction="lower")  # noqa: E731
+
+    def key_fig(runs: list[float]) -> Figure:
+        return fig(runs, "ttft_ms", direction="lower")
+
     for level in (400.0, 480.0, 330.0, 410.0):  # four sessions, each a baseline update
         store.update("cpu-smollm2", FP, PROV, [key_fig([level, level * 1.01, level * 0.99])])
     history = store.history(HOST, "cpu-smollm2")

@@ -144,7 +144,11 @@ def test_stream_without_done_or_tokens_fails() -> None:
 def test_an_engine_without_done_ends_on_its_finish_reason() -> None:
     """transformers serve sends no [DONE] (EngineTraits.done_marker): with done_marker=False a
     stream that ends after a finish_reason is complete; one cut before it still fails."""
-    ended = [chunk("a"), chunk("b", finish_reason="length"), usage(1, 2)]
+    ended: list[bytes | float | Exception] = [
+        chunk("a"),
+        chunk("b", finish_reason="length"),
+        usage(1, 2),
+    ]
     assert asyncio.run(one(ended)).error == "stream ended before [DONE]"
     r = asyncio.run(one(ended, done_marker=False))
     assert r.success and r.error is None and r.output_tokens == 2
