@@ -225,7 +225,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from servelab.baselines import servelab_commit, who
     from servelab.finish import finish, session_redactor
     from servelab.hardware import collect_host
-    from servelab.plugin_fixtures import _receipt_args
+    from servelab.plugin_fixtures import _receipt_args, served_profiles
 
     config = session.config
     run = config.stash.get(RUN_KEY, None)
@@ -267,7 +267,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             host=collect_host(),
             results_dir=options.results_dir,
             baselines_dir=options.baselines_dir,
-            redactor=session_redactor(options.api_key, [p.engine.env for p in options.profiles]),
+            redactor=session_redactor(  # A/B side profiles' engine secrets too
+                options.api_key, [p.engine.env for p in served_profiles(options)]
+            ),
             update=options.update_baselines,
             logs=logs,
             label=label,
