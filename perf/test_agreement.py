@@ -260,11 +260,23 @@ class _NoTokenizer:
         raise AssertionError("output lengths must come from usage.completion_tokens")
 
 
-async def _vllm_turn(vs: Any, ep: Endpoint, texts: list[str]) -> dict[str, Any]:
+async def vllm_bench_turn(
+    vs: Any,
+    ep: Endpoint,
+    texts: list[str],
+    *,
+    prompt: int,
+    output: int,
+    request_rate: float,
+    max_concurrency: int | None,
+    metrics: list[str],
+) -> dict[str, Any]:
+    """One turn of `vllm.benchmarks.serve.benchmark` over `texts` (forced `output` tokens,
+    vLLM's own client), with servelab's sampling fields; used by both agreement checks."""
     from vllm.benchmarks.datasets import SampleRequest
 
     same = {"temperature", "top_p", "seed", "min_tokens", "return_token_ids"}
-    extra = {k: v for k, v in completion_payload(ep.model, "", OUTPUT).items() if k in same}
+    extra = {k: v for k, v in completion_payload(ep.model, "", output).items() if k in same}
     result: dict[str, Any] = await vs.benchmark(
         task_type=vs.TaskType.GENERATION,
         endpoint_type="openai",
@@ -274,25 +286,38 @@ async def _vllm_turn(vs: Any, ep: Endpoint, texts: list[str]) -> dict[str, Any]:
         model_name=ep.model,
         tokenizer=_NoTokenizer(),
         input_requests=[
-            SampleRequest(prompt=t, prompt_len=PROMPT, expected_output_len=OUTPUT) for t in texts
+            SampleRequest(prompt=t, prompt_len=prompt, expected_output_len=output) for t in texts
         ],
         logprobs=None,
-        request_rate=float("inf"),
+        request_rate=request_rate,
         burstiness=1.0,
         disable_tqdm=True,
         num_warmups=0,
         profile=False,
-        selected_percentile_metrics=["ttft", "tpot", "itl"],
+        selected_percentile_metrics=metrics,
         selected_percentiles=[99.0],
         ignore_eos=True,
         goodput_config_dict={},
-        max_concurrency=1,
+        max_concurrency=max_concurrency,
         lora_modules=None,
         extra_headers=dict(ep.headers) or None,
         extra_body=extra,
         ready_check_timeout_sec=0,
     )
     return result
+
+
+async def _vllm_turn(vs: Any, ep: Endpoint, texts: list[str]) -> dict[str, Any]:
+    return await vllm_bench_turn(
+        vs,
+        ep,
+        texts,
+        prompt=PROMPT,
+        output=OUTPUT,
+        request_rate=float("inf"),
+        max_concurrency=1,
+        metrics=["ttft", "tpot", "itl"],
+    )
 
 
 def _servelab_turn(ep: Endpoint, texts: list[str], timeout_s: float) -> RunResult:

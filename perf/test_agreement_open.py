@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from perf.test_agreement import MAX_NOISE, Agreement, _NoTokenizer, agreement
+from perf.test_agreement import MAX_NOISE, Agreement, agreement, vllm_bench_turn
 from servelab import arrivals, metrics, workloads
 from servelab.client import completion_payload
 from servelab.loadgen import RunResult, run_requests_async
@@ -85,39 +85,17 @@ def test_same_seed_same_arrival_times_as_vllm(
 
 
 async def _vllm_turn(vs: Any, ep: Endpoint, texts: list[str]) -> dict[str, Any]:
-    from vllm.benchmarks.datasets import SampleRequest
-
-    same = {"temperature", "top_p", "seed", "min_tokens", "return_token_ids"}
-    extra = {k: v for k, v in completion_payload(ep.model, "", OUTPUT).items() if k in same}
     np.random.seed(SEED)  # `vllm bench serve --seed SEED`
-    result: dict[str, Any] = await vs.benchmark(
-        task_type=vs.TaskType.GENERATION,
-        endpoint_type="openai",
-        api_url=ep.api_base + "/completions",
-        base_url=ep.base_url,
-        model_id=ep.model,
-        model_name=ep.model,
-        tokenizer=_NoTokenizer(),
-        input_requests=[
-            SampleRequest(prompt=t, prompt_len=PROMPT, expected_output_len=OUTPUT) for t in texts
-        ],
-        logprobs=None,
+    return await vllm_bench_turn(
+        vs,
+        ep,
+        texts,
+        prompt=PROMPT,
+        output=OUTPUT,
         request_rate=RATE,
-        burstiness=1.0,
-        disable_tqdm=True,
-        num_warmups=0,
-        profile=False,
-        selected_percentile_metrics=["ttft", "tpot"],
-        selected_percentiles=[99.0],
-        ignore_eos=True,
-        goodput_config_dict={},
         max_concurrency=None,
-        lora_modules=None,
-        extra_headers=dict(ep.headers) or None,
-        extra_body=extra,
-        ready_check_timeout_sec=0,
+        metrics=["ttft", "tpot"],
     )
-    return result
 
 
 def _servelab_turn(ep: Endpoint, texts: list[str], timeout_s: float) -> RunResult:
