@@ -329,14 +329,15 @@ def _servelab_turn(ep: Endpoint, texts: list[str], timeout_s: float) -> RunResul
     )
 
 
-@pytest.mark.slow
-def test_alternating_turns_agree_with_vllm_bench_serve(
-    servelab_endpoint: Endpoint, servelab_profile: Profile | None
-) -> None:
-    vs = _vllm()
+def agreement_target(
+    endpoint: Endpoint, profile: Profile | None, prompt: int, output: int
+) -> tuple[Endpoint, workloads.Prompts, Limits]:
+    """What both agreement checks need before their turns: an engine both clients can
+    measure alike (forced lengths, kept-alive connections; else a skip saying why), its
+    limits, fresh prompts, and a warmed-up server."""
     from servelab.engine_traits import traits_of
 
-    traits = traits_of(servelab_profile)
+    traits = traits_of(profile)
     if not traits.ignore_eos:
         pytest.skip(
             "both clients force output lengths with ignore_eos (vLLM's benchmark client sends "
@@ -349,13 +350,21 @@ def test_alternating_turns_agree_with_vllm_bench_serve(
             "unannounced (servelab.engine_traits): perf/test_client_rates.py compares the two "
             "clients with a connection per request"
         )
-    limits = servelab_profile.limits if servelab_profile else Limits()
-    ep = servelab_endpoint
-    prompts = workloads.Prompts(ep)
+    limits = profile.limits if profile else Limits()
+    prompts = workloads.Prompts(endpoint)
     settings = workloads.Settings(progress=False, timeout_s=limits.request_timeout_s)
     workloads.warm_up(
-        ep, prompts, requests=2, prompt_tokens=PROMPT, output_tokens=OUTPUT, settings=settings
+        endpoint, prompts, requests=2, prompt_tokens=prompt, output_tokens=output, settings=settings
     )
+    return endpoint, prompts, limits
+
+
+@pytest.mark.slow
+def test_alternating_turns_agree_with_vllm_bench_serve(
+    servelab_endpoint: Endpoint, servelab_profile: Profile | None
+) -> None:
+    vs = _vllm()
+    ep, prompts, limits = agreement_target(servelab_endpoint, servelab_profile, PROMPT, OUTPUT)
     names = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms")
     ours: dict[str, list[float]] = {k: [] for k in names}
     theirs: dict[str, list[float]] = {k: [] for k in names}

@@ -27,11 +27,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from perf.test_agreement import MAX_NOISE, Agreement, agreement, vllm_bench_turn
-from servelab import arrivals, metrics, workloads
+from perf.test_agreement import (
+    MAX_NOISE,
+    Agreement,
+    agreement,
+    agreement_target,
+    vllm_bench_turn,
+)
+from servelab import arrivals, metrics
 from servelab.client import completion_payload
 from servelab.loadgen import RunResult, run_requests_async
-from servelab.profiles import Limits, Profile
+from servelab.profiles import Profile
 from servelab.server import Endpoint
 
 pytestmark = pytest.mark.perf
@@ -118,20 +124,7 @@ def test_open_loop_turns_agree_with_vllm_bench_serve(
     servelab_endpoint: Endpoint, servelab_profile: Profile | None
 ) -> None:
     vs = _vllm()
-    from servelab.engine_traits import traits_of
-
-    if not traits_of(servelab_profile).keep_alive:
-        pytest.skip(
-            "vLLM's benchmark client keeps connections alive; this engine closes them "
-            "unannounced (servelab.engine_traits)"
-        )
-    limits = servelab_profile.limits if servelab_profile else Limits()
-    ep = servelab_endpoint
-    prompts = workloads.Prompts(ep)
-    settings = workloads.Settings(progress=False, timeout_s=limits.request_timeout_s)
-    workloads.warm_up(
-        ep, prompts, requests=2, prompt_tokens=PROMPT, output_tokens=OUTPUT, settings=settings
-    )
+    ep, prompts, limits = agreement_target(servelab_endpoint, servelab_profile, PROMPT, OUTPUT)
     ours: dict[str, list[float]] = {k: [] for k in NAMES}
     theirs: dict[str, list[float]] = {k: [] for k in NAMES}
     log = io.StringIO()
