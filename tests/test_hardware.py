@@ -242,8 +242,11 @@ def test_stack_command_is_rendered_with_the_profiles_values(name: str) -> None:
         assert placeholder not in line, line
     if profile.engine.kind == "vllm":
         assert f"--max-model-len {profile.model.context_len}" in line
-    else:  # llama-server's --ctx-size is shared by its slots: the profile states it whole
+    elif profile.engine.kind == "llama.cpp":
+        # llama-server's --ctx-size is shared by its slots: the profile states it whole
         assert f"--alias {profile.model.served_name}" in line
+    else:  # transformers serve: the served name is the model path it is pinned to
+        assert "serve $MODEL_DIR" in line
     assert stack.cards == profile.hardware.count
     assert stack.accelerator == profile.hardware.accelerator
     if profile.model.path:
