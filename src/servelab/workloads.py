@@ -275,6 +275,30 @@ def warm_up(
 # --------------------------------------------------------------------------- workloads
 
 
+def _measured_after_warm_up(
+    endpoint: Endpoint,
+    p: Prompts,
+    tag: str,
+    count: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    s: Settings,
+    warmup_requests: int,
+) -> list[str]:
+    """A workload's measured prompts (`count` of `prompt_tokens`, made first so no warm-up
+    prompt is among them), then the warm-up at the same lengths."""
+    texts = p.make(prompt_tokens, tag, count)
+    warm_up(
+        endpoint,
+        p,
+        requests=warmup_requests,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        settings=s,
+    )
+    return texts
+
+
 def decode(
     endpoint: Endpoint,
     *,
@@ -288,14 +312,8 @@ def decode(
     """Single-stream decode: ``runs`` runs of one request each at concurrency 1."""
     s = settings or Settings()
     p = prompts or Prompts(endpoint, nonce=s.nonce)
-    texts = p.make(prompt_tokens, "decode", runs)
-    warm_up(
-        endpoint,
-        p,
-        requests=warmup_requests,
-        prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens,
-        settings=s,
+    texts = _measured_after_warm_up(
+        endpoint, p, "decode", runs, prompt_tokens, output_tokens, s, warmup_requests
     )
     return [
         _run(endpoint, [t], prompt_tokens, output_tokens, s, concurrency=1, progress=False)
@@ -381,14 +399,15 @@ def open_loop(
     optionally capped at ``max_concurrency`` in flight."""
     s = settings or Settings()
     p = prompts or Prompts(endpoint, nonce=s.nonce)
-    texts = p.make(prompt_tokens, "open", len(schedule.offsets_s))
-    warm_up(
+    texts = _measured_after_warm_up(
         endpoint,
         p,
-        requests=warmup_requests,
-        prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens,
-        settings=s,
+        "open",
+        len(schedule.offsets_s),
+        prompt_tokens,
+        output_tokens,
+        s,
+        warmup_requests,
     )
     return _run(
         endpoint,
@@ -575,14 +594,8 @@ def cancellation(
     p = prompts or Prompts(endpoint, nonce=s.nonce)
     if len(cancel_after) != requests:
         raise ClientError(f"cancellation: {len(cancel_after)} cancel entries for {requests}")
-    texts = p.make(prompt_tokens, "cancel", requests)
-    warm_up(
-        endpoint,
-        p,
-        requests=warmup_requests,
-        prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens,
-        settings=s,
+    texts = _measured_after_warm_up(
+        endpoint, p, "cancel", requests, prompt_tokens, output_tokens, s, warmup_requests
     )
     return _run(
         endpoint,
