@@ -212,6 +212,10 @@ def test_saturated_client_marks_run_invalid() -> None:
     res = RunResult((), 0, 10**9, 1, 1, (busy,), max_loop_lag_ms=20.0)
     assert res.client_busy()[0] == pytest.approx(0.95)
     assert any("the client was the bottleneck" in r for r in res.invalid_reasons())
+    # The same share over a 32-ms run is the client's set-up, not a bottleneck.
+    short = LoopLag(interval_ms=5.0, samples=3, p99_ms=3.0, max_ms=4.0, cpu_s=0.030)
+    res = RunResult((), 0, 32 * 10**6, 1, 1, (short,), max_loop_lag_ms=20.0)
+    assert res.client_busy()[0] == pytest.approx(0.9375) and res.invalid_reasons() == []
 
 
 def test_prefix_cache_hits_make_a_run_invalid() -> None:

@@ -52,7 +52,15 @@ class DelayingProxy:
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()
+            # Connections still open (kept alive by the client) are cancelled and run to
+            # their end on this loop, so none is left pending when the loop closes.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            if self._server is not None:
                 await self._server.wait_closed()
+            await asyncio.sleep(0)  # let the closed transports let go of their sockets
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -60,7 +60,17 @@ class ThreadedAsyncServer:
         self.ready.set()
         self.loop.run_forever()
         server.close()
+        # Connection handlers still waiting on a kept-alive socket are cancelled and run to
+        # their end here, on this loop: left pending, they are destroyed later by the garbage
+        # collector, in whichever test is running then, as unraisable "loop is closed" and
+        # "unclosed transport" warnings.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.run_until_complete(server.wait_closed())
+        self.loop.run_until_complete(asyncio.sleep(0))  # let the closed transports let go
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
