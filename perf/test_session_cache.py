@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from servelab import prometheus
+from servelab.engine_traits import traits_of
 from servelab.errors import ClientError, ServelabError
 from servelab.figures import Shape
 from servelab.plugin_measure import Measurement
@@ -72,6 +73,7 @@ def test_session_cache_reload(
                     timeout_s=600.0 if profile is None else m.timeout_s,
                     context_len=None if profile is None else profile.model.context_len,
                     profile=name,
+                    cache_exact=traits_of(profile).cache_exact,
                 )
             )
         except ServelabError as exc:
@@ -92,6 +94,7 @@ def test_session_cache_reload(
         f"cache: {result.mechanism}",
         f"sessions {', '.join(result.labels)}",
         f"prompt tokens per session as served: {measured}",
+        *(f"run {i}: {n}" for i, r in enumerate(results) for n in r.differing_outputs()),
     )
     for name_, values, warm in (
         ("session_cold_ttft_s", [r.cold_ttft_s for r in results], False),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from servelab import prometheus, recall
 from servelab.client import RequestRecord
+from servelab.engine_traits import TRAITS
 from servelab.errors import QualityGateError
 from servelab.quality import RecallStyle
 from servelab.session_cache import (
@@ -112,6 +114,25 @@ def test_output_hash_must_match_across_passes() -> None:
     assert problems == [
         "session B: output differs across passes (2 distinct SHA-256): [' cobalt. x', ' cobalt. z']"
     ]
+
+
+def test_an_inexact_cache_notes_a_changed_output_but_still_checks_recall() -> None:
+    """llama.cpp does not promise identical logits for a cached prefix (EngineTraits.
+    cache_exact): a changed output there is a labeled note; a wrong answer still fails."""
+    warm = (rec(" cobalt. z", 0, 100 * MS, 500 * MS), GOOD_WARM[1])
+    r = dataclasses.replace(result(GOOD_COLD, warm), cache_exact=False)
+    assert r.problems() == []
+    assert r.notes() == [
+        "session B: output differs across passes (2 distinct SHA-256): [' cobalt. x', "
+        "' cobalt. z'] (not a failure: the engine does not promise identical logits for a "
+        "cached prefix)"
+    ]
+    assert summary(r)["cache_exact"] is False
+    wrong = (rec(" cobalts. x", 0, 100 * MS, 500 * MS), GOOD_WARM[1])
+    problems = dataclasses.replace(result(GOOD_COLD, wrong), cache_exact=False).problems()
+    assert len(problems) == 1 and "close but not exact" in problems[0]
+    assert TRAITS["llama.cpp"].cache_exact is False
+    assert TRAITS["vllm"].cache_exact is True
 
 
 def test_reload_without_any_cache_hit_fails() -> None:

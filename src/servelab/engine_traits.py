@@ -64,6 +64,14 @@ class EngineTraits:
     # prefix (ContinuousBatchingConfig.allow_block_sharing, on by default, no CLI flag): a
     # 32-token prompt sent again came back 18 % faster (2026-12-06), and it reports no hit.
     prefix_cache: bool | None = None
+    # A prompt served from the prefix cache gives the same tokens as one computed afresh.
+    # llama.cpp's server documents the opposite for `cache_prompt`: "depending on the
+    # backend, the logits are not guaranteed to be bit-for-bit identical for different batch
+    # sizes (prompt processing vs. token generation)". Seen on an H100 (2026-12-06): a reload
+    # pass answered ' "violet".' where the cold pass answered ' violet.'. Where False, an
+    # output that changes between passes is a labeled note, not a failure; recall must still
+    # be right in every pass.
+    cache_exact: bool = True
 
     def describe(self) -> str:
         return (
@@ -105,6 +113,7 @@ TRAITS: dict[str, EngineTraits] = {
         "/props",
         keep_alive=False,
         measured_extra=(("cache_prompt", False),),
+        cache_exact=False,
     ),
     # transformers serve: no /tokenize, no /metrics, rejects ignore_eos (HTTP 422
     # "Unexpected fields"); requests must name the model path it was started with.
