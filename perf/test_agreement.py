@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,6 +359,62 @@ def agreement_target(
     return endpoint, prompts, limits
 
 
+def alternate_turns(
+    names: Sequence[str],
+    make_texts: Callable[[str], list[str]],
+    servelab_turn: Callable[[list[str]], RunResult],
+    servelab_values: Callable[[RunResult], tuple[float, ...]],
+    vllm_turn: Callable[[list[str]], Coroutine[Any, Any, dict[str, Any]]],
+    *,
+    output: int,
+    max_error_rate: float,
+    vllm_check: Callable[[dict[str, Any]], None] = lambda out: None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Both agreement checks' turns: 2 x PAIRS turns, servelab and vLLM's client in ABBA
+    order (cancels linear drift), each turn with fresh prompts (``make_texts(tag)``); every
+    turn must be valid and complete, vLLM's with every output exactly ``output`` tokens.
+    Returns each side's values of ``names``, one per turn."""
+    ours: dict[str, list[float]] = {k: [] for k in names}
+    theirs: dict[str, list[float]] = {k: [] for k in names}
+    log = io.StringIO()
+    for turn in range(2 * PAIRS):
+        side = "servelab" if turn % 4 in (0, 3) else "vllm"
+        texts = make_texts(f"{side}-{turn}")
+        if side == "servelab":
+            res = servelab_turn(texts)
+            problems = res.invalid_reasons(max_error_rate)
+            assert not problems, f"turn {turn}: servelab run invalid: {problems}"
+            values = servelab_values(res)
+        else:
+            with contextlib.redirect_stdout(log):
+                out = asyncio.run(vllm_turn(texts))
+            assert (out["completed"], out["failed"]) == (len(texts), 0), (
+                f"turn {turn}: vLLM's run had failures: {out['errors']}\n{log.getvalue()[-2000:]}"
+            )
+            assert out["output_lens"] == [output] * len(texts)
+            values = tuple(float(out[k]) for k in names)
+            vllm_check(out)
+        for key, v in zip(names, values, strict=True):
+            (ours if side == "servelab" else theirs)[key].append(float(v))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(names, values, strict=True))
+        print(f"turn {turn} ({side}): {shown}")
+    return ours, theirs
+
+
+def judge_agreement(
+    names: Sequence[str], ours: dict[str, list[float]], theirs: dict[str, list[float]], what: str
+) -> None:
+    """Print the pairs' agreement per metric; skip when the host is too noisy to resolve
+    it, fail when a metric disagrees."""
+    checks = [agreement(k, ours[k], theirs[k]) for k in names]
+    report = "; ".join(c.describe() for c in checks)
+    print(f"{what}: {report}")
+    if any(c.noise > MAX_NOISE for c in checks):
+        pytest.skip(f"host too noisy to check agreement: {report}")
+    bad = [c for c in checks if not c.ok]
+    assert not bad, f"servelab and vLLM's client disagree: {report}"
+
+
 @pytest.mark.slow
 def test_alternating_turns_agree_with_vllm_bench_serve(
     servelab_endpoint: Endpoint, servelab_profile: Profile | None
@@ -366,50 +422,36 @@ def test_alternating_turns_agree_with_vllm_bench_serve(
     vs = _vllm()
     ep, prompts, limits = agreement_target(servelab_endpoint, servelab_profile, PROMPT, OUTPUT)
     names = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms")
-    ours: dict[str, list[float]] = {k: [] for k in names}
-    theirs: dict[str, list[float]] = {k: [] for k in names}
-    log = io.StringIO()
     exported: dict[str, Any] = {}  # servelab's vLLM-style export of its latest turn
-    for turn in range(2 * PAIRS):
-        side = "servelab" if turn % 4 in (0, 3) else "vllm"  # ABBA: cancels linear drift
-        texts = prompts.make(PROMPT, f"agree-{side}-{turn}", REQUESTS)
-        if side == "servelab":
-            res = _servelab_turn(ep, texts, limits.request_timeout_s)
-            problems = res.invalid_reasons(limits.max_error_rate)
-            assert not problems, f"turn {turn}: servelab run invalid: {problems}"
-            m = metrics.compute(res.records, res.start_ns, res.end_ns)
-            assert m.ttft_ms and m.tpot_ms and m.itl_ms, f"turn {turn}: no latency figures"
-            values: tuple[float, ...] = (
-                m.output_throughput,
-                m.ttft_ms.median,
-                m.tpot_ms.median,
-                m.itl_ms.median,
-            )
-            exported = metrics.to_vllm_json(
+
+    def values(res: RunResult) -> tuple[float, ...]:
+        m = metrics.compute(res.records, res.start_ns, res.end_ns)
+        assert m.ttft_ms and m.tpot_ms and m.itl_ms, "a servelab turn gave no latency figures"
+        exported.update(
+            metrics.to_vllm_json(
                 m, res.records, percentile_metrics=("ttft", "tpot", "itl", "client_queue_time")
             )
-        else:
-            with contextlib.redirect_stdout(log):
-                out = asyncio.run(_vllm_turn(vs, ep, texts))
-            assert (out["completed"], out["failed"]) == (REQUESTS, 0), (
-                f"turn {turn}: vLLM's run had failures: {out['errors']}\n{log.getvalue()[-2000:]}"
-            )
-            assert out["output_lens"] == [OUTPUT] * REQUESTS
-            values = tuple(float(out[k]) for k in names)
-            missing = set(out) - set(exported) - {"rtfx"}  # rtfx: audio benchmarks only
-            assert not missing, f"vLLM result keys servelab does not export: {sorted(missing)}"
-        for key, v in zip(names, values, strict=True):
-            (ours if side == "servelab" else theirs)[key].append(float(v))
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(names, values, strict=True))
-        print(f"turn {turn} ({side}): {shown}")
+        )
+        return (m.output_throughput, m.ttft_ms.median, m.tpot_ms.median, m.itl_ms.median)
 
-    checks = [agreement(k, ours[k], theirs[k]) for k in names]
-    report = "; ".join(c.describe() for c in checks)
-    print(
-        f"agreement over {PAIRS} pairs of turns x {REQUESTS} requests, prompt {PROMPT}, output "
-        f"{OUTPUT}, c1, alternating ABBA: {report}"
+    def same_keys(out: dict[str, Any]) -> None:
+        missing = set(out) - set(exported) - {"rtfx"}  # rtfx: audio benchmarks only
+        assert not missing, f"vLLM result keys servelab does not export: {sorted(missing)}"
+
+    ours, theirs = alternate_turns(
+        names,
+        lambda tag: prompts.make(PROMPT, f"agree-{tag}", REQUESTS),
+        lambda texts: _servelab_turn(ep, texts, limits.request_timeout_s),
+        values,
+        lambda texts: _vllm_turn(vs, ep, texts),
+        output=OUTPUT,
+        max_error_rate=limits.max_error_rate,
+        vllm_check=same_keys,
     )
-    if any(c.noise > MAX_NOISE for c in checks):
-        pytest.skip(f"host too noisy to check agreement: {report}")
-    bad = [c for c in checks if not c.ok]
-    assert not bad, f"servelab and vLLM's client disagree: {report}"
+    judge_agreement(
+        names,
+        ours,
+        theirs,
+        f"agreement over {PAIRS} pairs of turns x {REQUESTS} requests, prompt {PROMPT}, "
+        f"output {OUTPUT}, c1, alternating ABBA",
+    )

@@ -19,8 +19,6 @@ Two checks:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import types
 from typing import Any
 
@@ -28,10 +26,9 @@ import numpy as np
 import pytest
 
 from perf.test_agreement import (
-    MAX_NOISE,
-    Agreement,
-    agreement,
     agreement_target,
+    alternate_turns,
+    judge_agreement,
     vllm_bench_turn,
 )
 from servelab import arrivals, metrics
@@ -125,46 +122,32 @@ def test_open_loop_turns_agree_with_vllm_bench_serve(
 ) -> None:
     vs = _vllm()
     ep, prompts, limits = agreement_target(servelab_endpoint, servelab_profile, PROMPT, OUTPUT)
-    ours: dict[str, list[float]] = {k: [] for k in NAMES}
-    theirs: dict[str, list[float]] = {k: [] for k in NAMES}
-    log = io.StringIO()
-    for turn in range(2 * PAIRS):
-        side = "servelab" if turn % 4 in (0, 3) else "vllm"  # ABBA: cancels linear drift
-        texts = prompts.make(PROMPT, f"agree-open-{side}-{turn}", REQUESTS)
-        if side == "servelab":
-            res = _servelab_turn(ep, texts, limits.request_timeout_s)
-            problems = res.invalid_reasons(limits.max_error_rate)
-            assert not problems, f"turn {turn}: servelab run invalid: {problems}"
-            m = metrics.compute(res.records, res.start_ns, res.end_ns, percentiles=[99.0])
-            assert m.ttft_ms and m.tpot_ms, f"turn {turn}: no latency figures"
-            values: tuple[float, ...] = (
-                m.request_throughput,
-                m.ttft_ms.median,
-                m.ttft_ms.pct(99.0),
-                m.tpot_ms.median,
-                m.tpot_ms.pct(99.0),
-            )
-        else:
-            with contextlib.redirect_stdout(log):
-                out = asyncio.run(_vllm_turn(vs, ep, texts))
-            assert (out["completed"], out["failed"]) == (REQUESTS, 0), (
-                f"turn {turn}: vLLM's run had failures: {out['errors']}\n{log.getvalue()[-2000:]}"
-            )
-            assert out["output_lens"] == [OUTPUT] * REQUESTS
-            values = tuple(float(out[k]) for k in NAMES)
-        for key, v in zip(NAMES, values, strict=True):
-            (ours if side == "servelab" else theirs)[key].append(float(v))
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(NAMES, values, strict=True))
-        print(f"turn {turn} ({side}): {shown}")
 
-    checks: list[Agreement] = [agreement(k, ours[k], theirs[k]) for k in NAMES]
-    report = "; ".join(c.describe() for c in checks)
-    print(
+    def values(res: RunResult) -> tuple[float, ...]:
+        m = metrics.compute(res.records, res.start_ns, res.end_ns, percentiles=[99.0])
+        assert m.ttft_ms and m.tpot_ms, "a servelab turn gave no latency figures"
+        return (
+            m.request_throughput,
+            m.ttft_ms.median,
+            m.ttft_ms.pct(99.0),
+            m.tpot_ms.median,
+            m.tpot_ms.pct(99.0),
+        )
+
+    ours, theirs = alternate_turns(
+        NAMES,
+        lambda tag: prompts.make(PROMPT, f"agree-open-{tag}", REQUESTS),
+        lambda texts: _servelab_turn(ep, texts, limits.request_timeout_s),
+        values,
+        lambda texts: _vllm_turn(vs, ep, texts),
+        output=OUTPUT,
+        max_error_rate=limits.max_error_rate,
+    )
+    judge_agreement(
+        NAMES,
+        ours,
+        theirs,
         f"open-loop agreement over {PAIRS} pairs of turns x {REQUESTS} requests, Poisson "
         f"{RATE:g} req/s seed {SEED} (vLLM's generator), prompt {PROMPT}, output {OUTPUT}, no "
-        f"concurrency cap, alternating ABBA: {report}"
+        "concurrency cap, alternating ABBA",
     )
-    if any(c.noise > MAX_NOISE for c in checks):
-        pytest.skip(f"host too noisy to check agreement: {report}")
-    bad = [c for c in checks if not c.ok]
-    assert not bad, f"servelab and vLLM's client disagree open loop: {report}"
