@@ -15,6 +15,9 @@
 #                 the pytest-benchmark figures (paged_bench_test.py) and the full-grid subset
 #   pytest-bench  only the pytest-benchmark figures of CPU-paged attention, as JSON
 #   tq4           TurboQuant decode: the Triton sweep, the CUDA kernel, the 8-layer graph sweep
+#   tq4-speed     TurboQuant decode against every bf16 path (tq4_speed.py: cold, warm, graph,
+#                 eager; 16K-256K; batch 1 and 8; GQA 1/4/8; host µs a call; configurations),
+#                 after the TurboQuant kernel tests (about 7 minutes)
 #   all           tests, paged's decode rows, tq4 without the graph sweep (about 7 of the
 #                 device tool's 10 minutes a command)
 #
@@ -22,7 +25,7 @@
 # tests/kernels/conftest.py both registered --kernels-full, and the device's pytest raised
 # (seen 2026-11-25) argparse.ArgumentError.
 set -u -o pipefail
-cmd=${1:?"sub-command: tests | paged | paged-gather | paged-full | pytest-bench | tq4 | all"}
+cmd=${1:?"sub-command: tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | all"}
 out=${2:?output folder}
 here=benchmarks/kernels
 export PYTHONUNBUFFERED=1
@@ -123,6 +126,12 @@ case "$cmd" in
     tq4_core
     tq4_layers
     ;;
+  tq4-speed)
+    prepare
+    kernel_tests 200 tests_tq4.log tests/kernels/test_turboquant_fused.py
+    timeout 420 python3 -W ignore $here/tq4_speed.py --out "$out" >"$out/tq4_speed.log" 2>&1
+    sed -n '/^[A-Z].*GB\/s (read + write)/,$p' "$out/tq4_speed.log" || tail -20 "$out/tq4_speed.log"
+    ;;
   all)
     prepare
     kernel_tests 260 tests_cuda.log
@@ -130,7 +139,7 @@ case "$cmd" in
     tq4_core
     ;;
   *)
-    echo "unknown sub-command '$cmd': tests | paged | paged-gather | paged-full | pytest-bench | tq4 | all" >&2
+    echo "unknown sub-command '$cmd': tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | all" >&2
     exit 2
     ;;
 esac

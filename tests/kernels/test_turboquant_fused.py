@@ -365,14 +365,103 @@ def test_dense_refuses_bad_kv() -> None:
 
 @pytest.mark.cuda
 def test_fused_refuses_nan_query_before_launch(accel: torch.device) -> None:
+    """The Triton kernels check values on the host side before the launch (a sync)."""
     codec = KVCodec.build("turboquant_4bit_nc", 128)
+    cfg = fused_decode.LaunchConfig(backend="triton")
     k = torch.randn(1, 2, 9, 128, device=accel)
     q = torch.zeros(1, 4, 128, device=accel)
     q[0, 1, 3] = float("nan")
     with pytest.raises(KernelInputError, match="NaN or infinite"):
-        fused_decode.fused_decode_attention(q, codec.encode(k, k), codec)
+        fused_decode.fused_decode_attention(q, codec.encode(k, k), codec, config=cfg)
     lens = torch.tensor([10], dtype=torch.int32, device=accel)
     with pytest.raises(KernelInputError, match="seq_lens"):
         fused_decode.fused_decode_attention(
-            q.nan_to_num(), codec.encode(k, k), codec, seq_lens=lens
+            q.nan_to_num(), codec.encode(k, k), codec, seq_lens=lens, config=cfg
         )
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_checks_values_on_the_device_without_a_sync(accel: torch.device) -> None:
+    """The CUDA kernel checks q and seq_lens itself: a checked call makes no synchronizing
+    torch call (sync debug mode "error"), a bad call is reported by the next call or by
+    check_pending, and a length past the cache is clamped to it, never read past."""
+    needs_cuda_kernel("cuda")
+    codec = KVCodec.build("turboquant_4bit_nc", 128)
+    cfg = fused_decode.LaunchConfig(backend="cuda")
+    g = gen(accel, 5)
+    k = torch.randn(2, 2, 300, 128, device=accel, generator=g)
+    q = torch.randn(2, 8, 128, device=accel, generator=g)
+    cache = codec.encode(k, k * 0.5)
+    consts = fused_decode.DecodeConstants.build(codec, accel)
+    fused_decode.check_pending(accel)  # nothing left over from other tests
+
+    def call(qq: torch.Tensor, lens: torch.Tensor | None, check: bool = True) -> torch.Tensor:
+        out: torch.Tensor = fused_decode.fused_decode_attention(
+            qq, cache, codec, seq_lens=lens, constants=consts, config=cfg, check_values=check
+        )
+        return out
+
+    full = call(q, None)  # builds the plan (its constants go to the device once)
+    bad_q = q.clone()
+    bad_q[1, 5, 7] = float("inf")
+    past = torch.tensor([300, 301], dtype=torch.int32, device=accel)
+    whole = torch.tensor([300, 300], dtype=torch.int32, device=accel)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        good = call(q, whole)
+        call(bad_q, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(KernelInputError, match=r"call #\d+: q holds NaN or infinite values"):
+        fused_decode.check_pending(accel)
+    torch.testing.assert_close(good, full, atol=0, rtol=0)
+    clamped = call(q, past)
+    with pytest.raises(KernelInputError, match=r"earlier call .*seq_lens entry lies outside"):
+        torch.cuda.synchronize(accel)
+        call(q, None)  # the next call reports its predecessor, before launching
+    torch.testing.assert_close(clamped, full, atol=0, rtol=0)
+    call(bad_q, past, check=False)
+    fused_decode.check_pending(accel)  # unchecked calls report nothing
+
+
+@pytest.mark.cuda
+def test_cuda_plan_takes_new_strides_lengths_and_outputs(accel: torch.device) -> None:
+    """A call that reuses a plan (same cache, query shape, codec, configuration) still reads
+    this call's query strides, int64 lengths and output dtype."""
+    needs_cuda_kernel("cuda")
+    codec = KVCodec.build("turboquant_4bit_nc", 128)
+    cfg = fused_decode.LaunchConfig(backend="cuda", num_splits=5)
+    g = gen(accel, 6)
+    k = torch.randn(2, 2, 700, 128, device=accel, generator=g)
+    cache = codec.encode(k, k.flip(2))
+    big = torch.randn(2, 16, 128, device=accel, generator=g)
+    q = big[:, ::2, :]  # strided view, shape [2, 8, 128]
+    lens = torch.tensor([700, 123], dtype=torch.int64, device=accel)
+    fused_decode.fused_decode_attention(q.contiguous(), cache, codec, config=cfg)  # the plan
+    got = fused_decode.fused_decode_attention(
+        q, cache, codec, seq_lens=lens, config=cfg, out=torch.empty(2, 8, 128, device=accel,
+                                                                     dtype=torch.float16)
+    )  # fmt: skip
+    want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_cuda_plans_go_with_their_cache_and_stay_bounded() -> None:
+    """Plans are kept per cache (weakly: they die with it), at most PLANS_PER_CACHE each."""
+    import gc
+
+    from servelab.kernels.turboquant import fused_words_cuda as cw
+
+    codec = KVCodec.build("turboquant_4bit_nc", 128)
+    cache = codec.encode(torch.randn(1, 1, 4, 128), torch.randn(1, 1, 4, 128))
+    before = len(cw._PLANS)
+    marker: Any = object()
+    for i in range(cw.PLANS_PER_CACHE + 3):
+        cw.keep_plan(cache, (i,), marker)
+    assert cw.cached_plan(cache, (0,)) is None  # the oldest went first
+    assert cw.cached_plan(cache, (cw.PLANS_PER_CACHE + 2,)) is marker
+    assert len(cw._PLANS[cache]) == cw.PLANS_PER_CACHE
+    del cache
+    gc.collect()
+    assert len(cw._PLANS) == before

@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "tq4_tiles.cuh"
 
@@ -82,7 +83,12 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   // previous kernel on the stream is still finishing, so nothing in global memory is read
   // before that kernel has completed and its writes are visible.
   grid_dependency_wait();
-  const int seq_len = a.seq_lens != nullptr ? a.seq_lens[b] : a.tokens;
+  int seq_len = a.seq_lens != nullptr ? a.seq_lens[b] : a.tokens;
+  if (seq_len < 1 || seq_len > a.tokens) {  // never read past the planes; flag it if checking
+    if (a.errors != nullptr && split == 0 && kvh == 0 && threadIdx.x == 0)
+      report_error(a.errors + 1, a.call_id);
+    seq_len = min(max(seq_len, 0), a.tokens);  // an empty sequence's output is 0
+  }
   const int start = split * a.split_len;
   const int end = min(start + a.split_len, seq_len);
 
@@ -141,6 +147,12 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
 #pragma unroll
   for (int k = 0; k < QPT; ++k)
     if (threadIdx.x + k * NW * 32 < GP * D) qrows[threadIdx.x + k * NW * 32] = qv[k];
+  if (a.errors != nullptr && split == 0) {  // each query row is checked by one CTA
+    bool bad = false;
+#pragma unroll
+    for (int k = 0; k < QPT; ++k) bad |= !isfinite(qv[k]);  // padding rows hold 0
+    if (bad) report_error(a.errors, a.call_id);
+  }
 #pragma unroll
   for (int j = 0; j < JL; ++j) asm volatile("" ::"f"(rv[j]));  // landed (volatile: in order)
   asm volatile("" ::: "memory");  // and the query rows' stores, which wait for their loads
@@ -519,31 +531,46 @@ extern "C" {
 
 const char* servelab_cuda_error(int e) { return cudaGetErrorString((cudaError_t)e); }
 
+// sizeof(Args), offsetof(Args, errors), sizeof(Launch): the host checks its mirror against them.
+void tq4_layout(long long* out) {
+  out[0] = (long long)sizeof(Args);
+  out[1] = (long long)offsetof(Args, errors);
+  out[2] = (long long)sizeof(Launch);
+}
+
+// n zeroed ints of pinned host memory that every device can write (mapped, portable; with
+// unified addressing the device pointer is the host pointer). Returns a cudaError_t.
+int tq4_error_words(int** out, int n) {
+  void* p = nullptr;
+  cudaError_t e = cudaHostAlloc(&p, sizeof(int) * n, cudaHostAllocMapped | cudaHostAllocPortable);
+  if (e != cudaSuccess) return (int)e;
+  memset(p, 0, sizeof(int) * n);
+  void* dp = nullptr;
+  e = cudaHostGetDevicePointer(&dp, p, 0);
+  if (e != cudaSuccess) return (int)e;
+  if (dp != p) return 1003;  // no unified addressing: the host and device pointers differ
+  *out = static_cast<int*>(p);
+  return 0;
+}
+
 // Returns a cudaError_t; 1000 + n for an unsupported configuration n (checked in Python first).
-int tq4_decode(const void* q, long long sqb, long long sqh, long long sqd, int qdtype,
-               const float* rot, const uint8_t* kc, long long skb, long long skh, long long skt,
-               const __half* ks, long long sksb, long long sksh, long long skst,
-               const uint8_t* vc, long long svb, long long svh, long long svt,
-               const __half* vsz, long long szb, long long szh, long long szt,
-               const __half* cent, const int* seq_lens, int tokens, float* part_o,
-               float* part_l, int* counters, void* out, long long sob, long long soh,
-               long long sod, int odtype, float qk_scale, int split_len, int num_splits,
-               int group, int hkv, int batch, int head_size, int warps, int precise,
-               int pdl, void* stream) {
-  Args a{q, sqb, sqh, sqd, qdtype, rot, kc, skb, skh, skt, ks, sksb, sksh, skst, vc, svb, svh,
-         svt, vsz, szb, szh, szt, cent, seq_lens, tokens, part_o, part_l, counters, out, sob, soh,
-         sod, odtype, qk_scale, split_len, num_splits, group, 0x000F000Fu, 0x00F000F0u};
+// pdl: programmatic dependent launch, which the caller asks for only on compute capability
+// 9.0 and up (the kernel's wait and trigger compile to nothing below it).
+int tq4_decode(const Launch* L, void* stream) {
+  Args a = L->a;
+  a.lo_mask = 0x000F000Fu;
+  a.hi_mask = 0x00F000F0u;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // pdl: programmatic dependent launch, which the caller asks for only on compute capability
-  // 9.0 and up (the kernel's wait and trigger compile to nothing below it).
+  const int group = a.group, hkv = L->hkv, splits = L->splits, batch = L->batch;
+  const bool pdl = L->pdl != 0, precise = L->precise != 0;
   if (group < 1 || group > 8) return 1001;
 #define SERVELAB_TQ4(Dv, NWv)                                                         \
-  if (head_size == Dv && warps == NWv) {                                               \
+  if (L->head_size == Dv && L->warps == NWv) {                                         \
     if (group <= 4)                                                                    \
-      return precise ? launch<Dv, NWv, true, 4>(a, hkv, num_splits, batch, pdl, s)     \
-                     : launch<Dv, NWv, false, 4>(a, hkv, num_splits, batch, pdl, s);   \
-    return precise ? launch<Dv, NWv, true, 8>(a, hkv, num_splits, batch, pdl, s)       \
-                   : launch<Dv, NWv, false, 8>(a, hkv, num_splits, batch, pdl, s);     \
+      return precise ? launch<Dv, NWv, true, 4>(a, hkv, splits, batch, pdl, s)         \
+                     : launch<Dv, NWv, false, 4>(a, hkv, splits, batch, pdl, s);       \
+    return precise ? launch<Dv, NWv, true, 8>(a, hkv, splits, batch, pdl, s)           \
+                   : launch<Dv, NWv, false, 8>(a, hkv, splits, batch, pdl, s);         \
   }
   SERVELAB_TQ4(128, 8)
   SERVELAB_TQ4(128, 16)

@@ -152,7 +152,25 @@ struct Args {
   void* out; long long sob, soh, sod; int odtype;  // 0 fp32, 1 fp16, 2 bf16
   float qk_scale; int split_len; int num_splits; int group;
   uint32_t lo_mask, hi_mask;  // 0x000F000F, 0x00F000F0: set by the launcher (see value_pairs)
+  // Value checks (null: off): mapped host words, [0] the call_id of a call whose q held NaN or
+  // infinity, [1] of a call whose seq_lens left [1, tokens]. The host reads them without a
+  // device synchronization (fused_words_cuda.pending_error).
+  int* errors; int call_id;
 };
+
+// What one call launches: the kernel's arguments and the launch's shape. The host fills it
+// (a ctypes mirror in fused_words_cuda.py, checked against tq4_layout at load).
+struct Launch {
+  Args a;
+  int hkv, splits, batch, head_size, warps, precise, pdl;
+};
+
+// Flag a failed value check on the host: a plain store of the call's id (every writer of one
+// word in one call writes the same value), made visible to the host past the GPU's caches.
+__device__ __forceinline__ void report_error(int* word, int call_id) {
+  *reinterpret_cast<volatile int*>(word) = call_id;
+  __threadfence_system();
+}
 
 __device__ __forceinline__ float load_as_float(const void* p, long long i, int dtype) {
   if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);

@@ -25,6 +25,7 @@ import torch
 
 from servelab.errors import KernelInputError
 from servelab.kernels.turboquant import fused_checks as checks
+from servelab.kernels.turboquant import fused_words_cuda as cuda_words
 from servelab.kernels.turboquant.attention import check_decode_shapes
 from servelab.kernels.turboquant.fused_config import (
     BACKENDS,
@@ -40,7 +41,7 @@ from servelab.kernels.turboquant.fused_generic_triton import (
     VMODE_UNIFORM,
     launch_generic,
 )
-from servelab.kernels.turboquant.fused_words_cuda import launch_cuda_words, takes
+from servelab.kernels.turboquant.fused_words_cuda import takes
 from servelab.kernels.turboquant.fused_words_triton import as_words, launch_words, word_args
 from servelab.kernels.turboquant.kvcache import KVCodec, PackedKVCache
 
@@ -48,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "DecodeConstants",
     "LaunchConfig",
+    "check_pending",
     "fused_decode_attention",
     "fused_decode_attention_dense",
 ]
@@ -69,18 +71,31 @@ def fused_decode_attention(
 ) -> torch.Tensor:
     """softmax(scale·q·k̃ᵀ)·ṽ over the packed cache; q [B, Hq, d] → out [B, Hq, d].
 
-    ``check_values`` scans q and seq_lens for bad values (a device sync); a decode loop that
-    has validated them upstream passes False.
+    ``check_values`` checks q (finite) and seq_lens (in [1, T]). On the CUDA kernel the kernel
+    checks them on the device and the next call on any cache (or :func:`check_pending`)
+    raises for a call that failed, with no device synchronization; elsewhere the checks scan
+    them on the host side first (a device sync). A decode loop that has validated them
+    upstream passes False.
     """
     where = "fused_decode_attention"
+    key = None
+    if isinstance(q, torch.Tensor) and q.is_cuda and config.backend != "triton":
+        cuda_words.raise_pending(where)
+        key = (q.shape, q.dtype, q.device, codec, scale, constants, config,
+               cuda_words.raw_stream(q.device))  # fmt: skip
+        plan = cuda_words.cached_plan(cache, key)
+        if plan is not None:  # this call's shape was validated when the plan was made
+            out = checks.check_out(out, q, where)
+            if out.dtype in cuda_words.DTYPES:
+                b, _, _ = plan.shape
+                lens = checks.given_lens(seq_lens, b, plan.tokens, plan.device, False, where)
+                return plan(q, lens, out, check_values)
     b, _, hkv, t, d = check_decode_shapes(q, tuple(cache.key_codes.shape), cache.head_size, where)
     codec.check_cache(cache, where)
     checks.check_backend(config, where)
     checks.check_head_size(d, where)
     dev = checks.check_device([q, *cache.planes()], where)
     out = checks.check_out(out, q, where)
-    given = checks.given_lens(seq_lens, b, t, dev, check_values, where)
-    checks.check_finite(q, check_values, where)
     consts = constants if constants is not None else DecodeConstants.build(codec, dev)
     sm = 1.0 / math.sqrt(d) if scale is None else scale
     p = codec.preset
@@ -95,20 +110,15 @@ def fused_decode_attention(
         kmode, kbits, cent = KMODE_CODEBOOK, p.key_bits, consts.centroids
         qk_scale = sm * LOG2E / math.sqrt(d)
         if word_kernel and not config.generic and takes(config, q, d, cache, out, where):
-            return launch_cuda_words(
-                q,
-                rot,
-                cache,
-                consts.centroids,
-                given,
-                qk_scale,
-                out,
-                warps=config.cuda_warps,
-                num_splits=config.num_splits,
-                precise=config.precise_table,
-                pdl=config.cuda_pdl,
-            )
+            assert key is not None  # takes() needs a CUDA device
+            plan = cuda_words.build_plan(q, rot, cache, consts.centroids, qk_scale, config,
+                                         key[-1])  # fmt: skip
+            cuda_words.keep_plan(cache, key, plan)
+            return plan(q, checks.given_lens(seq_lens, b, t, dev, False, where), out,
+                        check_values)  # fmt: skip
         qk = q.float() @ rot  # Πq for each head, once per step
+    given = checks.given_lens(seq_lens, b, t, dev, check_values, where)
+    checks.check_finite(q, check_values, where)
     lens = checks.or_full(given, b, t, dev)
     if word_kernel and not config.generic and cache.key_scales is not None:
         return launch_words(
@@ -144,6 +154,16 @@ def fused_decode_attention(
         hkv,
         config,
     )
+
+
+def check_pending(device: torch.device | None = None) -> None:
+    """Wait for ``device``'s queued work (a synchronization, on purpose), then raise
+    KernelInputError if the device checks of any CUDA-kernel call have failed since the last
+    report. Calls raise for their predecessors anyway, without waiting: this is for the end of
+    a loop, or a test."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+    cuda_words.raise_pending("check_pending")
 
 
 def fused_decode_attention_dense(

@@ -1,0 +1,403 @@
+"""TurboQuant 4-bit decode against every bf16 path, side by side, in one run on one card.
+
+Paths (one query token, 8 KV heads, head size 128, ``turboquant_4bit_nc``): torch SDPA over
+bf16 with the cuDNN backend and with the flash backend (``enable_gqa=True``), the Triton
+word kernel over bf16, the CUDA kernel over the 4-bit cache (``csrc/tq4_decode.cu``) and the
+Triton word kernel over the same cache. Timings, each a median:
+
+- cold: one call replayed from a CUDA graph, L2 flushed before each replay (do_bench);
+- warm: the same replays without the flush (CUDA events around each, 200 replays);
+- graph: per call inside one CUDA graph of 8 calls over 8 layers' own K/V, L2 flushed
+  before each replay (a model's decode step);
+- eager: 100 calls of the public API back to back, no graph, CUDA events around the batch,
+  divided by 100 (what a decode loop outside a graph sees, host cost included).
+
+Also: the card's read rate (``torch.sum`` over 2 GiB of bf16, cold) and copy rate (read +
+write), the CUDA kernel's bytes per second at each size, the host time of one eager call of
+each path (the GPU kept busy by ``torch.cuda._sleep`` so the host's enqueue time is what is
+timed), GQA ratios 1, 4 and 8 at batch 1 and 8, and the CUDA kernel's configurations (table
+precision, warps a CTA). Errors of both TQ4 paths against the dequantized cache are
+measured on the timed inputs.
+
+    python benchmarks/kernels/tq4_speed.py --out DIR [--tokens 16384 ... 262144] [--quick]
+
+Writes DIR/tq4_speed.json as it goes and prints Markdown tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from servelab.kernels import cuda_ext
+from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
+from servelab.kernels.turboquant.fused_decode import (
+    DecodeConstants,
+    LaunchConfig,
+    fused_decode_attention,
+    fused_decode_attention_dense,
+)
+
+HKV, D, LAYERS, EAGER_CALLS = 8, 128, 8, 100
+PRESET = "turboquant_4bit_nc"
+PATHS = ("sdpa_cudnn", "sdpa_flash", "triton_bf16", "tq4_cuda", "tq4_triton")
+TRITON = LaunchConfig(64, 4, 2, backend="triton")
+CUDA = LaunchConfig(backend="cuda")
+Fn = Callable[[], Any]
+
+
+def spin(seconds: float = 0.3) -> None:
+    """Clocks up before timing (a pause for a compile slowed the next config 1.7×, 2026-11-25)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def graph_of(fn: Fn) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def cold_ms(fn: Fn) -> float:
+    return float(do_bench(fn, warmup=25, rep=80, return_mode="median"))
+
+
+def warm_ms(fn: Fn, reps: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for a, b in zip(starts, ends, strict=True):
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+
+
+def eager_ms(fn: Fn, calls: int = EAGER_CALLS) -> float:
+    """Per call over ``calls`` back-to-back calls, median of 5 batches."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
+
+
+def host_us(fn: Fn, calls: int = 200) -> float:
+    """Host time of one call: the GPU held busy (torch.cuda._sleep) so that enqueueing never
+    waits on it; median of 5 batches."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time at ~2 GHz
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def inputs(batch: int, hq: int, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, hq, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
+def path_fns(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any, codec: KVCodec,
+    consts: DecodeConstants, check: bool = False, cfg: LaunchConfig = CUDA,
+) -> dict[str, Fn]:  # fmt: skip
+    """One call of each path over these inputs (public APIs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q4 = q.unsqueeze(2)
+
+    def sdpa(backend: SDPBackend) -> Fn:
+        def fn() -> Any:
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+        return fn
+
+    return {
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "triton_bf16": lambda: fused_decode_attention_dense(
+            q, k, v, config=TRITON, check_values=check
+        ),
+        "tq4_cuda": lambda: fused_decode_attention(
+            q, cache, codec, constants=consts, config=cfg, check_values=check
+        ),
+        "tq4_triton": lambda: fused_decode_attention(
+            q, cache, codec, constants=consts, config=TRITON, check_values=check
+        ),
+    }
+
+
+def guarded(name: str, fn: Callable[[], float]) -> float | None:
+    try:
+        return fn()
+    except Exception as exc:  # a backend that refuses a shape: reported, not fatal
+        print(f"  {name}: not available ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})")
+        return None
+
+
+def layer_graph_ms(batch: int, hq: int, tokens: int, codec: KVCodec) -> dict[str, float | None]:
+    """Per-call ms inside one graph of LAYERS calls over LAYERS layers' own K/V, each path."""
+    layers = []
+    for i in range(LAYERS):
+        q, k, v = inputs(batch, hq, tokens, 1000 + i)
+        layers.append((q, k, v, codec.encode(k, v)))
+    consts = DecodeConstants.build(codec, layers[0][0].device)
+    fns = [path_fns(q, k, v, c, codec, consts) for q, k, v, c in layers]
+    res: dict[str, float | None] = {}
+    for name in PATHS:
+
+        def all_layers(name: str = name) -> None:
+            for f in fns:
+                f[name]()
+
+        res[name] = guarded(name, lambda f=all_layers: cold_ms(graph_of(f).replay) / LAYERS)
+    return res
+
+
+def one_size(batch: int, tokens: int, hq: int) -> dict[str, Any]:
+    codec = KVCodec.build(PRESET, D)
+    q, k, v = inputs(batch, hq, tokens, tokens + batch)
+    cache = codec.encode(k, v)
+    consts = DecodeConstants.build(codec, q.device)
+    res: dict[str, Any] = {"batch": batch, "tokens": tokens, "q_heads": hq, "kv_heads": HKV}
+    res["bytes_bf16"] = 2 * k.numel() * k.element_size()
+    res["bytes_tq4"] = cache.nbytes()
+    fns = path_fns(q, k, v, cache, codec, consts)
+    if batch * tokens <= 262144:  # the float64 reference holds the whole cache dequantized
+        want = unfused_decode_attention(q, cache, codec)
+        for name in ("tq4_cuda", "tq4_triton"):
+            res[f"{name}_err_maxabs"] = float((fns[name]().double() - want).abs().max())
+        del want
+    spin()
+    for name, fn in fns.items():
+        res[f"{name}_cold_ms"] = guarded(name, lambda fn=fn: cold_ms(graph_of(fn).replay))
+        res[f"{name}_warm_ms"] = guarded(name, lambda fn=fn: warm_ms(graph_of(fn).replay))
+        res[f"{name}_eager_ms"] = guarded(name, lambda fn=fn: eager_ms(fn))
+    checked = path_fns(q, k, v, cache, codec, consts, check=True)["tq4_cuda"]
+    res["tq4_cuda_eager_checked_ms"] = guarded("checked", lambda: eager_ms(checked))
+    return res
+
+
+def sized(batch: int, tokens: int, hq: int, graph: bool) -> dict[str, Any]:
+    """One size: every path single-call (one_size), then the 8-layer graph (its inputs are
+    made once the single-call ones are freed)."""
+    res = one_size(batch, tokens, hq)
+    torch.cuda.empty_cache()
+    if graph:
+        for name, ms in layer_graph_ms(batch, hq, tokens, KVCodec.build(PRESET, D)).items():
+            res[f"{name}_graph_ms"] = ms
+        torch.cuda.empty_cache()
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def host_costs() -> dict[str, float | None]:
+    """Host µs of one eager call of each path, 64K tokens, batch 1, 32/8 heads."""
+    codec = KVCodec.build(PRESET, D)
+    q, k, v = inputs(1, 32, 65536, 7)
+    cache = codec.encode(k, v)
+    consts = DecodeConstants.build(codec, q.device)
+    res: dict[str, float | None] = {}
+    for check in (False, True):
+        for name, fn in path_fns(q, k, v, cache, codec, consts, check=check).items():
+            if check and name.startswith("sdpa"):
+                continue
+            res[f"{name}{'_checked' if check else ''}_host_us"] = guarded(
+                name, lambda fn=fn: host_us(fn)
+            )
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def configs(tokens: int) -> list[dict[str, Any]]:
+    """The CUDA kernel's configurations at batch 1, 32/8 heads, cold single call."""
+    codec = KVCodec.build(PRESET, D)
+    q, k, v = inputs(1, 32, tokens, 11)
+    cache = codec.encode(k, v)
+    consts = DecodeConstants.build(codec, q.device)
+    want = unfused_decode_attention(q, cache, codec)
+    rows = []
+    spin()
+    for warps in (16, 8):
+        for precise in (True, False):
+            cfg = LaunchConfig(backend="cuda", cuda_warps=warps, precise_table=precise)
+            fn = path_fns(q, k, v, cache, codec, consts, cfg=cfg)["tq4_cuda"]
+            err = float((fn().double() - want).abs().max())
+            ms = cold_ms(graph_of(fn).replay)
+            rows.append({"tokens": tokens, "warps": warps, "precise": precise, "cold_ms": ms,
+                         "err_maxabs": err, "GBps": cache.nbytes() / ms / 1e6})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def card_rates() -> dict[str, float]:
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    spin()
+    read = cold_ms(lambda: x.sum(dtype=torch.float32))
+    copy = cold_ms(lambda: y.copy_(x))
+    nbytes = x.numel() * x.element_size()
+    return {"read_GBps": nbytes / read / 1e6, "copy_GBps": 2 * nbytes / copy / 1e6}
+
+
+def fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def report(meta: dict[str, Any], sizes: list[dict[str, Any]], gqa: list[dict[str, Any]],
+           host: dict[str, Any], cfgs: list[dict[str, Any]]) -> None:  # fmt: skip
+    print(f"\n{meta['card']}, {meta['date_utc']}, torch {meta['torch']}, read "
+          f"{meta['read_GBps']:.0f} GB/s, copy {meta['copy_GBps']:.0f} "
+          "GB/s (read + write)")  # fmt: skip
+    print(f"command: {meta['command']}\n")
+    head = "| batch | tokens | timing | " + " | ".join(PATHS) + " | TQ4 CUDA vs best SDPA |"
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    for r in sizes:
+        for mode in ("cold", "warm", "graph", "eager"):
+            cells = [r.get(f"{p}_{mode}_ms") for p in PATHS]
+            if all(c is None for c in cells):
+                continue
+            sd = [c for c in cells[:2] if c is not None]
+            tq = r.get(f"tq4_cuda_{mode}_ms")
+            ratio = f"{min(sd) / tq:.2f}×" if sd and tq else "n/a"
+            print(f"| {r['batch']} | {r['tokens']} | {mode} | "
+                  + " | ".join(fmt(c) for c in cells) + f" | {ratio} |")  # fmt: skip
+    print("\n| batch | tokens | TQ4 CUDA GB/s cold / graph | % of read rate (graph) | "
+          "eager checked ms | err CUDA / Triton |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in sizes:
+        c, g = r.get("tq4_cuda_cold_ms"), r.get("tq4_cuda_graph_ms")
+        bw = [r["bytes_tq4"] / x / 1e6 if x else None for x in (c, g)]
+        pct = f"{100 * bw[1] / meta['read_GBps']:.0f} %" if bw[1] else "n/a"
+        print(f"| {r['batch']} | {r['tokens']} | {fmt(bw[0], '.0f')} / {fmt(bw[1], '.0f')} | "
+              f"{pct} | {fmt(r.get('tq4_cuda_eager_checked_ms'))} | "
+              f"{fmt(r.get('tq4_cuda_err_maxabs'), '.1e')} / "
+              f"{fmt(r.get('tq4_triton_err_maxabs'), '.1e')} |")  # fmt: skip
+    print("\n| batch | q / KV heads | tokens | SDPA cuDNN cold | SDPA flash cold | TQ4 CUDA cold | "
+          "ratio |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in gqa:
+        sd = [x for x in (r.get("sdpa_cudnn_cold_ms"), r.get("sdpa_flash_cold_ms")) if x]
+        tq = r.get("tq4_cuda_cold_ms")
+        ratio = f"{min(sd) / tq:.2f}×" if sd and tq else "n/a"
+        print(f"| {r['batch']} | {r['q_heads']} / {r['kv_heads']} | {r['tokens']} | "
+              f"{fmt(r.get('sdpa_cudnn_cold_ms'))} | {fmt(r.get('sdpa_flash_cold_ms'))} | "
+              f"{fmt(tq)} | {ratio} |")  # fmt: skip
+    print("\n| host µs per eager call | " + " | ".join(host) + " |")
+    print("|---" * (len(host) + 1) + "|")
+    print("| 64K, batch 1 | " + " | ".join(fmt(v, ".1f") for v in host.values()) + " |")
+    print("\n| tokens | warps | precise | cold ms | GB/s | err |\n|---|---|---|---|---|---|")
+    for c in cfgs:
+        print(f"| {c['tokens']} | {c['warps']} | {c['precise']} | {c['cold_ms']:.4f} | "
+              f"{c['GBps']:.0f} | {c['err_maxabs']:.1e} |")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="+",
+                    default=[16384, 32768, 65536, 131072, 262144])  # fmt: skip
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--graph-max", type=int, default=131072,
+                    help="the 8-layer graph up to this many tokens at batch > 1")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="64K and 128K, batch 1, no sweeps")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not cuda_ext.enabled(torch.device("cuda")):
+        print("needs a CUDA device and nvcc", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.tokens, args.batches = [65536, 131072], [1]
+    props = torch.cuda.get_device_properties(0)
+    meta: dict[str, Any] = {
+        "card": props.name,
+        "sm_count": props.multi_processor_count,
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "command": " ".join(sys.argv),
+        "shape": f"1 query token, {HKV} KV heads, d={D}, {PRESET}, bf16 q/K/V",
+        **card_rates(),
+    }
+    print(json.dumps(meta), flush=True)
+    out = args.out / "tq4_speed.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes: list[dict[str, Any]] = []
+    gqa: list[dict[str, Any]] = []
+    host: dict[str, Any] = {}
+    cfgs: list[dict[str, Any]] = []
+
+    def save() -> None:
+        out.write_text(json.dumps({"meta": meta, "sizes": sizes, "gqa": gqa, "host": host,
+                                   "configs": cfgs}, indent=1))  # fmt: skip
+
+    host.update(host_costs())
+    save()
+    for b in args.batches:
+        for t in args.tokens:
+            sizes.append(sized(b, t, 32, graph=b == 1 or t <= args.graph_max))
+            save()
+    if not args.quick:
+        for b in args.batches:
+            for hq in (8, 32, 64):
+                for t in (65536, 131072):
+                    r = {"batch": b, "tokens": t, "q_heads": hq, "kv_heads": HKV}
+                    codec = KVCodec.build(PRESET, D)
+                    q, k, v = inputs(b, hq, t, hq + t)
+                    cache = codec.encode(k, v)
+                    fns = path_fns(q, k, v, cache, codec, DecodeConstants.build(codec, q.device))
+                    for name in ("sdpa_cudnn", "sdpa_flash", "tq4_cuda"):
+                        r[f"{name}_cold_ms"] = guarded(
+                            name, lambda f=fns[name]: cold_ms(graph_of(f).replay)
+                        )
+                    gqa.append(r)
+                    print(json.dumps(r), flush=True)
+                    save()
+        for t in (65536, 131072):
+            cfgs.extend(configs(t))
+            save()
+    report(meta, sizes, gqa, host, cfgs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
