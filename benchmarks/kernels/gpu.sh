@@ -128,8 +128,8 @@ case "$cmd" in
     ;;
   tq4-speed)
     prepare
-    kernel_tests 200 tests_tq4.log tests/kernels/test_turboquant_fused.py
-    timeout 420 python3 -W ignore $here/tq4_speed.py --out "$out" >"$out/tq4_speed.log" 2>&1
+    kernel_tests 150 tests_tq4.log tests/kernels/test_turboquant_fused.py
+    timeout 400 python3 -W ignore $here/tq4_speed.py --out "$out" >"$out/tq4_speed.log" 2>&1
     sed -n '/^[A-Z].*GB\/s (read + write)/,$p' "$out/tq4_speed.log" || tail -20 "$out/tq4_speed.log"
     ;;
   all)
