@@ -148,6 +148,7 @@ def pending_error() -> str | None:
     return "; ".join(found)
 
 
+@functools.cache
 def _pdl_capable(index: int | None) -> bool:
     """Programmatic dependent launch needs compute capability 9.0 (asked once per device)."""
     return torch.cuda.get_device_capability(index)[0] >= 9
