@@ -6,11 +6,12 @@ word kernel over bf16, the CUDA kernel over the 4-bit cache (``csrc/tq4_decode.c
 Triton word kernel over the same cache. Timings, each a median:
 
 - cold: one call replayed from a CUDA graph, L2 flushed before each replay (do_bench);
-- warm: the same replays without the flush (CUDA events around each, 200 replays);
+- warm: the same replays without the flush (CUDA events around each, 100 replays);
 - graph: per call inside one CUDA graph of 8 calls over 8 layers' own K/V, L2 flushed
   before each replay (a model's decode step);
-- eager: 100 calls of the public API back to back, no graph, CUDA events around the batch,
-  divided by 100 (what a decode loop outside a graph sees, host cost included).
+- eager: 50 calls of the public API back to back, no graph, CUDA events around the batch,
+  divided by 50, median of 3 batches (what a decode loop outside a graph sees, host cost
+  included).
 
 Also: the card's read rate (``torch.sum`` over 2 GiB of bf16, cold) and copy rate (read +
 write), the CUDA kernel's bytes per second at each size, the host time of one eager call of
@@ -49,7 +50,7 @@ from servelab.kernels.turboquant.fused_decode import (
     fused_decode_attention_dense,
 )
 
-HKV, D, LAYERS, EAGER_CALLS = 8, 128, 8, 100
+HKV, D, LAYERS, EAGER_CALLS = 8, 128, 8, 50
 PRESET = "turboquant_4bit_nc"
 PATHS = ("sdpa_cudnn", "sdpa_flash", "triton_bf16", "tq4_cuda", "tq4_triton")
 TRITON = LaunchConfig(64, 4, 2, backend="triton")
@@ -81,10 +82,10 @@ def graph_of(fn: Fn) -> torch.cuda.CUDAGraph:
 
 
 def cold_ms(fn: Fn) -> float:
-    return float(do_bench(fn, warmup=25, rep=80, return_mode="median"))
+    return float(do_bench(fn, warmup=20, rep=50, return_mode="median"))
 
 
-def warm_ms(fn: Fn, reps: int = 200) -> float:
+def warm_ms(fn: Fn, reps: int = 100) -> float:
     for _ in range(10):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -98,11 +99,11 @@ def warm_ms(fn: Fn, reps: int = 200) -> float:
 
 
 def eager_ms(fn: Fn, calls: int = EAGER_CALLS) -> float:
-    """Per call over ``calls`` back-to-back calls, median of 5 batches."""
+    """Per call over ``calls`` back-to-back calls, median of 3 batches."""
     fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(5):
+    for _ in range(3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(calls):
