@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
+from turboquant_decode import graph_of, needs_cuda_kernel, spin
 
-from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
 from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
@@ -56,29 +56,6 @@ PATHS = ("sdpa_cudnn", "sdpa_flash", "triton_bf16", "tq4_cuda", "tq4_triton")
 TRITON = LaunchConfig(64, 4, 2, backend="triton")
 CUDA = LaunchConfig(backend="cuda")
 Fn = Callable[[], Any]
-
-
-def spin(seconds: float = 0.3) -> None:
-    """Clocks up before timing (a pause for a compile slowed the next config 1.7×, 2026-11-25)."""
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-
-
-def graph_of(fn: Fn) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def cold_ms(fn: Fn) -> float:
@@ -343,8 +320,7 @@ def main() -> int:
                     help="the 8-layer graph up to this many tokens at batch > 1")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="64K and 128K, batch 1, no sweeps")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or not cuda_ext.enabled(torch.device("cuda")):
-        print("needs a CUDA device and nvcc", file=sys.stderr)
+    if not needs_cuda_kernel():
         return 2
     if args.quick:
         args.tokens, args.batches = [65536, 131072], [1]

@@ -36,9 +36,9 @@ from turboquant_decode import (
     copy_bandwidth,
     graph_bench,
     kernel_breakdown,
+    needs_cuda_kernel,
 )
 
-from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
 from servelab.kernels.turboquant.fused_decode import (
     DecodeConstants,
@@ -131,8 +131,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--once", action="store_true", help="three calls at the first size, no timing")
     args = ap.parse_args()
-    if not torch.cuda.is_available() or not cuda_ext.enabled(torch.device("cuda")):
-        print("needs a CUDA device and nvcc", file=sys.stderr)
+    if not needs_cuda_kernel():
         return 2
     if args.once:
         once(args.tokens[0])

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from servelab.kernels import cuda_ext
 from servelab.kernels.turboquant import (
     KVCodec,
     reference_decode_attention,
@@ -63,7 +64,8 @@ def bench(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=50, rep=100, return_mode="median"))
 
 
-def graph_bench(fn: Callable[[], Any]) -> float:
+def graph_of(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph (three warm-up calls on a side stream first)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -73,7 +75,19 @@ def graph_bench(fn: Callable[[], Any]) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return bench(g.replay)
+    return g
+
+
+def graph_bench(fn: Callable[[], Any]) -> float:
+    return bench(graph_of(fn).replay)
+
+
+def needs_cuda_kernel() -> bool:
+    """True where the CUDA kernel can run; says why not on stderr otherwise."""
+    if torch.cuda.is_available() and cuda_ext.enabled(torch.device("cuda")):
+        return True
+    print("needs a CUDA device and nvcc", file=sys.stderr)
+    return False
 
 
 def kernel_breakdown(fn: Callable[[], Any], calls: int = 20) -> dict[str, float]:
