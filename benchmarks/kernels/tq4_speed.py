@@ -28,10 +28,8 @@ Writes DIR/tq4_speed.json as it goes and prints Markdown tables last.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
-from turboquant_decode import graph_of, needs_cuda_kernel, spin
+from turboquant_decode import card_meta, graph_of, needs_cuda_kernel, spin
 
 from servelab.kernels.turboquant import KVCodec, unfused_decode_attention
 from servelab.kernels.turboquant.fused_decode import (
@@ -324,14 +322,8 @@ def main() -> int:
         return 2
     if args.quick:
         args.tokens, args.batches = [65536, 131072], [1]
-    props = torch.cuda.get_device_properties(0)
     meta: dict[str, Any] = {
-        "card": props.name,
-        "sm_count": props.multi_processor_count,
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "command": " ".join(sys.argv),
+        **card_meta(),
         "shape": f"1 query token, {HKV} KV heads, d={D}, {PRESET}, bf16 q/K/V",
         **card_rates(),
     }

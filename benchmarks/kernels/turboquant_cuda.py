@@ -17,9 +17,7 @@ Writes DIR/turboquant_cuda.json and prints a Markdown table last.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from turboquant_decode import (
     PRESET,
     D,
     bench_inputs,
+    card_meta,
     copy_bandwidth,
     graph_bench,
     kernel_breakdown,
@@ -140,14 +139,8 @@ def main() -> int:
     t0 = time.perf_counter()
     library(dev)
     build_s = time.perf_counter() - t0
-    props = torch.cuda.get_device_properties(0)
     meta = {
-        "card": props.name,
-        "sm_count": props.multi_processor_count,
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "command": " ".join(sys.argv),
+        **card_meta(),
         "shape": f"batch 1, 1 query token, {HQ} q heads / {HKV} KV heads, d={D}",
         "preset": PRESET,
         "build_or_load_s": build_s,

@@ -82,6 +82,19 @@ def graph_bench(fn: Callable[[], Any]) -> float:
     return bench(graph_of(fn).replay)
 
 
+def card_meta() -> dict[str, Any]:
+    """The labels every GPU benchmark file carries: card, SMs, date, torch, CUDA, command."""
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "card": props.name,
+        "sm_count": props.multi_processor_count,
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "command": " ".join(sys.argv),
+    }
+
+
 def needs_cuda_kernel() -> bool:
     """True where the CUDA kernel can run; says why not on stderr otherwise."""
     if torch.cuda.is_available() and cuda_ext.enabled(torch.device("cuda")):
