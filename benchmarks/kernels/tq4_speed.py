@@ -32,6 +32,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,29 @@ def host_us(fn: Fn, calls: int = 200) -> float:
     return statistics.median(times)
 
 
-def inputs(batch: int, hq: int, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(batch, hq, D, device="cuda", generator=g).to(torch.bfloat16)
-    k = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
-    v = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
-    return q, k, v
+@dataclass(frozen=True)
+class Case:
+    """Random bf16 q [B, Hq, d] and K, V [B, HKV, T, d], their 4-bit cache and the codec's
+    constants: what every path of one measurement reads."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    codec: KVCodec
+    cache: Any
+    consts: DecodeConstants
+
+    @classmethod
+    def make(cls, batch: int, hq: int, tokens: int, seed: int) -> Case:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q = torch.randn(batch, hq, D, device="cuda", generator=g).to(torch.bfloat16)
+        k = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+        v = torch.randn(batch, HKV, tokens, D, device="cuda", generator=g).to(torch.bfloat16)
+        codec = KVCodec.build(PRESET, D)
+        return cls(q, k, v, codec, codec.encode(k, v), DecodeConstants.build(codec, q.device))
+
+    def fns(self, check: bool = False, cfg: LaunchConfig = CUDA) -> dict[str, Fn]:
+        return path_fns(self.q, self.k, self.v, self.cache, self.codec, self.consts, check, cfg)
 
 
 def path_fns(
@@ -152,14 +170,9 @@ def guarded(name: str, fn: Callable[[], float]) -> float | None:
         return None
 
 
-def layer_graph_ms(batch: int, hq: int, tokens: int, codec: KVCodec) -> dict[str, float | None]:
+def layer_graph_ms(batch: int, hq: int, tokens: int) -> dict[str, float | None]:
     """Per-call ms inside one graph of LAYERS calls over LAYERS layers' own K/V, each path."""
-    layers = []
-    for i in range(LAYERS):
-        q, k, v = inputs(batch, hq, tokens, 1000 + i)
-        layers.append((q, k, v, codec.encode(k, v)))
-    consts = DecodeConstants.build(codec, layers[0][0].device)
-    fns = [path_fns(q, k, v, c, codec, consts) for q, k, v, c in layers]
+    fns = [Case.make(batch, hq, tokens, 1000 + i).fns() for i in range(LAYERS)]
     res: dict[str, float | None] = {}
     for name in PATHS:
 
@@ -172,16 +185,13 @@ def layer_graph_ms(batch: int, hq: int, tokens: int, codec: KVCodec) -> dict[str
 
 
 def one_size(batch: int, tokens: int, hq: int) -> dict[str, Any]:
-    codec = KVCodec.build(PRESET, D)
-    q, k, v = inputs(batch, hq, tokens, tokens + batch)
-    cache = codec.encode(k, v)
-    consts = DecodeConstants.build(codec, q.device)
+    c = Case.make(batch, hq, tokens, tokens + batch)
     res: dict[str, Any] = {"batch": batch, "tokens": tokens, "q_heads": hq, "kv_heads": HKV}
-    res["bytes_bf16"] = 2 * k.numel() * k.element_size()
-    res["bytes_tq4"] = cache.nbytes()
-    fns = path_fns(q, k, v, cache, codec, consts)
+    res["bytes_bf16"] = 2 * c.k.numel() * c.k.element_size()
+    res["bytes_tq4"] = c.cache.nbytes()
+    fns = c.fns()
     if batch * tokens <= 262144:  # the float64 reference holds the whole cache dequantized
-        want = unfused_decode_attention(q, cache, codec)
+        want = unfused_decode_attention(c.q, c.cache, c.codec)
         for name in ("tq4_cuda", "tq4_triton"):
             res[f"{name}_err_maxabs"] = float((fns[name]().double() - want).abs().max())
         del want
@@ -190,7 +200,7 @@ def one_size(batch: int, tokens: int, hq: int) -> dict[str, Any]:
         res[f"{name}_cold_ms"] = guarded(name, lambda fn=fn: cold_ms(graph_of(fn).replay))
         res[f"{name}_warm_ms"] = guarded(name, lambda fn=fn: warm_ms(graph_of(fn).replay))
         res[f"{name}_eager_ms"] = guarded(name, lambda fn=fn: eager_ms(fn))
-    checked = path_fns(q, k, v, cache, codec, consts, check=True)["tq4_cuda"]
+    checked = c.fns(check=True)["tq4_cuda"]
     res["tq4_cuda_eager_checked_ms"] = guarded("checked", lambda: eager_ms(checked))
     return res
 
@@ -201,22 +211,29 @@ def sized(batch: int, tokens: int, hq: int, graph: bool) -> dict[str, Any]:
     res = one_size(batch, tokens, hq)
     torch.cuda.empty_cache()
     if graph:
-        for name, ms in layer_graph_ms(batch, hq, tokens, KVCodec.build(PRESET, D)).items():
+        for name, ms in layer_graph_ms(batch, hq, tokens).items():
             res[f"{name}_graph_ms"] = ms
         torch.cuda.empty_cache()
     print(json.dumps(res), flush=True)
     return res
 
 
+def gqa_row(batch: int, hq: int, tokens: int) -> dict[str, Any]:
+    """SDPA (both backends) and the CUDA kernel, cold single call, at one GQA ratio."""
+    fns = Case.make(batch, hq, tokens, hq + tokens).fns()
+    r: dict[str, Any] = {"batch": batch, "tokens": tokens, "q_heads": hq, "kv_heads": HKV}
+    for name in ("sdpa_cudnn", "sdpa_flash", "tq4_cuda"):
+        r[f"{name}_cold_ms"] = guarded(name, lambda f=fns[name]: cold_ms(graph_of(f).replay))
+    print(json.dumps(r), flush=True)
+    return r
+
+
 def host_costs() -> dict[str, float | None]:
     """Host µs of one eager call of each path, 64K tokens, batch 1, 32/8 heads."""
-    codec = KVCodec.build(PRESET, D)
-    q, k, v = inputs(1, 32, 65536, 7)
-    cache = codec.encode(k, v)
-    consts = DecodeConstants.build(codec, q.device)
+    c = Case.make(1, 32, 65536, 7)
     res: dict[str, float | None] = {}
     for check in (False, True):
-        for name, fn in path_fns(q, k, v, cache, codec, consts, check=check).items():
+        for name, fn in c.fns(check=check).items():
             if check and name.startswith("sdpa"):
                 continue
             res[f"{name}{'_checked' if check else ''}_host_us"] = guarded(
@@ -228,21 +245,18 @@ def host_costs() -> dict[str, float | None]:
 
 def configs(tokens: int) -> list[dict[str, Any]]:
     """The CUDA kernel's configurations at batch 1, 32/8 heads, cold single call."""
-    codec = KVCodec.build(PRESET, D)
-    q, k, v = inputs(1, 32, tokens, 11)
-    cache = codec.encode(k, v)
-    consts = DecodeConstants.build(codec, q.device)
-    want = unfused_decode_attention(q, cache, codec)
+    c = Case.make(1, 32, tokens, 11)
+    want = unfused_decode_attention(c.q, c.cache, c.codec)
     rows = []
     spin()
     for warps in (16, 8):
         for precise in (True, False):
             cfg = LaunchConfig(backend="cuda", cuda_warps=warps, precise_table=precise)
-            fn = path_fns(q, k, v, cache, codec, consts, cfg=cfg)["tq4_cuda"]
+            fn = c.fns(cfg=cfg)["tq4_cuda"]
             err = float((fn().double() - want).abs().max())
             ms = cold_ms(graph_of(fn).replay)
             rows.append({"tokens": tokens, "warps": warps, "precise": precise, "cold_ms": ms,
-                         "err_maxabs": err, "GBps": cache.nbytes() / ms / 1e6})  # fmt: skip
+                         "err_maxabs": err, "GBps": c.cache.nbytes() / ms / 1e6})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -349,17 +363,7 @@ def main() -> int:
         for b in args.batches:
             for hq in (8, 32, 64):
                 for t in (65536, 131072):
-                    r = {"batch": b, "tokens": t, "q_heads": hq, "kv_heads": HKV}
-                    codec = KVCodec.build(PRESET, D)
-                    q, k, v = inputs(b, hq, t, hq + t)
-                    cache = codec.encode(k, v)
-                    fns = path_fns(q, k, v, cache, codec, DecodeConstants.build(codec, q.device))
-                    for name in ("sdpa_cudnn", "sdpa_flash", "tq4_cuda"):
-                        r[f"{name}_cold_ms"] = guarded(
-                            name, lambda f=fns[name]: cold_ms(graph_of(f).replay)
-                        )
-                    gqa.append(r)
-                    print(json.dumps(r), flush=True)
+                    gqa.append(gqa_row(b, hq, t))
                     save()
         for t in (65536, 131072):
             cfgs.extend(configs(t))
