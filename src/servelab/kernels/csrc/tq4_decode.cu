@@ -561,7 +561,7 @@ int tq4_decode(const Launch* L, void* stream) {
   a.lo_mask = 0x000F000Fu;
   a.hi_mask = 0x00F000F0u;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const int group = a.group, hkv = L->hkv, splits = L->splits, batch = L->batch;
+  const int group = a.group, hkv = L->hkv, splits = a.num_splits, batch = L->batch;
   const bool pdl = L->pdl != 0, precise = L->precise != 0;
   if (group < 1 || group > 8) return 1001;
 #define SERVELAB_TQ4(Dv, NWv)                                                         \

@@ -161,8 +161,8 @@ struct Args {
 // What one call launches: the kernel's arguments and the launch's shape. The host fills it
 // (a ctypes mirror in fused_words_cuda.py, checked against tq4_layout at load).
 struct Launch {
-  Args a;
-  int hkv, splits, batch, head_size, warps, precise, pdl;
+  Args a;  // a.num_splits is the grid's split count
+  int hkv, batch, head_size, warps, precise, pdl;
 };
 
 // Flag a failed value check on the host: a plain store of the call's id (every writer of one

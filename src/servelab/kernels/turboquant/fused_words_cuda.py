@@ -76,7 +76,7 @@ class _Args(ctypes.Structure):
 class _Launch(ctypes.Structure):
     """Mirror of ``Launch``: the arguments and the launch's shape."""
 
-    _fields_ = [("a", _Args), *_fields("hkv splits batch head_size warps precise pdl", _I)]
+    _fields_ = [("a", _Args), *_fields("hkv batch head_size warps precise pdl", _I)]
 
 
 def library(device: torch.device) -> ctypes.CDLL:
@@ -122,11 +122,8 @@ def _error_words(lib: ctypes.CDLL) -> ctypes.Array[ctypes.c_int]:
 
 def raise_pending(where: str) -> None:
     """Raise KernelInputError if an earlier call's device checks failed (and clear them)."""
-    if not _ERRORS:
-        return
-    words = _ERRORS[0]
-    if any(words[i] for i in range(len(CHECKS))):
-        found = pending_error()
+    found = pending_error()
+    if found is not None:
         raise KernelInputError(
             f"{where}: the device checks of an earlier call failed ({found}); its output is "
             "unreliable (a NaN query gives NaN, a length outside the cache is clamped to it). "
@@ -331,7 +328,7 @@ def build_plan(
     a.part_o, a.part_l, a.counters = part_o.data_ptr(), part_l.data_ptr(), counters.data_ptr()
     a.qdtype, a.qk_scale = DTYPES[q.dtype], qk_scale
     a.split_len, a.num_splits, a.group = split_len, splits, hq // hkv
-    la.hkv, la.splits, la.batch, la.head_size = hkv, splits, b, d
+    la.hkv, la.batch, la.head_size = hkv, b, d
     la.warps, la.precise = cfg.cuda_warps, int(cfg.precise_table)
     la.pdl = int(cfg.cuda_pdl and _pdl_capable(dev.index))
     errors = _error_words(lib)
