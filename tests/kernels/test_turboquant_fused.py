@@ -6,6 +6,7 @@ Needs a CUDA or XPU device; the input checks, which run before any launch, are t
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Any
 
@@ -465,3 +466,21 @@ def test_cuda_plans_go_with_their_cache_and_stay_bounded() -> None:
     del cache
     gc.collect()
     assert len(cw._PLANS) == before
+
+
+def test_the_host_mirror_of_the_launch_struct_matches_the_kernel() -> None:
+    """Built by the real nvcc where one is found (no device needed): loading the library
+    binds its three exports (one missing raises) and compares the ctypes mirror with the
+    kernel's sizeof/offsetof (a mismatch raises)."""
+    if cuda_ext.find_nvcc() is None:
+        pytest.skip("no nvcc on this machine; the GPU machine checks it at every load")
+    from servelab.kernels.turboquant import fused_words_cuda as cw
+
+    lib = cw._load("-arch=sm_90")
+    layout = (ctypes.c_longlong * 3)()
+    lib.tq4_layout(layout)
+    assert tuple(layout) == (
+        ctypes.sizeof(cw._Args),
+        cw._Args.errors.offset,
+        ctypes.sizeof(cw._Launch),
+    )

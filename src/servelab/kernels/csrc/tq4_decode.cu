@@ -556,7 +556,10 @@ int tq4_error_words(int** out, int n) {
 // Returns a cudaError_t; 1000 + n for an unsupported configuration n (checked in Python first).
 // pdl: programmatic dependent launch, which the caller asks for only on compute capability
 // 9.0 and up (the kernel's wait and trigger compile to nothing below it).
-int tq4_decode(const Launch* L, void* stream) {
+// `plan` is a Launch (a void pointer: a parameter of a type from the unnamed namespace would
+// give this function internal linkage, and the library would not export it).
+int tq4_decode(const void* plan, void* stream) {
+  const Launch* L = static_cast<const Launch*>(plan);
   Args a = L->a;
   a.lo_mask = 0x000F000Fu;
   a.hi_mask = 0x00F000F0u;
