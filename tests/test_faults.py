@@ -304,7 +304,7 @@ def test_server_faults_end_fast_with_clear_messages(session_dir: Path) -> None:
         "hang": "the server is stuck",
         "err500": "HTTP 500: ",
         "malformed": "malformed chunk (not JSON)",
-        "reset": "mid-stream: ConnectionResetError: [Errno 104] Connection reset by peer",
+        "reset": "ClientPayloadError mid-stream: Response payload is not completed",
     }
     for name, text in expected.items():
         node = f"FAILED test_inner.py::test_decode[{name}]"

@@ -17,14 +17,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
-from servelab.client import RequestRecord, completion_payload, stream_completion
+from servelab.client import HttpClients, RequestRecord, completion_payload, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import LoopLag, RunResult, run_requests
 from servelab.server import Endpoint
-from tests.fakes.sse import DONE, ThreadedAsyncServer, chunk, usage
+from tests.fakes.sse import DONE, ThreadedAsyncServer, chunk, parts_server, usage
 
 EP = Endpoint(base_url="http://fake", model="m")
 
@@ -32,11 +31,12 @@ EP = Endpoint(base_url="http://fake", model="m")
 async def record(parts: list[bytes]) -> RequestRecord:
     """One request answered by a fixed SSE body (no pauses)."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=httpx.ByteStream(b"".join(parts)))
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        return await stream_completion(http, EP, completion_payload("m", "hi", 2))
+    async with (
+        parts_server([b"".join(parts)]) as base,
+        HttpClients() as clients,
+        clients.take() as http,
+    ):
+        return await stream_completion(http, Endpoint(base, "m"), completion_payload("m", "hi", 2))
 
 
 class FaultServer(ThreadedAsyncServer):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelab import workloads
-from servelab.client import RequestRecord, make_http_client, stream_completion
+from servelab.client import HttpClients, RequestRecord, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, lag_summary, watch_loop
 from servelab.server import Endpoint
@@ -83,7 +83,7 @@ def prompt_of(history: str, message: str, salt: str | None) -> str:
 
 
 async def _session(
-    http: Any,
+    clients: HttpClients,
     endpoint: Endpoint,
     plan: Plan,
     session: int,
@@ -100,14 +100,15 @@ async def _session(
             await asyncio.sleep(plan.think_s)
         salt = None if plan.reuse else f"s{session}t{turn}:{nonce}"
         prompt = prompt_of(history, message, salt)
-        rec = await stream_completion(
-            http,
-            endpoint,
-            body(prompt),
-            timeout_s=timeout_s,
-            first_token_timeout_s=first_token_timeout_s,
-            index=plan.index(session, turn),
-        )
+        async with clients.take() as http:
+            rec = await stream_completion(
+                http,
+                endpoint,
+                body(prompt),
+                timeout_s=timeout_s,
+                first_token_timeout_s=first_token_timeout_s,
+                index=plan.index(session, turn),
+            )
         records.append(rec)
         if not rec.success:  # the user gives up: the rest of the session is not sent
             break
@@ -138,7 +139,7 @@ async def run_async(
         )
     samples: list[float] = []
     stop = asyncio.Event()
-    async with make_http_client(plan.sessions, keep_alive=keep_alive) as http:
+    async with HttpClients(keep_alive=keep_alive) as clients:
         start = time.perf_counter_ns()
         cpu0 = time.process_time()
         watchdog = asyncio.create_task(watch_loop(5.0, samples, stop))
@@ -146,7 +147,7 @@ async def run_async(
             per = await asyncio.gather(
                 *(
                     _session(
-                        http,
+                        clients,
                         endpoint,
                         plan,
                         s,

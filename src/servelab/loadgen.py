@@ -30,13 +30,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from servelab.client import (
     DEFAULT_TIMEOUT_S,
+    HttpClients,
     RequestRecord,
     api_of,
-    make_http_client,
     requested_output,
     stream_completion,
 )
@@ -287,7 +287,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
     last_token = [0]  # perf_counter_ns of the latest token chunk of a finished request
 
     async def one(
-        http: httpx.AsyncClient,
+        clients: HttpClients,
         index: int,
         payload: dict[str, Any],
         offset_s: float | None,
@@ -301,16 +301,17 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 await asyncio.sleep(wait)
         arrival = time.perf_counter_ns()
         if sem is None:
-            rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
+            async with clients.take() as http:
+                rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         else:
-            async with sem:
+            async with sem, clients.take() as http:
                 rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         if pbar is not None:
             pbar.update(1)
         return rec
 
     async def _send(
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         ep: Endpoint,
         payload: dict[str, Any],
         index: int,
@@ -359,8 +360,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
             )
         return rec
 
-    slots = cap or max(1, len(job.items))
-    async with make_http_client(slots, keep_alive=job.target.keep_alive) as http:
+    async with HttpClients(keep_alive=job.target.keep_alive) as clients:
         wait = (job.start_at_ns - time.perf_counter_ns()) / 1e9
         if wait > 0:
             await asyncio.sleep(wait)
@@ -369,7 +369,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         cpu0 = time.process_time()
         watchdog = asyncio.create_task(watch_loop(job.lag_interval_ms, samples, stop))
         try:
-            tasks = [asyncio.create_task(one(http, *item)) for item in job.items]
+            tasks = [asyncio.create_task(one(clients, *item)) for item in job.items]
             records = list(await asyncio.gather(*tasks))
         finally:
             stop.set()
@@ -467,8 +467,12 @@ async def run_requests_async(
     deadline_ns: int | None = None,
     stop_when_stuck: bool = False,
     cancel_after: Sequence[int | None] | None = None,
+    start_at_ns: int = 0,
 ) -> RunResult:
-    """`run_requests` inside an already running event loop (one process, no workers)."""
+    """`run_requests` inside an already running event loop (one process, no workers).
+    `start_at_ns` (perf_counter_ns, CLOCK_MONOTONIC: one clock for every process of the
+    machine): the first request waits for it, after the HTTP client is built, so a run can
+    start with another process's."""
     n = len(payloads)
     _check_run_args(n, concurrency, 1, arrivals_s, prompt_tokens, cancel_after)
     job = _Job(
@@ -477,7 +481,7 @@ async def run_requests_async(
         concurrency,
         timeout_s,
         first_token_timeout_s,
-        0,
+        start_at_ns,
         lag_interval_ms,
         0,
         progress,

@@ -9,8 +9,10 @@ to produce on demand. No figure is ever measured against them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Self
 
 
@@ -33,6 +35,47 @@ def usage(prompt: int, completion: int, cached: int | None = None) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+@contextlib.asynccontextmanager
+async def parts_server(
+    parts: Sequence[bytes | float | Exception], status: int = 200
+) -> AsyncIterator[str]:
+    """A server on 127.0.0.1, on the running loop, that answers every POST with `parts`: bytes
+    are written as they come (one HTTP chunk each), a float pauses that many seconds, an
+    Exception part resets the connection (the handler aborts its transport mid-body). Yields
+    the base URL. A non-200 `status` sends the bytes parts as one plain body."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if status != 200:
+            body = b"".join(p for p in parts if isinstance(p, bytes))
+            return web.Response(status=status, body=body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for p in parts:
+            if isinstance(p, float):
+                await asyncio.sleep(p)
+            elif isinstance(p, Exception):
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            else:
+                await resp.write(p)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.2, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server: Any = site._server  # the bound port: aiohttp names it only through its sockets
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
 
 
 class ThreadedAsyncServer:
