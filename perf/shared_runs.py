@@ -1,0 +1,213 @@
+"""Two clients on the same run: servelab's load generator and vLLM's streaming request
+function drive one server at the same time, half the concurrency each, so both read the same
+batches, the same admission waves and the same slow moments of the engine (issue 16 item 5).
+
+Turns that alternate (ABBA, `perf.test_agreement`) compare runs that follow each other; on an
+engine whose own run-to-run spread is wide (llama-server at c64 and c256 read ±22-49 % over 4
+pairs on an H100, BENCHMARKS.md §12), that spread hides a 2 % disagreement. Sharing each run
+takes the engine's spread out of the comparison: what is left is each client's own reading of
+its own requests.
+
+The second client runs in its own process (spawned, its own interpreter and event loop), so
+neither client's work delays the other's reading of its chunks; both start at one signal.
+The module is vLLM's installed ``vllm/benchmarks/lib/endpoint_request_func.py`` or, where
+vLLM cannot be installed (the GPU machine), the same file loaded alone from a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servelab.loadgen import RunResult, run_requests_async
+from servelab.server import Endpoint
+
+MODULE = "vllm.benchmarks.lib.endpoint_request_func"
+
+
+class SecondClientMissing(RuntimeError):
+    """Neither the installed vLLM nor the named file gives the second client."""
+
+
+def load_second_client(path: str | None, module: str = MODULE) -> Any:
+    """vLLM's request-function module: the installed one, else the file at `path`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass
+    if not path:
+        raise SecondClientMissing("vLLM is not installed and no file names its request function")
+    if not Path(path).is_file():
+        raise SecondClientMissing(f"{path}: no such file (vLLM's endpoint_request_func.py)")
+    spec = importlib.util.spec_from_file_location("vllm_endpoint_request_func", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class SecondJob:
+    """One turn of the second client, in plain values (it crosses a process boundary)."""
+
+    source: str | None  # the request function's file where vLLM is not installed
+    api_url: str  # .../v1/completions
+    model: str
+    texts: tuple[str, ...]
+    concurrency: int
+    prompt_len: int
+    output_len: int
+    keep_alive: bool
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecondOut:
+    """What the second client read of one request (vLLM's RequestFuncOutput, in part)."""
+
+    success: bool
+    error: str
+    ttft_s: float
+    latency_s: float
+    chunks: int  # its inter-token gaps + 1
+    output_tokens: int  # from usage; 0 where the engine sent usage with its last choice
+
+
+async def second_turn(rf: Any, job: SecondJob, start: Any = None) -> list[SecondOut]:
+    """The second client's requests, closed-loop at `job.concurrency` (a semaphore, as
+    `vllm bench serve --max-concurrency` drives it), with its own connection pool. With
+    `start` (ready, go, start_at: two events and a shared perf_counter_ns), the session is
+    built first, ready is set, and the requests wait for go, then for start_at."""
+    import aiohttp
+
+    if job.keep_alive:
+        connector = aiohttp.TCPConnector(limit=job.concurrency, keepalive_timeout=60)
+    else:  # aiohttp refuses a keep-alive timeout together with force_close
+        connector = aiohttp.TCPConnector(limit=job.concurrency, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=6 * 60 * 60)
+    gate = asyncio.Semaphore(job.concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(text: str) -> SecondOut:
+            async with gate:
+                inp = rf.RequestFuncInput(
+                    prompt=text,
+                    api_url=job.api_url,
+                    prompt_len=job.prompt_len,
+                    output_len=job.output_len,
+                    model=job.model,
+                    ignore_eos=True,
+                    extra_body=dict(job.extra_body),
+                    extra_headers=dict(job.headers) or None,
+                )
+                o = await rf.async_request_openai_completions(inp, session)
+                return SecondOut(
+                    bool(o.success),
+                    str(o.error or ""),
+                    float(o.ttft),
+                    float(o.latency),
+                    len(o.itl) + 1,
+                    int(o.output_tokens or 0),
+                )
+
+        if start is not None:
+            ready, go, start_at = start
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            await asyncio.sleep(max(0.0, (start_at.value - time.perf_counter_ns()) / 1e9))
+        return list(await asyncio.gather(*(one(t) for t in job.texts)))
+
+
+def second_values(outs: Sequence[SecondOut], output: int) -> tuple[float, float]:
+    """Median TTFT and median TPOT (ms) as vLLM's calculate_metrics defines them.
+
+    vLLM's function reads `usage` only from a chunk without choices; llama.cpp sends usage
+    with its last choice, so there it reads 0 tokens. The length is forced (ignore_eos, which
+    servelab's own turns verify against usage), so the asked length stands in, and the
+    function's own chunk count must reach it."""
+    failed = [o.error for o in outs if not o.success]
+    assert not failed, f"second client: {len(failed)} failed requests, first: {failed[0][:300]}"
+    lens = {o.output_tokens or output for o in outs}
+    assert lens == {output}, f"second client: output lengths {sorted(lens)}, asked {output}"
+    chunks = {o.chunks for o in outs}
+    assert min(chunks) >= output, f"second client: {sorted(chunks)} chunks for {output} tokens"
+    ttft = statistics.median(o.ttft_s * 1e3 for o in outs)
+    tpot = statistics.median((o.latency_s - o.ttft_s) / (output - 1) * 1e3 for o in outs)
+    return ttft, tpot
+
+
+def _second_entry(job: SecondJob, ready: Any, go: Any, start_at: Any, results: Any) -> None:
+    """Body of the second client's process: import, report ready, wait for the common
+    start, run, send the outputs back (or the error, which the parent raises)."""
+    try:
+        rf = load_second_client(job.source)
+        results.put(asyncio.run(second_turn(rf, job, (ready, go, start_at))))
+    except BaseException as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """One run both clients shared: servelab's result and the second client's outputs."""
+
+    servelab: RunResult
+    second: list[SecondOut]
+
+
+#: From the signal to the common start: both clients are built by then (servelab's HTTP
+#: client, with its TLS context, took up to 60 ms on a busy 2-core host).
+LEAD_NS = 250_000_000
+
+
+def shared_run(
+    ep: Endpoint,
+    bodies: Sequence[Mapping[str, Any]],
+    prompt_len: int,
+    concurrency: int,
+    job: SecondJob,
+    *,
+    timeout_s: float,
+) -> SharedRun:
+    """servelab's requests (`bodies`, closed-loop at `concurrency`) and the second client's
+    (`job`) on `ep`, both starting at one instant once both clients are built."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    start_at = ctx.Value("q", 0)
+    proc = ctx.Process(target=_second_entry, args=(job, ready, go, start_at, results), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(timeout=120):
+            raise RuntimeError("second client: its process did not come up within 120 s")
+        start_at.value = time.perf_counter_ns() + LEAD_NS
+        go.set()
+        mine = asyncio.run(
+            run_requests_async(
+                ep,
+                bodies,
+                concurrency=concurrency,
+                prompt_tokens=[prompt_len] * len(bodies),
+                timeout_s=timeout_s,
+                start_at_ns=int(start_at.value),
+            )
+        )
+        theirs = results.get(timeout=timeout_s * (1 + len(job.texts)) + 120)
+        if isinstance(theirs, str):
+            raise RuntimeError(f"second client failed: {theirs}")
+        return SharedRun(mine, theirs)
+    finally:
+        go.set()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -1,0 +1,112 @@
+"""Shared runs (perf/shared_runs.py), the machinery of the client-at-GPU-rates check, against
+the scripted stand-in: a server with exact latencies (no real engine has them), so what the
+two clients read apart is their own doing. vLLM's request function is the installed vLLM's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import httpx
+import pytest
+from perf.shared_runs import (
+    SecondClientMissing,
+    SecondJob,
+    load_second_client,
+    second_values,
+    shared_run,
+)
+from perf.test_agreement import agreement
+
+from servelab import metrics
+from tests.fakes import scripted_server
+
+TTFT_MS, ITL_MS, OUTPUT = 40.0, 8.0, 16
+
+
+def _bodies(texts: list[str]) -> list[dict[str, object]]:
+    return [
+        {
+            "model": "scripted",
+            "prompt": t,
+            "max_tokens": OUTPUT,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for t in texts
+    ]
+
+
+def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
+    pytest.importorskip("vllm.benchmarks.lib.endpoint_request_func")
+    level, runs = 8, 3
+    ours: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    theirs: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    with scripted_server.process(TTFT_MS, ITL_MS) as ep:
+        for r in range(runs):
+            mine = [f"run{r} servelab {i}" for i in range(2 * level)]
+            job = SecondJob(
+                None,
+                ep.api_base + "/completions",
+                "scripted",
+                tuple(f"run{r} second {i}" for i in range(2 * level)),
+                level,
+                4,
+                OUTPUT,
+                True,
+            )
+            run = shared_run(ep, _bodies(mine), 4, level, job, timeout_s=30.0)
+            assert run.servelab.invalid_reasons(0.0) == []
+            m = metrics.compute(run.servelab.records, run.servelab.start_ns, run.servelab.end_ns)
+            assert m.ttft_ms is not None and m.tpot_ms is not None
+            ttft, tpot = second_values(run.second, OUTPUT)
+            ours["ttft"].append(m.ttft_ms.median)
+            ours["tpot"].append(m.tpot_ms.median)
+            theirs["ttft"].append(ttft)
+            theirs["tpot"].append(tpot)
+            # The same run: the two clients' first requests reached the server together, and
+            # each client's requests overlapped the other's (the server's own receipt times).
+            log = json.loads(httpx.get(ep.base_url + "/log", timeout=10).text)
+            got = {
+                side: sorted(
+                    v["received_ns"] for k, v in log.items() if k.startswith(f"run{r} {side} ")
+                )
+                for side in ("servelab", "second")
+            }
+            assert len(got["servelab"]) == len(got["second"]) == 2 * level
+            # Within a quarter of one request's scripted time (168 ms): 8-15 ms on a busy 2-core
+            # host, each client's own time from its start to its first request on the wire.
+            assert abs(got["servelab"][0] - got["second"][0]) < 42e6
+            assert got["servelab"][0] < got["second"][-1] and got["second"][0] < got["servelab"][-1]
+    # Each client reads the script (TPOT is the gap; TTFT the script plus the request's trip).
+    for side in (ours, theirs):
+        assert statistics.median(side["tpot"]) == pytest.approx(ITL_MS, abs=0.5)
+        assert TTFT_MS <= statistics.median(side["ttft"]) < TTFT_MS + 25
+    tpot = agreement("median_tpot_ms", ours["tpot"], theirs["tpot"])
+    print(agreement("median_ttft_ms", ours["ttft"], theirs["ttft"]).describe())
+    print(tpot.describe())
+    assert tpot.ok, tpot.describe()
+
+
+def test_a_second_client_that_is_not_there_is_named() -> None:
+    """No vLLM module of that name and no file: the reason names what is missing."""
+    with pytest.raises(SecondClientMissing, match="no such file"):
+        load_second_client("/nonexistent/endpoint_request_func.py", "no_vllm_here.request_func")
+    with pytest.raises(SecondClientMissing, match="no file names"):
+        load_second_client(None, "no_vllm_here.request_func")
+
+
+def test_a_second_client_that_fails_fails_the_run() -> None:
+    """The second client's requests to a path the server does not serve: its outputs say they
+    failed, and second_values refuses them, naming the error."""
+    pytest.importorskip("vllm.benchmarks.lib.endpoint_request_func")
+    with scripted_server.process(5, 2) as ep:
+        job = SecondJob(
+            None, ep.base_url + "/nowhere/completions", "scripted", ("a", "b"), 2, 1, 4, True
+        )
+        run = shared_run(ep, _bodies(["x", "y"]), 1, 2, job, timeout_s=10.0)
+        assert len(run.servelab.records) == 2 and not run.servelab.failed
+        with pytest.raises(AssertionError, match="second client: 2 failed requests"):
+            second_values(run.second, 4)
