@@ -38,10 +38,10 @@ class SecondClientMissing(RuntimeError):
     """Neither the installed vLLM nor the named file gives the second client."""
 
 
-def load_second_client(path: str | None, module: str = MODULE) -> Any:
-    """vLLM's request-function module: the installed one, else the file at `path`."""
+def load_second_client(path: str | None, name: str = MODULE) -> Any:
+    """vLLM's request-function module (`name`): the installed one, else the file at `path`."""
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
         pass
     if not path:
