@@ -328,3 +328,25 @@ def test_expected_cache_hits_do_not_invalidate_a_run() -> None:
     rec = asyncio.run(record(parts))
     res = RunResult((rec,), 0, 10**9, 1, 1, (), 50.0, 256.0, expect_cached=True)
     assert res.invalid_reasons() == [] and res.cache_hits() == []
+
+
+def test_a_run_leaves_the_heap_before_it_out_of_the_collector() -> None:
+    """Objects alive before a run are frozen during it (no full collection walks them: one
+    took 266 ms mid-run in a process that had imported vLLM) and unfrozen after; a heap
+    someone else froze stays as they left it."""
+    import gc
+
+    from servelab.loadgen import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

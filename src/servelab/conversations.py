@@ -26,7 +26,13 @@ from typing import Any
 from servelab import workloads
 from servelab.client import HttpClients, RequestRecord, stream_completion
 from servelab.errors import ClientError
-from servelab.loadgen import DEFAULT_MAX_LOOP_LAG_MS, RunResult, lag_summary, watch_loop
+from servelab.loadgen import (
+    DEFAULT_MAX_LOOP_LAG_MS,
+    RunResult,
+    frozen_heap,
+    lag_summary,
+    watch_loop,
+)
 from servelab.server import Endpoint
 
 #: How a turn's user message and the model's answer are laid out in the running transcript.
@@ -139,32 +145,33 @@ async def run_async(
         )
     samples: list[float] = []
     stop = asyncio.Event()
-    async with HttpClients(keep_alive=keep_alive) as clients:
-        start = time.perf_counter_ns()
-        cpu0 = time.process_time()
-        watchdog = asyncio.create_task(watch_loop(5.0, samples, stop))
-        try:
-            per = await asyncio.gather(
-                *(
-                    _session(
-                        clients,
-                        endpoint,
-                        plan,
-                        s,
-                        messages[s],
-                        body,
-                        timeout_s,
-                        first_token_timeout_s,
-                        nonce,
+    with frozen_heap():  # no full collection walks the heap mid-run (loadgen.frozen_heap)
+        async with HttpClients(keep_alive=keep_alive) as clients:
+            start = time.perf_counter_ns()
+            cpu0 = time.process_time()
+            watchdog = asyncio.create_task(watch_loop(5.0, samples, stop))
+            try:
+                per = await asyncio.gather(
+                    *(
+                        _session(
+                            clients,
+                            endpoint,
+                            plan,
+                            s,
+                            messages[s],
+                            body,
+                            timeout_s,
+                            first_token_timeout_s,
+                            nonce,
+                        )
+                        for s in range(plan.sessions)
                     )
-                    for s in range(plan.sessions)
                 )
-            )
-        finally:
-            stop.set()
-            await watchdog
-        cpu = time.process_time() - cpu0
-    end = time.perf_counter_ns()
+            finally:
+                stop.set()
+                await watchdog
+            cpu = time.process_time() - cpu0
+        end = time.perf_counter_ns()
     records = tuple(sorted((r for recs in per for r in recs), key=lambda r: r.index))
     lag = lag_summary(5.0, samples, cpu)
     return RunResult(
