@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from servelab import client
-from servelab.client import HttpClients, RequestRecord, completion_payload, stream_completion
+from servelab.client import RequestRecord, completion_payload, http_session, stream_completion
 from servelab.errors import ClientError
 from servelab.server import Endpoint
 from tests.fakes.sse import DONE, chunk, parts_server, usage
@@ -27,8 +27,7 @@ async def one(
     payload = kw.pop("payload", completion_payload("m", "hi", 2))
     async with (
         parts_server(parts, status) as base,
-        HttpClients() as clients,
-        clients.take() as http,
+        http_session() as http,
     ):
         return await stream_completion(http, Endpoint(base, "m"), payload, **kw)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from servelab.client import HttpClients, RequestRecord, completion_payload, stream_completion
+from servelab.client import RequestRecord, completion_payload, http_session, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import LoopLag, RunResult, run_requests
 from servelab.server import Endpoint
@@ -33,8 +33,7 @@ async def record(parts: list[bytes]) -> RequestRecord:
 
     async with (
         parts_server([b"".join(parts)]) as base,
-        HttpClients() as clients,
-        clients.take() as http,
+        http_session() as http,
     ):
         return await stream_completion(http, Endpoint(base, "m"), completion_payload("m", "hi", 2))
 

@@ -16,7 +16,7 @@ A failed request is data: a record with ``error`` set, never an exception that e
 
 Public API (used by workloads and by other helpers)::
 
-    async with HttpClients() as clients, clients.take() as http:
+    async with http_session() as http:
         rec = await stream_completion(http, endpoint, payload, timeout_s=60)
 
 Running many requests (concurrency, arrival schedules, worker processes) is
@@ -450,9 +450,10 @@ def _cause(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- http client
 
 
-class HttpClients:
-    """The HTTP client of one run (an aiohttp session), lent per request (``async with
-    clients.take() as http``); timeouts are the client's own job.
+@contextlib.asynccontextmanager
+async def http_session(*, keep_alive: bool = True) -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP client of one run: an aiohttp session with no connection limit (the run's
+    own concurrency is the limit); timeouts are the client's own job (`stream_completion`).
 
     aiohttp, as vLLM's benchmark client uses: servelab first streamed with httpx, whose
     connection pool re-examines every queued request against every connection at each
@@ -463,31 +464,14 @@ class HttpClients:
     ``keep_alive=False`` closes each connection after its request, for a server that closes a
     kept connection after a streamed response without saying so (llama.cpp's, see
     `servelab.engine_traits`)."""
-
-    def __init__(self, *, keep_alive: bool = True) -> None:
-        self.keep_alive = keep_alive
-        self._session: aiohttp.ClientSession | None = None
-
-    @contextlib.asynccontextmanager
-    async def take(self) -> AsyncIterator[aiohttp.ClientSession]:
-        if self._session is None:
-            raise ClientError("HttpClients.take: use it inside `async with HttpClients()`")
-        yield self._session
-
-    async def __aenter__(self) -> HttpClients:
-        if self.keep_alive:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        else:  # aiohttp refuses a keep-alive timeout together with force_close
-            connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
-            trust_env=False,
-            auto_decompress=False,
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+    if keep_alive:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    else:  # aiohttp refuses a keep-alive timeout together with force_close
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
+        trust_env=False,
+        auto_decompress=False,
+    ) as session:
+        yield session

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelab import workloads
-from servelab.client import HttpClients, RequestRecord, stream_completion
+from servelab.client import RequestRecord, http_session, stream_completion
 from servelab.errors import ClientError
 from servelab.loadgen import (
     DEFAULT_MAX_LOOP_LAG_MS,
@@ -89,7 +89,7 @@ def prompt_of(history: str, message: str, salt: str | None) -> str:
 
 
 async def _session(
-    clients: HttpClients,
+    http: Any,
     endpoint: Endpoint,
     plan: Plan,
     session: int,
@@ -106,15 +106,14 @@ async def _session(
             await asyncio.sleep(plan.think_s)
         salt = None if plan.reuse else f"s{session}t{turn}:{nonce}"
         prompt = prompt_of(history, message, salt)
-        async with clients.take() as http:
-            rec = await stream_completion(
-                http,
-                endpoint,
-                body(prompt),
-                timeout_s=timeout_s,
-                first_token_timeout_s=first_token_timeout_s,
-                index=plan.index(session, turn),
-            )
+        rec = await stream_completion(
+            http,
+            endpoint,
+            body(prompt),
+            timeout_s=timeout_s,
+            first_token_timeout_s=first_token_timeout_s,
+            index=plan.index(session, turn),
+        )
         records.append(rec)
         if not rec.success:  # the user gives up: the rest of the session is not sent
             break
@@ -146,7 +145,7 @@ async def run_async(
     samples: list[float] = []
     stop = asyncio.Event()
     with frozen_heap():  # no full collection walks the heap mid-run (loadgen.frozen_heap)
-        async with HttpClients(keep_alive=keep_alive) as clients:
+        async with http_session(keep_alive=keep_alive) as http:
             start = time.perf_counter_ns()
             cpu0 = time.process_time()
             watchdog = asyncio.create_task(watch_loop(5.0, samples, stop))
@@ -154,7 +153,7 @@ async def run_async(
                 per = await asyncio.gather(
                     *(
                         _session(
-                            clients,
+                            http,
                             endpoint,
                             plan,
                             s,

@@ -36,9 +36,9 @@ import aiohttp
 
 from servelab.client import (
     DEFAULT_TIMEOUT_S,
-    HttpClients,
     RequestRecord,
     api_of,
+    http_session,
     requested_output,
     stream_completion,
 )
@@ -308,7 +308,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
     last_token = [0]  # perf_counter_ns of the latest token chunk of a finished request
 
     async def one(
-        clients: HttpClients,
+        http: aiohttp.ClientSession,
         index: int,
         payload: dict[str, Any],
         offset_s: float | None,
@@ -322,10 +322,9 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
                 await asyncio.sleep(wait)
         arrival = time.perf_counter_ns()
         if sem is None:
-            async with clients.take() as http:
-                rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
+            rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         else:
-            async with sem, clients.take() as http:
+            async with sem:
                 rec = await _send(http, endpoint, payload, index, arrival, prompt_len, cancel_after)
         if pbar is not None:
             pbar.update(1)
@@ -382,7 +381,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
         return rec
 
     with frozen_heap():
-        async with HttpClients(keep_alive=job.target.keep_alive) as clients:
+        async with http_session(keep_alive=job.target.keep_alive) as http:
             wait = (job.start_at_ns - time.perf_counter_ns()) / 1e9
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -391,7 +390,7 @@ async def _run_job(job: _Job) -> tuple[list[RequestRecord], LoopLag, int, int]:
             cpu0 = time.process_time()
             watchdog = asyncio.create_task(watch_loop(job.lag_interval_ms, samples, stop))
             try:
-                tasks = [asyncio.create_task(one(clients, *item)) for item in job.items]
+                tasks = [asyncio.create_task(one(http, *item)) for item in job.items]
                 records = list(await asyncio.gather(*tasks))
             finally:
                 stop.set()
