@@ -35,22 +35,9 @@ from perf.test_agreement import agreement
 from tests.fakes import scripted_server
 
 from servelab import metrics
+from servelab.client import completion_payload
 from servelab.loadgen import run_requests_async
 from servelab.server import Endpoint
-
-
-def _bodies(texts: list[str], output: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "model": "scripted",
-            "prompt": t,
-            "max_tokens": output,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        for t in texts
-    ]
 
 
 def level_figures(
@@ -59,7 +46,12 @@ def level_figures(
     """servelab alone at `level`, then `runs` shared runs of level/2 streams each."""
     texts = [f"{tag} alone {i}" for i in range(level)]
     alone = asyncio.run(
-        run_requests_async(ep, _bodies(texts, output), concurrency=level, timeout_s=timeout_s)
+        run_requests_async(
+            ep,
+            [completion_payload("scripted", t, output) for t in texts],
+            concurrency=level,
+            timeout_s=timeout_s,
+        )
     )
     m = metrics.compute(alone.records, alone.start_ns, alone.end_ns)
     assert m.ttft_ms is not None and m.tpot_ms is not None
@@ -79,7 +71,14 @@ def level_figures(
             True,
         )
         mine = [f"{tag} run{r} servelab {i}" for i in range(level)]
-        run = shared_run(ep, _bodies(mine, output), 4, half, job, timeout_s=timeout_s)
+        run = shared_run(
+            ep,
+            [completion_payload("scripted", t, output) for t in mine],
+            4,
+            half,
+            job,
+            timeout_s=timeout_s,
+        )
         sm = metrics.compute(run.servelab.records, run.servelab.start_ns, run.servelab.end_ns)
         assert sm.ttft_ms is not None and sm.tpot_ms is not None
         ttft, tpot = second_values(run.second, output)

@@ -20,23 +20,10 @@ from perf.shared_runs import (
 from perf.test_agreement import agreement
 
 from servelab import metrics
+from servelab.client import completion_payload
 from tests.fakes import scripted_server
 
 TTFT_MS, ITL_MS, OUTPUT = 40.0, 8.0, 16
-
-
-def _bodies(texts: list[str]) -> list[dict[str, object]]:
-    return [
-        {
-            "model": "scripted",
-            "prompt": t,
-            "max_tokens": OUTPUT,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        for t in texts
-    ]
 
 
 def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
@@ -57,7 +44,14 @@ def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
                 OUTPUT,
                 True,
             )
-            run = shared_run(ep, _bodies(mine), 4, level, job, timeout_s=30.0)
+            run = shared_run(
+                ep,
+                [completion_payload("scripted", t, OUTPUT) for t in mine],
+                4,
+                level,
+                job,
+                timeout_s=30.0,
+            )
             assert run.servelab.invalid_reasons(0.0) == []
             m = metrics.compute(run.servelab.records, run.servelab.start_ns, run.servelab.end_ns)
             assert m.ttft_ms is not None and m.tpot_ms is not None
@@ -106,7 +100,14 @@ def test_a_second_client_that_fails_fails_the_run() -> None:
         job = SecondJob(
             None, ep.base_url + "/nowhere/completions", "scripted", ("a", "b"), 2, 1, 4, True
         )
-        run = shared_run(ep, _bodies(["x", "y"]), 1, 2, job, timeout_s=10.0)
+        run = shared_run(
+            ep,
+            [completion_payload("scripted", t, 4) for t in ("x", "y")],
+            1,
+            2,
+            job,
+            timeout_s=10.0,
+        )
         assert len(run.servelab.records) == 2 and not run.servelab.failed
         with pytest.raises(AssertionError, match="second client: 2 failed requests"):
             second_values(run.second, 4)
