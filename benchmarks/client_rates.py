@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.shared_runs import SecondJob, second_values, shared_run
+from perf.shared_runs import SecondJob, shared_run
 from perf.test_agreement import agreement
 from tests.fakes import scripted_server
 
@@ -79,16 +79,14 @@ def level_figures(
             job,
             timeout_s=timeout_s,
         )
-        sm = metrics.compute(run.servelab.records, run.servelab.start_ns, run.servelab.end_ns)
-        assert sm.ttft_ms is not None and sm.tpot_ms is not None
-        ttft, tpot = second_values(run.second, output)
-        ours["median_ttft_ms"].append(sm.ttft_ms.median)
-        ours["median_tpot_ms"].append(sm.tpot_ms.median)
-        theirs["median_ttft_ms"].append(ttft)
-        theirs["median_tpot_ms"].append(tpot)
+        mine, second = run.medians(output)
+        for k in ours:
+            ours[k].append(mine[k])
+            theirs[k].append(second[k])
         print(
-            f"  c{level} shared run {r}: TTFT {sm.ttft_ms.median:.2f} vs {ttft:.2f} ms, "
-            f"TPOT {sm.tpot_ms.median:.3f} vs {tpot:.3f} ms (servelab vs vLLM's function); "
+            f"  c{level} shared run {r}: TTFT {mine['median_ttft_ms']:.2f} vs "
+            f"{second['median_ttft_ms']:.2f} ms, TPOT {mine['median_tpot_ms']:.3f} vs "
+            f"{second['median_tpot_ms']:.3f} ms (servelab vs vLLM's function); "
             f"servelab's side valid: {not run.servelab.invalid_reasons(0.0)}",
             file=sys.stderr,
             flush=True,

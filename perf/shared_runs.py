@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servelab import metrics
 from servelab.loadgen import RunResult, run_requests_async
 from servelab.server import Endpoint
 
@@ -163,6 +164,17 @@ class SharedRun:
 
     servelab: RunResult
     second: list[SecondOut]
+
+    def medians(self, output: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Each side's median TTFT and TPOT (ms), servelab's then the second client's, keyed
+        `median_ttft_ms` and `median_tpot_ms`."""
+        m = metrics.compute(self.servelab.records, self.servelab.start_ns, self.servelab.end_ns)
+        assert m.ttft_ms is not None and m.tpot_ms is not None, "servelab's side: no latencies"
+        ttft, tpot = second_values(self.second, output)
+        return (
+            {"median_ttft_ms": m.ttft_ms.median, "median_tpot_ms": m.tpot_ms.median},
+            {"median_ttft_ms": ttft, "median_tpot_ms": tpot},
+        )
 
 
 #: From the signal to the common start: both clients are built by then (servelab's HTTP
