@@ -146,6 +146,37 @@ def test_termination_signals_interrupt_once_and_restore() -> None:
     assert {sig: signal.getsignal(sig) for sig in TerminationSignals.SIGNALS} == before
 
 
+def test_a_termination_signal_inside_an_event_loop_stops_it_between_callbacks() -> None:
+    """In a workload's running loop the interrupt comes out of the loop at its next turn (a
+    loop asleep in select is woken), never in the middle of a coroutine's step: the task
+    in flight is cancelled and finishes its cleanup, and nothing is left unawaited."""
+    import asyncio
+
+    cleaned: list[str] = []
+
+    async def workload() -> None:
+        try:
+            async with asyncio.timeout(60):
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(30)  # the loop sleeps in select until the signal wakes it
+        except asyncio.CancelledError:  # not the KeyboardInterrupt, raised mid-step before
+            cleaned.append("cancelled")
+            raise
+        finally:
+            cleaned.append("done")
+
+    signals = TerminationSignals()
+    signals.install()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received"):
+            asyncio.run(workload())
+    finally:
+        signals.restore()
+    assert time.monotonic() - t0 < 5
+    assert cleaned == ["cancelled", "done"] and signals.received == "SIGTERM"
+
+
 def test_pool_close_restores_the_signal_handlers(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     pool = ServerPool(tmp_path)

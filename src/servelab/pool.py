@@ -18,6 +18,7 @@ outright (``kill -9``) is covered by each server's watchdog (`servelab.server`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -86,9 +87,23 @@ class TerminationSignals:
         if self.received is not None:
             return
         self.received = signal.Signals(signum).name
-        raise KeyboardInterrupt(
+        stop = KeyboardInterrupt(
             f"{self.received} received: stopping the servers and writing the partial record"
         )
+        # Inside a running event loop (a workload's asyncio.run), raise between two of its
+        # callbacks, not at whatever bytecode the signal lands on: raised right after a
+        # coroutine object was made (aiohttp leaves a connect timeout with one), it stranded
+        # `Timeout.__aexit__` never awaited, and its warning ended the session with exit 1
+        # instead of 2. call_soon_threadsafe wakes a loop that sleeps in select.
+        try:
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(_raise, stop)
+        except RuntimeError:  # no loop running here, or it is closing
+            raise stop from None
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 class ServerPool:
