@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from servelab import metrics
+from servelab.client import http_session
 from servelab.loadgen import RunResult, run_requests_async
 from servelab.server import Endpoint
 
@@ -87,18 +88,12 @@ class SecondOut:
 
 async def second_turn(rf: Any, job: SecondJob, start: Any = None) -> list[SecondOut]:
     """The second client's requests, closed-loop at `job.concurrency` (a semaphore, as
-    `vllm bench serve --max-concurrency` drives it), with its own connection pool. With
-    `start` (ready, go, start_at: two events and a shared perf_counter_ns), the session is
-    built first, ready is set, and the requests wait for go, then for start_at."""
-    import aiohttp
-
-    if job.keep_alive:
-        connector = aiohttp.TCPConnector(limit=job.concurrency, keepalive_timeout=60)
-    else:  # aiohttp refuses a keep-alive timeout together with force_close
-        connector = aiohttp.TCPConnector(limit=job.concurrency, force_close=True)
-    timeout = aiohttp.ClientTimeout(total=6 * 60 * 60)
+    `vllm bench serve --max-concurrency` drives it), in a session of its own built as
+    servelab's are (`client.http_session`: the same connection policy). With `start`
+    (ready, go, start_at: two events and a shared perf_counter_ns), the session is built
+    first, ready is set, and the requests wait for go, then for start_at."""
     gate = asyncio.Semaphore(job.concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with http_session(keep_alive=job.keep_alive) as session:
 
         async def one(text: str) -> SecondOut:
             async with gate:

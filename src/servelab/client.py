@@ -429,21 +429,13 @@ async def stream_completion(
 
 
 def _cause(exc: BaseException) -> str:
-    """What went wrong, in the fewest words: the operating system's error where one lies
-    down the exception chain (aiohttp wraps a reset as "payload is not completed:
-    <TransferEncodingError ...>", with the ConnectionResetError under it), else the first
-    non-empty message down the chain (some HTTP errors carry none)."""
-    chain: list[BaseException] = []
+    """The first non-empty message down the exception chain (an HTTP library's error may
+    carry none, where the ConnectionResetError under it says what happened)."""
     seen: BaseException | None = exc
-    while seen is not None and seen not in chain:
-        chain.append(seen)
+    while seen is not None:
+        if str(seen):
+            return str(seen) if seen is exc else f"{type(seen).__name__}: {seen}"
         seen = seen.__cause__ or seen.__context__
-    for e in chain:
-        if isinstance(e, OSError) and e is not exc and str(e):
-            return f"{type(e).__name__}: {e}"
-    for e in chain:
-        if str(e):
-            return str(e) if e is exc else f"{type(e).__name__}: {e}"
     return "no detail given"
 
 

@@ -5,6 +5,8 @@ Every message says what was wrong, where (file, field, profile, argument) and wh
 
 from __future__ import annotations
 
+import asyncio
+
 
 class ServelabError(Exception):
     """Root of every error servelab raises on purpose."""
@@ -58,3 +60,21 @@ class KernelRuntimeError(ServelabError, RuntimeError):
 class CudaBuildError(KernelRuntimeError):
     """nvcc is missing or failed on one of servelab's CUDA sources; the message holds the
     end of its output."""
+
+
+def interrupt_from_signal(stop: KeyboardInterrupt) -> None:
+    """Raise `stop` from a signal handler (SIGTERM, SIGHUP, the session watchdog's signal).
+
+    Inside a running event loop (a workload's asyncio.run) it is raised between two of the
+    loop's callbacks, not at whatever bytecode the signal lands on: raised right after a
+    coroutine object was made (aiohttp leaves its connect timeout with one), it stranded
+    `Timeout.__aexit__` never awaited, and that warning ended an interrupted session with exit
+    1 instead of 2. `call_soon_threadsafe` wakes a loop asleep in select."""
+    try:
+        asyncio.get_running_loop().call_soon_threadsafe(_raise, stop)
+    except RuntimeError:  # no loop running here, or it is closing
+        raise stop from None
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc

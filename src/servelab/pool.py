@@ -18,7 +18,6 @@ outright (``kill -9``) is covered by each server's watchdog (`servelab.server`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from servelab.errors import ServerError
+from servelab.errors import ServerError, interrupt_from_signal
 from servelab.models import PreparedModel, prepare_model
 from servelab.profiles import Profile
 from servelab.server import (
@@ -87,23 +86,11 @@ class TerminationSignals:
         if self.received is not None:
             return
         self.received = signal.Signals(signum).name
-        stop = KeyboardInterrupt(
-            f"{self.received} received: stopping the servers and writing the partial record"
+        interrupt_from_signal(
+            KeyboardInterrupt(
+                f"{self.received} received: stopping the servers and writing the partial record"
+            )
         )
-        # Inside a running event loop (a workload's asyncio.run), raise between two of its
-        # callbacks, not at whatever bytecode the signal lands on: raised right after a
-        # coroutine object was made (aiohttp leaves a connect timeout with one), it stranded
-        # `Timeout.__aexit__` never awaited, and its warning ended the session with exit 1
-        # instead of 2. call_soon_threadsafe wakes a loop that sleeps in select.
-        try:
-            loop = asyncio.get_running_loop()
-            loop.call_soon_threadsafe(_raise, stop)
-        except RuntimeError:  # no loop running here, or it is closing
-            raise stop from None
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 class ServerPool:

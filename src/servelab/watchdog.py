@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from servelab.errors import interrupt_from_signal
 from servelab.receipts import Probe, parse_mem_available_gib, read_kernel_faults, run_probe
 
 STOP_FILE = "STOP"
@@ -137,4 +138,4 @@ class SessionWatchdog:
         if self.reason is None or self._halt.is_set():
             return
         self._halt.set()  # once: a second trip must not cut the teardown
-        raise KeyboardInterrupt(f"servelab watchdog: {self.reason}")
+        interrupt_from_signal(KeyboardInterrupt(f"servelab watchdog: {self.reason}"))
