@@ -30,8 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.shared_runs import SecondJob, shared_run
-from perf.test_agreement import agreement
+from perf.shared_runs import SecondJob, SharedRun, paired_runs
 from tests.fakes import scripted_server
 
 from servelab import metrics
@@ -57,9 +56,8 @@ def level_figures(
     assert m.ttft_ms is not None and m.tpot_ms is not None
     busy = [b for b in alone.client_busy() if b is not None]
     half = level // 2
-    ours: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
-    theirs: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
-    for r in range(runs):
+
+    def inputs(r: int) -> tuple[list[dict[str, Any]], SecondJob]:
         job = SecondJob(
             None,
             ep.api_base + "/completions",
@@ -71,18 +69,9 @@ def level_figures(
             True,
         )
         mine = [f"{tag} run{r} servelab {i}" for i in range(level)]
-        run = shared_run(
-            ep,
-            [completion_payload("scripted", t, output) for t in mine],
-            4,
-            half,
-            job,
-            timeout_s=timeout_s,
-        )
-        mine, second = run.medians(output)
-        for k in ours:
-            ours[k].append(mine[k])
-            theirs[k].append(second[k])
+        return [completion_payload("scripted", t, output) for t in mine], job
+
+    def each(r: int, run: SharedRun, mine: dict[str, float], second: dict[str, float]) -> None:
         print(
             f"  c{level} shared run {r}: TTFT {mine['median_ttft_ms']:.2f} vs "
             f"{second['median_ttft_ms']:.2f} ms, TPOT {mine['median_tpot_ms']:.3f} vs "
@@ -91,7 +80,9 @@ def level_figures(
             file=sys.stderr,
             flush=True,
         )
-    checks = {k: agreement(k, ours[k], theirs[k]) for k in ours}
+
+    pairs = paired_runs(ep, runs, inputs, 4, half, output, timeout_s=timeout_s, each=each)
+    checks = pairs.checks
     return {
         "level": level,
         "alone": {
@@ -100,9 +91,9 @@ def level_figures(
             "client_busy": max(busy) if busy else None,
             "invalid": alone.invalid_reasons(0.0),
         },
-        "servelab": {k: statistics.median(v) for k, v in ours.items()},
-        "vllm_request_func": {k: statistics.median(v) for k, v in theirs.items()},
-        "per_run": {"servelab": ours, "vllm_request_func": theirs},
+        "servelab": {k: statistics.median(v) for k, v in pairs.ours.items()},
+        "vllm_request_func": {k: statistics.median(v) for k, v in pairs.theirs.items()},
+        "per_run": {"servelab": pairs.ours, "vllm_request_func": pairs.theirs},
         "pairs_median_diff": {k: c.diff for k, c in checks.items()},
         "tolerance": {k: c.tolerance for k, c in checks.items()},
         "agree": {k: c.ok for k, c in checks.items()},

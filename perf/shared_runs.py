@@ -23,11 +23,12 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perf.test_agreement import Agreement, agreement
 from servelab import metrics
 from servelab.client import http_session
 from servelab.loadgen import RunResult, run_requests_async
@@ -218,3 +219,45 @@ def shared_run(
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+#: What a shared run's pairs are judged on: each side's medians, as `SharedRun.medians` keys them.
+METRICS = ("median_ttft_ms", "median_tpot_ms")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A level's shared runs: each side's medians run by run and, per metric, the judgement
+    of the pairs (`perf.test_agreement.agreement`: 2 % plus the pairs' own noise)."""
+
+    ours: dict[str, list[float]]
+    theirs: dict[str, list[float]]
+    checks: dict[str, Agreement]
+
+
+def paired_runs(
+    ep: Endpoint,
+    runs: int,
+    inputs: Callable[[int], tuple[Sequence[Mapping[str, Any]], SecondJob]],
+    prompt_len: int,
+    concurrency: int,
+    output: int,
+    *,
+    timeout_s: float,
+    each: Callable[[int, SharedRun, dict[str, float], dict[str, float]], None] | None = None,
+) -> Pairs:
+    """`runs` shared runs, run r on `inputs(r)` (servelab's bodies, closed-loop at
+    `concurrency`, and the second client's job); `each(r, run, mine, second)` sees every run
+    and both sides' medians as it ends (to check it or report progress)."""
+    ours: dict[str, list[float]] = {k: [] for k in METRICS}
+    theirs: dict[str, list[float]] = {k: [] for k in METRICS}
+    for r in range(runs):
+        bodies, job = inputs(r)
+        run = shared_run(ep, bodies, prompt_len, concurrency, job, timeout_s=timeout_s)
+        mine, second = run.medians(output)
+        if each is not None:
+            each(r, run, mine, second)
+        for k in METRICS:
+            ours[k].append(mine[k])
+            theirs[k].append(second[k])
+    return Pairs(ours, theirs, {k: agreement(k, ours[k], theirs[k]) for k in METRICS})

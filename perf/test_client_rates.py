@@ -32,10 +32,11 @@ import pytest
 from perf.shared_runs import (
     SecondClientMissing,
     SecondJob,
+    SharedRun,
     load_second_client,
-    shared_run,
+    paired_runs,
 )
-from perf.test_agreement import MAX_NOISE, agreement
+from perf.test_agreement import MAX_NOISE
 from servelab import workloads
 from servelab.engine_traits import traits_of
 from servelab.loadgen import run_requests_async
@@ -104,9 +105,8 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
             f"{'n/a' if busy is None else f'{busy:.0%}'} of a core, saturation check passed"
         )
         half = level // 2
-        ours: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
-        theirs: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
-        for r in range(RUNS):
+
+        def inputs(r: int, level: int = level, half: int = half) -> tuple[list[Any], SecondJob]:
             texts = prompts.make(PROMPT, f"shared-{level}-{r}-servelab", level)
             job = SecondJob(
                 source,
@@ -120,26 +120,27 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
                 extra,
                 dict(ep.headers),
             )
-            run = shared_run(
-                ep,
-                workloads.payloads(ep, texts, OUTPUT, settings),
-                PROMPT,
-                half,
-                job,
-                timeout_s=settings.timeout_s,
-            )
+            return workloads.payloads(ep, texts, OUTPUT, settings), job
+
+        def each(
+            r: int,
+            run: SharedRun,
+            mine: dict[str, float],
+            second: dict[str, float],
+            level: int = level,
+        ) -> None:
             problems = run.servelab.invalid_reasons(0.0)
             assert not problems, f"c{level} shared run {r}: servelab's side invalid: {problems}"
-            mine, second = run.medians(OUTPUT)
-            for k in ours:
-                ours[k].append(mine[k])
-                theirs[k].append(second[k])
             servelab_measure.progress(
                 f"c{level} shared run {r}: TTFT {mine['median_ttft_ms']:.1f} vs "
                 f"{second['median_ttft_ms']:.1f} ms, TPOT {mine['median_tpot_ms']:.2f} vs "
                 f"{second['median_tpot_ms']:.2f} ms (servelab vs vLLM's function)"
             )
-        checks = [agreement(k, ours[k], theirs[k]) for k in ours]
+
+        pairs = paired_runs(
+            ep, RUNS, inputs, PROMPT, half, OUTPUT, timeout_s=settings.timeout_s, each=each
+        )
+        checks = list(pairs.checks.values())
         report = "; ".join(c.describe().replace("vLLM", "vLLM's request function") for c in checks)
         lines.append(
             f"c{level}, {RUNS} shared runs ({half} + {level - half} streams, {level} requests a "

@@ -13,11 +13,12 @@ import pytest
 from perf.shared_runs import (
     SecondClientMissing,
     SecondJob,
+    SharedRun,
     load_second_client,
+    paired_runs,
     second_values,
     shared_run,
 )
-from perf.test_agreement import agreement
 
 from servelab.client import completion_payload
 from tests.fakes import scripted_server
@@ -28,11 +29,9 @@ TTFT_MS, ITL_MS, OUTPUT = 40.0, 8.0, 16
 def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
     pytest.importorskip("vllm.benchmarks.lib.endpoint_request_func")
     level, runs = 8, 3
-    ours: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
-    theirs: dict[str, list[float]] = {"median_ttft_ms": [], "median_tpot_ms": []}
     with scripted_server.process(TTFT_MS, ITL_MS) as ep:
-        for r in range(runs):
-            mine = [f"run{r} servelab {i}" for i in range(2 * level)]
+
+        def inputs(r: int) -> tuple[list[dict[str, object]], SecondJob]:
             job = SecondJob(
                 None,
                 ep.api_base + "/completions",
@@ -43,19 +42,11 @@ def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
                 OUTPUT,
                 True,
             )
-            run = shared_run(
-                ep,
-                [completion_payload("scripted", t, OUTPUT) for t in mine],
-                4,
-                level,
-                job,
-                timeout_s=30.0,
-            )
+            mine = [f"run{r} servelab {i}" for i in range(2 * level)]
+            return [completion_payload("scripted", t, OUTPUT) for t in mine], job
+
+        def each(r: int, run: SharedRun, mine: dict[str, float], second: dict[str, float]) -> None:
             assert run.servelab.invalid_reasons(0.0) == []
-            a, b = run.medians(OUTPUT)
-            for k in ours:
-                ours[k].append(a[k])
-                theirs[k].append(b[k])
             # The same run: the two clients' first requests reached the server together, and
             # each client's requests overlapped the other's (the server's own receipt times).
             log = json.loads(httpx.get(ep.base_url + "/log", timeout=10).text)
@@ -70,12 +61,15 @@ def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
             # host, each client's own time from its start to its first request on the wire.
             assert abs(got["servelab"][0] - got["second"][0]) < 42e6
             assert got["servelab"][0] < got["second"][-1] and got["second"][0] < got["servelab"][-1]
+
+        pairs = paired_runs(ep, runs, inputs, 4, level, OUTPUT, timeout_s=30.0, each=each)
+    ours, theirs = pairs.ours, pairs.theirs
     # Each client reads the script (TPOT is the gap; TTFT the script plus the request's trip).
     for side in (ours, theirs):
         assert statistics.median(side["median_tpot_ms"]) == pytest.approx(ITL_MS, abs=0.5)
         assert TTFT_MS <= statistics.median(side["median_ttft_ms"]) < TTFT_MS + 25
-    tpot_check = agreement("median_tpot_ms", ours["median_tpot_ms"], theirs["median_tpot_ms"])
-    print(agreement("median_ttft_ms", ours["median_ttft_ms"], theirs["median_ttft_ms"]).describe())
+    tpot_check = pairs.checks["median_tpot_ms"]
+    print(pairs.checks["median_ttft_ms"].describe())
     print(tpot_check.describe())
     assert tpot_check.ok, tpot_check.describe()
 
