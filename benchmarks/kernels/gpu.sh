@@ -18,6 +18,8 @@
 #   tq4-speed     TurboQuant decode against every bf16 path (tq4_speed.py: cold, warm, graph,
 #                 eager; 16K-256K; batch 1 and 8; GQA 1/4/8; host µs a call; configurations),
 #                 after the TurboQuant kernel tests (about 7 minutes)
+#   tq4-configs   the TurboQuant kernel tests, then only the CUDA kernel's configurations (warps,
+#                 table rows 128 or 256 bytes apart, precise table) at 64K and 128K, side by side
 #   all           tests, paged's decode rows, tq4 without the graph sweep (about 7 of the
 #                 device tool's 10 minutes a command)
 #
@@ -25,7 +27,7 @@
 # tests/kernels/conftest.py both registered --kernels-full, and the device's pytest raised
 # (seen 2026-11-25) argparse.ArgumentError.
 set -u -o pipefail
-cmd=${1:?"sub-command: tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | all"}
+cmd=${1:?"sub-command: tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | tq4-configs | all"}
 out=${2:?output folder}
 here=benchmarks/kernels
 export PYTHONUNBUFFERED=1
@@ -132,6 +134,13 @@ case "$cmd" in
     timeout 400 python3 -W ignore $here/tq4_speed.py --out "$out" >"$out/tq4_speed.log" 2>&1
     sed -n '/^[A-Z].*GB\/s (read + write)/,$p' "$out/tq4_speed.log" || tail -20 "$out/tq4_speed.log"
     ;;
+  tq4-configs)
+    prepare
+    kernel_tests 150 tests_tq4.log tests/kernels/test_turboquant_fused.py
+    timeout 200 python3 -W ignore $here/tq4_speed.py --out "$out" --configs-only \
+      >"$out/tq4_configs.log" 2>&1
+    sed -n '/^| tokens | warps/,$p' "$out/tq4_configs.log" || tail -20 "$out/tq4_configs.log"
+    ;;
   all)
     prepare
     kernel_tests 260 tests_cuda.log
@@ -139,7 +148,7 @@ case "$cmd" in
     tq4_core
     ;;
   *)
-    echo "unknown sub-command '$cmd': tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | all" >&2
+    echo "unknown sub-command '$cmd': tests | paged | paged-gather | paged-full | pytest-bench | tq4 | tq4-speed | tq4-configs | all" >&2
     exit 2
     ;;
 esac

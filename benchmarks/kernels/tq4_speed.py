@@ -17,10 +17,12 @@ Also: the card's read rate (``torch.sum`` over 2 GiB of bf16, cold) and copy rat
 write), the CUDA kernel's bytes per second at each size, the host time of one eager call of
 each path (the GPU kept busy by ``torch.cuda._sleep`` so the host's enqueue time is what is
 timed), GQA ratios 1, 4 and 8 at batch 1 and 8, and the CUDA kernel's configurations (table
-precision, warps a CTA). Errors of both TQ4 paths against the dequantized cache are
+precision, table rows 128 or 256 bytes apart, warps a CTA; cold, in rounds that take each in
+turn). Errors of both TQ4 paths against the dequantized cache are
 measured on the timed inputs.
 
     python benchmarks/kernels/tq4_speed.py --out DIR [--tokens 16384 ... 262144] [--quick]
+    python benchmarks/kernels/tq4_speed.py --out DIR --configs-only   # the configurations alone
 
 Writes DIR/tq4_speed.json as it goes and prints Markdown tables last.
 """
@@ -243,21 +245,35 @@ def host_costs() -> dict[str, float | None]:
     return res
 
 
-def configs(tokens: int) -> list[dict[str, Any]]:
-    """The CUDA kernel's configurations at batch 1, 32/8 heads, cold single call."""
+#: The CUDA kernel's configurations: (warps a CTA, wide table), each with and without the
+#: table's fp16 residue (precise).
+CONFIGS = ((16, False), (16, True), (8, False))
+
+
+def configs(tokens: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """The CUDA kernel's configurations at batch 1, 32/8 heads, cold single call: each
+    configuration's median over `rounds` rounds that take every configuration in turn, so
+    that configurations are compared side by side, not minutes apart."""
     c = Case.make(1, 32, tokens, 11)
     want = unfused_decode_attention(c.q, c.cache, c.codec)
-    rows = []
+    rows, graphs = [], []
     spin()
-    for warps in (16, 8):
+    for warps, wide in CONFIGS:
         for precise in (True, False):
-            cfg = LaunchConfig(backend="cuda", cuda_warps=warps, precise_table=precise)
+            cfg = LaunchConfig(backend="cuda", cuda_warps=warps, precise_table=precise,
+                               cuda_wide_table=wide)  # fmt: skip
             fn = c.fns(cfg=cfg)["tq4_cuda"]
             err = float((fn().double() - want).abs().max())
-            ms = cold_ms(graph_of(fn).replay)
-            rows.append({"tokens": tokens, "warps": warps, "precise": precise, "cold_ms": ms,
-                         "err_maxabs": err, "GBps": c.cache.nbytes() / ms / 1e6})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append({"tokens": tokens, "warps": warps, "wide": wide, "precise": precise,
+                         "err_maxabs": err, "cold_ms_rounds": []})  # fmt: skip
+            graphs.append(graph_of(fn))
+    for _ in range(rounds):
+        for row, graph in zip(rows, graphs, strict=True):
+            row["cold_ms_rounds"].append(cold_ms(graph.replay))
+    for row in rows:
+        row["cold_ms"] = statistics.median(row["cold_ms_rounds"])
+        row["GBps"] = c.cache.nbytes() / row["cold_ms"] / 1e6
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -316,10 +332,13 @@ def report(meta: dict[str, Any], sizes: list[dict[str, Any]], gqa: list[dict[str
     print("\n| host µs per eager call | " + " | ".join(host) + " |")
     print("|---" * (len(host) + 1) + "|")
     print("| 64K, batch 1 | " + " | ".join(fmt(v, ".1f") for v in host.values()) + " |")
-    print("\n| tokens | warps | precise | cold ms | GB/s | err |\n|---|---|---|---|---|---|")
+    print("\n| tokens | warps | wide table | precise | cold ms (rounds) | GB/s | err |\n"
+          "|---|---|---|---|---|---|---|")  # fmt: skip
     for c in cfgs:
-        print(f"| {c['tokens']} | {c['warps']} | {c['precise']} | {c['cold_ms']:.4f} | "
-              f"{c['GBps']:.0f} | {c['err_maxabs']:.1e} |")  # fmt: skip
+        rounds = ", ".join(f"{x:.4f}" for x in c["cold_ms_rounds"])
+        print(f"| {c['tokens']} | {c['warps']} | {c['wide']} | {c['precise']} | "
+              f"{c['cold_ms']:.4f} ({rounds}) | {c['GBps']:.0f} | "
+              f"{c['err_maxabs']:.1e} |")  # fmt: skip
 
 
 def main() -> int:
@@ -331,6 +350,8 @@ def main() -> int:
     ap.add_argument("--graph-max", type=int, default=131072,
                     help="the 8-layer graph up to this many tokens at batch > 1")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="64K and 128K, batch 1, no sweeps")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="only the CUDA kernel's configurations, at 64K and 128K")  # fmt: skip
     args = ap.parse_args()
     if not needs_cuda_kernel():
         return 2
@@ -353,8 +374,14 @@ def main() -> int:
         out.write_text(json.dumps({"meta": meta, "sizes": sizes, "gqa": gqa, "host": host,
                                    "configs": cfgs}, indent=1))  # fmt: skip
 
-    host.update(host_costs())
-    save()
+    if args.configs_only:
+        args.batches, args.quick = [], True
+        for t in (65536, 131072):
+            cfgs.extend(configs(t))
+            save()
+    else:
+        host.update(host_costs())
+        save()
     for b in args.batches:
         for t in args.tokens:
             sizes.append(sized(b, t, 32, graph=b == 1 or t <= args.graph_max))

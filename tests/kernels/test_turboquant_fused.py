@@ -110,19 +110,22 @@ def test_fused_matches_the_dequantized_cache(accel: torch.device, name: str, sha
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-3)
 
 
-VARIANTS = {  # (generic, precise_table, backend, cuda_warps)
-    "generic-precise": (True, True, "triton", 16),
-    "generic-fast": (True, False, "triton", 16),
-    "words-precise": (False, True, "triton", 16),
-    "cuda-precise": (False, True, "cuda", 16),
-    "cuda-precise-8warps": (False, True, "cuda", 8),
-    "cuda-fast": (False, False, "cuda", 16),
+VARIANTS = {  # (generic, precise_table, backend, cuda_warps, cuda_wide_table)
+    "generic-precise": (True, True, "triton", 16, False),
+    "generic-fast": (True, False, "triton", 16, False),
+    "words-precise": (False, True, "triton", 16, False),
+    "cuda-precise": (False, True, "cuda", 16, False),
+    "cuda-precise-wide": (False, True, "cuda", 16, True),
+    "cuda-precise-8warps": (False, True, "cuda", 8, False),
+    "cuda-fast": (False, False, "cuda", 16, False),
+    "cuda-fast-wide": (False, False, "cuda", 16, True),
 }
 TIGHT = {  # the precise paths' own bound, far under §2.8's 1e-3
     "generic-precise": 2e-5,  # < 2e-5 on the H100
     # 4.6e-6 in the interpreter; on the H100 (2026-11-25) it passed 3e-4, not measured alone
     "words-precise": 3e-4,
     "cuda-precise": 2e-5,
+    "cuda-precise-wide": 2e-5,
     "cuda-precise-8warps": 2e-5,
 }
 
@@ -138,7 +141,7 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     """The CUDA kernel (the default on CUDA), the Triton word kernel and the generic one,
     with and without the centroid table's fp16 residue, all within §2.8's 1e-3; with the
     residue far tighter."""
-    generic, precise, backend, warps = VARIANTS[variant]
+    generic, precise, backend, warps, wide = VARIANTS[variant]
     needs_cuda_kernel(backend)
     g = gen(accel, 9)
     k = torch.randn(2, 2, 777, 128, device=accel, generator=g)
@@ -148,7 +151,12 @@ def test_kernel_variants_for_4bit_keys(accel: torch.device, variant: str) -> Non
     codec = KVCodec.build("turboquant_4bit_nc", 128, "haar", seed=1, law="exact")
     cache = strided_cache(codec.encode(k, v))
     cfg = fused_decode.LaunchConfig(
-        block_n=128, precise_table=precise, generic=generic, backend=backend, cuda_warps=warps
+        block_n=128,
+        precise_table=precise,
+        generic=generic,
+        backend=backend,
+        cuda_warps=warps,
+        cuda_wide_table=wide,
     )
     out = torch.full((2, 6, 128), float("nan"), device=accel)
     got = fused_decode.fused_decode_attention(
@@ -169,15 +177,19 @@ CUDA_SHAPES = [  # (batch, q_heads, kv_heads, seq_lens, head_size, splits, warps
     (2, 16, 4, (3000, 2999), 128, 7, 8),  # group of 4, two CTAs per SM
     (1, 16, 2, (9000,), 128, 37, 16),  # group of 8, the merge's last batch of splits partial
 ]
+# At 16 warps each shape runs with the table's rows 128 and 256 bytes apart (cuda_wide_table).
+CUDA_CASES = [(*s, False) for s in CUDA_SHAPES] + [(*s, True) for s in CUDA_SHAPES if s[-1] == 16]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", CUDA_CASES, ids=lambda s: "-".join(map(str, s[:-1])) + ("-wide" if s[-1] else "")
+)
 def test_cuda_kernel_shapes(accel: torch.device, shape: tuple) -> None:  # type: ignore[type-arg]
     """The CUDA kernel's fragment layout at every group size, head size and tile edge it
     takes, empty splits included, against the dequantized cache (precise path)."""
     needs_cuda_kernel("cuda")
-    b, hq, hkv, lens_t, d, splits, warps = shape
+    b, hq, hkv, lens_t, d, splits, warps, wide = shape
     t = max(lens_t)
     g = gen(accel, t + hq)
     k = torch.randn(b, hkv, t, d, device=accel, generator=g)
@@ -188,7 +200,9 @@ def test_cuda_kernel_shapes(accel: torch.device, shape: tuple) -> None:  # type:
     lens = torch.tensor(lens_t, dtype=torch.int32, device=accel)
     codec = KVCodec.build("turboquant_4bit_nc", d, "randomized_hadamard", seed=2, law="exact")
     cache = codec.encode(k, v)
-    cfg = fused_decode.LaunchConfig(backend="cuda", num_splits=splits, cuda_warps=warps)
+    cfg = fused_decode.LaunchConfig(
+        backend="cuda", num_splits=splits, cuda_warps=warps, cuda_wide_table=wide
+    )
     out = torch.full((b, hq, d), float("nan"), dtype=torch.bfloat16, device=accel)
     got = fused_decode.fused_decode_attention(q, cache, codec, seq_lens=lens, out=out, config=cfg)
     want = unfused_decode_attention(q, cache, codec, seq_lens=lens)
@@ -254,7 +268,15 @@ def test_fused_refuses_an_unknown_backend() -> None:
         fused_decode.fused_decode_attention(
             q, cache, codec, config=fused_decode.LaunchConfig(cuda_warps=6)
         )
+    with pytest.raises(KernelInputError, match=r"cuda_wide_table needs cuda_warps=16.*is 8"):
+        fused_decode.fused_decode_attention(
+            q, cache, codec, config=fused_decode.LaunchConfig(cuda_warps=8, cuda_wide_table=True)
+        )
     not_a_bool: Any = "yes"
+    with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_wide_table is 'yes'"):
+        fused_decode.fused_decode_attention(
+            q, cache, codec, config=fused_decode.LaunchConfig(cuda_wide_table=not_a_bool)
+        )
     with pytest.raises(KernelInputError, match=r"LaunchConfig\.cuda_pdl is 'yes'"):
         fused_decode.fused_decode_attention(
             q, cache, codec, config=fused_decode.LaunchConfig(cuda_pdl=not_a_bool)

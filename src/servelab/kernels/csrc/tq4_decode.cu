@@ -40,16 +40,17 @@
 
 namespace {
 
-// Shared memory: [tables: 256 rows of 128 bytes; row v holds (c[v & 15], c[v >> 4]) in fp16
-// and (precise) their fp16 residues, one copy per lane or per half-warp lane] [q fragments: KSTEPS × NQ
+// Shared memory: [tables: 256 rows of ROW bytes (128, or 256 in the wide layout, whose second
+// half is unused); row v holds (c[v & 15], c[v >> 4]) in fp16 and (precise) their fp16
+// residues, one copy per lane or per half-warp lane in its first 128 bytes] [q fragments: KSTEPS × NQ
 // n-tiles × 32 lanes × 8 bytes] [q rows: GP × D fp32, then PARTS partial products q·Πᵀ, each
 // GP × D] [ring: NW warps × STAGES slots]. The fold at the end reuses it from the start.
-template <int D, int NW, int STAGES, int GP>
+template <int D, int NW, int STAGES, int GP, int ROW>
 struct Smem {
   static constexpr int NQ = GP / 4;  // n-tiles of query columns (four heads each)
   // The rotation's inner dimension in PARTS pieces: one (piece, column) item a thread.
   static constexpr int PARTS = NW * 32 / D;
-  static constexpr int TABLES = 256 * 128;
+  static constexpr int TABLES = 256 * ROW;
   static constexpr int QF = TABLES;
   static constexpr int QROWS = QF + (D / 16) * NQ * 32 * 8;
   static constexpr int RING = QROWS + (1 + PARTS) * GP * D * 4;
@@ -65,11 +66,17 @@ constexpr int MERGE_BATCH = 16;
 // columns: column 2h of n-tile n is head 4n + h (fp16), column 2h + 1 its residue × 2048. A lane
 // (g, t) owns head 4n + t of every n-tile: its scores (tokens g and g + 8 of a tile), its
 // online-softmax state and its output accumulators.
-template <int D, int NW, bool PRECISE, int STAGES, int GP>
+//
+// ROW (the table's row stride, 128 or 256 bytes): at 256 a lookup's address is one byte
+// permute (the code byte above this lane's column byte) added to the table's base in the
+// load itself (LDS [R + UR]); at 128 it takes a permute and a shift-add. The wide table
+// takes 64 KB of shared memory, so only at 16 warps (one CTA per multiprocessor).
+template <int D, int NW, bool PRECISE, int STAGES, int GP, int ROW>
 __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(const Args a) {
   constexpr int KSTEPS = D / 16;  // k-steps of the score MMA
   constexpr int MT = D / 16;      // m-tiles of the output MMA
-  using SM = Smem<D, NW, STAGES, GP>;
+  static_assert(ROW == 128 || ROW == 256, "table rows of 128 or 256 bytes");
+  using SM = Smem<D, NW, STAGES, GP, ROW>;
   constexpr int NQ = SM::NQ;
   extern __shared__ __align__(16) uint8_t smem[];
 
@@ -135,7 +142,7 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   // in flight (its centroids come from L1).
   for (int i = threadIdx.x; i < 256 * 8; i += NW * 32) {
     const int v = i >> 3, l4 = i & 7;
-    uint4* row = reinterpret_cast<uint4*>(smem + v * 128);
+    uint4* row = reinterpret_cast<uint4*>(smem + v * ROW);
     const uint32_t c = as_u32(__halves2half2(__ldg(a.cent + (v & 15)), __ldg(a.cent + (v >> 4))));
     if (PRECISE) {
       const uint32_t r = as_u32(__halves2half2(__ldg(a.cent + 16 + (v & 15)), __ldg(a.cent + 16 + (v >> 4))));
@@ -232,7 +239,14 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   // themselves, and their registers are needed elsewhere).
   constexpr int EO = NQ == 1 ? 2 : 1;
   using Part = float[NQ][2 * EO][4];
-  const uint32_t tab = base + (PRECISE ? 8u * (lane & 15) : 4u * lane);  // this lane's column
+  const uint32_t col = PRECISE ? 8u * (lane & 15) : 4u * lane;  // this lane's column (< 128)
+  const uint32_t tab = base + col;
+  // The table entry of byte b (0..3) of x for this lane: ROW 256, base + (x.b << 8 | col) by
+  // one byte permute (col's byte 1 is 0, so bytes 2 and 3 are too); ROW 128, tab + 128·x.b.
+  auto entry = [&](uint32_t x, int b) -> uint32_t {
+    if constexpr (ROW == 256) return base + __byte_perm(x, col, 0x5504u | ((uint32_t)b << 4));
+    else return tab + 128u * code_byte(x, b);
+  };
   auto scores = [&](const uint8_t* st, Part& part) {
     uint32_t kw[2][Tile<D>::KW];
     read_keys<D>(st, lane, kw);
@@ -250,17 +264,15 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
       if constexpr (PRECISE) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const uint2 x = lds64(tab + 128u * code_byte(kw[j][w], 2 * h));
-          const uint2 y = lds64(tab + 128u * code_byte(kw[j][w], 2 * h + 1));
+          const uint2 x = lds64(entry(kw[j][w], 2 * h));
+          const uint2 y = lds64(entry(kw[j][w], 2 * h + 1));
           const uint32_t ka[4] = {x.x, x.y, y.x, y.y};
 #pragma unroll
           for (int n = 0; n < NQ; ++n) mma16816(part[n][j * EO + eo], ka, qb[n].x, qb[n].y);
         }
       } else {
-        const uint32_t ka[4] = {lds(tab + 128u * code_byte(kw[0][w], 2 * h)),
-                                lds(tab + 128u * code_byte(kw[1][w], 2 * h)),
-                                lds(tab + 128u * code_byte(kw[0][w], 2 * h + 1)),
-                                lds(tab + 128u * code_byte(kw[1][w], 2 * h + 1))};
+        const uint32_t ka[4] = {lds(entry(kw[0][w], 2 * h)), lds(entry(kw[1][w], 2 * h)),
+                                lds(entry(kw[0][w], 2 * h + 1)), lds(entry(kw[1][w], 2 * h + 1))};
 #pragma unroll
         for (int n = 0; n < NQ; ++n) mma16816(part[n][eo], ka, qb[n].x, qb[n].y);
       }
@@ -500,11 +512,11 @@ __global__ void __launch_bounds__(NW * 32, NW >= 16 ? 1 : 2) tq4_split_kernel(co
   if (threadIdx.x == 0) a.counters[b * hkv + kvh] = 0;  // ready for the next call
 }
 
-template <int D, int NW, bool PRECISE, int GP>
+template <int D, int NW, bool PRECISE, int GP, int ROW>
 int launch(const Args& a, int hkv, int splits, int batch, bool pdl, cudaStream_t stream) {
   constexpr int STAGES = NW >= 16 ? 4 : 3;  // 16 warps: one CTA per SM; 8: two
-  const size_t bytes = Smem<D, NW, STAGES, GP>::BYTES;
-  auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP>;
+  const size_t bytes = Smem<D, NW, STAGES, GP, ROW>::BYTES;
+  auto kernel = tq4_split_kernel<D, NW, PRECISE, STAGES, GP, ROW>;
   static bool attribute_set = false;  // once per instantiation (also keeps graph capture clean)
   if (!attribute_set) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -566,19 +578,22 @@ int tq4_decode(const void* plan, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int group = a.group, hkv = L->hkv, splits = a.num_splits, batch = L->batch;
   const bool pdl = L->pdl != 0, precise = L->precise != 0;
+  const int row = L->wide ? 256 : 128;
   if (group < 1 || group > 8) return 1001;
-#define SERVELAB_TQ4(Dv, NWv)                                                         \
-  if (L->head_size == Dv && L->warps == NWv) {                                         \
-    if (group <= 4)                                                                    \
-      return precise ? launch<Dv, NWv, true, 4>(a, hkv, splits, batch, pdl, s)         \
-                     : launch<Dv, NWv, false, 4>(a, hkv, splits, batch, pdl, s);       \
-    return precise ? launch<Dv, NWv, true, 8>(a, hkv, splits, batch, pdl, s)           \
-                   : launch<Dv, NWv, false, 8>(a, hkv, splits, batch, pdl, s);         \
+#define SERVELAB_TQ4(Dv, NWv, ROWv)                                                      \
+  if (L->head_size == Dv && L->warps == NWv && row == ROWv) {                              \
+    if (group <= 4)                                                                        \
+      return precise ? launch<Dv, NWv, true, 4, ROWv>(a, hkv, splits, batch, pdl, s)       \
+                     : launch<Dv, NWv, false, 4, ROWv>(a, hkv, splits, batch, pdl, s);     \
+    return precise ? launch<Dv, NWv, true, 8, ROWv>(a, hkv, splits, batch, pdl, s)         \
+                   : launch<Dv, NWv, false, 8, ROWv>(a, hkv, splits, batch, pdl, s);       \
   }
-  SERVELAB_TQ4(128, 8)
-  SERVELAB_TQ4(128, 16)
-  SERVELAB_TQ4(64, 8)
-  SERVELAB_TQ4(64, 16)
+  SERVELAB_TQ4(128, 8, 128)
+  SERVELAB_TQ4(128, 16, 128)
+  SERVELAB_TQ4(128, 16, 256)
+  SERVELAB_TQ4(64, 8, 128)
+  SERVELAB_TQ4(64, 16, 128)
+  SERVELAB_TQ4(64, 16, 256)
 #undef SERVELAB_TQ4
   return 1002;
 }

@@ -163,6 +163,7 @@ struct Args {
 struct Launch {
   Args a;  // a.num_splits is the grid's split count
   int hkv, batch, head_size, warps, precise, pdl;
+  int wide;  // table rows of 256 bytes (16 warps only; tq4_decode.cu, tq4_split_kernel)
 };
 
 // Flag a failed value check on the host: a plain store of the call's id (every writer of one

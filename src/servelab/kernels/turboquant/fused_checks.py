@@ -87,6 +87,16 @@ def check_backend(cfg: LaunchConfig, where: str) -> None:
         raise KernelInputError(
             f"{where}: LaunchConfig.cuda_warps is {cfg.cuda_warps!r}; expected one of {CUDA_WARPS}"
         )
+    if not isinstance(cfg.cuda_wide_table, bool):
+        raise KernelInputError(
+            f"{where}: LaunchConfig.cuda_wide_table is {cfg.cuda_wide_table!r}; expected True "
+            "or False"
+        )
+    if cfg.cuda_wide_table and cfg.cuda_warps != 16:
+        raise KernelInputError(
+            f"{where}: LaunchConfig.cuda_wide_table needs cuda_warps=16 (its 64 KB table "
+            f"leaves no room for two CTAs a multiprocessor); cuda_warps is {cfg.cuda_warps}"
+        )
     if not isinstance(cfg.cuda_pdl, bool):
         raise KernelInputError(
             f"{where}: LaunchConfig.cuda_pdl is {cfg.cuda_pdl!r}; expected True or False"

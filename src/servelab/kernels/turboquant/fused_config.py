@@ -52,6 +52,10 @@ class LaunchConfig:
     # precise_table apply to it too.
     backend: str = "auto"
     cuda_warps: int = 16
+    # CUDA kernel at 16 warps: the centroid table's rows 256 bytes apart instead of 128, so a
+    # lookup's address is one byte permute (32 fewer instructions a 16-token tile; 32 KB more
+    # shared memory, which 8 warps' two CTAs a multiprocessor do not have).
+    cuda_wide_table: bool = False
     # CUDA kernel: programmatic dependent launch on sm_90+ (the next call's CTAs start while
     # this one finishes; each waits for its predecessor before reading anything).
     cuda_pdl: bool = True

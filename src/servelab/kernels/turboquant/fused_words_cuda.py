@@ -76,7 +76,7 @@ class _Args(ctypes.Structure):
 class _Launch(ctypes.Structure):
     """Mirror of ``Launch``: the arguments and the launch's shape."""
 
-    _fields_ = [("a", _Args), *_fields("hkv batch head_size warps precise pdl", _I)]
+    _fields_ = [("a", _Args), *_fields("hkv batch head_size warps precise pdl wide", _I)]
 
 
 def library(device: torch.device) -> ctypes.CDLL:
@@ -330,6 +330,7 @@ def build_plan(
     a.split_len, a.num_splits, a.group = split_len, splits, hq // hkv
     la.hkv, la.batch, la.head_size = hkv, b, d
     la.warps, la.precise = cfg.cuda_warps, int(cfg.precise_table)
+    la.wide = int(cfg.cuda_wide_table)
     la.pdl = int(cfg.cuda_pdl and _pdl_capable(dev.index))
     errors = _error_words(lib)
     return CudaPlan(
