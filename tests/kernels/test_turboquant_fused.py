@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -429,8 +431,14 @@ def test_cuda_kernel_checks_values_on_the_device_without_a_sync(accel: torch.dev
     bad_q[1, 5, 7] = float("inf")
     past = torch.tensor([300, 301], dtype=torch.int32, device=accel)
     whole = torch.tensor([300, 300], dtype=torch.int32, device=accel)
-    torch.cuda.set_sync_debug_mode("error")
     try:
+        with warnings.catch_warnings():
+            # torch warns that the mode is a prototype that does not yet detect every
+            # synchronizing operation (the ini makes warnings errors; on the H100,
+            # 2026-12-07, the warning failed this test with the mode left on "error", which
+            # then failed the next test's first sync): what it detects still raises.
+            warnings.filterwarnings("ignore", "Synchronization debug mode", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
         good = call(q, whole)
         call(bad_q, None)
     finally:
@@ -478,6 +486,8 @@ def test_cuda_plans_go_with_their_cache_and_stay_bounded() -> None:
 
     codec = KVCodec.build("turboquant_4bit_nc", 128)
     cache = codec.encode(torch.randn(1, 1, 4, 128), torch.randn(1, 1, 4, 128))
+    alive = weakref.ref(cache)
+    gc.collect()  # caches of earlier tests that are already garbage go first (seen on the H100)
     before = len(cw._PLANS)
     marker: Any = object()
     for i in range(cw.PLANS_PER_CACHE + 3):
@@ -487,6 +497,7 @@ def test_cuda_plans_go_with_their_cache_and_stay_bounded() -> None:
     assert len(cw._PLANS[cache]) == cw.PLANS_PER_CACHE
     del cache
     gc.collect()
+    assert alive() is None, "the plans kept their cache alive"
     assert len(cw._PLANS) == before
 
 
