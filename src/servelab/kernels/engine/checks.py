@@ -39,6 +39,10 @@ FULL_PATH_BOUNDS = {
     "turboquant_k3v4_nc": (0.96, 0.26),
     "turboquant_3bit_nc": (0.94, 0.33),
 }
+# Where servelab's own path misses FULL_PATH_BOUNDS on an input, the engine's figures may be
+# this much worse than servelab's on that input (the presets' codebooks come from different
+# solvers: vLLM's 200-point trapezoid rule, servelab's Lloyd–Max iterations).
+SAME_INPUT_COS, SAME_INPUT_REL = 0.005, 0.05
 # Value error in quantization steps: a uniform quantizer's half step, plus the fp16 rounding
 # of its scale and zero (2^-11 relative) on Gaussian rows (range ≈ 5σ): ≤ 0.02 steps.
 VALUE_STEP_TOL = 0.5 + 0.02
@@ -166,8 +170,15 @@ def _engine_rule_key_codes(k: torch.Tensor, had: torch.Tensor, mids: torch.Tenso
     return (y.unsqueeze(-1) >= mids).sum(-1).to(torch.uint8)
 
 
+#: fp32 ulps by which the engine's scale may differ from the rule's: Triton's fp32 `/` is not
+#: correctly rounded (within 2 ulps), so an fp32 scale this close to an fp16 rounding edge
+#: may round to either fp16 neighbour.
+SCALE_ULPS = 4
+
+
 def _engine_rule_values(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """Codes, fp16 scale, fp16 zero, and where the code sits within 1e-5 of a rounding edge."""
+    """Codes, fp16 scale, fp16 zero, where the code sits within 1e-5 of a rounding edge, and
+    where the fp32 scale sits within SCALE_ULPS fp32 ulps of an fp16 rounding edge."""
     levels = (1 << bits) - 1
     lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
     s = (hi - lo) / levels
@@ -175,7 +186,9 @@ def _engine_rule_values(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     t = (v - lo) / s + 0.5
     q = t.to(torch.int32).clamp(0, levels).to(torch.uint8)
     near = (t.double() - t.double().round()).abs() < 1e-5
-    return q, s.squeeze(-1).half(), lo.squeeze(-1).half(), near
+    s64, eps = s.squeeze(-1).double(), SCALE_ULPS * 2.0**-24
+    snear = (s64 * (1 - eps)).half() != (s64 * (1 + eps)).half()
+    return q, s.squeeze(-1).half(), lo.squeeze(-1).half(), near, snear
 
 
 def _near_edge(k: torch.Tensor, had: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
@@ -188,6 +201,18 @@ def _near_edge(k: torch.Tensor, had: torch.Tensor, mids: torch.Tensor) -> torch.
 def _first(mask: torch.Tensor) -> str:
     idx = mask.nonzero()
     return "none" if not len(idx) else f"first at [b, h, t, j] = {idx[0].tolist()}"
+
+
+def _scale_pair(planes: dict[str, torch.Tensor], s16: torch.Tensor, bad: torch.Tensor) -> str:
+    """The engine's and the rule's fp16 scale and zero at the first mismatch ('' if none)."""
+    idx = bad.nonzero()
+    if not len(idx):
+        return ""
+    i = tuple(idx[0].tolist())
+    return (
+        f" (engine scale {float(planes['value_scale'][i]):.8g}, rule {float(s16[i]):.8g}; "
+        f"engine zero {float(planes['value_zero'][i]):.8g})"
+    )
 
 
 def engine_dequantize(
@@ -296,11 +321,10 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
                 f"ulp (an fp32 norm at an fp16 rounding edge); {_first(nbad)}",
             )
         )
-    q, s16, z16, vnear = _engine_rule_values(case.v.float(), layout.value_bits)
+    q, s16, z16, vnear, snear = _engine_rule_values(case.v.float(), layout.value_bits)
     vbad = (unpack_bits(planes["value_codes"], layout.value_bits, d) != q) & ~vnear
-    mbad = (planes["value_scale"].view(torch.int16) != s16.view(torch.int16)) | (
-        planes["value_zero"].view(torch.int16) != z16.view(torch.int16)
-    )
+    sdiff = planes["value_scale"].view(torch.int16) != s16.view(torch.int16)
+    mbad = (sdiff & ~snear) | (planes["value_zero"].view(torch.int16) != z16.view(torch.int16))
     rows.append(
         Row(
             name,
@@ -309,7 +333,10 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
             float(vbad.sum() + mbad.sum()),
             "0",
             "codes+scales",
-            f"vs the engine's rule in torch; {_first(vbad)}; {tag}",
+            f"vs the engine's rule in torch; codes: {_first(vbad)}; scales/zeros: "
+            f"{_first(mbad)}{_scale_pair(planes, s16, mbad)}; {int((sdiff & snear).sum())} "
+            f"scales more within {SCALE_ULPS} fp32 ulps of an fp16 rounding edge (Triton's fp32 "
+            f"division is not correctly rounded); {tag}",
         )
     )
     vdiff = unpack_bits(planes["value_codes"], layout.value_bits, d) != unpack_bits(
@@ -413,16 +440,27 @@ def check_decode(
     floor, ceiling = FULL_PATH_BOUNDS[name]
     cos = float(torch.nn.functional.cosine_similarity(o, exact, dim=-1).min())
     rel = float((o - exact).norm() / exact.norm())
+    cos_sl = float(torch.nn.functional.cosine_similarity(sl, exact, dim=-1).min())
     rel_sl = float((sl - exact).norm() / exact.norm())
+    # The bounds are servelab's own test's, on its shapes; an input on which servelab's path
+    # (the oracle, itself checked against theory) falls outside them is harder than those, and
+    # there the engine passes if it is no worse than servelab's path on the same input. (On
+    # the H100, 2026-12-07, the 3-bit preset's random case, whose last sequence is one token
+    # long, read min cosine 0.93468 for the engine and 0.93443 for servelab, floor 0.94.)
+    within = cos > floor and rel < ceiling
+    as_good = cos >= cos_sl - SAME_INPUT_COS and rel <= rel_sl * (1 + SAME_INPUT_REL)
     rows.append(
         Row(
             name,
             f"{case.name}/decode_vs_original",
-            _verdict(cos > floor and rel < ceiling),
+            _verdict(within or (not (cos_sl > floor and rel_sl < ceiling) and as_good)),
             rel,
-            f"rel L2 < {ceiling}, min cos > {floor}",
+            f"rel L2 < {ceiling}, min cos > {floor}; where servelab's path on the same input "
+            f"is outside them: min cos ≥ servelab's − {SAME_INPUT_COS:g}, rel L2 ≤ servelab's "
+            f"× {1 + SAME_INPUT_REL:g}",
             "rel L2",
-            f"min cosine {cos:.5f}; servelab's path on the same input: rel L2 {rel_sl:.4g}",
+            f"min cosine {cos:.5f}; servelab's path on the same input: rel L2 {rel_sl:.4g}, "
+            f"min cosine {cos_sl:.5f}",
         )
     )
     return rows
