@@ -12,6 +12,12 @@ Two parts a level:
   pair of medians; the pairs are judged as `perf.test_agreement` judges its turns (2 % plus
   the pairs' own noise; too noisy to resolve: a skip with the figures).
 
+The two halves' first requests alternate on the wire (`perf.shared_runs.GAP_S`): sent as two
+bursts, the half that reached llama-server first took its first prefill batches and read
+lower TTFT and higher TPOT (H100, 2026-12-07), a place in the queue, not a client's reading.
+A level whose pairs are too noisy to resolve 2 % says so; if no level resolves, the test
+skips with the figures instead of passing.
+
 Alternating turns, which this test used before, compare runs that follow each other: on
 llama-server at c64 and c256 (H100, 2026-12-06) the engine's own spread between turns gave
 tolerances of ±22-49 %, too wide to resolve 2 %.
@@ -85,7 +91,7 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
     workloads.warm_up(
         ep, prompts, requests=2, prompt_tokens=PROMPT, output_tokens=OUTPUT, settings=settings
     )
-    lines, bad = [], []
+    lines, bad, resolved = [], [], 0
     for level in levels:
         texts = prompts.make(PROMPT, f"rates-{level}-alone", level)
         alone = asyncio.run(
@@ -149,6 +155,9 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
         if any(c.noise > MAX_NOISE for c in checks):
             lines.append(f"c{level}: too noisy to resolve the check (noise > {MAX_NOISE:.0%})")
             continue
+        resolved += 1
         bad += [f"c{level} {c.describe()}" for c in checks if not c.ok]
     print("\n".join(lines))
     assert not bad, "servelab and vLLM's request function disagree: " + "; ".join(bad)
+    if not resolved:  # not a pass: nothing was shown (the figures go with the reason)
+        pytest.skip("no level could resolve the 2 % check: " + " | ".join(lines))

@@ -24,6 +24,7 @@ from servelab.client import completion_payload
 from tests.fakes import scripted_server
 
 TTFT_MS, ITL_MS, OUTPUT = 40.0, 8.0, 16
+GAP = 0.005  # s between the first requests (wider than the 1 ms default: visible on 2 cores)
 
 
 def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
@@ -61,8 +62,14 @@ def test_both_clients_share_each_run_and_read_the_script_alike() -> None:
             # host, each client's own time from its start to its first request on the wire.
             assert abs(got["servelab"][0] - got["second"][0]) < 42e6
             assert got["servelab"][0] < got["second"][-1] and got["second"][0] < got["servelab"][-1]
+            # Each side's first `level` requests went out one gap apart (interleaved, not a
+            # burst): they span at least most of (level - 1) gaps (a sleep only runs late).
+            for side in got.values():
+                assert side[level - 1] - side[0] >= 0.8 * (level - 1) * GAP * 1e9
 
-        pairs = paired_runs(ep, runs, inputs, 4, level, OUTPUT, timeout_s=30.0, each=each)
+        pairs = paired_runs(
+            ep, runs, inputs, 4, level, OUTPUT, timeout_s=30.0, each=each, gap_s=GAP
+        )
     ours, theirs = pairs.ours, pairs.theirs
     # Each client reads the script (TPOT is the gap; TTFT the script plus the request's trip).
     for side in (ours, theirs):
