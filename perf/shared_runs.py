@@ -25,7 +25,6 @@ and 0.7-8.5 ms below it at c128, while servelab against vLLM's function read +9.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import importlib.util
 import multiprocessing
@@ -82,7 +81,6 @@ class SecondJob:
     keep_alive: bool
     extra_body: Mapping[str, Any] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
-    gap_s: float = 0.0  # > 0: the first requests start this far apart, half a gap late
 
 
 @dataclass(frozen=True)
@@ -97,20 +95,21 @@ class SecondOut:
     output_tokens: int  # from usage; 0 where the engine sent usage with its last choice
 
 
-async def second_turn(rf: Any, job: SecondJob, start: Any = None) -> list[SecondOut]:
+async def second_turn(
+    rf: Any, job: SecondJob, start: Any = None, gap_s: float = 0.0
+) -> list[SecondOut]:
     """The second client's requests, closed-loop at `job.concurrency` (a semaphore, as
     `vllm bench serve --max-concurrency` drives it), in a session of its own built as
     servelab's are (`client.http_session`: the same connection policy). With `start`
     (ready, go, start_at: two events and a shared perf_counter_ns), the session is built
-    first, ready is set, and the requests wait for go, then for start_at. With `job.gap_s`,
+    first, ready is set, and the requests wait for go, then for start_at. With `gap_s`,
     request i starts (½ + min(i, concurrency − 1))·gap after the start (`interleaved`)."""
     gate = asyncio.Semaphore(job.concurrency)
     async with http_session(keep_alive=job.keep_alive) as session:
-        t0 = [0]
 
         async def one(i: int, text: str) -> SecondOut:
-            if job.gap_s > 0:
-                due = t0[0] + int(interleaved(i, job.concurrency, job.gap_s, 0.5) * 1e9)
+            if gap_s > 0:
+                due = t0 + int(interleaved(i, job.concurrency, gap_s, 0.5) * 1e9)
                 await asyncio.sleep(max(0.0, (due - time.perf_counter_ns()) / 1e9))
             async with gate:
                 inp = rf.RequestFuncInput(
@@ -138,7 +137,7 @@ async def second_turn(rf: Any, job: SecondJob, start: Any = None) -> list[Second
             ready.set()
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
             await asyncio.sleep(max(0.0, (start_at.value - time.perf_counter_ns()) / 1e9))
-        t0[0] = time.perf_counter_ns() if start is None else int(start[2].value)
+        t0 = time.perf_counter_ns() if start is None else int(start_at.value)
         return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(job.texts))))
 
 
@@ -168,12 +167,14 @@ def second_values(outs: Sequence[SecondOut], output: int) -> tuple[float, float]
     return ttft, tpot
 
 
-def _second_entry(job: SecondJob, ready: Any, go: Any, start_at: Any, results: Any) -> None:
+def _second_entry(
+    job: SecondJob, gap_s: float, ready: Any, go: Any, start_at: Any, results: Any
+) -> None:
     """Body of the second client's process: import, report ready, wait for the common
     start, run, send the outputs back (or the error, which the parent raises)."""
     try:
         rf = load_second_client(job.source)
-        results.put(asyncio.run(second_turn(rf, job, (ready, go, start_at))))
+        results.put(asyncio.run(second_turn(rf, job, (ready, go, start_at), gap_s)))
     except BaseException as exc:
         results.put(f"{type(exc).__name__}: {exc}")
 
@@ -223,12 +224,13 @@ def shared_run(
     """servelab's requests (`bodies`, closed-loop at `concurrency`) and the second client's
     (`job`) on `ep`, both starting at one instant once both clients are built, their first
     requests alternating `gap_s` apart (0: two bursts)."""
-    job = dataclasses.replace(job, gap_s=gap_s)
     arrivals = [interleaved(i, concurrency, gap_s, 0.0) for i in range(len(bodies))]
     ctx = multiprocessing.get_context("spawn")
     ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     start_at = ctx.Value("q", 0)
-    proc = ctx.Process(target=_second_entry, args=(job, ready, go, start_at, results), daemon=True)
+    proc = ctx.Process(
+        target=_second_entry, args=(job, gap_s, ready, go, start_at, results), daemon=True
+    )
     proc.start()
     try:
         if not ready.wait(timeout=120):

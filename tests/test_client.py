@@ -168,6 +168,9 @@ def test_an_error_without_a_message_is_named_by_its_cause() -> None:
     reset.__cause__ = ConnectionResetError(104, "Connection reset by peer")
     assert client._cause(reset) == "ConnectionResetError: [Errno 104] Connection reset by peer"
     assert client._cause(aiohttp.ServerDisconnectedError()) == "Server disconnected"
+    a, b = RuntimeError(""), ValueError("")  # a chain set by hand that loops, no message
+    a.__cause__, b.__cause__ = b, a
+    assert client._cause(a) == "no detail given"
 
 
 def test_cancel_after_closes_the_stream_mid_generation() -> None:

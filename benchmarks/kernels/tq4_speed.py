@@ -375,10 +375,7 @@ def main() -> int:
                                    "configs": cfgs}, indent=1))  # fmt: skip
 
     if args.configs_only:
-        args.batches, args.quick = [], True
-        for t in (65536, 131072):
-            cfgs.extend(configs(t))
-            save()
+        args.batches = []
     else:
         host.update(host_costs())
         save()
@@ -386,7 +383,7 @@ def main() -> int:
         for t in args.tokens:
             sizes.append(sized(b, t, 32, graph=b == 1 or t <= args.graph_max))
             save()
-    if not args.quick:
+    if not args.quick:  # the sweeps; --configs-only has no batches, so only its configurations
         for b in args.batches:
             for hq in (8, 32, 64):
                 for t in (65536, 131072):

@@ -432,9 +432,11 @@ def _cause(exc: BaseException) -> str:
     """The first non-empty message down the exception chain (an HTTP library's error may
     carry none, where the ConnectionResetError under it says what happened)."""
     seen: BaseException | None = exc
-    while seen is not None:
+    walked: set[int] = set()  # a chain set by hand can loop
+    while seen is not None and id(seen) not in walked:
         if str(seen):
             return str(seen) if seen is exc else f"{type(seen).__name__}: {seen}"
+        walked.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return "no detail given"
 

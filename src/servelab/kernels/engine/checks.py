@@ -203,15 +203,16 @@ def _first(mask: torch.Tensor) -> str:
     return "none" if not len(idx) else f"first at [b, h, t, j] = {idx[0].tolist()}"
 
 
-def _scale_pair(planes: dict[str, torch.Tensor], s16: torch.Tensor, bad: torch.Tensor) -> str:
-    """The engine's and the rule's fp16 scale and zero at the first mismatch ('' if none)."""
+def _first_scale(planes: dict[str, torch.Tensor], s16: torch.Tensor, bad: torch.Tensor) -> str:
+    """Where the first scale or zero differs, with the engine's and the rule's fp16 scale and
+    the engine's zero there."""
     idx = bad.nonzero()
     if not len(idx):
-        return ""
+        return "none"
     i = tuple(idx[0].tolist())
     return (
-        f" (engine scale {float(planes['value_scale'][i]):.8g}, rule {float(s16[i]):.8g}; "
-        f"engine zero {float(planes['value_zero'][i]):.8g})"
+        f"first at [b, h, t] = {list(i)} (engine scale {float(planes['value_scale'][i]):.8g}, "
+        f"rule {float(s16[i]):.8g}; engine zero {float(planes['value_zero'][i]):.8g})"
     )
 
 
@@ -334,7 +335,7 @@ def check_store(name: str, case: Case, rec: dict[str, Any], cache: torch.Tensor)
             "0",
             "codes+scales",
             f"vs the engine's rule in torch; codes: {_first(vbad)}; scales/zeros: "
-            f"{_first(mbad)}{_scale_pair(planes, s16, mbad)}; {int((sdiff & snear).sum())} "
+            f"{_first_scale(planes, s16, mbad)}; {int((sdiff & snear).sum())} "
             f"scales more within {SCALE_ULPS} fp32 ulps of an fp16 rounding edge (Triton's fp32 "
             f"division is not correctly rounded); {tag}",
         )
