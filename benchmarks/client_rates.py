@@ -65,6 +65,18 @@ def _means(run: SharedRun, output: int) -> tuple[float, float]:
     return m.ttft_ms.mean, statistics.fmean(o.ttft_s * 1e3 for o in run.second)
 
 
+def _deciles(run: SharedRun) -> str:
+    """Each side's TTFT p10 / p90 (ms): where a median sits between the engine's batches."""
+    ours = [
+        (r.first_token_ns - r.send_ns) / 1e6
+        for r in run.servelab.records
+        if r.first_token_ns is not None
+    ]
+    theirs = [o.ttft_s * 1e3 for o in run.second]
+    q = [statistics.quantiles(v, n=10) for v in (ours, theirs)]
+    return f"TTFT p10/p90 {q[0][0]:.1f}/{q[0][-1]:.1f} vs {q[1][0]:.1f}/{q[1][-1]:.1f} ms"
+
+
 def level_figures(
     t: Target, level: int, output: int, runs: int, waves: int, gap_s: float, timeout_s: float
 ) -> dict[str, Any]:
@@ -108,7 +120,8 @@ def level_figures(
         means["vllm_request_func"].append(theirs)
         print(
             f"  c{level} x{waves} shared run {r}: TTFT median {mine['median_ttft_ms']:.2f} vs "
-            f"{second['median_ttft_ms']:.2f} ms, mean {ours:.2f} vs {theirs:.2f} ms; TPOT "
+            f"{second['median_ttft_ms']:.2f} ms, mean {ours:.2f} vs {theirs:.2f} ms, "
+            f"{_deciles(run)}; TPOT "
             f"{mine['median_tpot_ms']:.3f} vs {second['median_tpot_ms']:.3f} ms (servelab vs "
             f"vLLM's function); servelab's side valid: {not run.servelab.invalid_reasons(0.0)}",
             file=sys.stderr,
