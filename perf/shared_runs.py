@@ -149,8 +149,9 @@ def interleaved(i: int, concurrency: int, gap_s: float, phase: float) -> float:
     return (phase + min(i, concurrency - 1)) * gap_s
 
 
-def second_values(outs: Sequence[SecondOut], output: int) -> tuple[float, float]:
-    """Median TTFT and median TPOT (ms) as vLLM's calculate_metrics defines them.
+def second_values(outs: Sequence[SecondOut], output: int) -> dict[str, float]:
+    """Mean and median TTFT and TPOT (ms) as vLLM's calculate_metrics defines them, keyed as
+    `METRICS` (TPOT per request: (latency - TTFT) / (output - 1)).
 
     vLLM's function reads `usage` only from a chunk without choices; llama.cpp sends usage
     with its last choice, so there it reads 0 tokens. The length is forced (ignore_eos, which
@@ -162,9 +163,14 @@ def second_values(outs: Sequence[SecondOut], output: int) -> tuple[float, float]
     assert lens == {output}, f"second client: output lengths {sorted(lens)}, asked {output}"
     chunks = {o.chunks for o in outs}
     assert min(chunks) >= output, f"second client: {sorted(chunks)} chunks for {output} tokens"
-    ttft = statistics.median(o.ttft_s * 1e3 for o in outs)
-    tpot = statistics.median((o.latency_s - o.ttft_s) / (output - 1) * 1e3 for o in outs)
-    return ttft, tpot
+    ttft = [o.ttft_s * 1e3 for o in outs]
+    tpot = [(o.latency_s - o.ttft_s) / (output - 1) * 1e3 for o in outs]
+    return {
+        "median_ttft_ms": statistics.median(ttft),
+        "mean_ttft_ms": statistics.fmean(ttft),
+        "median_tpot_ms": statistics.median(tpot),
+        "mean_tpot_ms": statistics.fmean(tpot),
+    }
 
 
 def _second_entry(
@@ -186,16 +192,18 @@ class SharedRun:
     servelab: RunResult
     second: list[SecondOut]
 
-    def medians(self, output: int) -> tuple[dict[str, float], dict[str, float]]:
-        """Each side's median TTFT and TPOT (ms), servelab's then the second client's, keyed
-        `median_ttft_ms` and `median_tpot_ms`."""
+    def figures(self, output: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Each side's mean and median TTFT and TPOT (ms), servelab's then the second
+        client's, keyed as `METRICS`."""
         m = metrics.compute(self.servelab.records, self.servelab.start_ns, self.servelab.end_ns)
         assert m.ttft_ms is not None and m.tpot_ms is not None, "servelab's side: no latencies"
-        ttft, tpot = second_values(self.second, output)
-        return (
-            {"median_ttft_ms": m.ttft_ms.median, "median_tpot_ms": m.tpot_ms.median},
-            {"median_ttft_ms": ttft, "median_tpot_ms": tpot},
-        )
+        mine = {
+            "median_ttft_ms": m.ttft_ms.median,
+            "mean_ttft_ms": m.ttft_ms.mean,
+            "median_tpot_ms": m.tpot_ms.median,
+            "mean_tpot_ms": m.tpot_ms.mean,
+        }
+        return mine, second_values(self.second, output)
 
 
 #: From the signal to the common start: both clients are built by then (servelab's HTTP
@@ -260,13 +268,18 @@ def shared_run(
             proc.join()
 
 
-#: What a shared run's pairs are judged on: each side's medians, as `SharedRun.medians` keys them.
-METRICS = ("median_ttft_ms", "median_tpot_ms")
+#: What a shared run's pairs are judged on: each side's medians and means, as
+#: `SharedRun.figures` keys them. Means beside medians: where the engine batches prompts, a
+#: level's TTFT (and TPOT) can fall in two modes, one batch apart, and a median that sits
+#: between them jumps from one to the other on a request's place (llama-server at c64, 64
+#: requests a client, H100, 2026-12-07: medians +27 % apart, ±78 % over 5 runs, while the
+#: means read +0.37 %, ±11.6 %, and both sides' p10 and p90 matched within 10 %).
+METRICS = ("median_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "mean_tpot_ms")
 
 
 @dataclass(frozen=True)
 class Pairs:
-    """A level's shared runs: each side's medians run by run and, per metric, the judgement
+    """A level's shared runs: each side's figures run by run and, per metric, the judgement
     of the pairs (`perf.test_agreement.agreement`: 2 % plus the pairs' own noise)."""
 
     ours: dict[str, list[float]]
@@ -288,13 +301,13 @@ def paired_runs(
 ) -> Pairs:
     """`runs` shared runs, run r on `inputs(r)` (servelab's bodies, closed-loop at
     `concurrency`, and the second client's job); `each(r, run, mine, second)` sees every run
-    and both sides' medians as it ends (to check it or report progress)."""
+    and both sides' figures as it ends (to check it or report progress)."""
     ours: dict[str, list[float]] = {k: [] for k in METRICS}
     theirs: dict[str, list[float]] = {k: [] for k in METRICS}
     for r in range(runs):
         bodies, job = inputs(r)
         run = shared_run(ep, bodies, prompt_len, concurrency, job, timeout_s=timeout_s, gap_s=gap_s)
-        mine, second = run.medians(output)
+        mine, second = run.figures(output)
         if each is not None:
             each(r, run, mine, second)
         for k in METRICS:

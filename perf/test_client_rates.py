@@ -15,8 +15,13 @@ Two parts a level:
 The two halves' first requests alternate on the wire (`perf.shared_runs.GAP_S`): sent as two
 bursts, the half that reached llama-server first took its first prefill batches and read
 lower TTFT and higher TPOT (H100, 2026-12-07), a place in the queue, not a client's reading.
-A level whose pairs are too noisy to resolve 2 % says so; if no level resolves, the test
-skips with the figures instead of passing.
+Each side's means and medians are judged. Where the engine admits prompts in batches a
+level's TTFT falls in modes one batch apart, and a median between them jumps on a request's
+place while the mean does not (`perf.shared_runs.METRICS`): a level resolves when its means
+do; a median too noisy to judge is said so. A level that does not resolve says so; if none
+does, the test skips with the figures instead of passing. Each client sends at least two
+waves and at least `MIN_REQUESTS` requests, so the pairs compare a closed loop in its steady
+state, not only the engine's first admissions.
 
 Alternating turns, which this test used before, compare runs that follow each other: on
 llama-server at c64 and c256 (H100, 2026-12-06) the engine's own spread between turns gave
@@ -53,6 +58,15 @@ pytestmark = pytest.mark.perf
 
 MIN_LEVEL = 64
 PROMPT, OUTPUT, RUNS = 64, 32, 5
+#: Requests a client sends in a shared run: at least two of its closed loop's waves and at
+#: least this many. One or two waves compare the engine's admission of the first batches
+#: (llama-server, c64, H100, 2026-12-07: one wave, TPOT medians −3.4 % ±9.4 %; two waves,
+#: −8.4 % ±26 %); four (128 a client at c64) compare a closed loop in its steady state
+#: (+0.00 % ±7.9 %).
+MIN_REQUESTS = 128
+#: What a level must resolve to count: the means. A median is judged too where its pairs
+#: resolve it, and said to be too noisy where they do not (`perf.shared_runs.METRICS`).
+DECIDING = ("mean_ttft_ms", "mean_tpot_ms")
 ENV = "SERVELAB_VLLM_REQUEST_FUNC"
 
 
@@ -111,14 +125,17 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
             f"{'n/a' if busy is None else f'{busy:.0%}'} of a core, saturation check passed"
         )
         half = level // 2
+        each_client = max(2 * half, MIN_REQUESTS)
 
-        def inputs(r: int, level: int = level, half: int = half) -> tuple[list[Any], SecondJob]:
-            texts = prompts.make(PROMPT, f"shared-{level}-{r}-servelab", level)
+        def inputs(
+            r: int, level: int = level, half: int = half, k: int = each_client
+        ) -> tuple[list[Any], SecondJob]:
+            texts = prompts.make(PROMPT, f"shared-{level}-{r}-servelab", k)
             job = SecondJob(
                 source,
                 ep.api_base + "/completions",
                 ep.model,
-                tuple(prompts.make(PROMPT, f"shared-{level}-{r}-second", level)),
+                tuple(prompts.make(PROMPT, f"shared-{level}-{r}-second", k)),
                 level - half,
                 PROMPT,
                 OUTPUT,
@@ -138,25 +155,33 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
             problems = run.servelab.invalid_reasons(0.0)
             assert not problems, f"c{level} shared run {r}: servelab's side invalid: {problems}"
             servelab_measure.progress(
-                f"c{level} shared run {r}: TTFT {mine['median_ttft_ms']:.1f} vs "
-                f"{second['median_ttft_ms']:.1f} ms, TPOT {mine['median_tpot_ms']:.2f} vs "
-                f"{second['median_tpot_ms']:.2f} ms (servelab vs vLLM's function)"
+                f"c{level} shared run {r}: TTFT median {mine['median_ttft_ms']:.1f} vs "
+                f"{second['median_ttft_ms']:.1f} ms, mean {mine['mean_ttft_ms']:.1f} vs "
+                f"{second['mean_ttft_ms']:.1f} ms; TPOT median {mine['median_tpot_ms']:.2f} vs "
+                f"{second['median_tpot_ms']:.2f} ms, mean {mine['mean_tpot_ms']:.2f} vs "
+                f"{second['mean_tpot_ms']:.2f} ms (servelab vs vLLM's function)"
             )
 
         pairs = paired_runs(
             ep, RUNS, inputs, PROMPT, half, OUTPUT, timeout_s=settings.timeout_s, each=each
         )
-        checks = list(pairs.checks.values())
-        report = "; ".join(c.describe().replace("vLLM", "vLLM's request function") for c in checks)
-        lines.append(
-            f"c{level}, {RUNS} shared runs ({half} + {level - half} streams, {level} requests a "
-            f"client): {report}"
+        checks = pairs.checks
+        report = "; ".join(
+            c.describe().replace("vLLM", "vLLM's request function") for c in checks.values()
         )
-        if any(c.noise > MAX_NOISE for c in checks):
-            lines.append(f"c{level}: too noisy to resolve the check (noise > {MAX_NOISE:.0%})")
+        lines.append(
+            f"c{level}, {RUNS} shared runs ({half} + {level - half} streams, {each_client} "
+            f"requests a client): {report}"
+        )
+        noisy = [k for k, c in checks.items() if c.noise > MAX_NOISE]
+        if noisy:
+            lines.append(f"c{level}: too noisy to judge (noise > {MAX_NOISE:.0%}): {noisy}")
+        if any(k in noisy for k in DECIDING):
             continue
         resolved += 1
-        bad += [f"c{level} {c.describe()}" for c in checks if not c.ok]
+        bad += [
+            f"c{level} {c.describe()}" for k, c in checks.items() if k not in noisy and not c.ok
+        ]
     print("\n".join(lines))
     assert not bad, "servelab and vLLM's request function disagree: " + "; ".join(bad)
     if not resolved:  # not a pass: nothing was shown (the figures go with the reason)
