@@ -19,6 +19,7 @@ import pytest
 from servelab import recall
 from servelab.errors import QualityGateError
 from servelab.gate_report import GateReport
+from servelab.profiles import default_profile_dirs, load_named
 from servelab.quality import (
     Canary,
     GateLimits,
@@ -152,6 +153,7 @@ class Stub:
         self.drift_after = drift_after
         self.calls = 0
         self.pongs = 0
+        self.bodies: list[dict[str, Any]] = []  # every completion request's body
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -212,7 +214,11 @@ class Stub:
                     text = json.dumps(body.get("prompt") or body.get("messages"))
                     self._json(200, {"count": len(text) // 4})
                     return
+                if not self.path.endswith("/completions"):  # llama.cpp's /apply-template
+                    self._json(404, {"error": self.path})
+                    return
                 chat = self.path.endswith("/chat/completions")
+                stub.bodies.append(body)
                 prompt = json.dumps(body["messages"]) if chat else body["prompt"]
                 text = stub.answer(prompt)
                 self.send_response(200)
@@ -279,6 +285,29 @@ def test_gate_fails_a_wrong_server_with_reasons(qfile: Path) -> None:
         "recall early (lane A" in r and "expected 'maple', got 'cedar'" in r for r in reasons
     )
     assert all(r.startswith("quality gate [stub]") for r in reasons)
+
+
+def test_gate_requests_carry_the_engines_own_fields(qfile: Path) -> None:
+    """The gate's requests carry what the engine's measured requests carry
+    (`EngineTraits.measured_extra`): on llama.cpp, cache_prompt false, so every canary and
+    recall answer is computed afresh, not from a slot's prompt cache filled by a batch; on
+    vLLM nothing is added."""
+    llama = load_named(["cpu-llamacpp-smollm2"], default_profile_dirs())[0]
+    for profile, want in ((llama, {False}), (None, {None})):
+        with Stub("right") as stub:
+            report = run_gate(
+                Endpoint(base_url=stub.url, model=MODEL, profile=profile),
+                "stub",
+                load_quality_file(qfile),
+                repeats=2,
+                identity_fraction=1.0,
+                recall_lines=12,
+                context_len=4096,
+                timeout_s=10,
+            )
+            assert report.passed, report.reasons()
+            assert len(stub.bodies) == 8 + 3  # 2 canaries x 4 asks, 3 recall depths
+            assert {b.get("cache_prompt") for b in stub.bodies} == want
 
 
 def test_identity_fraction_is_configurable(qfile: Path) -> None:

@@ -125,6 +125,18 @@ class GateLimits:
         )
 
 
+def engine_fields(endpoint: Endpoint) -> dict[str, Any]:
+    """The body fields the engine's measured requests carry (`EngineTraits.measured_extra`):
+    the gate's requests carry them too, so each answer is computed afresh. llama.cpp reuses a
+    slot's cached prompt unless told not to, and its logits for a cached prompt need not be
+    the same (H100, 2026-12-07: a canary asked alone at the end of the session returned,
+    byte for byte, the answer its concurrent ask had given, not its sequential one: the
+    slot's KV came from the batch)."""
+    from servelab.engine_traits import traits_of
+
+    return dict(traits_of(endpoint.profile).measured_extra)
+
+
 def _payload(
     model: str,
     api: Api,
@@ -132,10 +144,12 @@ def _payload(
     max_tokens: int,
     seed: int,
     stop: Sequence[str] = (),
+    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     from servelab.client import chat_payload, completion_payload
 
     extra: dict[str, Any] = {"stop": list(stop)} if stop else {}
+    extra.update(engine or {})
     if api == "completion":
         assert isinstance(prompt, str)
         return completion_payload(
@@ -150,12 +164,19 @@ def _payload(
 
 
 def recall_payload(
-    model: str, style: RecallStyle, case: recall.RecallCase, max_tokens: int, seed: int
+    model: str,
+    style: RecallStyle,
+    case: recall.RecallCase,
+    max_tokens: int,
+    seed: int,
+    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One recall request; the completion form stops at a newline, as the lab's canary."""
     if style.api == "completion":
-        return _payload(model, "completion", case.prompt, max_tokens, seed, stop=("\n",))
-    return _payload(model, "chat", style.messages(case), max_tokens, seed)
+        return _payload(
+            model, "completion", case.prompt, max_tokens, seed, stop=("\n",), engine=engine
+        )
+    return _payload(model, "chat", style.messages(case), max_tokens, seed, engine=engine)
 
 
 def run_canaries(
@@ -179,8 +200,9 @@ def run_canaries(
             CheckResult("identity", True, skipped),
         )
     repeats = max(1, repeats)
+    engine = engine_fields(endpoint)
     payloads = [
-        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
+        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop, engine)
         for c in qset.canaries
     ]
     seq = [lim.run(endpoint, payloads, concurrency=1) for _ in range(repeats)]
@@ -269,6 +291,7 @@ def recheck_canaries(
     session's speed results no longer describe the server the gate passed."""
     if not qset.canaries:
         return CheckResult(CANARIES_AGAIN, True, "no canaries configured")
+    engine = engine_fields(endpoint)
     first = {
         o.case: o.output_sha256
         for c in start.checks
@@ -277,7 +300,7 @@ def recheck_canaries(
         if o.mode == "sequential #1"
     }
     payloads = [
-        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
+        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop, engine)
         for c in qset.canaries
     ]
     res = limits.run(endpoint, payloads, concurrency=1)
@@ -350,7 +373,8 @@ def run_recall(
                 profile=profile,
                 case=case.describe(),
             )
-    payloads = [recall_payload(endpoint.model, style, c, max_tokens, seed) for c in cases]
+    engine = engine_fields(endpoint)
+    payloads = [recall_payload(endpoint.model, style, c, max_tokens, seed, engine) for c in cases]
     result = lim.run(endpoint, payloads, concurrency=1)
     outcomes: list[Outcome] = []
     problems: list[str] = []
