@@ -19,7 +19,7 @@ rc=${PIPESTATUS[0]}
 echo "perf suite: exit $rc in $(( $(date +%s) - t0 )) s"
 record=$(ls -td results/records/*/ 2>/dev/null | head -1)
 [ -n "$record" ] && python3 -m servelab.cli report "$record" -o "$OUT/report.html" > /dev/null 2>&1
-tar -czf "$OUT/results.tar.gz" results baselines/"$PROFILE"* 2>/dev/null
+tar -czf "$OUT/results.tar.gz" results baselines/*/"$PROFILE".json 2>/dev/null
 if [ -f benchmarks/telemetry_overhead.py ]; then
   serve_llama 18181 "$OUT/bench-server.log" || exit 1
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/telemetry_overhead.py --base-url http://127.0.0.1:18181 \
