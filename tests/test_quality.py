@@ -19,7 +19,7 @@ import pytest
 from servelab import recall
 from servelab.errors import QualityGateError
 from servelab.gate_report import GateReport
-from servelab.profiles import default_profile_dirs, load_named
+from servelab.profiles import Profile, default_profile_dirs, load_named
 from servelab.quality import (
     Canary,
     GateLimits,
@@ -250,9 +250,15 @@ def qfile(tmp_path: Path) -> Path:
     return write(tmp_path, GOOD)
 
 
-def gate(stub: Stub, qfile: Path, fraction: float = 1.0, lines: int | None = 12) -> Any:
+def gate(
+    stub: Stub,
+    qfile: Path,
+    fraction: float = 1.0,
+    lines: int | None = 12,
+    profile: Profile | None = None,
+) -> Any:
     return run_gate(
-        Endpoint(base_url=stub.url, model=MODEL),
+        Endpoint(base_url=stub.url, model=MODEL, profile=profile),
         "stub",
         load_quality_file(qfile),
         repeats=2,
@@ -295,16 +301,7 @@ def test_gate_requests_carry_the_engines_own_fields(qfile: Path) -> None:
     llama = load_named(["cpu-llamacpp-smollm2"], default_profile_dirs())[0]
     for profile, want in ((llama, {False}), (None, {None})):
         with Stub("right") as stub:
-            report = run_gate(
-                Endpoint(base_url=stub.url, model=MODEL, profile=profile),
-                "stub",
-                load_quality_file(qfile),
-                repeats=2,
-                identity_fraction=1.0,
-                recall_lines=12,
-                context_len=4096,
-                timeout_s=10,
-            )
+            report = gate(stub, qfile, profile=profile)
             assert report.passed, report.reasons()
             assert len(stub.bodies) == 8 + 3  # 2 canaries x 4 asks, 3 recall depths
             assert {b.get("cache_prompt") for b in stub.bodies} == want
