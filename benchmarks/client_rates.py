@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[2],
-        help="requests a client, in multiples of its streams (the suite's test: 2)",
+        help="requests a client, in multiples of its streams (the suite's test: at least 2 and "
+        "at least 128 requests, so 4 at c64 and 2 at c256)",
     )
     ap.add_argument("--gap-ms", type=float, default=GAP_S * 1e3, help="first requests' spacing")
     ap.add_argument("--timeout-s", type=float, default=120.0)
