@@ -23,7 +23,7 @@ from servelab.errors import ProfileError
 from servelab.pool import ServerPool
 from servelab.profiles import load_profile
 from servelab.receipts import Receipt, post_run_problems
-from servelab.server import DRAINING, group_members
+from servelab.server import DRAINING, group_members, with_default_signals
 from servelab.stop_policy import StopRecord, StopSpec, stop_group
 
 STUB = Path(__file__).resolve().parent / "fakes" / "engine_stub.py"
@@ -75,7 +75,10 @@ STARTED: list[subprocess.Popen[bytes]] = []
 
 
 def group(argv_source: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", argv_source], start_new_session=True)
+    """A process group as the server starts one: through `with_default_signals`, so the
+    child's SIGINT acts however pytest was started (a background job ignores it)."""
+    argv = with_default_signals([sys.executable, "-c", argv_source])
+    proc = subprocess.Popen(argv, start_new_session=True)
     STARTED.append(proc)
     return proc
 
@@ -274,3 +277,53 @@ def test_the_owner_death_watchdog_follows_the_policy(cleanup: list[int], forced_
     with contextlib.suppress(subprocess.TimeoutExpired):
         engine.wait(0.5)
     assert bool(group_members(engine.pid)) is not forced_kill
+
+
+def _ignored(pid: int) -> int:
+    """The signals process `pid` ignores (its SigIgn mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigIgn line for pid {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_an_engine_started_from_a_job_that_ignores_sigint_does_not(cleanup: list[int]) -> None:
+    """servelab under nohup or as a background job ignores SIGINT and SIGQUIT, and a
+    process inherits that across exec: started through `with_default_signals`, the engine
+    has them at their default action again (same pid: the program replaces the launcher),
+    so a SIGINT stop policy stops it cleanly; started directly, it keeps ignoring them."""
+    ignore = signal.SIGINT, signal.SIGQUIT, signal.SIGHUP
+    mask = sum(1 << (s - 1) for s in ignore)
+
+    def as_a_background_job() -> None:
+        for s in ignore:
+            signal.signal(s, signal.SIG_IGN)
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {}
+    for name, argv in (("direct", sleeper), ("wrapped", with_default_signals(sleeper))):
+        procs[name] = subprocess.Popen(argv, start_new_session=True, preexec_fn=as_a_background_job)
+        cleanup.append(procs[name].pid)
+        STARTED.append(procs[name])  # waited on by the fixture
+    cmdline = Path(f"/proc/{procs['wrapped'].pid}/cmdline")
+    deadline = time.monotonic() + 20
+    while cmdline.read_bytes().split(b"\0")[1:3] != [b"-c", b"import time; time.sleep(60)"]:
+        assert time.monotonic() < deadline, "the launcher never exec'd the program"
+        time.sleep(0.05)  # same pid: the program replaced the launcher
+    assert _ignored(procs["direct"].pid) & mask == mask
+    assert _ignored(procs["wrapped"].pid) & mask == 0
+    rec = stop_group(
+        procs["wrapped"].pid,
+        StopSpec(signal="SIGINT"),
+        profile="p",
+        default_grace_s=5,
+        members=group_members,
+        reap=procs["wrapped"].wait,
+    )
+    assert rec.clean_stop and not rec.forced, rec
+
+
+def test_a_program_that_is_not_there_is_named_before_any_child_starts() -> None:
+    with pytest.raises(FileNotFoundError, match="no-such-engine-binary"):
+        with_default_signals(["no-such-engine-binary", "--port", "1"])

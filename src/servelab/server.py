@@ -160,7 +160,7 @@ class ManagedServer:
         self._log.flush()
         t0 = time.perf_counter_ns()
         proc = subprocess.Popen(
-            argv,
+            with_default_signals(argv, env.get("PATH")),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -358,6 +358,31 @@ def _post(url: str) -> None:
 #: the stop signal, 1 or 0: forced kill allowed). It waits on a pidfd of the owner (polls where
 #: there is none) and exits as soon as the group is gone; if the owner goes first, it sends the
 #: stop policy's signal to the group, then SIGKILLs what is left where the policy allows it.
+#: Run as `python -c EXEC_SOURCE PROGRAM ARGS...`: the stop signals back at their default
+#: action, then exec the program (the same pid). A process inherits ignored signals across
+#: exec: servelab run under nohup or as a background job of a non-interactive shell ignores
+#: SIGINT and SIGQUIT (and nohup SIGHUP), so an engine started from it would ignore a
+#: `[stop] signal = "SIGINT"` and be killed at the end of its grace (seen in a test's
+#: process group, 2026-12-07: SigIgn 0x7 in the job, a forced stop after 5 s).
+EXEC_SOURCE = (
+    "import os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):\n"
+    "    signal.signal(s, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def with_default_signals(argv: list[str], path: str | None = None) -> list[str]:
+    """`argv` started through `EXEC_SOURCE`. A program that is not on `path` (the child's
+    PATH; None: this process's) raises here, as Popen would have (FileNotFoundError naming
+    it), not in the child."""
+    import shutil
+
+    if shutil.which(argv[0], path=path) is None:
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+    return [sys.executable, "-c", EXEC_SOURCE, *argv]
+
+
 WATCHDOG_SOURCE = r"""
 import os, select, signal, sys, time
 owner, pgid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
