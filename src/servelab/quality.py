@@ -89,13 +89,15 @@ class GateLimits:
     def run(
         self, endpoint: Endpoint, payloads: Sequence[Mapping[str, Any]], concurrency: int | None
     ) -> RunResult:
-        """One run of gate requests; GateStopped if it shows the server stuck or ran late."""
+        """One run of gate requests, each with the engine's own fields (`engine_fields`);
+        GateStopped if it shows the server stuck or ran late."""
         from servelab.loadgen import run_requests
 
         self.left_s()
+        fields = engine_fields(endpoint)
         res = run_requests(
             endpoint,
-            payloads,
+            [{**p, **fields} for p in payloads] if fields else payloads,
             concurrency=concurrency,
             timeout_s=self.timeout_s,
             first_token_timeout_s=self.first_token_timeout_s,
@@ -144,12 +146,10 @@ def _payload(
     max_tokens: int,
     seed: int,
     stop: Sequence[str] = (),
-    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     from servelab.client import chat_payload, completion_payload
 
     extra: dict[str, Any] = {"stop": list(stop)} if stop else {}
-    extra.update(engine or {})
     if api == "completion":
         assert isinstance(prompt, str)
         return completion_payload(
@@ -164,19 +164,12 @@ def _payload(
 
 
 def recall_payload(
-    model: str,
-    style: RecallStyle,
-    case: recall.RecallCase,
-    max_tokens: int,
-    seed: int,
-    engine: Mapping[str, Any] | None = None,
+    model: str, style: RecallStyle, case: recall.RecallCase, max_tokens: int, seed: int
 ) -> dict[str, Any]:
     """One recall request; the completion form stops at a newline, as the lab's canary."""
     if style.api == "completion":
-        return _payload(
-            model, "completion", case.prompt, max_tokens, seed, stop=("\n",), engine=engine
-        )
-    return _payload(model, "chat", style.messages(case), max_tokens, seed, engine=engine)
+        return _payload(model, "completion", case.prompt, max_tokens, seed, stop=("\n",))
+    return _payload(model, "chat", style.messages(case), max_tokens, seed)
 
 
 def run_canaries(
@@ -200,9 +193,8 @@ def run_canaries(
             CheckResult("identity", True, skipped),
         )
     repeats = max(1, repeats)
-    engine = engine_fields(endpoint)
     payloads = [
-        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop, engine)
+        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
         for c in qset.canaries
     ]
     seq = [lim.run(endpoint, payloads, concurrency=1) for _ in range(repeats)]
@@ -291,7 +283,6 @@ def recheck_canaries(
     session's speed results no longer describe the server the gate passed."""
     if not qset.canaries:
         return CheckResult(CANARIES_AGAIN, True, "no canaries configured")
-    engine = engine_fields(endpoint)
     first = {
         o.case: o.output_sha256
         for c in start.checks
@@ -300,7 +291,7 @@ def recheck_canaries(
         if o.mode == "sequential #1"
     }
     payloads = [
-        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop, engine)
+        _payload(endpoint.model, c.api, c.prompt, c.max_tokens, qset.seed, c.stop)
         for c in qset.canaries
     ]
     res = limits.run(endpoint, payloads, concurrency=1)
@@ -373,8 +364,7 @@ def run_recall(
                 profile=profile,
                 case=case.describe(),
             )
-    engine = engine_fields(endpoint)
-    payloads = [recall_payload(endpoint.model, style, c, max_tokens, seed, engine) for c in cases]
+    payloads = [recall_payload(endpoint.model, style, c, max_tokens, seed) for c in cases]
     result = lim.run(endpoint, payloads, concurrency=1)
     outcomes: list[Outcome] = []
     problems: list[str] = []
