@@ -232,7 +232,9 @@ def shared_run(
     """servelab's requests (`bodies`, closed-loop at `concurrency`) and the second client's
     (`job`) on `ep`, both starting at one instant once both clients are built, their first
     requests alternating `gap_s` apart (0: two bursts)."""
-    arrivals = [interleaved(i, concurrency, gap_s, 0.0) for i in range(len(bodies))]
+    arrivals = (
+        [interleaved(i, concurrency, gap_s, 0.0) for i in range(len(bodies))] if gap_s > 0 else None
+    )
     ctx = multiprocessing.get_context("spawn")
     ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     start_at = ctx.Value("q", 0)
@@ -250,7 +252,7 @@ def shared_run(
                 ep,
                 bodies,
                 concurrency=concurrency,
-                arrivals_s=arrivals if gap_s > 0 else None,
+                arrivals_s=arrivals,
                 prompt_tokens=[prompt_len] * len(bodies),
                 timeout_s=timeout_s,
                 start_at_ns=int(start_at.value),

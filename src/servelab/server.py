@@ -354,10 +354,6 @@ def _post(url: str) -> None:
     httpx.post(url, timeout=5.0).raise_for_status()
 
 
-#: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds,
-#: the stop signal, 1 or 0: forced kill allowed). It waits on a pidfd of the owner (polls where
-#: there is none) and exits as soon as the group is gone; if the owner goes first, it sends the
-#: stop policy's signal to the group, then SIGKILLs what is left where the policy allows it.
 #: Run as `python -c EXEC_SOURCE PROGRAM ARGS...`: the stop signals back at their default
 #: action, then exec the program (the same pid). A process inherits ignored signals across
 #: exec: servelab run under nohup or as a background job of a non-interactive shell ignores
@@ -383,6 +379,10 @@ def with_default_signals(argv: list[str], path: str | None = None) -> list[str]:
     return [sys.executable, "-c", EXEC_SOURCE, *argv]
 
 
+#: The watchdog's program (``python -c``; arguments: owner pid, process group, grace seconds,
+#: the stop signal, 1 or 0: forced kill allowed). It waits on a pidfd of the owner (polls where
+#: there is none) and exits as soon as the group is gone; if the owner goes first, it sends the
+#: stop policy's signal to the group, then SIGKILLs what is left where the policy allows it.
 WATCHDOG_SOURCE = r"""
 import os, select, signal, sys, time
 owner, pgid, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
