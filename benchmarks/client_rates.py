@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.shared_runs import GAP_S, SecondJob, SharedRun, paired_runs
+from perf.shared_runs import GAP_S, SecondJob, SharedRun, paired_runs, second_extra
 from tests.fakes import scripted_server
 
 from servelab import metrics, workloads
@@ -174,7 +174,7 @@ def engine_target(base_url: str, profile_name: str, prompt_len: int, source: str
         lambda texts, output: workloads.payloads(ep, texts, output, settings),
         source,
         traits.keep_alive,
-        {"temperature": 0.0, "top_p": 1.0, "seed": 0, **dict(traits.measured_extra)},
+        second_extra(dict(traits.measured_extra)),
     )
 
 

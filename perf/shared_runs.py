@@ -67,6 +67,12 @@ def load_second_client(path: str | None, name: str = MODULE) -> Any:
     return module
 
 
+def second_extra(engine_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The body fields of the second client's requests: servelab's own greedy, seeded
+    sampling and the engine's measured fields (`EngineTraits.measured_extra`)."""
+    return {"temperature": 0.0, "top_p": 1.0, "seed": 0, **engine_fields}
+
+
 @dataclass(frozen=True)
 class SecondJob:
     """One turn of the second client, in plain values (it crosses a process boundary)."""

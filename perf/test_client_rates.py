@@ -46,6 +46,7 @@ from perf.shared_runs import (
     SharedRun,
     load_second_client,
     paired_runs,
+    second_extra,
 )
 from perf.test_agreement import MAX_NOISE
 from servelab import workloads
@@ -99,7 +100,7 @@ def test_client_keeps_up_and_agrees_at_gpu_rates(
     ep = servelab_endpoint
     settings = servelab_measure.settings
     # The same request fields and connection policy as servelab's own requests.
-    extra = {"temperature": 0.0, "top_p": 1.0, "seed": 0, **dict(settings.extra_body)}
+    extra = second_extra(dict(settings.extra_body))
     keep_alive = traits_of(ep.profile).keep_alive
     prompts = workloads.Prompts(ep)
     workloads.warm_up(
